@@ -1,0 +1,39 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "Ferry",
+    platforms: [.macOS(.v15)],
+    products: [
+        // The embeddable library: the block-device protocol, endpoints, formats and the copy engine.
+        .library(name: "Ferry", targets: ["FerryCore", "FerryFile", "FerryFormats", "FerryConvert"]),
+        .executable(name: "ferry", targets: ["ferry"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // Linux syscall shims and a liburing wrapper whose public header does not include liburing.h
+        // (liburing's header clashes with Swift's Glibc module).
+        .target(
+            name: "CFerryLinux",
+            linkerSettings: [.linkedLibrary("uring")]
+        ),
+        .target(name: "FerryCore"),
+        .target(name: "FerryFile", dependencies: ["FerryCore", "CFerryLinux"]),
+        .target(name: "FerryFormats", dependencies: ["FerryCore", "FerryFile"]),
+        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryFormats"]),
+        .executableTarget(
+            name: "ferry",
+            dependencies: [
+                "FerryConvert", "FerryFormats", "FerryCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
+        .testTarget(name: "FerryFileTests", dependencies: ["FerryFile", "FerryCore"]),
+        .testTarget(name: "FerryConvertTests", dependencies: ["FerryConvert", "FerryFormats", "FerryFile", "FerryCore"]),
+        .testTarget(name: "FerryCLITests", dependencies: ["FerryCore"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,1 @@
+#include "ferry_linux.h"

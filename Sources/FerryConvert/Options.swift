@@ -1,0 +1,91 @@
+import FerryCore
+import FerryFile
+import FerryFormats
+
+/// An image as the user names it: a path (later, a URL) and, optionally, its format.
+/// With no format, the format is probed from the image's first bytes.
+public struct ImageSpec: Sendable, Equatable {
+    public var location: String
+    public var format: String?
+    public init(_ location: String, format: String? = nil) {
+        self.location = location
+        self.format = format
+    }
+}
+
+/// Everything `convert` can be told, with qemu-img's defaults.
+public struct ConvertOptions: Sendable {
+    /// `-O`: the target's format.
+    public var targetFormat: String = "raw"
+    /// `-o`: the target format's creation options.
+    public var targetOptions: [String: String] = [:]
+    /// `-m`: requests in flight (workers), each with one buffer.
+    public var workers: Int = 8
+    /// Size of each worker's buffer: the largest single read or write.
+    public var bufferSize: Int = 2 << 20
+    /// `-W`: writes may complete out of order.
+    public var outOfOrder: Bool = false
+    /// `-S`: zero runs at least this long (and aligned to it) in data are not written;
+    /// 0 writes every byte so the target is fully allocated.
+    public var sparseSize: Int = 4096
+    /// `-n`: the target exists; don't create it.
+    public var useExistingTarget: Bool = false
+    /// `--target-is-zero` (with `-n`): the existing target reads as zeros already.
+    public var targetIsZero: Bool = false
+    /// `-T`: cache mode of the sources.
+    public var sourceCache: CacheMode = .writeback
+    /// `-t`: cache mode of the target. Anything but `unsafe` flushes before success.
+    public var targetCache: CacheMode = .writeback
+    /// How I/O to local files is issued.
+    public var fileEngine: FileDevice.IOEngine = .auto
+
+    public static let maxWorkers = 1024
+    public static let maxBufferSize = 256 << 20
+
+    public init() {}
+
+    /// Checks the options on their own, before any image is touched.
+    public func validate() throws {
+        guard (1 ... Self.maxWorkers).contains(workers) else {
+            throw FerryError(.invalidArgument, "invalid number of parallel requests \(workers) (allowed: 1 to \(Self.maxWorkers))")
+        }
+        guard bufferSize >= 4096, bufferSize <= Self.maxBufferSize, bufferSize % 4096 == 0 else {
+            throw FerryError(.invalidArgument, "invalid buffer size \(bufferSize) (allowed: multiples of 4096 up to \(Self.maxBufferSize))")
+        }
+        guard sparseSize >= 0, sparseSize % 512 == 0, sparseSize <= bufferSize else {
+            throw FerryError(.invalidArgument, "invalid sparse size \(sparseSize) (allowed: multiples of 512 up to the buffer size \(bufferSize); 0 disables sparse detection)")
+        }
+        if targetIsZero && !useExistingTarget {
+            throw FerryError(.invalidArgument, "--target-is-zero requires -n (an existing target)")
+        }
+    }
+}
+
+/// Counters of a copy, also delivered as progress while it runs.
+public struct CopyStats: Sendable, Equatable {
+    /// Guest bytes of the whole copy (the sum of the sources' sizes).
+    public var virtualSize: Int64 = 0
+    /// Bytes the sources hold as data: what progress counts toward (qemu-img counts the same).
+    public var allocatedBytes: Int64 = 0
+    /// Of `allocatedBytes`, how many are done.
+    public var doneBytes: Int64 = 0
+    /// Bytes read from the sources.
+    public var bytesRead: Int64 = 0
+    /// Bytes written to the target as data.
+    public var bytesWritten: Int64 = 0
+    /// Bytes made zero on the target by zero requests.
+    public var bytesZeroed: Int64 = 0
+    /// Bytes not touched because the target already reads as zeros there.
+    public var bytesSkipped: Int64 = 0
+    /// Every byte below this offset is done (the point a copy stopped at).
+    public var completedThrough: Int64 = 0
+    /// Time since the copy started, in seconds.
+    public var elapsed: Double = 0
+
+    public init() {}
+
+    /// Fraction of the work done, 0 to 1.
+    public var fraction: Double {
+        allocatedBytes > 0 ? min(1, Double(doneBytes) / Double(allocatedBytes)) : (virtualSize > 0 ? Double(completedThrough) / Double(virtualSize) : 1)
+    }
+}

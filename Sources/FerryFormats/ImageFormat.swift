@@ -1,0 +1,85 @@
+import FerryCore
+
+/// How an image's host file is opened, as qemu-img's `-t` / `-T` cache modes.
+public enum CacheMode: String, Sendable, CaseIterable {
+    /// O_DIRECT: no page cache; buffers, offsets and lengths aligned. Flushed at the end.
+    case none
+    /// Through the page cache; flushed at the end.
+    case writeback
+    /// Through the page cache; never flushed (fast, and lost on a crash).
+    case unsafe
+    /// Through the page cache with O_DSYNC: every write is durable when it completes.
+    case writethrough
+    /// O_DIRECT and O_DSYNC.
+    case directsync
+
+    public var direct: Bool { self == .none || self == .directsync }
+    public var sync: Bool { self == .writethrough || self == .directsync }
+    public var flushes: Bool { self != .unsafe }
+}
+
+/// A disk image format: a `BlockDevice` made over another `BlockDevice` (its file).
+public protocol ImageFormat: Sendable {
+    /// The name used with `-f` / `-O` and shown by `info` (`raw`, `qcow2`).
+    static var name: String { get }
+    /// Creation options accepted with `-o`, for `-o help` and for unknown-option errors.
+    static var createOptions: [(name: String, help: String)] { get }
+    /// True if `header` (the first bytes of a file, up to 4 KiB, fewer if the file is
+    /// shorter) is this format's. Raw never claims a file: it is only the fallback.
+    static func probe(header: UnsafeRawBufferPointer) -> Bool
+    /// Opens the guest-visible device stored in `file`.
+    static func open(file: any BlockDevice) async throws -> any BlockDevice
+    /// Lays out a new image of `size` guest bytes in the empty `file`, then opens it.
+    /// Unknown `options` are an error, reported before anything is written.
+    static func create(file: any BlockDevice, size: Int64, options: [String: String]) async throws -> any BlockDevice
+    /// The size the host file must have for a new image of `size` guest bytes, before any
+    /// data is written (raw: `size`; formats that grow: their metadata).
+    static func initialFileSize(for size: Int64, options: [String: String]) throws -> Int64
+}
+
+/// The formats Ferry knows, by name.
+public enum Formats {
+    public static let all: [any ImageFormat.Type] = [RawFormat.self]
+
+    /// Formats that are recognised by their magic but cannot be read yet, so that such a file
+    /// is never silently read as raw.
+    public static let recognisedOnly: [(name: String, magic: [UInt8])] = [
+        ("qcow2", Array("QFI\u{fb}".utf8)),
+        ("vmdk", Array("KDMV".utf8)),
+        ("vdi", Array("<<< ".utf8)),
+        ("vhdx", Array("vhdxfile".utf8)),
+        ("vpc", Array("conectix".utf8)),
+    ]
+
+    public static func named(_ name: String) -> (any ImageFormat.Type)? {
+        all.first { $0.name == name }
+    }
+
+    /// Checks a format name given by the user, with the list of names in the error.
+    public static func lookup(_ name: String, for path: String? = nil) throws -> any ImageFormat.Type {
+        if let f = named(name) { return f }
+        if recognisedOnly.contains(where: { $0.name == name }) {
+            throw FerryError(.notSupported, "format '\(name)' is not supported yet (supported: \(all.map { $0.name }.joined(separator: ", ")))", path: path)
+        }
+        throw FerryError(.invalidArgument, "unknown format '\(name)' (supported: \(all.map { $0.name }.joined(separator: ", ")))", path: path)
+    }
+
+    /// What a file's first bytes say it is: a known format, or nil for "nothing recognised".
+    /// Throws for a format that is recognised but not supported.
+    public static func probe(header: UnsafeRawBufferPointer, path: String) throws -> (any ImageFormat.Type)? {
+        for f in all where f.probe(header: header) { return f }
+        for (name, magic) in recognisedOnly where header.count >= magic.count && header.prefix(magic.count).elementsEqual(magic) {
+            throw FerryError(.notSupported, "image is in \(name) format, which is not supported yet", path: path)
+        }
+        return nil
+    }
+
+    /// Checks `-o` options against a format's list before anything is created.
+    public static func validate(options: [String: String], for format: any ImageFormat.Type, path: String?) throws {
+        let known = Set(format.createOptions.map(\.name))
+        for key in options.keys.sorted() where !known.contains(key) {
+            let list = format.createOptions.map(\.name).joined(separator: ", ")
+            throw FerryError(.invalidArgument, "unknown option '\(key)' for format \(format.name) (valid: \(list.isEmpty ? "none" : list))", path: path)
+        }
+    }
+}
