@@ -1,0 +1,162 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CFerryLinux
+import FerryCore
+
+/// What opening a file or block device found out, handed from the opening thread to `FileDevice`.
+struct Opened: @unchecked Sendable {
+    var fd: Int32
+    var directFd: Int32 = -1
+    var size: Int64
+    var isBlockDevice: Bool
+    var readOnly: Bool
+    /// Logical block size (block devices) or O_DIRECT offset alignment (files); 512 if unknown.
+    var blockSize: Int = 512
+    var memoryAlignment: Int = 512
+    var executor: any IOExecutor
+    var engine: FileDevice.IOEngine
+
+    /// open(2) an existing file or block device. Runs on a thread of its own.
+    static func open(path: String, options: FileDevice.Options) throws -> Opened {
+        var flags = options.readOnly ? O_RDONLY : O_RDWR
+        if options.sync { flags |= ferry_O_DSYNC }
+        let fd = ferry_open(path, flags, 0)
+        guard fd >= 0 else {
+            if -fd == EISDIR { throw isDirectory(path) }
+            throw FerryError.posix(-fd, "could not open", path: path)
+        }
+        return try finish(fd: fd, path: path, flags: flags, options: options)
+    }
+
+    /// Creates a sparse regular file, or opens an existing block device big enough.
+    /// Returns whether a file was created (and so reads as zeros).
+    static func create(path: String, size: Int64, options: FileDevice.Options) throws -> (Opened, Bool) {
+        var st = ferry_stat()
+        if ferry_stat_path(path, &st) == 0 && st.kind == 2 {
+            let opened = try open(path: path, options: options)
+            guard opened.size >= size else {
+                opened.executor.shutdown { [fd = opened.fd, dfd = opened.directFd] in
+                    _ = ferry_close(fd)
+                    if dfd >= 0 { _ = ferry_close(dfd) }
+                }
+                throw FerryError(.tooSmall, "the block device holds \(opened.size) bytes, \(size) are needed", path: path)
+            }
+            return (opened, false)
+        }
+        var flags = O_RDWR
+        if options.sync { flags |= ferry_O_DSYNC }
+        let fd = ferry_open(path, flags | O_CREAT | O_TRUNC, 0o644)
+        guard fd >= 0 else {
+            let err = -fd
+            if err == EISDIR { throw isDirectory(path) }
+            if err == ENOENT {
+                let dir = directory(of: path)
+                var dst = ferry_stat()
+                if ferry_stat_path(dir, &dst) != 0 {
+                    throw FerryError(.notFound, "cannot create: directory '\(dir)' does not exist", path: path, errno: err)
+                }
+            }
+            throw FerryError.posix(err, "cannot create", path: path)
+        }
+        let rc = ferry_ftruncate(fd, size)
+        guard rc == 0 else {
+            _ = ferry_close(fd)
+            throw FerryError.posix(-rc, "cannot set the size to \(size)", path: path)
+        }
+        return (try finish(fd: fd, path: path, flags: flags, options: options), true)
+    }
+
+    /// Everything after open(2): what the file is, its size, the O_DIRECT twin, the engine.
+    /// Closes `fd` if it throws.
+    private static func finish(fd: Int32, path: String, flags: Int32, options: FileDevice.Options) throws -> Opened {
+        var directFd: Int32 = -1
+        var ok = false
+        defer {
+            if !ok {
+                _ = ferry_close(fd)
+                if directFd >= 0 { _ = ferry_close(directFd) }
+            }
+        }
+        var st = ferry_stat()
+        let rc = ferry_fstat(fd, &st)
+        guard rc == 0 else { throw FerryError.posix(-rc, "could not stat", path: path) }
+        switch st.kind {
+        case 1, 2: break
+        case 3: throw isDirectory(path)
+        default: throw FerryError(.invalidArgument, "is not a regular file or block device", path: path)
+        }
+        let isBlock = st.kind == 2
+        var size = st.size
+        var blockSize = 512
+        if isBlock {
+            var bytes: UInt64 = 0
+            let r = ferry_blk_size(fd, &bytes)
+            guard r == 0 else { throw FerryError.posix(-r, "could not get the size of the block device", path: path) }
+            size = Int64(bytes)
+            var ssz: UInt32 = 0
+            if ferry_blk_logical_block_size(fd, &ssz) == 0 && ssz > 0 { blockSize = Int(ssz) }
+        }
+        var memoryAlignment = blockSize
+        if options.direct {
+            directFd = ferry_open(path, flags | ferry_O_DIRECT, 0)
+            guard directFd >= 0 else {
+                let err = -directFd
+                if err == EINVAL {
+                    throw FerryError(.notSupported, "direct I/O (O_DIRECT) is not supported on this file system",
+                                     path: path, errno: err)
+                }
+                throw FerryError.posix(err, "could not open for direct I/O", path: path)
+            }
+            var dst = ferry_stat()
+            guard ferry_fstat(directFd, &dst) == 0, dst.dev == st.dev, dst.ino == st.ino else {
+                throw FerryError(.other, "the file changed while it was being opened", path: path)
+            }
+            var memAlign: UInt32 = 0
+            var offsetAlign: UInt32 = 0
+            if ferry_dio_alignment(directFd, &memAlign, &offsetAlign) == 1 {
+                guard offsetAlign > 0 else {
+                    throw FerryError(.notSupported, "direct I/O (O_DIRECT) is not supported on this file", path: path)
+                }
+                if !isBlock { blockSize = Int(offsetAlign) }
+                memoryAlignment = Int(max(memAlign, 1))
+            } else {
+                memoryAlignment = blockSize
+            }
+            guard blockSize & (blockSize - 1) == 0, memoryAlignment & (memoryAlignment - 1) == 0 else {
+                throw FerryError(.notSupported, "odd direct I/O alignment \(blockSize)", path: path)
+            }
+        }
+        let (executor, engine) = makeExecutor(options)
+        ok = true
+        return Opened(fd: fd, directFd: directFd, size: size, isBlockDevice: isBlock, readOnly: options.readOnly,
+                      blockSize: blockSize, memoryAlignment: memoryAlignment, executor: executor, engine: engine)
+    }
+
+    /// io_uring unless told otherwise or refused by the kernel; then the thread pool.
+    private static func makeExecutor(_ options: FileDevice.Options) -> (any IOExecutor, FileDevice.IOEngine) {
+        var wantRing: Bool
+        switch options.engine {
+        case .threads: wantRing = false
+        case .uring: wantRing = true
+        case .auto:
+            wantRing = true
+            if let env = getenv("FERRY_IO"), String(cString: env) == "threads" { wantRing = false }
+        }
+        if wantRing, let ring = try? RingEngine(entries: options.ringEntries) {
+            return (ring, .uring)
+        }
+        return (ThreadEngine(), .threads)
+    }
+
+    private static func isDirectory(_ path: String) -> FerryError {
+        FerryError(.isDirectory, "is a directory, not an image file", path: path, errno: EISDIR)
+    }
+
+    /// The directory part of a path, as the user wrote it.
+    static func directory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        let dir = String(path[..<slash])
+        return dir.isEmpty ? "/" : dir
+    }
+}
