@@ -1,1 +1,62 @@
-print("ferry")
+// The `ferry` command: parses the command line, runs the command, and turns every failure
+// into one line on stderr and a non-zero exit status (never a crash or a stack trace).
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import ArgumentParser
+import FerryCore
+
+let arguments = Array(CommandLine.arguments.dropFirst())
+let subcommands = ["convert", "info", "map"]
+
+/// `Try 'ferry convert --help' ...` for the subcommand being used, if any.
+func tryHelp(_ command: String?) -> String {
+    "Try 'ferry\(command.map { " " + $0 } ?? "") --help' for more information.\n"
+}
+
+var parsed: ParsableCommand
+do {
+    parsed = try Ferry.parseAsRoot(arguments)
+    if !(parsed is any FerryCommand) && !(parsed is Ferry) {
+        // `--help`, `help convert`: ArgumentParser's own commands, which throw the text to print.
+        try parsed.run()
+    }
+} catch {
+    if Ferry.exitCode(for: error) == .success {
+        // --help, --version.
+        var text = Ferry.fullMessage(for: error)
+        if !text.hasSuffix("\n") { text += "\n" }
+        Terminal.out(text)
+        exit(0)
+    }
+    let message = Ferry.message(for: error)
+    let first = message.split(separator: "\n").first.map(String.init) ?? "invalid arguments"
+    Terminal.complain(first)
+    Terminal.err(tryHelp(arguments.first.flatMap { subcommands.contains($0) ? $0 : nil }))
+    exit(1)
+}
+
+guard let command = parsed as? any FerryCommand else {
+    Terminal.complain("missing command (\(subcommands.joined(separator: ", ")))")
+    Terminal.err(tryHelp(nil))
+    exit(1)
+}
+
+do {
+    exit(try await command.execute())
+} catch let error as UsageError {
+    Terminal.complain(error.message)
+    Terminal.err(tryHelp(error.command))
+    exit(1)
+} catch let error as FerryError {
+    Terminal.complain(error.description)
+    exit(SignalCancellation.receivedSignal.map { 128 + $0 } ?? 1)
+} catch is CancellationError {
+    Terminal.complain("interrupted")
+    exit(SignalCancellation.receivedSignal.map { 128 + $0 } ?? 1)
+} catch {
+    Terminal.complain(String(describing: error))
+    exit(SignalCancellation.receivedSignal.map { 128 + $0 } ?? 1)
+}

@@ -1,0 +1,42 @@
+# Ferry: build, test, demo and benchmark.
+#
+#   make demo    install what is missing, build, convert a sample sparse image with progress
+#   make test    install what is missing, build, run every test (unit, oracle, CLI)
+#   make bench   raw -> raw against qemu-img and cp (RUNS=5 by default)
+#
+# SCRATCH=dir builds in another scratch directory (several people building in one checkout).
+
+SWIFT    ?= swift
+SCRATCH  ?=
+RUNS     ?= 5
+DEMO_DIR ?= /tmp/ferry-demo
+
+SCRATCH_FLAG := $(if $(SCRATCH),--scratch-path $(SCRATCH))
+RELEASE_BIN   = $(shell $(SWIFT) build -c release $(SCRATCH_FLAG) --show-bin-path)/ferry
+
+.PHONY: all deps build release test demo bench clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	$(SWIFT) build $(SCRATCH_FLAG)
+
+release: deps
+	$(SWIFT) build -c release $(SCRATCH_FLAG)
+
+# No --parallel: XCTest then prints its "Executed N tests" summary.
+test: deps
+	$(SWIFT) build $(SCRATCH_FLAG)
+	$(SWIFT) test $(SCRATCH_FLAG)
+
+demo: release
+	@scripts/demo.sh "$(RELEASE_BIN)" "$(DEMO_DIR)"
+
+bench: release
+	@FERRY="$(RELEASE_BIN)" RUNS=$(RUNS) bench/raw.sh
+
+clean:
+	rm -rf .build $(if $(SCRATCH),$(SCRATCH)) "$(DEMO_DIR)"

@@ -1,0 +1,287 @@
+import ArgumentParser
+import FerryConvert
+import FerryCore
+import FerryFormats
+
+let ferryVersion = "0.1.0"
+
+/// A subcommand's work, run by `main.swift` after parsing (so that every error, from parsing
+/// or from the work, is reported the same way).
+protocol FerryCommand: ParsableCommand {
+    /// Does the work; returns the exit status.
+    func execute() async throws -> Int32
+}
+
+/// A mistake in the command line found after parsing: reported like a parse error, with a
+/// pointer to `--help`.
+struct UsageError: Error {
+    var message: String
+    var command: String
+}
+
+struct Ferry: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ferry",
+        abstract: "Convert disk images with many requests in flight.",
+        discussion: "Flags follow qemu-img's. Run 'ferry COMMAND --help' for a command's options.",
+        version: "ferry version \(ferryVersion)",
+        subcommands: [Convert.self, Info.self, Map.self])
+}
+
+// MARK: - convert
+
+struct Convert: FerryCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Copy one or more images into a new or existing image.",
+        usage: "ferry convert [<options>] <src> ... <dst>",
+        discussion: """
+        Several sources are copied back to back into <dst>. Zero runs are detected and left \
+        unwritten (sparse), and the target is flushed before ferry reports success unless \
+        '-t unsafe' is given. A target that ferry created is removed if the copy fails.
+        """)
+
+    @Option(name: .customShort("f", allowingJoined: true),
+            help: ArgumentHelp("Format of the sources (probed if omitted).", valueName: "fmt"))
+    var sourceFormat: String?
+
+    @Option(name: .customShort("O", allowingJoined: true),
+            help: ArgumentHelp("Format of the target (default: raw).", valueName: "fmt"))
+    var targetFormat: String?
+
+    @Option(name: .customShort("o", allowingJoined: true),
+            help: ArgumentHelp("Target creation options, 'name=value,...'; '-o help' lists them.", valueName: "options"))
+    var targetOptions: [String] = []
+
+    @Option(name: .customShort("m", allowingJoined: true),
+            help: ArgumentHelp("Requests in flight, 1 to \(ConvertOptions.maxWorkers) (default: 8).", valueName: "n"))
+    var workers: Int?
+
+    @Flag(name: .customShort("W"), help: "Allow writes to complete out of order.")
+    var outOfOrder = false
+
+    @Option(name: .customShort("S", allowingJoined: true),
+            help: ArgumentHelp("Minimum run of zeros left unwritten, e.g. 4k or 64k; 0 writes every byte (default: 4k).", valueName: "size"))
+    var sparseSize: String?
+
+    @Flag(name: .customShort("n"), help: "The target exists already; don't create it.")
+    var noCreate = false
+
+    @Flag(name: .customLong("target-is-zero"), help: "With -n: the target reads as zeros already, so zero runs are skipped.")
+    var targetIsZero = false
+
+    @Option(name: .customShort("t", allowingJoined: true),
+            help: ArgumentHelp("Target cache mode: none, writeback, unsafe, writethrough, directsync (default: writeback).", valueName: "cache"))
+    var targetCache: String?
+
+    @Option(name: .customShort("T", allowingJoined: true),
+            help: ArgumentHelp("Source cache mode (same values; default: writeback).", valueName: "cache"))
+    var sourceCache: String?
+
+    @Option(name: .customLong("buffer-size"),
+            help: ArgumentHelp("Largest single read or write, a multiple of 4k (default: 2M).", valueName: "size"))
+    var bufferSize: String?
+
+    @Flag(name: .customShort("p"), help: "Show a progress bar on stderr (when it is a terminal).")
+    var showProgress = false
+
+    @Option(name: .customLong("progress"),
+            help: ArgumentHelp("'json': print progress as one JSON object per line on stdout.", valueName: "json"))
+    var progressFormat: String?
+
+    @Flag(name: .customShort("q"), help: "Quiet: no summary, no warnings.")
+    var quiet = false
+
+    @Argument(help: ArgumentHelp("Source images, then the target.", valueName: "image"))
+    var images: [String] = []
+
+    func execute() async throws -> Int32 {
+        let format = targetFormat ?? "raw"
+        let optionText = targetOptions
+        if optionText.contains(where: { $0 == "help" || $0 == "?" }) {
+            Terminal.out(Self.optionHelp(for: try Formats.lookup(format)))
+            return 0
+        }
+        guard images.count >= 2 else {
+            throw UsageError(message: images.isEmpty ? "expecting source and target image names" : "expecting a target image name after the source", command: "convert")
+        }
+        let sources = images.dropLast().map { ImageSpec($0, format: sourceFormat) }
+        let target = ImageSpec(images.last!, format: format)
+
+        var options = ConvertOptions()
+        options.targetFormat = format
+        options.targetOptions = try Self.parseOptions(optionText)
+        if let workers { options.workers = workers }
+        options.outOfOrder = outOfOrder
+        if let bufferSize { options.bufferSize = try Self.size(bufferSize, what: "buffer size") }
+        if let sparseSize {
+            options.sparseSize = try Self.size(sparseSize, what: "sparse size")
+            // A larger -S than the default buffer is honoured by growing the buffer, unless
+            // the buffer size was given too.
+            if bufferSize == nil && options.sparseSize > options.bufferSize {
+                options.bufferSize = min(ConvertOptions.maxBufferSize, (options.sparseSize + 4095) / 4096 * 4096)
+            }
+        }
+        options.useExistingTarget = noCreate
+        options.targetIsZero = targetIsZero
+        if let targetCache { options.targetCache = try Self.cache(targetCache, flag: "-t") }
+        if let sourceCache { options.sourceCache = try Self.cache(sourceCache, flag: "-T") }
+        var jsonProgress = false
+        if let progressFormat {
+            guard progressFormat == "json" else {
+                throw FerryError(.invalidArgument, "invalid progress format '\(progressFormat)' (allowed: json)")
+            }
+            jsonProgress = true
+        }
+
+        // Everything that can be checked without touching an image, before touching one.
+        try options.validate()
+        if let sourceFormat { _ = try Formats.lookup(sourceFormat) }
+        let targetType = try Formats.lookup(format)
+        if !noCreate {
+            try Formats.validate(options: options.targetOptions, for: targetType, path: target.location)
+        }
+
+        let reporter = ProgressReporter(bar: showProgress && Terminal.stderrIsTerminal, json: jsonProgress)
+        let quiet = quiet
+        let ticker = reporter.active ? Task { await reporter.run() } : nil
+        let stats: CopyStats
+        do {
+            let opts = options
+            let onProgress: (@Sendable (CopyStats) -> Void)? =
+                reporter.active ? { @Sendable (stats: CopyStats) -> Void in reporter.update(stats) } : nil
+            let onWarning: @Sendable (String) -> Void = { if !quiet { Terminal.warn($0) } }
+            stats = try await SignalCancellation.run { () async throws -> CopyStats in
+                try await FerryConvert.convert(
+                    sources: sources, target: target, options: opts,
+                    progress: onProgress, warning: onWarning)
+            }
+        } catch {
+            ticker?.cancel()
+            _ = await ticker?.value
+            reporter.finish(nil, error: String(describing: error))
+            throw error
+        }
+        ticker?.cancel()
+        _ = await ticker?.value
+        reporter.finish(stats, error: nil)
+        if !quiet { Terminal.err(Self.summary(stats)) }
+        return 0
+    }
+
+    /// `ferry: converted 1 GiB in 2.31 s (443 MiB/s): read 512 MiB, wrote 512 MiB, zeroed 0 B, skipped 512 MiB`
+    static func summary(_ s: CopyStats) -> String {
+        let rate = s.elapsed > 0 ? Int64(Double(s.virtualSize) / s.elapsed) : 0
+        return "ferry: converted \(ByteSize.human(s.virtualSize)) in \(Format.seconds(s.elapsed)) (\(ByteSize.human(rate))/s): "
+            + "read \(ByteSize.human(s.bytesRead)), wrote \(ByteSize.human(s.bytesWritten)), "
+            + "zeroed \(ByteSize.human(s.bytesZeroed)), skipped \(ByteSize.human(s.bytesSkipped))\n"
+    }
+
+    /// `-o a=b,c=d` (repeatable) as a dictionary. As in qemu-img, `,,` is a literal comma
+    /// inside a value.
+    static func parseOptions(_ args: [String]) throws -> [String: String] {
+        var result: [String: String] = [:]
+        for arg in args {
+            var items: [String] = []
+            var current = ""
+            var chars = Array(arg)[...]
+            while let c = chars.popFirst() {
+                if c == "," {
+                    if chars.first == "," {
+                        current.append(",")
+                        chars.removeFirst()
+                    } else {
+                        items.append(current)
+                        current = ""
+                    }
+                } else {
+                    current.append(c)
+                }
+            }
+            items.append(current)
+            for item in items {
+                guard let eq = item.firstIndex(of: "="), eq != item.startIndex else {
+                    throw FerryError(.invalidArgument, "invalid option '\(item)' in -o (expected name=value)")
+                }
+                result[String(item[..<eq])] = String(item[item.index(after: eq)...])
+            }
+        }
+        return result
+    }
+
+    static func size(_ text: String, what: String) throws -> Int {
+        guard let v = ByteSize.parse(text), v <= Int64(Int.max) else {
+            throw FerryError(.invalidArgument, "invalid \(what) '\(text)' (a number of bytes, optionally with a suffix k, M, G, T: e.g. 4k, 64k, 2M)")
+        }
+        return Int(v)
+    }
+
+    static func cache(_ text: String, flag: String) throws -> CacheMode {
+        guard let mode = CacheMode(rawValue: text) else {
+            throw FerryError(.invalidArgument, "invalid cache mode '\(text)' for \(flag) (allowed: \(CacheMode.allCases.map(\.rawValue).joined(separator: ", ")))")
+        }
+        return mode
+    }
+
+    static func optionHelp(for format: any ImageFormat.Type) -> String {
+        var s = "Supported \(format.name) options:\n"
+        for o in format.createOptions.sorted(by: { $0.name < $1.name }) {
+            s += "  " + Format.pad(o.name, 22) + " - " + o.help + "\n"
+        }
+        if format.createOptions.isEmpty { s += "  (none)\n" }
+        return s
+    }
+}
+
+// MARK: - info and map
+
+enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
+    case human, json
+}
+
+struct Info: FerryCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show an image's format and sizes, as qemu-img info does.")
+
+    @Option(name: .customShort("f", allowingJoined: true),
+            help: ArgumentHelp("Format of the image (probed if omitted).", valueName: "fmt"))
+    var format: String?
+
+    @Option(name: .customLong("output"), help: ArgumentHelp("Output format.", valueName: "human|json"))
+    var output: OutputFormat = .human
+
+    @Argument(help: ArgumentHelp("The image.", valueName: "image"))
+    var image: String
+
+    func execute() async throws -> Int32 {
+        let (info, probed) = try await Images.info(ImageSpec(image, format: format))
+        if probed { warnProbedAsRaw(image) }
+        Terminal.out(output == .json ? Report.infoJSON(info) : Report.infoHuman(info))
+        return 0
+    }
+}
+
+struct Map: FerryCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show where an image holds data and where it reads as zeros, as qemu-img map does.")
+
+    @Option(name: .customShort("f", allowingJoined: true),
+            help: ArgumentHelp("Format of the image (probed if omitted).", valueName: "fmt"))
+    var format: String?
+
+    @Option(name: .customLong("output"), help: ArgumentHelp("Output format.", valueName: "human|json"))
+    var output: OutputFormat = .human
+
+    @Argument(help: ArgumentHelp("The image.", valueName: "image"))
+    var image: String
+
+    func execute() async throws -> Int32 {
+        let (entries, probed) = try await Images.map(ImageSpec(image, format: format))
+        if probed { warnProbedAsRaw(image) }
+        Terminal.out(output == .json ? Report.mapJSON(entries) : Report.mapHuman(entries, file: image))
+        return 0
+    }
+}
+
+func warnProbedAsRaw(_ image: String) {
+    Terminal.warn("\(image): format not recognised, read as raw; pass -f raw to say it is raw")
+}

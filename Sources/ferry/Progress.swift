@@ -1,0 +1,140 @@
+import FerryConvert
+import FerryCore
+import Synchronization
+
+/// Shows how a copy goes: a bar on a terminal (`-p`) and/or JSON lines on stdout
+/// (`--progress=json`).
+///
+/// `convert` calls `update` from any thread as often as it likes; that only stores the latest
+/// counters. A ticker task draws at most ten times a second from the stored counters, so the
+/// copy never waits on the terminal.
+final class ProgressReporter: Sendable {
+    let bar: Bool
+    let json: Bool
+    private let started = ContinuousClock.now
+    private let state = Mutex(State())
+
+    private struct State {
+        var latest: CopyStats?
+        /// (seconds since start, done bytes): the last few seconds, for the current rate.
+        var samples: [(t: Double, done: Int64)] = []
+        var barDrawn = false
+        var lastJSONDone: Int64 = -1
+        var finished = false
+    }
+
+    init(bar: Bool, json: Bool) {
+        self.bar = bar
+        self.json = json
+    }
+
+    var active: Bool { bar || json }
+
+    /// Stores the latest counters; called by `convert` from any thread.
+    func update(_ stats: CopyStats) {
+        state.withLock { $0.latest = stats }
+    }
+
+    private var now: Double {
+        let d = ContinuousClock.now - started
+        return Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18
+    }
+
+    /// Draws every 100 ms until the task is cancelled.
+    func run() async {
+        while !Task.isCancelled {
+            do { try await Task.sleep(for: .milliseconds(100)) } catch { return }
+            tick()
+        }
+    }
+
+    private func tick() {
+        let t = now
+        let snapshot: (stats: CopyStats, rate: Double, emitJSON: Bool)? = state.withLock { st in
+            guard let s = st.latest, !st.finished else { return nil }
+            st.samples.append((t, s.doneBytes))
+            while let first = st.samples.first, t - first.t > 3, st.samples.count > 2 { st.samples.removeFirst() }
+            let rate: Double
+            if let first = st.samples.first, t - first.t >= 0.5 {
+                rate = Double(s.doneBytes - first.done) / (t - first.t)
+            } else {
+                rate = t > 0 ? Double(s.doneBytes) / t : 0
+            }
+            let emit = json && s.doneBytes != st.lastJSONDone
+            if emit { st.lastJSONDone = s.doneBytes }
+            if bar { st.barDrawn = true }
+            return (s, rate, emit)
+        }
+        guard let snapshot else { return }
+        if bar { Terminal.err(barLine(snapshot.stats, rate: snapshot.rate)) }
+        if snapshot.emitJSON { Terminal.out(jsonLine(snapshot.stats, rate: snapshot.rate, elapsed: t, final: false, error: nil)) }
+    }
+
+    /// Ends the display: on success the bar at its final state and a newline, and the final
+    /// JSON line; on failure the bar is cleared (the error line follows) and the final JSON
+    /// line carries the error.
+    func finish(_ final: CopyStats?, error: String?) {
+        let t = now
+        let (last, drawn): (CopyStats?, Bool) = state.withLock { st in
+            st.finished = true
+            return (final ?? st.latest, st.barDrawn)
+        }
+        let stats = last ?? CopyStats()
+        let elapsed = final.map { $0.elapsed > 0 ? $0.elapsed : t } ?? t
+        let rate = elapsed > 0 ? Double(stats.doneBytes) / elapsed : 0
+        if bar {
+            if error == nil {
+                Terminal.err(barLine(stats, rate: rate, done: true) + "\n")
+            } else if drawn {
+                Terminal.err("\r\u{1B}[K")
+            }
+        }
+        if json { Terminal.out(jsonLine(stats, rate: rate, elapsed: elapsed, final: true, error: error)) }
+    }
+
+    /// ` 45.2% [=========>          ] 231 MiB / 512 MiB  443 MiB/s  ETA 0:03`, redrawn in
+    /// place: `\r` first, erase-to-end-of-line last.
+    private func barLine(_ s: CopyStats, rate: Double, done: Bool = false) -> String {
+        let fraction = s.fraction
+        let percent = Format.fixed(fraction * 100, 1) + "%"
+        let counts = "\(ByteSize.human(s.doneBytes)) / \(ByteSize.human(s.allocatedBytes))"
+        let speed = "\(ByteSize.human(Int64(max(0, rate))))/s"
+        let tail: String
+        if done {
+            tail = "in \(Format.seconds(s.elapsed))"
+        } else {
+            let remaining = Double(max(0, s.allocatedBytes - s.doneBytes))
+            tail = "ETA " + (rate > 0 ? Format.clock(remaining / rate) : "--:--")
+        }
+        let text = "  \(counts)  \(speed)  \(tail)"
+        let head = String(repeating: " ", count: max(0, 6 - percent.count)) + percent + " "
+        let width = min(50, max(10, Terminal.stderrColumns - 1 - head.count - 2 - text.count))
+        let filled = Int(fraction * Double(width))
+        var barText = String(repeating: "=", count: filled)
+        if filled < width {
+            barText += ">" + String(repeating: " ", count: width - filled - 1)
+        }
+        return "\r" + head + "[" + barText + "]" + text + "\u{1B}[K"
+    }
+
+    /// One JSON object on one line:
+    /// `{"done":N,"total":N,"percent":P,"size":N,"elapsed":S,"rate":N,"read":N,"written":N,"zeroed":N,"skipped":N,"final":B}`
+    /// plus `"error"` on the final line of a failed copy.
+    private func jsonLine(_ s: CopyStats, rate: Double, elapsed: Double, final: Bool, error: String?) -> String {
+        var fields: [(String, String)] = [
+            ("done", "\(s.doneBytes)"),
+            ("total", "\(s.allocatedBytes)"),
+            ("percent", Format.fixed(s.fraction * 100, 2)),
+            ("size", "\(s.virtualSize)"),
+            ("elapsed", Format.fixed(elapsed, 3)),
+            ("rate", "\(Int64(max(0, rate)))"),
+            ("read", "\(s.bytesRead)"),
+            ("written", "\(s.bytesWritten)"),
+            ("zeroed", "\(s.bytesZeroed)"),
+            ("skipped", "\(s.bytesSkipped)"),
+            ("final", final ? "true" : "false"),
+        ]
+        if let error { fields.append(("error", Format.jsonString(error))) }
+        return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}\n"
+    }
+}

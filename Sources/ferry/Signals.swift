@@ -1,0 +1,54 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Dispatch
+import Synchronization
+
+/// Turns SIGINT and SIGTERM into cancellation of one task, for as long as `body` runs.
+///
+/// The first signal cancels the task; the copy engine then stops, removes a target it created,
+/// and throws `.cancelled` saying where it stopped. A second signal gives up waiting and exits
+/// at once with the signal's status. Outside `body` the signals have their default effect.
+enum SignalCancellation {
+    /// The signal that stopped the last `run`, if any.
+    private static let received = Mutex<Int32>(0)
+
+    static var receivedSignal: Int32? {
+        let s = received.withLock { $0 }
+        return s == 0 ? nil : s
+    }
+
+    /// Runs `operation` in a task that SIGINT / SIGTERM cancel.
+    static func run<T: Sendable>(_ operation: @escaping @Sendable () async throws -> T) async throws -> T {
+        let task = Task { try await operation() }
+        let queue = DispatchQueue(label: "ferry.signals")
+        var sources: [any DispatchSourceSignal] = []
+        for sig in [SIGINT, SIGTERM] {
+            // The dispatch source sees the signal only while its default action is off.
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
+            source.setEventHandler {
+                let first = received.withLock { r -> Bool in
+                    defer { if r == 0 { r = sig } }
+                    return r == 0
+                }
+                if first {
+                    task.cancel()
+                } else {
+                    Terminal.complain("interrupted again; exiting without cleaning up")
+                    _exit(128 + sig)
+                }
+            }
+            source.resume()
+            sources.append(source)
+        }
+        defer {
+            for s in sources { s.cancel() }
+            signal(SIGINT, SIG_DFL)
+            signal(SIGTERM, SIG_DFL)
+        }
+        return try await task.value
+    }
+}

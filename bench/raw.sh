@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# raw -> raw on the local filesystem: Ferry against qemu-img convert and cp.
+#
+# A 1 GiB raw image, half random data and half holes, interleaved (runs of 2 MiB, and some
+# stretches of 64 KiB data / 64 KiB hole), is copied by every command below RUNS times. The
+# runs are interleaved (one of each command, then again) so that drift in disk speed hits
+# every command alike; before each run the page cache is written back and dropped (when
+# permitted). Prints the median time of each command and its ratio to the qemu-img command
+# that gives the same guarantee: flushing against flushing, unflushed against unflushed.
+#
+#   FERRY=path/to/ferry RUNS=5 SIZE_MIB=1024 BENCH_DIR=/tmp bench/raw.sh
+set -euo pipefail
+
+FERRY=${FERRY:-$(swift build -c release --show-bin-path)/ferry}
+RUNS=${RUNS:-5}
+SIZE_MIB=${SIZE_MIB:-1024}
+[ -x "$FERRY" ] || { echo "bench: no ferry binary at $FERRY (make release)" >&2; exit 1; }
+(( SIZE_MIB % 4 == 0 && SIZE_MIB >= 8 )) || { echo "bench: SIZE_MIB must be a multiple of 4, at least 8" >&2; exit 1; }
+
+OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench.XXXXXX")
+trap 'rm -rf "$OUT"' EXIT
+SRC=$OUT/src.raw
+DST=$OUT/dst.raw
+
+# name | command (DST is the target) | the qemu-img row it is compared with
+ROWS=(
+    "ferry|$FERRY convert -q -f raw -O raw SRC DST|qemu-img -t writeback"
+    "ferry -m 16 -W|$FERRY convert -q -f raw -O raw -m 16 -W SRC DST|qemu-img -t writeback -m 16 -W"
+    "ferry -t unsafe|$FERRY convert -q -f raw -O raw -t unsafe SRC DST|qemu-img"
+    "ferry -t unsafe -m 16 -W|$FERRY convert -q -f raw -O raw -t unsafe -m 16 -W SRC DST|qemu-img -m 16 -W"
+    "qemu-img|qemu-img convert -f raw -O raw SRC DST|"
+    "qemu-img -m 16 -W|qemu-img convert -f raw -O raw -m 16 -W SRC DST|"
+    "qemu-img -t writeback|qemu-img convert -f raw -O raw -t writeback SRC DST|"
+    "qemu-img -t writeback -m 16 -W|qemu-img convert -f raw -O raw -t writeback -m 16 -W SRC DST|"
+    "cp --sparse=always|cp --sparse=always SRC DST|qemu-img"
+    "cp --sparse=always + sync|cp --sparse=always SRC DST && sync DST|qemu-img -t writeback"
+)
+
+echo "bench: building a ${SIZE_MIB} MiB raw image in $OUT (half random data, half holes)" >&2
+truncate -s "${SIZE_MIB}M" "$SRC"
+slots=$(( SIZE_MIB / 4 ))
+for (( k = 0; k < slots; k++ )); do
+    base=$(( k * 4096 ))   # KiB
+    if (( k % 8 == 7 )); then
+        # 32 runs of 64 KiB data, each followed by 64 KiB of hole.
+        for (( j = 0; j < 32; j++ )); do
+            dd if=/dev/urandom of="$SRC" bs=64K count=1 seek=$(( (base + j * 128) / 64 )) conv=notrunc status=none
+        done
+    else
+        # 2 MiB of data at 0, 1 or 2 MiB into the 4 MiB slot.
+        dd if=/dev/urandom of="$SRC" bs=1M count=2 seek=$(( base / 1024 + k % 3 )) conv=notrunc status=none
+    fi
+done
+sync "$SRC"
+echo "bench: source: $(du -h --apparent-size "$SRC" | cut -f1) apparent, $(du -h "$SRC" | cut -f1) allocated" >&2
+
+settle() {
+    sync
+    { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null || true
+}
+if ! { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then
+    echo "bench: cannot drop the page cache (not root?): reads may come from memory" >&2
+fi
+
+now_ns() { date +%s%N; }
+
+declare -A TIMES
+for (( run = 1; run <= RUNS; run++ )); do
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r name cmd _ <<<"$row"
+        cmd=${cmd//SRC/$SRC}
+        cmd=${cmd//DST/$DST}
+        rm -f "$DST"
+        settle
+        t0=$(now_ns)
+        bash -c "$cmd"
+        t1=$(now_ns)
+        TIMES[$name]+="$(( (t1 - t0) / 1000 )) "
+        if (( run == 1 )); then
+            qemu-img compare -q -f raw -F raw "$SRC" "$DST" || { echo "bench: $name produced a different image" >&2; exit 1; }
+        fi
+    done
+    echo "bench: run $run of $RUNS done" >&2
+done
+rm -f "$DST"
+
+median_us() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+
+echo
+echo "raw -> raw, ${SIZE_MIB} MiB image (half data), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs"
+echo
+printf '| %-32s | %9s | %9s | %-34s |\n' "command" "median s" "MiB/s" "vs qemu-img (same durability)"
+printf '|%s|%s|%s|%s|\n' "----------------------------------" "-----------" "-----------" "------------------------------------"
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r name _ ref <<<"$row"
+    m=$(median_us "${TIMES[$name]}")
+    secs=$(awk -v m="$m" 'BEGIN { printf "%.3f", m / 1e6 }')
+    rate=$(awk -v m="$m" -v s="$SIZE_MIB" 'BEGIN { printf "%.0f", s / (m / 1e6) }')
+    ratio=""
+    if [ -n "$ref" ]; then
+        r=$(median_us "${TIMES[$ref]}")
+        ratio=$(awk -v m="$m" -v r="$r" -v ref="$ref" 'BEGIN { printf "%.2fx the time of %s", m / r, ref }')
+    fi
+    printf '| %-32s | %9s | %9s | %-34s |\n' "$name" "$secs" "$rate" "$ratio"
+done

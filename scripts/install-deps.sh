@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs the system packages Ferry builds, tests and benchmarks with, and only those that
+# are missing: nothing is downloaded (not even `apt-get update`) when all are present.
+#
+# Add a package by appending it to PACKAGES (the NFS and iSCSI endpoints will add tgt,
+# nfs-ganesha, libnfs-dev, libiscsi-dev, ...). Swift itself is not installed here.
+set -euo pipefail
+
+PACKAGES=(
+    qemu-utils      # qemu-img, qemu-io: the oracle in tests and the baseline in benchmarks
+    liburing-dev    # io_uring for files and block devices
+    libzstd-dev     # zstd-compressed qcow2 clusters
+    zlib1g-dev      # zlib-compressed qcow2 clusters
+    nbdkit          # NBD test servers
+    libnbd-bin      # nbdcopy, nbdinfo
+    libnbd-dev      # the NBD endpoint
+    util-linux      # losetup, fallocate
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    # `dpkg -s` also lists removed-but-configured packages; require "install ok installed".
+    if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" != "install ok installed" ]; then
+        missing+=("$p")
+    fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "install-deps: all ${#PACKAGES[@]} packages present"
+    exit 0
+fi
+
+echo "install-deps: installing ${missing[*]}"
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "install-deps: not root and no sudo; install: ${missing[*]}" >&2; exit 1; }
+    SUDO=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -q
+"${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
