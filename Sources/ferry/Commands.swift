@@ -144,6 +144,7 @@ struct Convert: FerryCommand {
         let reporter = ProgressReporter(bar: showProgress && Terminal.stderrIsTerminal, json: jsonProgress)
         let quiet = quiet
         let ticker = reporter.active ? Task { await reporter.run() } : nil
+        let started = ContinuousClock.now
         let stats: CopyStats
         do {
             let opts = options
@@ -164,14 +165,17 @@ struct Convert: FerryCommand {
         ticker?.cancel()
         _ = await ticker?.value
         reporter.finish(stats, error: nil)
-        if !quiet { Terminal.err(Self.summary(stats)) }
+        // The time the user waited: opening, copying, flushing and closing.
+        let waited = ContinuousClock.now - started
+        let seconds = Double(waited.components.seconds) + Double(waited.components.attoseconds) * 1e-18
+        if !quiet { Terminal.err(Self.summary(stats, seconds: seconds)) }
         return 0
     }
 
     /// `ferry: converted 1 GiB in 2.31 s (443 MiB/s): read 512 MiB, wrote 512 MiB, zeroed 0 B, skipped 512 MiB`
-    static func summary(_ s: CopyStats) -> String {
-        let rate = s.elapsed > 0 ? Int64(Double(s.virtualSize) / s.elapsed) : 0
-        return "ferry: converted \(ByteSize.human(s.virtualSize)) in \(Format.seconds(s.elapsed)) (\(ByteSize.human(rate))/s): "
+    static func summary(_ s: CopyStats, seconds: Double) -> String {
+        let rate = seconds > 0 ? Int64(Double(s.virtualSize) / seconds) : 0
+        return "ferry: converted \(ByteSize.human(s.virtualSize)) in \(Format.seconds(seconds)) (\(ByteSize.human(rate))/s): "
             + "read \(ByteSize.human(s.bytesRead)), wrote \(ByteSize.human(s.bytesWritten)), "
             + "zeroed \(ByteSize.human(s.bytesZeroed)), skipped \(ByteSize.human(s.bytesSkipped))\n"
     }
@@ -283,5 +287,5 @@ struct Map: FerryCommand {
 }
 
 func warnProbedAsRaw(_ image: String) {
-    Terminal.warn("\(image): format not recognised, read as raw; pass -f raw to say it is raw")
+    Terminal.warn("\(image): image format was not specified and probing guessed raw; pass -f raw to say so and silence this warning")
 }

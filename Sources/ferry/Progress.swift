@@ -35,7 +35,8 @@ final class ProgressReporter: Sendable {
         state.withLock { $0.latest = stats }
     }
 
-    private var now: Double {
+    /// Seconds since the reporter was made (just before the copy started).
+    var now: Double {
         let d = ContinuousClock.now - started
         return Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18
     }
@@ -80,7 +81,9 @@ final class ProgressReporter: Sendable {
             return (final ?? st.latest, st.barDrawn)
         }
         let stats = last ?? CopyStats()
-        let elapsed = final.map { $0.elapsed > 0 ? $0.elapsed : t } ?? t
+        // Wall time on the reporter's clock, like every earlier line (the engine's `elapsed`
+        // stops before the final flush).
+        let elapsed = t
         let rate = elapsed > 0 ? Double(stats.doneBytes) / elapsed : 0
         if bar {
             if error == nil {
@@ -101,7 +104,7 @@ final class ProgressReporter: Sendable {
         let speed = "\(ByteSize.human(Int64(max(0, rate))))/s"
         let tail: String
         if done {
-            tail = "in \(Format.seconds(s.elapsed))"
+            tail = "in \(Format.seconds(now))"
         } else {
             let remaining = Double(max(0, s.allocatedBytes - s.doneBytes))
             tail = "ETA " + (rate > 0 ? Format.clock(remaining / rate) : "--:--")

@@ -16,6 +16,12 @@ func tryHelp(_ command: String?) -> String {
     "Try 'ferry\(command.map { " " + $0 } ?? "") --help' for more information.\n"
 }
 
+if let first = arguments.first, !first.hasPrefix("-"), !subcommands.contains(first), first != "help" {
+    Terminal.complain("unknown command '\(first)' (commands: \(subcommands.joined(separator: ", ")))")
+    Terminal.err(tryHelp(nil))
+    exit(1)
+}
+
 var parsed: ParsableCommand
 do {
     parsed = try Ferry.parseAsRoot(arguments)
@@ -39,7 +45,7 @@ do {
 }
 
 guard let command = parsed as? any FerryCommand else {
-    Terminal.complain("missing command (\(subcommands.joined(separator: ", ")))")
+    Terminal.complain("missing command (commands: \(subcommands.joined(separator: ", ")))")
     Terminal.err(tryHelp(nil))
     exit(1)
 }

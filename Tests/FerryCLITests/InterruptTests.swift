@@ -1,0 +1,93 @@
+import Foundation
+import XCTest
+
+/// Stopping a copy: by a signal, and by the target running out of space.
+final class InterruptTests: XCTestCase {
+    var dir: URL!
+    var mountPoint: String?
+
+    override func setUpWithError() throws {
+        dir = try makeScratchDirectory("interrupt")
+    }
+
+    override func tearDownWithError() throws {
+        if let mountPoint { _ = try? Tools.run("/bin/umount", [mountPoint], in: dir) }
+        if let dir { try? FileManager.default.removeItem(at: dir) }
+    }
+
+    func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+
+    /// A copy slow enough to interrupt: 256 MiB of data copied 4 KiB at a time by one worker,
+    /// every write synchronous (O_DSYNC).
+    func startSlowCopy() throws -> (RunningProcess, target: String) {
+        let src = try TestImage(name: "big.raw", size: 512 << 20, writes: [
+            "write -P 0x5a 0 128M", "write -P 0xa5 256M 128M",
+        ]).build(in: dir)
+        let dst = path("big-copy.raw")
+        let p = try Tools.start(try Tools.require("ferry"),
+                                ["convert", "--progress=json", "-f", "raw", "-m", "1", "--buffer-size", "4k", "-t", "writethrough", src, dst],
+                                in: dir)
+        // Wait until the copy is under way: the first progress line with data done.
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            if p.stdoutSoFar.contains("\"final\":false") { break }
+            XCTAssertTrue(p.process.isRunning, "the copy ended before it could be interrupted")
+            if !p.process.isRunning { break }
+            usleep(20_000)
+        }
+        return (p, dst)
+    }
+
+    func checkInterrupted(by sig: Int32, status: Int32) throws {
+        let (p, dst) = try startSlowCopy()
+        guard p.process.isRunning else { throw XCTSkip("copy finished too fast to interrupt") }
+        let sentAt = Date()
+        p.signal(sig)
+        let r = try p.wait(timeout: 15)
+        XCTAssertLessThan(Date().timeIntervalSince(sentAt), 5, "took too long to stop after the signal")
+        XCTAssertFalse(r.signalled, "ferry died of the signal instead of handling it")
+        XCTAssertEqual(r.status, status)
+        let lines = r.stderr.split(separator: "\n")
+        XCTAssertEqual(lines.count, 1, "expected one error line: \(r.stderr)")
+        let line = String(lines.first ?? "")
+        XCTAssertTrue(line.hasPrefix("ferry: "), line)
+        XCTAssertTrue(line.lowercased().contains("cancel") || line.lowercased().contains("interrupt"), line)
+        XCTAssertTrue(line.contains("offset"), "the message should say where the copy stopped: \(line)")
+        XCTAssertFalse(fileExists(dst), "the half-written target was not removed")
+        // The JSON progress ends with a final line naming the error.
+        let last = r.stdout.split(separator: "\n").last.map(String.init) ?? ""
+        XCTAssertTrue(last.contains("\"final\":true") && last.contains("\"error\""), last)
+    }
+
+    func testSIGINTStopsTheCopy() throws {
+        try checkInterrupted(by: SIGINT, status: 130)
+    }
+
+    func testSIGTERMStopsTheCopy() throws {
+        try checkInterrupted(by: SIGTERM, status: 143)
+    }
+
+    /// A target on a 1 MiB tmpfs: the copy fails with ENOSPC, says so in one line naming the
+    /// target and an offset, and removes the target. Needs permission to mount.
+    func testNoSpaceLeftOnTarget() throws {
+        let mnt = path("tiny")
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        let m = try Tools.run("/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], in: dir)
+        guard m.status == 0 else { throw XCTSkip("cannot mount a tmpfs here: \(m.stderr)") }
+        mountPoint = mnt
+        let src = try TestImage(name: "data.raw", size: 16 << 20, writes: [
+            "write -P 0x42 0 2M", "write -P 0x43 6M 2M", "write -P 0x44 12M 2M",
+        ]).build(in: dir)
+        let dst = mnt + "/out.raw"
+        let r = try Tools.ferry(["convert", "-f", "raw", src, dst], in: dir)
+        XCTAssertEqual(r.status, 1)
+        XCTAssertFalse(r.signalled)
+        let lines = r.stderr.split(separator: "\n")
+        XCTAssertEqual(lines.count, 1, r.stderr)
+        let line = String(lines.first ?? "")
+        XCTAssertTrue(line.hasPrefix("ferry: \(dst)"), "should name the target first: \(line)")
+        XCTAssertTrue(line.contains("No space left on device"), line)
+        XCTAssertTrue(line.contains("offset"), line)
+        XCTAssertFalse(fileExists(dst), "the failed target was not removed")
+    }
+}

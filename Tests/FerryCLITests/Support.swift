@@ -1,0 +1,184 @@
+import Foundation
+import XCTest
+
+/// What a finished process left behind.
+struct ProcessResult {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+    /// True if the process was killed by a signal (`status` is then the signal number).
+    var signalled: Bool
+}
+
+/// Runs the built `ferry` and the reference tools (qemu-img, qemu-io) as real processes.
+enum Tools {
+    /// The `ferry` built with the tests: it lies next to the test bundle (`FERRY_BIN` overrides).
+    static let ferry: String? = {
+        if let path = ProcessInfo.processInfo.environment["FERRY_BIN"] { return path }
+        var dirs: [URL] = []
+        if let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
+            dirs.append(URL(fileURLWithPath: exe).deletingLastPathComponent())
+        }
+        dirs.append(Bundle.main.bundleURL)
+        dirs.append(Bundle.main.bundleURL.deletingLastPathComponent())
+        for bundle in Bundle.allBundles { dirs.append(bundle.bundleURL.deletingLastPathComponent()) }
+        for dir in dirs {
+            let candidate = dir.appendingPathComponent("ferry").path
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        return nil
+    }()
+
+    static func path(of tool: String) -> String? {
+        for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") {
+            let p = "\(dir)/\(tool)"
+            if FileManager.default.isExecutableFile(atPath: p) { return p }
+        }
+        return nil
+    }
+
+    /// Fails the test (not skips: CI must notice) when a tool is missing.
+    static func require(_ tool: String, file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        if tool == "ferry" {
+            guard let f = ferry else {
+                XCTFail("the ferry binary is not next to the test bundle; build it with 'swift build' first (or set FERRY_BIN)", file: file, line: line)
+                throw XCTSkip("no ferry binary")
+            }
+            return f
+        }
+        guard let p = path(of: tool) else {
+            XCTFail("\(tool) is not installed; run scripts/install-deps.sh", file: file, line: line)
+            throw XCTSkip("no \(tool)")
+        }
+        return p
+    }
+
+    /// Starts `executable` with `arguments`; stdout and stderr go to files read at the end.
+    static func start(_ executable: String, _ arguments: [String], in dir: URL, environment: [String: String] = [:]) throws -> RunningProcess {
+        try RunningProcess(executable, arguments, dir: dir, environment: environment)
+    }
+
+    /// Runs a process to the end (with a time limit) and returns what it printed.
+    @discardableResult
+    static func run(_ executable: String, _ arguments: [String], in dir: URL, environment: [String: String] = [:],
+                    timeout: TimeInterval = 60) throws -> ProcessResult {
+        let p = try start(executable, arguments, in: dir, environment: environment)
+        return try p.wait(timeout: timeout)
+    }
+
+    static func ferry(_ arguments: [String], in dir: URL, timeout: TimeInterval = 60) throws -> ProcessResult {
+        try run(try require("ferry"), arguments, in: dir, timeout: timeout)
+    }
+
+    /// Runs a reference tool and fails the test if it fails.
+    @discardableResult
+    static func must(_ tool: String, _ arguments: [String], in dir: URL, file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        let r = try run(try require(tool, file: file, line: line), arguments, in: dir)
+        guard r.status == 0 && !r.signalled else {
+            XCTFail("\(tool) \(arguments.joined(separator: " ")) failed (\(r.status)): \(r.stderr)", file: file, line: line)
+            throw XCTSkip("setup failed")
+        }
+        return r.stdout
+    }
+}
+
+/// A child process whose output is collected in files (so a test can poll stdout while it runs).
+final class RunningProcess {
+    let process = Process()
+    let stdoutURL: URL
+    let stderrURL: URL
+
+    init(_ executable: String, _ arguments: [String], dir: URL, environment: [String: String]) throws {
+        let id = UUID().uuidString
+        stdoutURL = dir.appendingPathComponent(".out-\(id)")
+        stderrURL = dir.appendingPathComponent(".err-\(id)")
+        _ = FileManager.default.createFile(atPath: stdoutURL.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: stderrURL.path, contents: nil)
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.currentDirectoryURL = dir
+        var env = ProcessInfo.processInfo.environment
+        env["COLUMNS"] = "80"
+        env["LC_ALL"] = "C"
+        for (k, v) in environment { env[k] = v }
+        process.environment = env
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = try FileHandle(forWritingTo: stdoutURL)
+        process.standardError = try FileHandle(forWritingTo: stderrURL)
+        try process.run()
+    }
+
+    var pid: Int32 { process.processIdentifier }
+
+    /// What the process has printed on stdout so far.
+    var stdoutSoFar: String { (try? String(contentsOf: stdoutURL, encoding: .utf8)) ?? "" }
+
+    func signal(_ sig: Int32) { kill(process.processIdentifier, sig) }
+
+    func wait(timeout: TimeInterval) throws -> ProcessResult {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning {
+            process.terminate()
+            usleep(200_000)
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+            process.waitUntilExit()
+            XCTFail("\(process.executableURL!.lastPathComponent) \(process.arguments!.joined(separator: " ")) did not finish within \(Int(timeout)) s")
+        }
+        process.waitUntilExit()
+        defer {
+            try? FileManager.default.removeItem(at: stdoutURL)
+            try? FileManager.default.removeItem(at: stderrURL)
+        }
+        return ProcessResult(
+            status: process.terminationStatus,
+            stdout: (try? String(contentsOf: stdoutURL, encoding: .utf8)) ?? "",
+            stderr: (try? String(contentsOf: stderrURL, encoding: .utf8)) ?? "",
+            signalled: process.terminationReason == .uncaughtSignal)
+    }
+}
+
+/// A fresh directory under /tmp for one test, removed afterwards.
+func makeScratchDirectory(_ name: String) throws -> URL {
+    let base = URL(fileURLWithPath: ProcessInfo.processInfo.environment["FERRY_TEST_TMP"] ?? "/tmp")
+    let dir = base.appendingPathComponent("ferry-cli-\(name)-\(UUID().uuidString.prefix(8))")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    // Readable by others, for the test that runs ferry as an unprivileged user.
+    chmod(dir.path, 0o755)
+    return dir
+}
+
+/// Bytes a file takes on disk (st_blocks x 512).
+func allocatedBytes(_ path: String) -> Int64 {
+    var st = stat()
+    guard stat(path, &st) == 0 else { return -1 }
+    return Int64(st.st_blocks) * 512
+}
+
+func fileSize(_ path: String) -> Int64 {
+    var st = stat()
+    guard stat(path, &st) == 0 else { return -1 }
+    return Int64(st.st_size)
+}
+
+func fileExists(_ path: String) -> Bool { FileManager.default.fileExists(atPath: path) }
+
+/// An image built with `qemu-img create -f raw` and `qemu-io -f raw -c 'write ...'` commands.
+struct TestImage {
+    var name: String
+    var size: Int64
+    /// qemu-io commands, e.g. `write -P 0xab 0 64k`.
+    var writes: [String]
+
+    @discardableResult
+    func build(in dir: URL) throws -> String {
+        let path = dir.appendingPathComponent(name).path
+        try Tools.must("qemu-img", ["create", "-q", "-f", "raw", path, "\(size)"], in: dir)
+        if !writes.isEmpty {
+            var args = ["-f", "raw"]
+            for w in writes { args += ["-c", w] }
+            try Tools.must("qemu-io", args + [path], in: dir)
+        }
+        return path
+    }
+}
