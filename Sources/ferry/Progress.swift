@@ -105,13 +105,17 @@ final class ProgressReporter: Sendable {
         let tail: String
         if done {
             tail = "in \(Format.seconds(now))"
+        } else if s.fraction >= 1 {
+            // Everything is written; what remains is the flush and the close.
+            tail = "finishing"
         } else {
             let remaining = Double(max(0, s.allocatedBytes - s.doneBytes))
             tail = "ETA " + (rate > 0 ? Format.clock(remaining / rate) : "--:--")
         }
         let text = "  \(counts)  \(speed)  \(tail)"
         let head = String(repeating: " ", count: max(0, 6 - percent.count)) + percent + " "
-        let width = min(50, max(10, Terminal.stderrColumns - 1 - head.count - 2 - text.count))
+        // A fixed width (the counters' text varies in length) so the bar does not jitter.
+        let width = min(40, max(10, Terminal.stderrColumns - 58))
         let filled = Int(fraction * Double(width))
         var barText = String(repeating: "=", count: filled)
         if filled < width {
