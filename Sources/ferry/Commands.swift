@@ -88,7 +88,7 @@ struct Convert: FerryCommand {
             help: ArgumentHelp("'json': print progress as one JSON object per line on stdout.", valueName: "json"))
     var progressFormat: String?
 
-    @Flag(name: .customShort("q"), help: "Quiet: no summary, no warnings.")
+    @Flag(name: .customShort("q"), help: "Quiet: no progress bar, summary or warnings.")
     var quiet = false
 
     @Argument(help: ArgumentHelp("Source images, then the target.", valueName: "image"))
@@ -141,7 +141,7 @@ struct Convert: FerryCommand {
             try Formats.validate(options: options.targetOptions, for: targetType, path: target.location)
         }
 
-        let reporter = ProgressReporter(bar: showProgress && Terminal.stderrIsTerminal, json: jsonProgress)
+        let reporter = ProgressReporter(bar: showProgress && !quiet && Terminal.stderrIsTerminal, json: jsonProgress)
         let quiet = quiet
         let ticker = reporter.active ? Task { await reporter.run() } : nil
         let started = ContinuousClock.now
