@@ -15,6 +15,9 @@ import Synchronization
 /// With `direct`, aligned requests use an O_DIRECT descriptor and the unaligned tail of an
 /// image whose size is not a multiple of the block size goes through a second, buffered
 /// descriptor on the same file; `flush` syncs both.
+///
+/// A request is never abandoned half way, not even when its task is cancelled: the kernel may
+/// be reading or writing the caller's buffer until the completion arrives.
 public final class FileDevice: BlockDevice {
     /// How I/O is issued.
     public enum IOEngine: String, Sendable {
@@ -274,7 +277,8 @@ public final class FileDevice: BlockDevice {
     /// Zeros `range` the fastest way the kernel still accepts. False, with nothing touched,
     /// when only writing zeros is left.
     private func zeroQuickly(_ range: Range<Int64>, mayUnmap: Bool) async throws -> Bool {
-        while true {
+        // Each pass either succeeds or rules one method out: at most one pass per method.
+        for _ in 0 ..< 4 {
             let method = zeroMethod(mayUnmap: mayUnmap)
             let err: Int32
             switch method {
@@ -302,6 +306,7 @@ public final class FileDevice: BlockDevice {
                 s.refusals += 1
             }
         }
+        return false
     }
 
     /// fallocate(2) through the engine; returns 0 or the errno.

@@ -5,7 +5,7 @@ import CFerryLinux
 import FerryCore
 
 /// What opening a file or block device found out, handed from the opening thread to `FileDevice`.
-struct Opened: @unchecked Sendable {
+struct Opened: Sendable {
     var fd: Int32
     var directFd: Int32 = -1
     var size: Int64

@@ -59,7 +59,10 @@ final class RingEngine: IOExecutor, @unchecked Sendable {
         self.ring = ring
         self.eventFd = efd
         self.entries = entries
-        startThread { self.loop() }
+        guard startThread({ self.loop() }) else {
+            ferry_ring_destroy(ring)
+            throw FerryError(.other, "cannot start the io_uring thread")
+        }
     }
 
     deinit {

@@ -3,12 +3,13 @@ import Glibc
 #endif
 import FerryCore
 
-/// Starts a detached pthread that runs `body` once.
+/// Starts a detached pthread that runs `body` once; false if the system has no thread to give.
 ///
 /// Ferry's I/O threads are plain pthreads rather than tasks: they sit in blocking system
 /// calls (io_uring_enter, pread, fdatasync, ioctl) that must never occupy one of the few
 /// threads of Swift's cooperative pool.
-func startThread(_ body: @escaping @Sendable () -> Void) {
+@discardableResult
+func startThread(_ body: @escaping @Sendable () -> Void) -> Bool {
     final class Box { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
     let context = Unmanaged.passRetained(Box(body)).toOpaque()
     var thread = pthread_t()
@@ -19,16 +20,19 @@ func startThread(_ body: @escaping @Sendable () -> Void) {
     }, context)
     guard rc == 0 else {
         Unmanaged<Box>.fromOpaque(context).release()
-        fatalError("cannot start an I/O thread: \(String(cString: strerror(rc)))")
+        return false
     }
     pthread_detach(thread)
+    return true
 }
 
 /// Runs a blocking function on a thread of its own and suspends the calling task until it is
 /// done. For one-off work before a device has I/O threads (open, create).
 func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
     let result: Result<T, any Error> = await withCheckedContinuation { continuation in
-        startThread { continuation.resume(returning: Result(catching: body)) }
+        let started = startThread { continuation.resume(returning: Result(catching: body)) }
+        // Out of threads: better to block this one once than to fail the open.
+        if !started { continuation.resume(returning: Result(catching: body)) }
     }
     return try result.get()
 }
@@ -77,7 +81,10 @@ final class ThreadPool: @unchecked Sendable {
     private var jobs: [Job] = []
     private var head = 0
     private var threads = 0
+    /// Threads waiting for work that no enqueue has claimed yet.
     private var idle = 0
+    /// Wakeups handed to idle threads and not yet taken (guards against spurious wakeups).
+    private var wakeups = 0
     private var stopping = false
     private var final: (@Sendable () -> Void)?
 
@@ -95,10 +102,17 @@ final class ThreadPool: @unchecked Sendable {
             return false
         }
         jobs.append(job)
-        let spawn = idle == 0 && threads < maximum
-        if spawn { threads += 1 } else { lock.signal() }
+        var spawn = false
+        if idle > 0 {
+            idle -= 1
+            wakeups += 1
+            lock.signal()
+        } else if threads < maximum {
+            threads += 1
+            spawn = true
+        }
         lock.unlock()
-        if spawn { startThread { self.workerLoop() } }
+        if spawn { spawnWorker() }
         return true
     }
 
@@ -112,17 +126,22 @@ final class ThreadPool: @unchecked Sendable {
         if spawn { threads = 1 }
         lock.broadcast()
         lock.unlock()
-        if spawn { startThread { self.workerLoop() } }
+        if spawn { spawnWorker() }
+    }
+
+    private func spawnWorker() {
+        if startThread({ self.workerLoop() }) { return }
+        lock.lock()
+        threads -= 1
+        let none = threads == 0
+        lock.unlock()
+        // With other workers the queue still drains; with none nothing would ever run it.
+        if none { fatalError("cannot start an I/O thread: out of threads") }
     }
 
     private func workerLoop() {
+        lock.lock()
         while true {
-            lock.lock()
-            while head == jobs.count && !stopping {
-                idle += 1
-                lock.wait()
-                idle -= 1
-            }
             if head < jobs.count {
                 let job = jobs[head]
                 head += 1
@@ -132,15 +151,21 @@ final class ThreadPool: @unchecked Sendable {
                 }
                 lock.unlock()
                 run(job)
+                lock.lock()
                 continue
             }
-            // Stopping and nothing left: the last thread out runs the final job.
-            threads -= 1
-            let last = threads == 0 ? final : nil
-            if threads == 0 { final = nil }
-            lock.unlock()
-            last?()
-            return
+            if stopping {
+                // Nothing left: the last thread out runs the final job.
+                threads -= 1
+                let last = threads == 0 ? final : nil
+                if threads == 0 { final = nil }
+                lock.unlock()
+                last?()
+                return
+            }
+            idle += 1
+            while wakeups == 0 && !stopping { lock.wait() }
+            if wakeups > 0 { wakeups -= 1 } else { idle -= 1 }
         }
     }
 

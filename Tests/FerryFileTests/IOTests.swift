@@ -1,0 +1,192 @@
+import Foundation
+import XCTest
+import FerryCore
+@testable import FerryFile
+
+/// Reads and writes on both engines: data integrity, concurrency, O_DIRECT tails, short reads.
+final class IOTests: FileTestCase {
+    func testRoundTripAtOddOffsets() async throws {
+        for engine in engines {
+            let p = path("rt-\(engine).img")
+            let size: Int64 = 3 << 20 | 123
+            let d = try await create(p, size: size, engine: engine)
+            var expected = [UInt8](repeating: 0, count: Int(size))
+            var rng = Pattern(seed: 42)
+            let pieces: [(Int64, Int)] = [(1, 7), (4097, 65_535), (1 << 20 | 333, 300_001), (size - 1, 1),
+                                          (size - 5000, 5000), (0, 1), (2 << 20 | 4095, 4097)]
+            for (offset, count) in pieces {
+                let data = rng.bytes(count)
+                try await d.write(data, at: offset)
+                expected.replaceSubrange(Int(offset) ..< Int(offset) + count, with: data)
+            }
+            for (offset, count) in pieces {
+                let got = try await d.read(count, at: offset)
+                XCTAssertEqual(got, Array(expected[Int(offset) ..< Int(offset) + count]), "\(engine) at \(offset)")
+            }
+            let whole = try await d.read(Int(size), at: 0)
+            XCTAssertEqual(whole, expected, "\(engine): whole image")
+            try await d.flush()
+            try await d.close()
+            XCTAssertEqual(fileContents(p), expected, "\(engine): on disk")
+        }
+    }
+
+    func testManyConcurrentRequests() async throws {
+        for engine in engines {
+            let p = path("conc-\(engine).img")
+            let chunk = 64 << 10
+            let count = 64
+            let d = try await create(p, size: Int64(chunk * count), engine: engine)
+            try await withThrowingTaskGroup(of: Void.self) { g in
+                for i in 0 ..< count {
+                    g.addTask {
+                        var rng = Pattern(seed: UInt64(i + 1))
+                        try await d.write(rng.bytes(chunk), at: Int64(i * chunk))
+                    }
+                }
+                try await g.waitForAll()
+            }
+            let mismatches = try await withThrowingTaskGroup(of: Int.self) { g in
+                for i in 0 ..< count {
+                    g.addTask {
+                        var rng = Pattern(seed: UInt64(i + 1))
+                        let got = try await d.read(chunk, at: Int64(i * chunk))
+                        return got == rng.bytes(chunk) ? 0 : 1
+                    }
+                }
+                return try await g.reduce(0, +)
+            }
+            XCTAssertEqual(mismatches, 0, "\(engine)")
+            try await d.close()
+        }
+    }
+
+    /// More requests than the ring has slots: the rest wait on the queue and all complete.
+    func testMoreRequestsThanRingEntries() async throws {
+        let p = path("small-ring.img")
+        var o = FileDevice.Options(engine: .uring)
+        o.ringEntries = 8
+        let d = track(try await FileDevice.create(path: p, size: 1 << 20, options: o))
+        XCTAssertEqual(d.engineInUse, .uring)
+        let n = 200
+        try await withThrowingTaskGroup(of: Void.self) { g in
+            for i in 0 ..< n {
+                g.addTask { try await d.write([UInt8](repeating: UInt8(i & 0xff), count: 4096), at: Int64(i) * 4096) }
+            }
+            try await g.waitForAll()
+        }
+        let ring = try XCTUnwrap(d.executor as? RingEngine)
+        XCTAssertLessThanOrEqual(ring.peakInFlight, 7)
+        XCTAssertGreaterThan(ring.peakInFlight, 1, "requests should overlap in the ring")
+        let all = try await d.read(n * 4096, at: 0)
+        for i in 0 ..< n {
+            XCTAssertTrue(all[i * 4096 ..< (i + 1) * 4096].allSatisfy { $0 == UInt8(i & 0xff) }, "block \(i)")
+        }
+    }
+
+    /// O_DIRECT on an image whose size is not a multiple of 512: the aligned part goes direct,
+    /// the tail through the page cache, and both read back.
+    func testDirectWithUnalignedTail() async throws {
+        for engine in engines {
+            let p = path("direct-\(engine).img")
+            let size: Int64 = (1 << 20) + 1000
+            try await create(p, size: size, engine: engine).close()
+            let d = try await open(p, engine: engine, direct: true)
+            XCTAssertTrue(d.isDirect)
+            XCTAssertGreaterThanOrEqual(d.limits.alignment, 512)
+            XCTAssertEqual(d.limits.alignment & (d.limits.alignment - 1), 0)
+            var rng = Pattern(seed: 7)
+            // The last 64 KiB + 1000 bytes in one request, aligned at its start.
+            let tailStart: Int64 = (1 << 20) - (64 << 10)
+            let tail = rng.bytes(Int(size - tailStart))
+            try await d.write(tail, at: tailStart)
+            // An aligned block in the middle, and an unaligned piece (through the page cache).
+            let middle = rng.bytes(8192)
+            try await d.write(middle, at: 65536)
+            let odd = rng.bytes(100)
+            try await d.write(odd, at: 12345)
+            let lastBytes = rng.bytes(10)
+            try await d.write(lastBytes, at: size - 10)
+            var expected = [UInt8](repeating: 0, count: Int(size))
+            expected.replaceSubrange(Int(tailStart)..., with: tail)
+            expected.replaceSubrange(65536 ..< 65536 + 8192, with: middle)
+            expected.replaceSubrange(12345 ..< 12445, with: odd)
+            expected.replaceSubrange(Int(size) - 10 ..< Int(size), with: lastBytes)
+            do { let got = try await d.read(Int(size - tailStart), at: tailStart); XCTAssertEqual(got, Array(expected[Int(tailStart)...])) }
+            do { let got = try await d.read(Int(size), at: 0); XCTAssertEqual(got, expected, "\(engine): whole image, direct") }
+            do { let got = try await d.read(488, at: size - 488); XCTAssertEqual(got, Array(expected[Int(size) - 488 ..< Int(size)])) }
+            try await d.flush()
+            try await d.close()
+            XCTAssertEqual(fileContents(p), expected, "\(engine): on disk")
+        }
+    }
+
+    /// A file truncated under an open device reads short: `.shortRead` with the offset where it ended.
+    func testTruncatedFileGivesShortRead() async throws {
+        for engine in engines {
+            for direct in [false, true] {
+                let p = path("short-\(engine)-\(direct).img")
+                let size: Int64 = 1 << 20
+                let w = try await create(p, size: size, engine: engine)
+                var rng = Pattern(seed: 9)
+                try await w.write(rng.bytes(Int(size)), at: 0)
+                try await w.close()
+                let d = try await open(p, engine: engine, direct: direct, readOnly: true)
+                XCTAssertEqual(truncate(p, 300_000), 0)
+                let e = await ferryError { _ = try await d.read(Int(size), at: 0) }
+                XCTAssertEqual(e?.code, .shortRead, "\(engine) direct=\(direct)")
+                XCTAssertEqual(e?.offset, 300_000, "\(engine) direct=\(direct)")
+                XCTAssertEqual(e?.path, p)
+                XCTAssertTrue(e?.description.contains("unexpected end of file: the image is shorter than its size 1048576 at offset 300000") ?? false,
+                              e?.description ?? "")
+                // Reading before the cut still works.
+                do { let got = try await d.read(4096, at: 0); XCTAssertEqual(got.count, 4096) }
+                try await d.close()
+            }
+        }
+    }
+
+    func testFuaWriteAndFlush() async throws {
+        for engine in engines {
+            let p = path("fua-\(engine).img")
+            let d = try await create(p, size: 1 << 16, engine: engine)
+            XCTAssertTrue(d.capabilities.contains(.fua))
+            try await d.write([1, 2, 3], at: 100, flags: .fua)
+            try await d.flush()
+            XCTAssertEqual(Array(fileContents(p)[100 ..< 103]), [1, 2, 3])
+            try await d.close()
+        }
+    }
+
+    func testEnvironmentForcesThreads() async throws {
+        let p = path("env.img")
+        setenv("FERRY_IO", "threads", 1)
+        defer { unsetenv("FERRY_IO") }
+        let d = track(try await FileDevice.create(path: p, size: 4096))
+        XCTAssertEqual(d.engineInUse, .threads)
+        try await d.write([9], at: 0)
+        do { let got = try await d.read(1, at: 0); XCTAssertEqual(got, [9]) }
+        unsetenv("FERRY_IO")
+        let u = track(try await FileDevice.open(path: p))
+        XCTAssertEqual(u.engineInUse, .uring, "auto uses io_uring on this machine")
+    }
+
+    func testNoSpaceOnTinyTmpfs() async throws {
+        let mnt = try mountTmpfs(size: "1m")
+        for engine in engines {
+            let p = mnt + "/full-\(engine).img"
+            let d = try await create(p, size: 4 << 20, engine: engine)
+            let data = [UInt8](repeating: 0x5a, count: 2 << 20)
+            let e = await ferryError { try await d.write(data, at: 0) }
+            XCTAssertEqual(e?.code, .noSpace, "\(engine)")
+            XCTAssertEqual(e?.path, p)
+            // The first write stops short when the space runs out; the rest, resubmitted, fails there.
+            XCTAssertGreaterThan(e?.offset ?? 0, 0, "\(engine): the short write was resubmitted")
+            XCTAssertLessThanOrEqual(e?.offset ?? .max, 1 << 20)
+            XCTAssertTrue(e?.description.hasPrefix("\(p): write failed: No space left on device at offset ") ?? false,
+                          e?.description ?? "")
+            try await d.close()
+            unlink(p)
+        }
+    }
+}
