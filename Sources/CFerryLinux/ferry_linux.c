@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
@@ -141,6 +142,10 @@ int ferry_dio_alignment(int fd, uint32_t *memory_align, uint32_t *offset_align) 
     (void)fd; (void)memory_align; (void)offset_align;
     return 0;
 #endif
+}
+
+void ferry_set_thread_name(const char *name) {
+    pthread_setname_np(pthread_self(), name);
 }
 
 int ferry_eventfd_create(void) {

@@ -154,7 +154,7 @@ protocol IOExecutor: AnyObject, Sendable {
 /// The fallback engine: blocking pread/pwrite on a small pthread pool.
 final class ThreadEngine: IOExecutor {
     static let threadCount = 8
-    private let pool = ThreadPool(maximum: ThreadEngine.threadCount)
+    private let pool = ThreadPool(maximum: ThreadEngine.threadCount, name: "ferry-io")
 
     func submit(_ request: IORequest) -> Bool { pool.enqueue(.request(request)) }
     func perform(_ work: @escaping @Sendable () -> Void) -> Bool { pool.enqueue(.work(work)) }

@@ -25,7 +25,7 @@ final class RingEngine: IOExecutor, @unchecked Sendable {
     private let entries: Int
     /// Where the armed eventfd read lands; owned here so it outlives the ring.
     private let wakeBuffer = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
-    private let helpers = ThreadPool(maximum: 2)
+    private let helpers = ThreadPool(maximum: 2, name: "ferry-helper")
 
     private struct State {
         var queue: [IORequest] = []
@@ -59,7 +59,7 @@ final class RingEngine: IOExecutor, @unchecked Sendable {
         self.ring = ring
         self.eventFd = efd
         self.entries = entries
-        guard startThread({ self.loop() }) else {
+        guard startThread(name: "ferry-uring", { self.loop() }) else {
             ferry_ring_destroy(ring)
             throw FerryError(.other, "cannot start the io_uring thread")
         }

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CFerryLinux
 import FerryCore
 
 /// Starts a detached pthread that runs `body` once; false if the system has no thread to give.
@@ -9,12 +10,17 @@ import FerryCore
 /// calls (io_uring_enter, pread, fdatasync, ioctl) that must never occupy one of the few
 /// threads of Swift's cooperative pool.
 @discardableResult
-func startThread(_ body: @escaping @Sendable () -> Void) -> Bool {
-    final class Box { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
-    let context = Unmanaged.passRetained(Box(body)).toOpaque()
+func startThread(name: String, _ body: @escaping @Sendable () -> Void) -> Bool {
+    final class Box {
+        let name: String
+        let body: @Sendable () -> Void
+        init(_ n: String, _ b: @escaping @Sendable () -> Void) { name = n; body = b }
+    }
+    let context = Unmanaged.passRetained(Box(name, body)).toOpaque()
     var thread = pthread_t()
     let rc = pthread_create(&thread, nil, { raw in
         let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
+        ferry_set_thread_name(box.name)
         box.body()
         return nil
     }, context)
@@ -30,7 +36,7 @@ func startThread(_ body: @escaping @Sendable () -> Void) -> Bool {
 /// done. For one-off work before a device has I/O threads (open, create).
 func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
     let result: Result<T, any Error> = await withCheckedContinuation { continuation in
-        let started = startThread { continuation.resume(returning: Result(catching: body)) }
+        let started = startThread(name: "ferry-open") { continuation.resume(returning: Result(catching: body)) }
         // Out of threads: better to block this one once than to fail the open.
         if !started { continuation.resume(returning: Result(catching: body)) }
     }
@@ -76,6 +82,8 @@ final class ThreadPool: @unchecked Sendable {
     }
 
     let maximum: Int
+    /// What the threads are called (`ferry-io`, `ferry-helper`).
+    let name: String
     private let lock = ConditionLock()
     // All guarded by `lock`.
     private var jobs: [Job] = []
@@ -88,9 +96,10 @@ final class ThreadPool: @unchecked Sendable {
     private var stopping = false
     private var final: (@Sendable () -> Void)?
 
-    init(maximum: Int) {
+    init(maximum: Int, name: String) {
         precondition(maximum > 0)
         self.maximum = maximum
+        self.name = name
     }
 
     /// Queues a job; false if the pool is shutting down (the job will not run).
@@ -130,7 +139,7 @@ final class ThreadPool: @unchecked Sendable {
     }
 
     private func spawnWorker() {
-        if startThread({ self.workerLoop() }) { return }
+        if startThread(name: name, { self.workerLoop() }) { return }
         lock.lock()
         threads -= 1
         let none = threads == 0
