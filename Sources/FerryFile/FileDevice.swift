@@ -3,7 +3,6 @@ import Glibc
 #endif
 import CFerryLinux
 import FerryCore
-import Synchronization
 
 /// A local regular file or block device as a `BlockDevice`.
 ///
@@ -94,7 +93,7 @@ public final class FileDevice: BlockDevice {
         /// fallocate/ioctl calls that came back "not supported".
         var refusals = 0
     }
-    private let state = Mutex(State())
+    private let state = Locked(State())
 
     private init(_ o: Opened, name: String, zeroInit: Bool) {
         self.name = name

@@ -3,7 +3,6 @@ import Glibc
 #endif
 import CFerryLinux
 import FerryCore
-import Synchronization
 
 /// The io_uring engine: one pthread owns the ring and does all submitting and reaping.
 ///
@@ -34,12 +33,13 @@ final class RingEngine: IOExecutor, @unchecked Sendable {
         var signaled = false
         var stopping = false
         var final: (@Sendable () -> Void)?
+        /// Most requests that were in the kernel at once.
+        var peakInFlight = 0
     }
-    private let state = Mutex(State())
-    private let peak = Atomic<Int>(0)
+    private let state = Locked(State())
 
     /// Most requests that were in the kernel at once (for tests: never above `entries - 1`).
-    var peakInFlight: Int { peak.load(ordering: .relaxed) }
+    var peakInFlight: Int { state.withLock { $0.peakInFlight } }
 
     /// Sets up a ring of `entries` slots and starts its thread; throws the errno when the
     /// kernel refuses io_uring (seccomp filters, kernel.io_uring_disabled, old kernels).
@@ -118,6 +118,7 @@ final class RingEngine: IOExecutor, @unchecked Sendable {
             state.withLock { s in
                 s.signaled = false
                 let take = min(capacity - inFlight - again.count, s.queue.count - s.head)
+                s.peakInFlight = max(s.peakInFlight, inFlight + again.count + max(take, 0))
                 if take > 0 {
                     batch.append(contentsOf: s.queue[s.head ..< s.head + take])
                     s.head += take
@@ -133,7 +134,6 @@ final class RingEngine: IOExecutor, @unchecked Sendable {
             inFlight += again.count + batch.count
             again.removeAll(keepingCapacity: true)
             batch.removeAll(keepingCapacity: true)
-            if inFlight > peak.load(ordering: .relaxed) { peak.store(inFlight, ordering: .relaxed) }
 
             if stopping && inFlight == 0 { break }
 
