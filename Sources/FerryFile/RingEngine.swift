@@ -16,6 +16,7 @@ import FerryCore
 ///
 /// Blocking calls io_uring has no opcode for (lseek SEEK_DATA/SEEK_HOLE, block-device ioctls)
 /// run on a small helper pool, never on the ring thread, which would stall every request.
+///
 /// `@unchecked Sendable`: the ring and the wakeup buffer are touched by the ring thread only;
 /// everything callers share is behind `state`.
 final class RingEngine: IOExecutor, @unchecked Sendable {
@@ -44,7 +45,9 @@ final class RingEngine: IOExecutor, @unchecked Sendable {
     /// Sets up a ring of `entries` slots and starts its thread; throws the errno when the
     /// kernel refuses io_uring (seccomp filters, kernel.io_uring_disabled, old kernels).
     init(entries: Int) throws(FerryError) {
-        precondition(entries >= 2)
+        // One slot is the wakeup read, so at least two; 0 goes to the kernel, which refuses it
+        // (how the tests reach the fallback).
+        let entries = entries == 1 ? 2 : entries
         var error: Int32 = 0
         guard let ring = ferry_ring_create(UInt32(entries), &error) else {
             wakeBuffer.deallocate()
@@ -113,6 +116,8 @@ final class RingEngine: IOExecutor, @unchecked Sendable {
         var wakeArmed = armWakeup()
 
         while true {
+            // Never sleep without a way to be woken.
+            if !wakeArmed { wakeArmed = armWakeup() }
             // Requests that came back short go first, then new ones up to the capacity.
             var stopping = false
             state.withLock { s in

@@ -171,6 +171,19 @@ final class IOTests: FileTestCase {
         XCTAssertEqual(u.engineInUse, .uring, "auto uses io_uring on this machine")
     }
 
+    /// When the kernel refuses io_uring (here: a ring of 0 entries), the thread pool takes over.
+    func testRefusedRingFallsBackToThreads() async throws {
+        let p = path("refused.img")
+        var o = FileDevice.Options(engine: .uring)
+        o.ringEntries = 0
+        let d = track(try await FileDevice.create(path: p, size: 1 << 20, options: o))
+        XCTAssertEqual(d.engineInUse, .threads)
+        var rng = Pattern(seed: 5)
+        let data = rng.bytes(300_000)
+        try await d.write(data, at: 77)
+        do { let got = try await d.read(300_000, at: 77); XCTAssertEqual(got, data) }
+    }
+
     func testNoSpaceOnTinyTmpfs() async throws {
         let mnt = try mountTmpfs(size: "1m")
         for engine in engines {
