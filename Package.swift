@@ -33,7 +33,7 @@ let package = Package(
         .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
         .testTarget(name: "FerryFileTests", dependencies: ["FerryFile", "FerryCore"]),
         .testTarget(name: "FerryConvertTests", dependencies: ["FerryConvert", "FerryFormats", "FerryFile", "FerryCore"]),
-        .testTarget(name: "FerryCLITests", dependencies: ["FerryCore"]),
+        .testTarget(name: "FerryCLITests", dependencies: ["FerryCore"], exclude: ["golden"]),
     ],
     swiftLanguageModes: [.v6]
 )

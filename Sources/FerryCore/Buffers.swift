@@ -92,3 +92,21 @@ public final class BufferPool: Sendable {
         waiter?.resume(returning: buffer)
     }
 }
+
+extension BlockDevice {
+    /// Writes a byte array (a convenience for tests and small metadata, not the hot path).
+    public func write(at offset: Int64, bytes: [UInt8], flags: WriteFlags = []) async throws {
+        guard !bytes.isEmpty else { return }
+        let buffer = AlignedBuffer(count: bytes.count)
+        bytes.withUnsafeBytes { buffer.mutableBytes.copyMemory(from: $0) }
+        try await write(at: offset, from: buffer.bytes, flags: flags)
+    }
+
+    /// Reads `count` bytes into a new array (a convenience, not the hot path).
+    public func read(at offset: Int64, count: Int) async throws -> [UInt8] {
+        guard count > 0 else { return [] }
+        let buffer = AlignedBuffer(count: count)
+        try await read(at: offset, into: buffer.mutableBytes)
+        return Array(buffer.bytes)
+    }
+}

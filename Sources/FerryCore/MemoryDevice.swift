@@ -14,6 +14,14 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         case zero(offset: Int64, length: Int64, flags: ZeroFlags)
         case discard(offset: Int64, length: Int64)
         case flush
+
+        /// Offset and length, for all but flush.
+        public var range: (Int64, Int64)? {
+            switch self {
+            case .read(let o, let l), .write(let o, let l), .zero(let o, let l, _), .discard(let o, let l): return (o, l)
+            case .flush: return nil
+            }
+        }
     }
 
     /// Makes requests that touch `range` fail with an I/O error.
@@ -36,6 +44,8 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     public let holesAreUnallocated: Bool
     /// Time every request takes, to stand in for a network round trip.
     public let latency: Duration?
+    /// Up to this much more, chosen at random per request, so requests finish out of order.
+    public let jitter: Duration?
 
     private struct State {
         var chunks: [Int64: [UInt8]] = [:]
@@ -54,7 +64,8 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         limits: BlockLimits = BlockLimits(alignment: 1, preferredTransfer: 64 << 10, maximumTransfer: 32 << 20),
         capabilities: BlockCapabilities = [.write, .zero, .fastZero, .discard, .extents, .flush, .zeroInit],
         holesAreUnallocated: Bool = false,
-        latency: Duration? = nil
+        latency: Duration? = nil,
+        jitter: Duration? = nil
     ) {
         precondition(size >= 0 && chunkSize > 0)
         self.name = name
@@ -64,6 +75,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         self.capabilities = capabilities
         self.holesAreUnallocated = holesAreUnallocated
         self.latency = latency
+        self.jitter = jitter
     }
 
     /// Every operation received so far, in the order they started.
@@ -209,8 +221,17 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
             case .flush: return false
             }
         }
-        if let latency {
-            do { try await Task.sleep(for: latency) } catch { end(); throw error }
+        var wait = latency ?? .zero
+        if let jitter { wait += jitter * Double.random(in: 0 ... 1) }
+        if wait > .zero {
+            do { try await Task.sleep(for: wait) } catch { end(); throw error }
+        }
+        if case let .some((o, l)) = op.range, limits.alignment > 1 {
+            let a = Int64(limits.alignment)
+            if o % a != 0 || (l % a != 0 && o + l != size) {
+                end()
+                throw FerryError(.invalidArgument, "request \(o)+\(l) is not aligned to \(a)", path: name, offset: o)
+            }
         }
         if fail {
             end()

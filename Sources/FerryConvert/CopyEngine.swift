@@ -1,0 +1,292 @@
+import FerryCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How the engine copies, once the devices are open.
+public struct CopyConfiguration: Sendable {
+    /// Requests in flight, each with its own buffer.
+    public var workers: Int = 8
+    /// Bytes per buffer: the largest data request.
+    public var bufferSize: Int = 2 << 20
+    /// Let writes complete in any order (`-W`).
+    public var outOfOrder: Bool = false
+    /// Zero-detection granularity; 0 writes every byte (fully allocated target).
+    public var sparseSize: Int = 4096
+    /// The target reads as zeros already, so zero runs need not be written.
+    public var targetReadsZero: Bool = false
+    /// Leave ranges the source does not allocate untouched (they stay unallocated over a
+    /// backing file); otherwise they are copied as zeros.
+    public var skipUnallocated: Bool = false
+    /// Seconds between progress reports.
+    public var progressInterval: Double = 0.1
+
+    public init() {}
+}
+
+/// The copy engine: N workers take requests from a shared planner, read into their own
+/// buffer, find the zeros, and write in order (or not, with `outOfOrder`).
+///
+/// Memory is `workers x bufferSize` whatever the size of the image.
+public enum CopyEngine {
+    /// Copies all of `source` to the start of `target` (which must be at least as large).
+    ///
+    /// Throws the first error any worker meets, after the others have stopped; the error names
+    /// the device and offset. Cancellation of the calling task stops the copy with a
+    /// `FerryError` of code `.cancelled` that says where it stopped.
+    public static func copy(
+        from source: any BlockDevice,
+        to target: any BlockDevice,
+        configuration: CopyConfiguration,
+        pool: BufferPool? = nil,
+        progress: (@Sendable (CopyStats) -> Void)? = nil
+    ) async throws -> CopyStats {
+        precondition(configuration.workers > 0 && configuration.bufferSize > 0)
+        guard target.size >= source.size else {
+            throw FerryError(.tooSmall, "target is smaller (\(target.size) bytes) than the source (\(source.size) bytes)", path: target.name)
+        }
+        let alignment = max(source.limits.alignment, target.limits.alignment)
+        let maxData = min(configuration.bufferSize, source.limits.maximumTransfer) / alignment * alignment
+        precondition(maxData > 0, "buffer smaller than the devices' alignment")
+        let pool = pool ?? BufferPool(bufferSize: configuration.bufferSize, capacity: configuration.workers)
+        let planner = Planner(source: source, alignment: alignment, maxData: maxData)
+        let tracker = Tracker(virtualSize: source.size, interval: configuration.progressInterval, progress: progress)
+        let allocated = try await countAllocated(source, skipUnallocated: configuration.skipUnallocated)
+        tracker.setAllocated(allocated)
+        let sequencer = configuration.outOfOrder ? nil : Sequencer()
+        let context = WorkerContext(
+            source: source, target: target, configuration: configuration,
+            granularity: configuration.sparseSize == 0 ? 0 : roundUp(configuration.sparseSize, to: target.limits.alignment),
+            planner: planner, sequencer: sequencer, tracker: tracker, pool: pool)
+
+        do {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for _ in 0 ..< configuration.workers {
+                    group.addTask { try await context.run() }
+                }
+                do {
+                    while try await group.next() != nil {}
+                } catch {
+                    group.cancelAll()
+                    // Let every worker stop before reporting, keeping the first real error.
+                    while true {
+                        do { if try await group.next() == nil { break } } catch {}
+                    }
+                    throw error
+                }
+            }
+        } catch {
+            let stats = tracker.snapshot()
+            if error is CancellationError || (error as? FerryError)?.code == .cancelled || Task.isCancelled {
+                throw FerryError(.cancelled, "copy interrupted: everything before offset \(stats.completedThrough) was copied (\(stats.doneBytes) of \(stats.allocatedBytes) data bytes done)", path: target.name, offset: stats.completedThrough)
+            }
+            if let e = error as? FerryError { throw e }
+            throw FerryError(.io, "\(error)", path: source.name, offset: stats.completedThrough)
+        }
+        return tracker.finish()
+    }
+
+    /// Data bytes of the source (what progress counts toward), walked extent by extent
+    /// without keeping them.
+    static func countAllocated(_ source: any BlockDevice, skipUnallocated: Bool) async throws -> Int64 {
+        guard source.capabilities.contains(.extents) else { return source.size }
+        var total: Int64 = 0
+        try await source.forEachExtent(in: 0 ..< source.size) { e in
+            if e.kind == .data { total += e.length }
+        }
+        return total
+    }
+
+    static func roundUp(_ n: Int, to alignment: Int) -> Int { (n + alignment - 1) / alignment * alignment }
+}
+
+/// What every worker shares.
+private struct WorkerContext: Sendable {
+    let source: any BlockDevice
+    let target: any BlockDevice
+    let configuration: CopyConfiguration
+    /// Zero-detection granule (a multiple of the target's alignment), 0 for none.
+    let granularity: Int
+    let planner: Planner
+    let sequencer: Sequencer?
+    let tracker: Tracker
+    let pool: BufferPool
+
+    func run() async throws {
+        let buffer = await pool.take()
+        defer { pool.give(buffer) }
+        /// True while the buffer is known to hold only zeros (for fully allocated copies).
+        var bufferIsZero = false
+        while let request = try await planner.next() {
+            try Task.checkCancellation()
+            do {
+                try await handle(request, buffer: buffer, bufferIsZero: &bufferIsZero)
+            } catch let e as FerryError {
+                throw e
+            } catch is CancellationError {
+                throw CancellationError()
+            } catch {
+                throw FerryError(.io, "\(error)", path: target.name, offset: request.offset)
+            }
+        }
+    }
+
+    private func handle(_ r: CopyRequest, buffer: AlignedBuffer, bufferIsZero: inout Bool) async throws {
+        var kind = r.kind
+        if kind == .unallocated {
+            if configuration.skipUnallocated {
+                try await turn(r) { tracker.complete(r, skipped: r.length) }
+                return
+            }
+            kind = .zero
+        }
+        if kind == .zero {
+            if configuration.sparseSize == 0 {
+                // Fully allocated: write real zeros.
+                if !bufferIsZero {
+                    buffer.mutableBytes.initializeMemory(as: UInt8.self, repeating: 0)
+                    bufferIsZero = true
+                }
+                try await turn(r) {
+                    var pos = r.offset
+                    while pos < r.end {
+                        let n = Int(min(Int64(buffer.count), r.end - pos))
+                        try await target.write(at: pos, from: UnsafeRawBufferPointer(buffer.slice(0 ..< n)), flags: [])
+                        pos += Int64(n)
+                    }
+                    tracker.complete(r, written: r.length)
+                }
+            } else if configuration.targetReadsZero {
+                try await turn(r) { tracker.complete(r, skipped: r.length) }
+            } else {
+                try await turn(r) {
+                    try await target.writeZeroes(at: r.offset, length: r.length, flags: [.mayUnmap])
+                    tracker.complete(r, zeroed: r.length)
+                }
+            }
+            return
+        }
+
+        // Data: read, find zeros, then write when it is our turn.
+        let n = Int(r.length)
+        let bytes = buffer.slice(0 ..< n)
+        bufferIsZero = false
+        try await source.read(at: r.offset, into: bytes)
+        let runs: [ZeroScan.Run]
+        if granularity == 0 {
+            runs = [ZeroScan.Run(range: 0 ..< n, isZero: false)]
+        } else {
+            runs = ZeroScan.runs(in: UnsafeRawBufferPointer(bytes), at: r.offset, granularity: granularity)
+        }
+        try await turn(r) {
+            var written: Int64 = 0, zeroed: Int64 = 0, skipped: Int64 = 0
+            for run in runs {
+                let at = r.offset + Int64(run.range.lowerBound)
+                if !run.isZero {
+                    try await writeAll(at: at, UnsafeRawBufferPointer(rebasing: bytes[run.range]))
+                    written += Int64(run.range.count)
+                } else if configuration.targetReadsZero {
+                    skipped += Int64(run.range.count)
+                } else {
+                    try await target.writeZeroes(at: at, length: Int64(run.range.count), flags: [.mayUnmap])
+                    zeroed += Int64(run.range.count)
+                }
+            }
+            tracker.complete(r, read: r.length, written: written, zeroed: zeroed, skipped: skipped, data: r.length)
+        }
+    }
+
+    private func writeAll(at offset: Int64, _ bytes: UnsafeRawBufferPointer) async throws {
+        let step = target.limits.maximumTransfer
+        var done = 0
+        while done < bytes.count {
+            let n = min(step, bytes.count - done)
+            try await target.write(at: offset + Int64(done), from: UnsafeRawBufferPointer(rebasing: bytes[done ..< done + n]), flags: [])
+            done += n
+        }
+    }
+
+    /// Runs `body` when it is `r`'s turn to write (at once when out of order).
+    private func turn(_ r: CopyRequest, _ body: () async throws -> Void) async throws {
+        guard let sequencer else {
+            try await body()
+            return
+        }
+        try await sequencer.waitTurn(r.seq)
+        try await body()
+        sequencer.finish(r.seq)
+    }
+}
+
+/// Counters and the completion watermark, shared by the workers.
+final class Tracker: Sendable {
+    private struct State {
+        var stats = CopyStats()
+        var lastReport: Double = 0
+        /// Completed requests above the watermark, by sequence number: their end offsets.
+        var pending: [Int: Int64] = [:]
+        var nextSeq = 0
+    }
+    private let state: Mutex<State>
+    private let start: Double
+    private let interval: Double
+    private let progress: (@Sendable (CopyStats) -> Void)?
+
+    init(virtualSize: Int64, interval: Double, progress: (@Sendable (CopyStats) -> Void)?) {
+        var s = State()
+        s.stats.virtualSize = virtualSize
+        state = Mutex(s)
+        start = Tracker.now()
+        self.interval = interval
+        self.progress = progress
+    }
+
+    static func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    func setAllocated(_ n: Int64) {
+        state.withLock { $0.stats.allocatedBytes = n }
+        progress?(snapshot())
+    }
+
+    func complete(_ r: CopyRequest, read: Int64 = 0, written: Int64 = 0, zeroed: Int64 = 0, skipped: Int64 = 0, data: Int64 = 0) {
+        let t = Tracker.now()
+        let report: CopyStats? = state.withLock { s in
+            s.stats.bytesRead += read
+            s.stats.bytesWritten += written
+            s.stats.bytesZeroed += zeroed
+            s.stats.bytesSkipped += skipped
+            s.stats.doneBytes += data
+            s.pending[r.seq] = r.end
+            while let end = s.pending.removeValue(forKey: s.nextSeq) {
+                s.stats.completedThrough = end
+                s.nextSeq += 1
+            }
+            guard progress != nil, t - s.lastReport >= interval else { return nil }
+            s.lastReport = t
+            s.stats.elapsed = t - start
+            return s.stats
+        }
+        if let report { progress?(report) }
+    }
+
+    func snapshot() -> CopyStats {
+        let t = Tracker.now()
+        return state.withLock { s in
+            s.stats.elapsed = t - start
+            return s.stats
+        }
+    }
+
+    /// The final counters, also sent as the last progress report.
+    func finish() -> CopyStats {
+        let stats = snapshot()
+        progress?(stats)
+        return stats
+    }
+}

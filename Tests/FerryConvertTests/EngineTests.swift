@@ -1,0 +1,310 @@
+import XCTest
+import FerryCore
+@testable import FerryConvert
+
+/// The copy engine against in-memory devices: exact data, order, bounds, errors.
+final class EngineTests: XCTestCase {
+    /// A source with a random map of data chunks, zero-filled data chunks and holes.
+    func makeSource(size: Int64, chunk: Int = 4096, seed: UInt64, latency: Duration? = nil, jitter: Duration? = nil,
+                    alignment: Int = 1, name: String = "src") async throws -> MemoryDevice {
+        let dev = MemoryDevice(name: name, size: size, chunkSize: chunk,
+                               limits: BlockLimits(alignment: alignment, preferredTransfer: 65536, maximumTransfer: 1 << 20),
+                               latency: latency, jitter: jitter)
+        var rng = SplitMix(seed: seed)
+        var pos: Int64 = 0
+        while pos < size {
+            let run = Int64(1 + rng.next() % 40) * Int64(chunk)
+            let n = min(run, size - pos)
+            switch rng.next() % 4 {
+            case 0, 1:
+                var bytes = [UInt8](repeating: 0, count: Int(n))
+                for i in 0 ..< bytes.count where i % 7 != 0 { bytes[i] = UInt8(truncatingIfNeeded: rng.next()) }
+                try await dev.write(at: pos, bytes: bytes)
+            case 2:
+                // Allocated but all zeros: only zero detection finds these.
+                try await dev.writeZeroes(at: pos, length: n, flags: [])
+            default:
+                break
+            }
+            pos += n
+        }
+        // The memory device doesn't delay writes made while building it; reset nothing else.
+        return dev
+    }
+
+    func copy(_ src: MemoryDevice, _ dst: MemoryDevice, _ configure: (inout CopyConfiguration) -> Void = { _ in }) async throws -> CopyStats {
+        var c = CopyConfiguration()
+        configure(&c)
+        return try await CopyEngine.copy(from: src, to: dst, configuration: c)
+    }
+
+    func testRandomMapsCopyExactlyInEveryMode() async throws {
+        for seed in 1 ... 6 as ClosedRange<UInt64> {
+            let size = Int64(3 << 20) + Int64(seed) * 4096 + (seed % 2 == 0 ? 1000 : 0)
+            let src = try await makeSource(size: size, seed: seed)
+            for (workers, outOfOrder, sparse, buffer) in [(1, false, 4096, 65536), (8, false, 4096, 1 << 20),
+                                                         (16, true, 4096, 65536), (4, true, 0, 65536), (3, false, 65536, 131072)] {
+                let dst = MemoryDevice(name: "dst", size: size)
+                let stats = try await copy(src, dst) {
+                    $0.workers = workers; $0.outOfOrder = outOfOrder; $0.sparseSize = sparse; $0.bufferSize = buffer
+                    $0.targetReadsZero = true
+                }
+                XCTAssertEqual(dst.contents(), src.contents(), "seed \(seed) workers \(workers) -W \(outOfOrder) -S \(sparse)")
+                XCTAssertEqual(stats.completedThrough, size)
+                XCTAssertEqual(stats.bytesWritten + stats.bytesZeroed + stats.bytesSkipped, size, "every byte accounted once")
+                if sparse == 0 {
+                    XCTAssertEqual(stats.bytesWritten, size, "-S 0 writes every byte")
+                    XCTAssertEqual(dst.allocatedChunks.count, Int((size + 4095) / 4096), "-S 0 leaves the target fully allocated")
+                }
+            }
+        }
+    }
+
+    func testInOrderModeWritesAscendingOffsets() async throws {
+        let size: Int64 = 4 << 20
+        let src = try await makeSource(size: size, seed: 42, latency: .microseconds(200), jitter: .milliseconds(3))
+        let dst = MemoryDevice(name: "dst", size: size, capabilities: [.write, .zero, .extents, .flush])
+        _ = try await copy(src, dst) { $0.workers = 16; $0.bufferSize = 65536 }
+        XCTAssertEqual(dst.contents(), src.contents())
+        var last: Int64 = -1
+        var writes = 0
+        for op in dst.operations {
+            guard let (o, l) = op.range else { continue }
+            XCTAssertGreaterThanOrEqual(o, last, "write at \(o) came after one ending at \(last)")
+            last = o + l
+            writes += 1
+        }
+        XCTAssertGreaterThan(writes, 20)
+        XCTAssertGreaterThan(src.peakInFlight, 4, "reads ran in parallel")
+    }
+
+    func testOutOfOrderModeWritesSameDataAndDoesReorder() async throws {
+        let size: Int64 = 4 << 20
+        let src = try await makeSource(size: size, seed: 7, latency: .microseconds(200), jitter: .milliseconds(3))
+        let dst = MemoryDevice(name: "dst", size: size, capabilities: [.write, .zero, .extents, .flush])
+        _ = try await copy(src, dst) { $0.workers = 16; $0.bufferSize = 65536; $0.outOfOrder = true }
+        XCTAssertEqual(dst.contents(), src.contents())
+        let offsets = dst.operations.compactMap { $0.range?.0 }
+        XCTAssertNotEqual(offsets, offsets.sorted(), "with jittery reads and -W, some writes overtake others")
+    }
+
+    func testZeroDetectionTurnsZeroDataIntoZeroRequestsOrNothing() async throws {
+        let size: Int64 = 1 << 20
+        let src = MemoryDevice(name: "src", size: size, capabilities: [.extents]) // reports all data
+        // Data: 64 KiB of ones at 256 KiB; everything else reads zero but is "data".
+        let ones = [UInt8](repeating: 1, count: 65536)
+        let writable = MemoryDevice(name: "w", size: size)
+        _ = writable
+        let data = MemoryDevice(name: "src", size: size)
+        try await data.write(at: 262144, bytes: ones)
+        try await data.writeZeroes(at: 0, length: 262144, flags: []) // allocated zeros
+        _ = src
+
+        // A target that may hold old data: zero runs become zero requests.
+        let dirty = MemoryDevice(name: "dst", size: size, capabilities: [.write, .zero, .extents, .flush])
+        try await dirty.write(at: 0, bytes: [UInt8](repeating: 9, count: Int(size)))
+        var stats = try await copy(data, dirty) { $0.bufferSize = 131072 }
+        XCTAssertEqual(dirty.contents(), data.contents())
+        XCTAssertEqual(stats.bytesWritten, 65536)
+        XCTAssertEqual(stats.bytesZeroed, size - 65536)
+        XCTAssertEqual(stats.bytesRead, 262144 + 65536, "only data extents are read")
+        XCTAssertTrue(dirty.operations.contains(.zero(offset: 0, length: 131072, flags: [.mayUnmap])))
+
+        // A target that reads as zeros: nothing but the data is sent.
+        let fresh = MemoryDevice(name: "dst", size: size)
+        stats = try await copy(data, fresh) { $0.bufferSize = 131072; $0.targetReadsZero = true }
+        XCTAssertEqual(fresh.contents(), data.contents())
+        XCTAssertEqual(fresh.operations, [.write(offset: 262144, length: 65536)])
+        XCTAssertEqual(stats.bytesSkipped, size - 65536)
+
+        // -S granularity: a 4 KiB zero run inside data is kept as data with -S 64k.
+        let mixed = MemoryDevice(name: "src", size: 131072)
+        var pattern = [UInt8](repeating: 5, count: 131072)
+        for i in 8192 ..< 12288 { pattern[i] = 0 }
+        try await mixed.write(at: 0, bytes: pattern)
+        let coarse = MemoryDevice(name: "dst", size: 131072)
+        stats = try await copy(mixed, coarse) { $0.sparseSize = 65536; $0.targetReadsZero = true }
+        XCTAssertEqual(stats.bytesWritten, 131072)
+        let fine = MemoryDevice(name: "dst", size: 131072)
+        stats = try await copy(mixed, fine) { $0.sparseSize = 4096; $0.targetReadsZero = true }
+        XCTAssertEqual(stats.bytesWritten, 131072 - 4096)
+        XCTAssertEqual(fine.contents(), pattern)
+    }
+
+    func testMemoryStaysBoundedByWorkersTimesBuffer() async throws {
+        let size: Int64 = 16 << 20
+        let src = try await makeSource(size: size, seed: 3, latency: .microseconds(100), jitter: .microseconds(500))
+        let dst = MemoryDevice(name: "dst", size: size)
+        for workers in [1, 5, 32] {
+            let pool = BufferPool(bufferSize: 65536, capacity: workers)
+            var c = CopyConfiguration()
+            c.workers = workers
+            c.bufferSize = 65536
+            c.outOfOrder = workers == 32
+            _ = try await CopyEngine.copy(from: src, to: dst, configuration: c, pool: pool)
+            XCTAssertLessThanOrEqual(pool.peakAllocated, workers)
+            XCTAssertGreaterThanOrEqual(pool.peakAllocated, 1)
+            XCTAssertEqual(dst.contents(), src.contents())
+        }
+        XCTAssertLessThanOrEqual(src.peakInFlight, 32)
+    }
+
+    func testHugeSparseSourceIsPlannedByExtentsNotBytes() async throws {
+        let size: Int64 = 1 << 40 // 1 TiB
+        let src = MemoryDevice(name: "src", size: size, chunkSize: 1 << 20)
+        let ones = [UInt8](repeating: 0xAB, count: 3 << 20)
+        try await src.write(at: size / 2, bytes: ones)
+        let dst = MemoryDevice(name: "dst", size: size, chunkSize: 1 << 20)
+        let stats = try await copy(src, dst) { $0.targetReadsZero = true }
+        XCTAssertEqual(stats.bytesRead, 3 << 20)
+        XCTAssertEqual(stats.bytesWritten, 3 << 20)
+        XCTAssertEqual(stats.allocatedBytes, 3 << 20)
+        let base: Int64 = size / 2
+        XCTAssertEqual(dst.allocatedChunks, [base, base + (1 << 20), base + (2 << 20)])
+    }
+
+    func testAlignmentIsKeptWhenExtentsAreFinerThanTheTarget() async throws {
+        // Source extents at 512-byte granularity; target demands 4096-byte alignment.
+        let size: Int64 = 256 * 1024 + 1536
+        let src = MemoryDevice(name: "src", size: size, chunkSize: 512)
+        var rng = SplitMix(seed: 9)
+        for i in stride(from: Int64(0), to: size, by: 512) where rng.next() % 3 == 0 {
+            let b = [UInt8](repeating: UInt8(1 + i / 512 % 250), count: 512)
+            try await src.write(at: i, bytes: b)
+        }
+        let dst = MemoryDevice(name: "dst", size: size, chunkSize: 512,
+                               limits: BlockLimits(alignment: 4096, preferredTransfer: 65536, maximumTransfer: 1 << 20),
+                               capabilities: [.write, .zero, .extents, .flush])
+        _ = try await copy(src, dst) { $0.bufferSize = 65536; $0.sparseSize = 512 }
+        XCTAssertEqual(dst.contents(), src.contents())
+    }
+
+    func testFirstErrorStopsTheCopyAndNamesImageAndOffset() async throws {
+        let size: Int64 = 8 << 20
+        for outOfOrder in [false, true] {
+            let src = try await makeSource(size: size, seed: 11, latency: .microseconds(100))
+            // Make sure the failing range holds data so it is really read.
+            let junk = [UInt8](repeating: 3, count: 65536)
+            try await src.write(at: 5 << 20, bytes: junk)
+            src.failure = .init(range: (5 << 20) ..< (5 << 20) + 1, onRead: true, onWrite: false)
+            let dst = MemoryDevice(name: "dst", size: size)
+            do {
+                _ = try await copy(src, dst) { $0.workers = 8; $0.bufferSize = 65536; $0.outOfOrder = outOfOrder }
+                XCTFail("copy should fail")
+            } catch let e as FerryError {
+                XCTAssertEqual(e.code, .io)
+                XCTAssertEqual(e.path, "src")
+                // The failed request is the one that holds the bad byte.
+                let at = try XCTUnwrap(e.offset)
+                XCTAssertLessThanOrEqual(at, 5 << 20)
+                XCTAssertGreaterThan(at + 65536, 5 << 20)
+                XCTAssertEqual(e.description, "src: injected I/O error at offset \(at)")
+            }
+            // Nothing at or past the failed request was written in order mode.
+            if !outOfOrder {
+                for op in dst.operations {
+                    if let (o, _) = op.range { XCTAssertLessThan(o, 5 << 20) }
+                }
+            }
+        }
+        // A failing target is named too.
+        let src = try await makeSource(size: size, seed: 12)
+        let dst = MemoryDevice(name: "dst", size: size, capabilities: [.write, .zero, .extents])
+        dst.failure = .init(range: 0 ..< size, onRead: false, onWrite: true)
+        do {
+            _ = try await copy(src, dst)
+            XCTFail("copy should fail")
+        } catch let e as FerryError {
+            XCTAssertEqual(e.path, "dst")
+            XCTAssertNotNil(e.offset)
+        }
+    }
+
+    func testCancellationStopsWorkersAndSaysWhere() async throws {
+        let size: Int64 = 64 << 20
+        // No extents: every byte is read, slowly.
+        let src = MemoryDevice(name: "src", size: size, capabilities: [], latency: .milliseconds(20))
+        let dst = MemoryDevice(name: "dst", size: size)
+        var config = CopyConfiguration()
+        config.workers = 4
+        config.bufferSize = 65536
+        let task = Task { [config] in try await CopyEngine.copy(from: src, to: dst, configuration: config) }
+        try await Task.sleep(for: .milliseconds(150))
+        task.cancel()
+        do {
+            _ = try await task.value
+            XCTFail("a cancelled copy must not succeed")
+        } catch let e as FerryError {
+            XCTAssertEqual(e.code, .cancelled)
+            let at = try XCTUnwrap(e.offset)
+            XCTAssertGreaterThan(at, 0)
+            XCTAssertLessThan(at, size)
+            XCTAssertTrue(e.message.contains("before offset \(at)"), e.message)
+        }
+        let after = src.operations.count
+        try await Task.sleep(for: .milliseconds(100))
+        XCTAssertEqual(src.operations.count, after, "no worker keeps going after cancellation")
+    }
+
+    func testConcatenatedSources() async throws {
+        let a = try await makeSource(size: 100 * 1024, chunk: 1024, seed: 1, name: "a")
+        let b = try await makeSource(size: 3 * 4096 + 512, chunk: 512, seed: 2, name: "b")
+        let c = try await makeSource(size: 1 << 20, seed: 3, name: "c")
+        let src = ConcatDevice([a, b, c])
+        XCTAssertEqual(src.size, a.size + b.size + c.size)
+        let dst = MemoryDevice(name: "dst", size: src.size)
+        var config = CopyConfiguration()
+        config.bufferSize = 65536
+        config.targetReadsZero = true
+        _ = try await CopyEngine.copy(from: src, to: dst, configuration: config)
+        let expected: [UInt8] = a.contents() + b.contents() + c.contents()
+        XCTAssertEqual(dst.contents(), expected)
+    }
+
+    func testProgressReportsReachTheTotal() async throws {
+        let src = try await makeSource(size: 4 << 20, seed: 5)
+        let dst = MemoryDevice(name: "dst", size: 4 << 20)
+        let seen = Reports()
+        var c = CopyConfiguration()
+        c.bufferSize = 65536
+        c.progressInterval = 0
+        let stats = try await CopyEngine.copy(from: src, to: dst, configuration: c) { seen.add($0) }
+        let all = seen.all
+        XCTAssertGreaterThan(all.count, 2)
+        XCTAssertEqual(all.last, stats)
+        XCTAssertEqual(stats.doneBytes, stats.allocatedBytes)
+        XCTAssertEqual(stats.fraction, 1)
+        for (x, y) in zip(all, all.dropFirst()) { XCTAssertLessThanOrEqual(x.doneBytes, y.doneBytes) }
+    }
+
+    func testTargetSmallerThanSourceIsRefused() async throws {
+        let src = MemoryDevice(name: "src", size: 8192)
+        let dst = MemoryDevice(name: "dst", size: 4096)
+        do {
+            _ = try await copy(src, dst)
+            XCTFail("should refuse")
+        } catch let e as FerryError {
+            XCTAssertEqual(e.code, .tooSmall)
+        }
+    }
+}
+
+final class Reports: @unchecked Sendable {
+    private let lock = NSLock()
+    private var items: [CopyStats] = []
+    func add(_ s: CopyStats) { lock.lock(); items.append(s); lock.unlock() }
+    var all: [CopyStats] { lock.lock(); defer { lock.unlock() }; return items }
+}
+
+/// A small deterministic generator, so failures reproduce.
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
