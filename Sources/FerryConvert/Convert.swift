@@ -63,7 +63,7 @@ public func convert(
         } else {
             out = try await Images.create(target.location, format: targetFormat.name, size: source.size,
                                           options: options.targetOptions, cache: options.targetCache, engine: options.fileEngine)
-            created = (out.file as? FileDevice)?.isBlockDevice != true
+            created = out.createdNewFile
         }
     } catch {
         await closeSources()

@@ -12,6 +12,8 @@ public struct OpenedImage: Sendable {
     public var location: String
     /// True if the format was guessed as raw because nothing was recognised.
     public var probedAsRaw: Bool
+    /// True if `Images.create` made a new local file (one that can be removed again).
+    public var createdNewFile: Bool = false
 }
 
 /// What `ferry info` shows; field names follow qemu-img's JSON.
@@ -37,14 +39,18 @@ public struct MapEntry: Sendable, Equatable {
 
 /// Opening, creating and describing images.
 public enum Images {
+    /// Backing chains deeper than this are refused (a loop, or an image built to exhaust us).
+    public static let maxChainDepth = 64
+
     /// Opens an image. With no format in `spec`, probes it; a file nothing recognises is
     /// read as raw and `probedAsRaw` is set so the caller can warn.
     public static func open(_ spec: ImageSpec, readOnly: Bool, cache: CacheMode = .writeback,
-                            engine: FileDevice.IOEngine = .auto) async throws -> OpenedImage {
+                            engine: FileDevice.IOEngine = .auto, depth: Int = 0) async throws -> OpenedImage {
+        guard depth <= maxChainDepth else {
+            throw FerryError(.corrupt, "backing chain is deeper than \(maxChainDepth) images (is it a loop?)", path: spec.location)
+        }
         let format: (any ImageFormat.Type)? = try spec.format.map { try Formats.lookup($0, for: spec.location) }
-        let file = try await FileDevice.open(
-            path: spec.location,
-            options: .init(readOnly: readOnly, direct: cache.direct, sync: cache.sync, engine: engine))
+        let file = try await openEndpoint(spec.location, readOnly: readOnly, cache: cache, engine: engine)
         do {
             var probed = false
             var chosen = format
@@ -53,12 +59,52 @@ public enum Images {
                 if chosen == nil { probed = true }
             }
             let f = chosen ?? RawFormat.self
-            let device = try await f.open(file: file)
+            let context = FormatContext(location: spec.location, readOnly: readOnly, depth: depth) { location, format, depth in
+                try await open(ImageSpec(location, format: format), readOnly: true, cache: cache, engine: engine, depth: depth).device
+            }
+            let device = try await f.open(file: file, context: context)
             return OpenedImage(device: device, file: file, format: f.name, location: spec.location, probedAsRaw: probed)
         } catch {
             try? await file.close()
             throw error
         }
+    }
+
+    /// Opens the storage an image lives on: a local file or block device, or (by URL scheme)
+    /// a network endpoint.
+    public static func openEndpoint(_ location: String, readOnly: Bool, cache: CacheMode = .writeback,
+                                    engine: FileDevice.IOEngine = .auto) async throws -> any BlockDevice {
+        if let scheme = urlScheme(location) {
+            throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
+        }
+        return try await FileDevice.open(
+            path: location,
+            options: .init(readOnly: readOnly, direct: cache.direct, sync: cache.sync, engine: engine))
+    }
+
+    /// Makes the storage for a new image of `size` host bytes: a new sparse file, or an existing
+    /// block device or network export at least that large.
+    public static func createEndpoint(_ location: String, size: Int64, cache: CacheMode = .writeback,
+                                      engine: FileDevice.IOEngine = .auto) async throws -> any BlockDevice {
+        if let scheme = urlScheme(location) {
+            throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
+        }
+        return try await FileDevice.create(
+            path: location, size: size,
+            options: .init(readOnly: false, direct: cache.direct, sync: cache.sync, engine: engine))
+    }
+
+    /// The scheme of a URL location (`nbd`, `nbd+unix`, `nfs`, `iscsi`), or nil for a path.
+    static func urlScheme(_ location: String) -> String? {
+        let chars = Array(location.utf8)
+        guard let colon = chars.firstIndex(of: UInt8(ascii: ":")), colon > 0,
+              chars.count >= colon + 3, chars[colon + 1] == UInt8(ascii: "/"), chars[colon + 2] == UInt8(ascii: "/") else { return nil }
+        let scheme = chars[0 ..< colon]
+        let allowed: (UInt8) -> Bool = { c in
+            (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) || (c >= 0x30 && c <= 0x39) || c == 0x2b || c == 0x2d || c == 0x2e
+        }
+        guard scheme.allSatisfy(allowed) else { return nil }
+        return String(decoding: scheme, as: UTF8.self)
     }
 
     /// Creates a new image of `size` guest bytes in `format` at `location`.
@@ -74,12 +120,12 @@ public enum Images {
         try Formats.validate(options: options, for: f, path: location)
         let fileSize: Int64
         do { fileSize = try f.initialFileSize(for: size, options: opts) } catch let e as FerryError { throw e.at(path: location) }
-        let file = try await FileDevice.create(
-            path: location, size: fileSize,
-            options: .init(readOnly: false, direct: cache.direct, sync: cache.sync, engine: engine))
+        let file = try await createEndpoint(location, size: fileSize, cache: cache, engine: engine)
         do {
             let device = try await f.create(file: file, size: size, options: opts)
-            return OpenedImage(device: device, file: file, format: f.name, location: location, probedAsRaw: false)
+            let isNewFile = (file as? FileDevice).map { !$0.isBlockDevice } ?? false
+            return OpenedImage(device: device, file: file, format: f.name, location: location, probedAsRaw: false,
+                               createdNewFile: isNewFile)
         } catch let e as FerryError {
             try? await file.close()
             throw e.at(path: location)
@@ -97,37 +143,51 @@ public enum Images {
         return try Formats.probe(header: UnsafeRawBufferPointer(rebasing: buffer.bytes[0 ..< n]), path: file.name)
     }
 
+    /// Opens `spec` read-only, runs `body`, and closes the image whatever happens.
+    public static func withImage<T>(_ spec: ImageSpec, _ body: (OpenedImage) async throws -> T) async throws -> T {
+        let image = try await open(spec, readOnly: true)
+        let result: T
+        do {
+            result = try await body(image)
+        } catch {
+            try? await image.device.close()
+            throw error
+        }
+        try await image.device.close()
+        return result
+    }
+
     /// `ferry info`.
     public static func info(_ spec: ImageSpec) async throws -> (ImageInfo, probedAsRaw: Bool) {
-        let image = try await open(spec, readOnly: true)
-        defer { Task { try? await image.device.close() } }
-        let info = ImageInfo(
-            filename: spec.location,
-            format: image.format,
-            virtualSize: image.device.size,
-            actualSize: try? FileDevice.allocatedSize(path: spec.location),
-            dirtyFlag: false)
-        return (info, image.probedAsRaw)
+        try await withImage(spec) { image in
+            let info = ImageInfo(
+                filename: spec.location,
+                format: image.format,
+                virtualSize: image.device.size,
+                actualSize: try? FileDevice.allocatedSize(path: spec.location),
+                dirtyFlag: false)
+            return (info, image.probedAsRaw)
+        }
     }
 
     /// `ferry map`: the image's extents, joined into the fewest runs.
     public static func map(_ spec: ImageSpec) async throws -> ([MapEntry], probedAsRaw: Bool) {
-        let image = try await open(spec, readOnly: true)
-        defer { Task { try? await image.device.close() } }
-        var entries: [MapEntry] = []
-        try await image.device.forEachExtent(in: 0 ..< image.device.size) { e in
-            let data = e.kind == .data
-            let zero = e.kind != .data
-            let present = e.kind != .unallocated || image.format == RawFormat.name
-            if var last = entries.last, last.data == data, last.zero == zero, last.present == present,
-               last.start + last.length == e.offset {
-                last.length += e.length
-                entries[entries.count - 1] = last
-            } else {
-                entries.append(MapEntry(start: e.offset, length: e.length, depth: 0, present: present,
-                                        zero: zero, data: data, offset: present ? e.offset : nil))
+        try await withImage(spec) { image in
+            var entries: [MapEntry] = []
+            try await image.device.forEachExtent(in: 0 ..< image.device.size) { e in
+                let data = e.kind == .data
+                let zero = e.kind != .data
+                let present = e.kind != .unallocated || image.format == RawFormat.name
+                if var last = entries.last, last.data == data, last.zero == zero, last.present == present,
+                   last.start + last.length == e.offset {
+                    last.length += e.length
+                    entries[entries.count - 1] = last
+                } else {
+                    entries.append(MapEntry(start: e.offset, length: e.length, depth: 0, present: present,
+                                            zero: zero, data: data, offset: present ? e.offset : nil))
+                }
             }
+            return (entries, image.probedAsRaw)
         }
-        return (entries, image.probedAsRaw)
     }
 }

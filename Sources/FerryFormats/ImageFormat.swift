@@ -28,13 +28,34 @@ public protocol ImageFormat: Sendable {
     /// shorter) is this format's. Raw never claims a file: it is only the fallback.
     static func probe(header: UnsafeRawBufferPointer) -> Bool
     /// Opens the guest-visible device stored in `file`.
-    static func open(file: any BlockDevice) async throws -> any BlockDevice
+    static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice
     /// Lays out a new image of `size` guest bytes in the empty `file`, then opens it.
     /// Unknown `options` are an error, reported before anything is written.
     static func create(file: any BlockDevice, size: Int64, options: [String: String]) async throws -> any BlockDevice
     /// The size the host file must have for a new image of `size` guest bytes, before any
     /// data is written (raw: `size`; formats that grow: their metadata).
     static func initialFileSize(for size: Int64, options: [String: String]) throws -> Int64
+}
+
+/// What a format needs to know beyond its file: where the image is (for messages and for
+/// backing paths relative to it) and how to open another image (its backing file).
+public struct FormatContext: Sendable {
+    /// The image's location as the user (or the overlay's header) gave it.
+    public var location: String
+    public var readOnly: Bool
+    /// How many overlays stand above this image (0 for the image the user named).
+    public var depth: Int
+    /// Opens a backing image: a location (already resolved against the overlay's directory)
+    /// and its format, or nil to probe. Returns the guest-visible device.
+    public var openBacking: @Sendable (_ location: String, _ format: String?, _ depth: Int) async throws -> any BlockDevice
+
+    public init(location: String, readOnly: Bool, depth: Int = 0,
+                openBacking: @escaping @Sendable (_ location: String, _ format: String?, _ depth: Int) async throws -> any BlockDevice) {
+        self.location = location
+        self.readOnly = readOnly
+        self.depth = depth
+        self.openBacking = openBacking
+    }
 }
 
 /// The formats Ferry knows, by name.

@@ -10,7 +10,7 @@ public enum RawFormat: ImageFormat {
 
     public static func probe(header: UnsafeRawBufferPointer) -> Bool { false }
 
-    public static func open(file: any BlockDevice) async throws -> any BlockDevice { file }
+    public static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice { file }
 
     public static func initialFileSize(for size: Int64, options: [String: String]) throws -> Int64 {
         try checkPreallocation(options)
