@@ -34,7 +34,8 @@ step "ferry info copy.raw"
 "$FERRY" info -f raw "$DST"
 
 step "ferry map copy.raw (first lines)"
-"$FERRY" map -f raw "$DST" | head -8
+"$FERRY" map -f raw "$DST" > "$DIR/map.txt"
+head -8 "$DIR/map.txt"
 
 step "qemu-img compare -f raw -F raw disk.raw copy.raw"
 qemu-img compare -f raw -F raw "$SRC" "$DST"
