@@ -22,6 +22,7 @@ public func convert(
     progress: (@Sendable (CopyStats) -> Void)? = nil,
     warning: (@Sendable (String) -> Void)? = nil
 ) async throws -> CopyStats {
+    let started = Tracker.now()
     try options.validate()
     guard !sources.isEmpty else { throw FerryError(.invalidArgument, "no source image given") }
     let targetFormat = try Formats.lookup(target.format ?? options.targetFormat, for: target.location)
@@ -78,12 +79,14 @@ public func convert(
     config.targetReadsZero = options.useExistingTarget ? options.targetIsZero : out.device.capabilities.contains(.zeroInit)
 
     do {
-        let stats = try await CopyEngine.copy(from: source, to: out.device, configuration: config, progress: progress)
+        var stats = try await CopyEngine.copy(from: source, to: out.device, configuration: config, progress: progress)
         if options.targetCache.flushes {
             try await out.device.flush()
         }
         try await out.device.close()
         await closeSources()
+        // The time the caller waited, flush included.
+        stats.elapsed = Tracker.now() - started
         return stats
     } catch {
         try? await out.device.close()
@@ -91,6 +94,8 @@ public func convert(
         var e = (error as? FerryError) ?? FerryError(.io, "\(error)", path: target.location)
         if created {
             unlink(target.location)
+            // The place first, then the note, so the sentence reads in order.
+            if let offset = e.offset, !e.message.contains("offset") { e.message += " at offset \(offset)" }
             e.message += "; the incomplete target was removed"
         }
         throw e

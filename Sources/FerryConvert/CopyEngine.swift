@@ -78,7 +78,8 @@ public enum CopyEngine {
                 }
             }
         } catch {
-            let stats = tracker.snapshot()
+            // The counters as they stood, so a progress display ends where the copy did.
+            let stats = tracker.finish()
             if error is CancellationError || (error as? FerryError)?.code == .cancelled || Task.isCancelled {
                 throw FerryError(.cancelled, "copy interrupted: everything before offset \(stats.completedThrough) was copied (\(stats.doneBytes) of \(stats.allocatedBytes) data bytes done)", path: target.name, offset: stats.completedThrough)
             }

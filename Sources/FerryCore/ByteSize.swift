@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// Sizes as users write them: `4096`, `64k`, `2M`, `1.5G`, `1T` (powers of 1024, as qemu-img).
 public enum ByteSize {
     public static func parse(_ text: String) -> Int64? {
@@ -25,31 +31,25 @@ public enum ByteSize {
         return Int64(bytes)
     }
 
-    /// `1 GiB`, `68 KiB`, `512 B`: as qemu-img prints sizes for people.
+    /// `1 GiB`, `68 KiB`, `0.999 MiB`: as qemu-img prints sizes for people (the unit changes
+    /// at 1000 of the smaller one, three significant digits as C's `%0.3g`).
     public static func human(_ bytes: Int64) -> String {
         let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-        var value = Double(bytes)
-        var unit = 0
-        while value >= 1024 && unit < units.count - 1 {
-            value /= 1024
-            unit += 1
-        }
-        if unit == 0 { return "\(bytes) B" }
-        // Three significant digits, trailing zeros dropped, as qemu's size_to_str.
-        var text: String
-        if value >= 100 { text = String(Int(value.rounded())) }
-        else if value >= 10 { text = trim(String(format1: value, digits: 1)) }
-        else { text = trim(String(format1: value, digits: 2)) }
-        if text == "1024" && unit < units.count - 1 { text = "1"; unit += 1 }
-        return "\(text) \(units[unit])"
+        var exponent: Int32 = 0
+        _ = frexp(Double(bytes) * 1.024, &exponent)
+        let index = max(0, min(units.count - 1, Int(exponent - 1) / 10))
+        var scale = 1.0
+        for _ in 0 ..< index { scale *= 1024 }
+        return cFormat("%0.3g", Double(bytes) / scale) + " " + units[index]
     }
 
-    private static func trim(_ s: String) -> String {
-        guard s.contains(".") else { return s }
-        var t = s
-        while t.hasSuffix("0") { t.removeLast() }
-        if t.hasSuffix(".") { t.removeLast() }
-        return t
+    /// C's `snprintf`, for the few formats whose exact rounding matters.
+    public static func cFormat(_ format: String, _ args: any CVarArg...) -> String {
+        withVaList(args) { va in
+            var buffer = [CChar](repeating: 0, count: 128)
+            _ = vsnprintf(&buffer, buffer.count, format, va)
+            return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        }
     }
 }
 
@@ -59,16 +59,5 @@ extension String {
         while s.first == set { s.removeFirst() }
         while s.last == set { s.removeLast() }
         return String(s)
-    }
-
-    /// Fixed-point formatting without Foundation.
-    init(format1 value: Double, digits: Int) {
-        var scale = 1.0
-        for _ in 0 ..< digits { scale *= 10 }
-        let scaled = Int64((value * scale).rounded())
-        let whole = scaled / Int64(scale)
-        var frac = String(scaled % Int64(scale))
-        while frac.count < digits { frac = "0" + frac }
-        self = digits > 0 ? "\(whole).\(frac)" : "\(whole)"
     }
 }

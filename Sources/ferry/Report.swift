@@ -8,10 +8,8 @@ enum Report {
     static func infoHuman(_ info: ImageInfo) -> String {
         var s = "image: \(info.filename)\n"
         s += "file format: \(info.format)\n"
-        // Sizes through Format.qemuSize: ByteSize.human rounds some values differently
-        // (102912 bytes: qemu-img says 100 KiB; 1047552 bytes: 0.999 MiB).
-        s += "virtual size: \(Format.qemuSize(info.virtualSize)) (\(info.virtualSize) bytes)\n"
-        s += "disk size: \(info.actualSize.map(Format.qemuSize) ?? "unavailable")\n"
+        s += "virtual size: \(ByteSize.human(info.virtualSize)) (\(info.virtualSize) bytes)\n"
+        s += "disk size: \(info.actualSize.map(ByteSize.human) ?? "unavailable")\n"
         if info.dirtyFlag { s += "cleanly shut down: no\n" }
         return s
     }

@@ -112,28 +112,6 @@ enum Format {
         return s + "\""
     }
 
-    /// A size as qemu-img prints one for people (`disk size: 1.13 MiB`): the unit is the
-    /// largest power of 1024 that leaves a value of at least 1000 / 1024, and the value has
-    /// three significant digits as C's `%0.3g` gives them (ties to even, trailing zeros cut).
-    static func qemuSize(_ bytes: Int64) -> String {
-        let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-        var exponent: Int32 = 0
-        _ = frexp(Double(bytes) * 1.024, &exponent)
-        let index = max(0, min(units.count - 1, Int(exponent - 1) / 10))
-        var scale = 1.0
-        for _ in 0 ..< index { scale *= 1024 }
-        return cFormat("%0.3g", Double(bytes) / scale) + " " + units[index]
-    }
-
-    /// C's `snprintf`, for the few formats whose exact rounding matters.
-    static func cFormat(_ format: String, _ args: any CVarArg...) -> String {
-        withVaList(args) { va in
-            var buffer = [CChar](repeating: 0, count: 128)
-            _ = vsnprintf(&buffer, buffer.count, format, va)
-            return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        }
-    }
-
     /// `0` or `0x1f000`, as C's `%#llx`.
     static func hex(_ v: Int64) -> String { v == 0 ? "0" : "0x" + String(v, radix: 16) }
 

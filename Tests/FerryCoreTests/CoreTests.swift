@@ -56,6 +56,10 @@ final class ByteSizeTests: XCTestCase {
         XCTAssertEqual(ByteSize.human(3 << 29), "1.5 GiB")
         XCTAssertEqual(ByteSize.human(1_048_576 * 15 + 300_000), "15.3 MiB")
         XCTAssertEqual(ByteSize.human(1 << 40), "1 TiB")
+        // The unit changes at 1000, as qemu's size_to_str.
+        XCTAssertEqual(ByteSize.human(102_912), "100 KiB")
+        XCTAssertEqual(ByteSize.human(1_047_552), "0.999 MiB")
+        XCTAssertEqual(ByteSize.human(0), "0 B")
     }
 }
 
