@@ -6,7 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         // The embeddable library: the block-device protocol, endpoints, formats and the copy engine.
-        .library(name: "Ferry", targets: ["FerryCore", "FerryFile", "FerryFormats", "FerryConvert"]),
+        .library(name: "Ferry", targets: ["FerryCore", "FerryFile", "FerryNBD", "FerryFormats", "FerryConvert"]),
         .executable(name: "ferry", targets: ["ferry"]),
     ],
     dependencies: [
@@ -19,10 +19,14 @@ let package = Package(
             name: "CFerryLinux",
             linkerSettings: [.linkedLibrary("uring")]
         ),
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .target(name: "FerryCore"),
         .target(name: "FerryFile", dependencies: ["FerryCore", "CFerryLinux"]),
-        .target(name: "FerryFormats", dependencies: ["FerryCore", "FerryFile"]),
-        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryFormats"]),
+        .target(name: "FerryNBD", dependencies: ["FerryCore", "CLibNBD"]),
+        .target(name: "FerryFormats", dependencies: ["FerryCore", "CZlib", "CZstd"]),
+        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryFormats"]),
         .executableTarget(
             name: "ferry",
             dependencies: [
@@ -32,6 +36,8 @@ let package = Package(
         ),
         .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
         .testTarget(name: "FerryFileTests", dependencies: ["FerryFile", "FerryCore"]),
+        .testTarget(name: "FerryNBDTests", dependencies: ["FerryNBD", "FerryCore"]),
+        .testTarget(name: "FerryFormatsTests", dependencies: ["FerryFormats", "FerryConvert", "FerryFile", "FerryCore"]),
         .testTarget(name: "FerryConvertTests", dependencies: ["FerryConvert", "FerryFormats", "FerryFile", "FerryCore"]),
         .testTarget(name: "FerryCLITests", dependencies: ["FerryCore"], exclude: ["golden"]),
     ],

@@ -70,43 +70,6 @@ public enum Images {
         }
     }
 
-    /// Opens the storage an image lives on: a local file or block device, or (by URL scheme)
-    /// a network endpoint.
-    public static func openEndpoint(_ location: String, readOnly: Bool, cache: CacheMode = .writeback,
-                                    engine: FileDevice.IOEngine = .auto) async throws -> any BlockDevice {
-        if let scheme = urlScheme(location) {
-            throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
-        }
-        return try await FileDevice.open(
-            path: location,
-            options: .init(readOnly: readOnly, direct: cache.direct, sync: cache.sync, engine: engine))
-    }
-
-    /// Makes the storage for a new image of `size` host bytes: a new sparse file, or an existing
-    /// block device or network export at least that large.
-    public static func createEndpoint(_ location: String, size: Int64, cache: CacheMode = .writeback,
-                                      engine: FileDevice.IOEngine = .auto) async throws -> any BlockDevice {
-        if let scheme = urlScheme(location) {
-            throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
-        }
-        return try await FileDevice.create(
-            path: location, size: size,
-            options: .init(readOnly: false, direct: cache.direct, sync: cache.sync, engine: engine))
-    }
-
-    /// The scheme of a URL location (`nbd`, `nbd+unix`, `nfs`, `iscsi`), or nil for a path.
-    static func urlScheme(_ location: String) -> String? {
-        let chars = Array(location.utf8)
-        guard let colon = chars.firstIndex(of: UInt8(ascii: ":")), colon > 0,
-              chars.count >= colon + 3, chars[colon + 1] == UInt8(ascii: "/"), chars[colon + 2] == UInt8(ascii: "/") else { return nil }
-        let scheme = chars[0 ..< colon]
-        let allowed: (UInt8) -> Bool = { c in
-            (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) || (c >= 0x30 && c <= 0x39) || c == 0x2b || c == 0x2d || c == 0x2e
-        }
-        guard scheme.allSatisfy(allowed) else { return nil }
-        return String(decoding: scheme, as: UTF8.self)
-    }
-
     /// Creates a new image of `size` guest bytes in `format` at `location`.
     public static func create(_ location: String, format: String, size: Int64, options: [String: String],
                               cache: CacheMode = .writeback, engine: FileDevice.IOEngine = .auto) async throws -> OpenedImage {

@@ -1,0 +1,1 @@
+// The NBD endpoint (libnbd) goes here.
