@@ -15,6 +15,7 @@ PACKAGES=(
     libnbd-bin      # nbdcopy, nbdinfo
     libnbd-dev      # the NBD endpoint
     util-linux      # losetup, fallocate
+    pkg-config      # finds libnbd, zlib and libzstd for the C modules
 )
 
 missing=()

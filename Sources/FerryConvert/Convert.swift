@@ -39,7 +39,7 @@ public func convert(
     }
     do {
         for s in sources {
-            let image = try await Images.open(s, readOnly: true, cache: options.sourceCache, engine: options.fileEngine)
+            let image = try await Images.open(s, readOnly: true, options: options.sourceEndpoint)
             opened.append(image)
             if image.probedAsRaw {
                 warning?("\(s.location): image format was not specified and probing guessed raw; pass -f raw to say so and silence this warning")
@@ -56,14 +56,14 @@ public func convert(
     do {
         if options.useExistingTarget {
             out = try await Images.open(ImageSpec(target.location, format: targetFormat.name), readOnly: false,
-                                        cache: options.targetCache, engine: options.fileEngine)
+                                        options: options.targetEndpoint)
             if out.device.size < source.size {
                 try? await out.device.close()
                 throw FerryError(.tooSmall, "target is too small: \(out.device.size) bytes, but the source has \(source.size)", path: target.location)
             }
         } else {
             out = try await Images.create(target.location, format: targetFormat.name, size: source.size,
-                                          options: options.targetOptions, cache: options.targetCache, engine: options.fileEngine)
+                                          options: options.targetOptions, endpoint: options.targetEndpoint)
             created = out.createdNewFile
         }
     } catch {

@@ -6,29 +6,44 @@ import FerryNBD
 /// Where images live: a local file or block device, or a network endpoint named by URL.
 /// Every kind of storage is reached through these calls, so adding one means adding a case
 /// here and nothing else in the copy path.
+/// How endpoints are opened: the cache mode and the knobs of each kind of storage.
+public struct EndpointOptions: Sendable {
+    public var cache: CacheMode
+    /// How local files issue I/O.
+    public var fileEngine: FileDevice.IOEngine
+    /// Connections (sessions) to open to a network server that allows several.
+    public var connections: Int
+
+    public init(cache: CacheMode = .writeback, fileEngine: FileDevice.IOEngine = .auto, connections: Int = 4) {
+        self.cache = cache
+        self.fileEngine = fileEngine
+        self.connections = connections
+    }
+}
+
 extension Images {
     /// Opens the storage an image lives on: a local file or block device, or (by URL scheme)
     /// a network endpoint.
-    public static func openEndpoint(_ location: String, readOnly: Bool, cache: CacheMode = .writeback,
-                                    engine: FileDevice.IOEngine = .auto) async throws -> any BlockDevice {
+    public static func openEndpoint(_ location: String, readOnly: Bool,
+                                    options: EndpointOptions = EndpointOptions()) async throws -> any BlockDevice {
         if let scheme = urlScheme(location) {
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }
         return try await FileDevice.open(
             path: location,
-            options: .init(readOnly: readOnly, direct: cache.direct, sync: cache.sync, engine: engine))
+            options: .init(readOnly: readOnly, direct: options.cache.direct, sync: options.cache.sync, engine: options.fileEngine))
     }
 
     /// Makes the storage for a new image of `size` host bytes: a new sparse file, or an existing
     /// block device or network export at least that large.
-    public static func createEndpoint(_ location: String, size: Int64, cache: CacheMode = .writeback,
-                                      engine: FileDevice.IOEngine = .auto) async throws -> any BlockDevice {
+    public static func createEndpoint(_ location: String, size: Int64,
+                                      options: EndpointOptions = EndpointOptions()) async throws -> any BlockDevice {
         if let scheme = urlScheme(location) {
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }
         return try await FileDevice.create(
             path: location, size: size,
-            options: .init(readOnly: false, direct: cache.direct, sync: cache.sync, engine: engine))
+            options: .init(readOnly: false, direct: options.cache.direct, sync: options.cache.sync, engine: options.fileEngine))
     }
 
     /// The scheme of a URL location (`nbd`, `nbd+unix`, `nfs`, `iscsi`), or nil for a path.

@@ -44,13 +44,13 @@ public enum Images {
 
     /// Opens an image. With no format in `spec`, probes it; a file nothing recognises is
     /// read as raw and `probedAsRaw` is set so the caller can warn.
-    public static func open(_ spec: ImageSpec, readOnly: Bool, cache: CacheMode = .writeback,
-                            engine: FileDevice.IOEngine = .auto, depth: Int = 0) async throws -> OpenedImage {
+    public static func open(_ spec: ImageSpec, readOnly: Bool, options: EndpointOptions = EndpointOptions(),
+                            depth: Int = 0) async throws -> OpenedImage {
         guard depth <= maxChainDepth else {
             throw FerryError(.corrupt, "backing chain is deeper than \(maxChainDepth) images (is it a loop?)", path: spec.location)
         }
         let format: (any ImageFormat.Type)? = try spec.format.map { try Formats.lookup($0, for: spec.location) }
-        let file = try await openEndpoint(spec.location, readOnly: readOnly, cache: cache, engine: engine)
+        let file = try await openEndpoint(spec.location, readOnly: readOnly, options: options)
         do {
             var probed = false
             var chosen = format
@@ -60,7 +60,7 @@ public enum Images {
             }
             let f = chosen ?? RawFormat.self
             let context = FormatContext(location: spec.location, readOnly: readOnly, depth: depth) { location, format, depth in
-                try await open(ImageSpec(location, format: format), readOnly: true, cache: cache, engine: engine, depth: depth).device
+                try await open(ImageSpec(location, format: format), readOnly: true, options: options, depth: depth).device
             }
             let device = try await f.open(file: file, context: context)
             return OpenedImage(device: device, file: file, format: f.name, location: spec.location, probedAsRaw: probed)
@@ -72,7 +72,7 @@ public enum Images {
 
     /// Creates a new image of `size` guest bytes in `format` at `location`.
     public static func create(_ location: String, format: String, size: Int64, options: [String: String],
-                              cache: CacheMode = .writeback, engine: FileDevice.IOEngine = .auto) async throws -> OpenedImage {
+                              endpoint: EndpointOptions = EndpointOptions()) async throws -> OpenedImage {
         let f = try Formats.lookup(format, for: location)
         var opts = options
         if let s = opts.removeValue(forKey: "size") {
@@ -83,7 +83,7 @@ public enum Images {
         try Formats.validate(options: options, for: f, path: location)
         let fileSize: Int64
         do { fileSize = try f.initialFileSize(for: size, options: opts) } catch let e as FerryError { throw e.at(path: location) }
-        let file = try await createEndpoint(location, size: fileSize, cache: cache, engine: engine)
+        let file = try await createEndpoint(location, size: fileSize, options: endpoint)
         do {
             let device = try await f.create(file: file, size: size, options: opts)
             let isNewFile = (file as? FileDevice).map { !$0.isBlockDevice } ?? false

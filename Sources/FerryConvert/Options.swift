@@ -38,6 +38,20 @@ public struct ConvertOptions: Sendable {
     public var targetCache: CacheMode = .writeback
     /// How I/O to local files is issued.
     public var fileEngine: FileDevice.IOEngine = .auto
+    /// Connections to a network server that allows several (NBD multi-conn); requests in
+    /// flight are spread over them.
+    public var connections: Int = 4
+
+    public static let maxConnections = 64
+
+    /// How the sources are opened.
+    public var sourceEndpoint: EndpointOptions {
+        EndpointOptions(cache: sourceCache, fileEngine: fileEngine, connections: connections)
+    }
+    /// How the target is opened.
+    public var targetEndpoint: EndpointOptions {
+        EndpointOptions(cache: targetCache, fileEngine: fileEngine, connections: connections)
+    }
 
     public static let maxWorkers = 1024
     public static let maxBufferSize = 256 << 20
@@ -54,6 +68,9 @@ public struct ConvertOptions: Sendable {
         }
         guard sparseSize >= 0, sparseSize % 512 == 0, sparseSize <= bufferSize else {
             throw FerryError(.invalidArgument, "invalid sparse size \(sparseSize) (allowed: multiples of 512 up to the buffer size \(bufferSize); 0 disables sparse detection)")
+        }
+        guard (1 ... Self.maxConnections).contains(connections) else {
+            throw FerryError(.invalidArgument, "invalid number of connections \(connections) (allowed: 1 to \(Self.maxConnections))")
         }
         if targetIsZero && !useExistingTarget {
             throw FerryError(.invalidArgument, "--target-is-zero requires -n (an existing target)")

@@ -81,6 +81,10 @@ struct Convert: FerryCommand {
             help: ArgumentHelp("Largest single read or write, a multiple of 4k (default: 2M).", valueName: "size"))
     var bufferSize: String?
 
+    @Option(name: .customLong("connections"),
+            help: ArgumentHelp("Connections to a network server that allows several, 1 to \(ConvertOptions.maxConnections) (default: 4).", valueName: "n"))
+    var connections: Int?
+
     @Flag(name: .customShort("p"), help: "Show a progress bar on stderr (when it is a terminal).")
     var showProgress = false
 
@@ -111,6 +115,7 @@ struct Convert: FerryCommand {
         options.targetFormat = format
         options.targetOptions = try Self.parseOptions(optionText)
         if let workers { options.workers = workers }
+        if let connections { options.connections = connections }
         options.outOfOrder = outOfOrder
         if let bufferSize { options.bufferSize = try Self.size(bufferSize, what: "buffer size") }
         if let sparseSize {
