@@ -2,7 +2,7 @@
 #
 #   make demo    install what is missing, build, convert a sample sparse image with progress
 #   make test    install what is missing, build, run every test (unit, oracle, CLI)
-#   make bench   raw -> raw against qemu-img and cp (RUNS=5 by default)
+#   make bench   every bench/*.sh table, against qemu-img, nbdcopy and cp (RUNS=5 by default)
 #
 # SCRATCH=dir builds in another scratch directory (several people building in one checkout).
 
@@ -36,8 +36,9 @@ test: deps
 demo: release
 	@scripts/demo.sh "$(RELEASE_BIN)" "$(DEMO_DIR)"
 
+# Every bench/*.sh script, one table each.
 bench: release
-	@FERRY="$(RELEASE_BIN)" RUNS=$(RUNS) bench/raw.sh
+	@for b in bench/*.sh; do FERRY="$(RELEASE_BIN)" RUNS=$(RUNS) "$$b" || exit 1; done
 
 clean:
 	rm -rf .build $(if $(SCRATCH),$(SCRATCH)) "$(DEMO_DIR)"

@@ -5,9 +5,11 @@ public enum ExtentKind: Sendable, Hashable {
     /// Reads as zeros (a hole in a file, a zero cluster, an unmapped LBA). May or may not
     /// take space; reading it is a waste of time.
     case zero
-    /// Not allocated in this layer: a reader falls through to the backing image (or gets
-    /// zeros where there is none). A converter that writes with the same backing file
-    /// leaves such a range unallocated.
+    /// Not allocated: no layer of the device holds it, so it reads as zeros. (A format over a
+    /// backing image answers `extents` for the whole chain: a range its own layer leaves to the
+    /// backing image is whatever the backing image says. `LayeredDevice.layerExtents` tells
+    /// one layer alone, where `.unallocated` means "falls through to the backing image"; a
+    /// converter writing an overlay over the same backing file leaves such ranges alone.)
     case unallocated
 }
 
@@ -67,4 +69,13 @@ extension BlockDevice {
             }
         }
     }
+}
+
+/// A format with a backing image (qcow2 and the like).
+public protocol LayeredDevice: BlockDevice {
+    /// The backing image's guest-visible device, if there is one.
+    var backing: (any BlockDevice)? { get }
+    /// Like `extents`, but for this layer alone: `.unallocated` where reads fall through to
+    /// the backing image.
+    func layerExtents(in range: Range<Int64>) async throws -> [Extent]
 }
