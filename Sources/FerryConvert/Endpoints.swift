@@ -26,6 +26,9 @@ extension Images {
     /// a network endpoint.
     public static func openEndpoint(_ location: String, readOnly: Bool,
                                     options: EndpointOptions = EndpointOptions()) async throws -> any BlockDevice {
+        if NBDDevice.handles(location) {
+            return try await NBDDevice.open(location, readOnly: readOnly, connections: options.connections)
+        }
         if let scheme = urlScheme(location) {
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }
@@ -38,6 +41,16 @@ extension Images {
     /// block device or network export at least that large.
     public static func createEndpoint(_ location: String, size: Int64,
                                       options: EndpointOptions = EndpointOptions()) async throws -> any BlockDevice {
+        if NBDDevice.handles(location) {
+            // An export cannot be created: open it for writing and check it is large enough.
+            // A larger export is fine (the copy writes its first bytes).
+            let device = try await NBDDevice.open(location, readOnly: false, connections: options.connections)
+            if device.size < size {
+                try? await device.close()
+                throw FerryError(.tooSmall, "the NBD export is too small: \(device.size) bytes, but \(size) are needed", path: location)
+            }
+            return device
+        }
         if let scheme = urlScheme(location) {
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }

@@ -1,1 +1,0 @@
-// The NBD endpoint (libnbd) goes here.

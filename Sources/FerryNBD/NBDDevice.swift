@@ -1,0 +1,292 @@
+import CLibNBD
+import FerryCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An NBD export as a `BlockDevice`, through libnbd's asynchronous API.
+///
+/// URLs are those of the NBD URI specification that libnbd parses:
+/// `nbd://HOST[:PORT][/EXPORT]` and `nbd+unix:///[EXPORT]?socket=PATH`.
+///
+/// Each connection is a libnbd handle owned by one event-loop thread (`NBDConnection`). When
+/// the server advertises multi-conn, several connections are opened and every request goes
+/// to the least busy one; otherwise one connection carries everything, because writes over
+/// several connections are only coherent with multi-conn.
+///
+/// Requests larger than the server's maximum block size are split inside the device, and the
+/// pieces are sent at once (over several connections when there are several). Write-zeroes,
+/// trim and block-status requests are split at `commandLimit`, under the protocol's 32-bit
+/// lengths.
+public final class NBDDevice: BlockDevice {
+    public let name: String
+    public let size: Int64
+    public let limits: BlockLimits
+    public let capabilities: BlockCapabilities
+    /// Opened for reading only: write calls throw `.readOnly`.
+    public let readOnly: Bool
+    /// What the server advertised.
+    let info: ServerInfo
+    let connections: [NBDConnection]
+    /// Largest payload of one read or write command (the server's maximum, at most 64 MiB).
+    let maximumPayload: Int
+    /// Largest length of one write-zeroes, trim or block-status command.
+    let commandLimit: Int64
+    private let nextConnection = Atomic<Int>(0)
+    private let largest = Atomic<Int>(0)
+    private let closed = Atomic<Bool>(false)
+
+    /// Connections in use (several only when the server advertises multi-conn).
+    public var connectionCount: Int { connections.count }
+
+    /// The largest read or write command sent so far (for tests of the splitting).
+    public var largestCommand: Int { largest.load(ordering: .relaxed) }
+
+    /// Default maximum request when the server gives none (the protocol's portable limit).
+    public static let defaultMaximum = 32 << 20
+    /// libnbd refuses read and write payloads above 64 MiB.
+    public static let libnbdMaximum = 64 << 20
+
+    /// True if `location` is an NBD URL this endpoint opens.
+    public static func handles(_ location: String) -> Bool {
+        location.hasPrefix("nbd://") || location.hasPrefix("nbd+unix://")
+    }
+
+    /// Connects to the export at `url`. With `readOnly` false the export must be writable.
+    /// `connections` is how many to open when the server allows several (multi-conn).
+    public static func open(_ url: String, readOnly: Bool, connections wanted: Int = 4) async throws -> NBDDevice {
+        let (first, info) = try await NBDConnection.connect(uri: url, name: url, index: 0)
+        var all = [first]
+        do {
+            if !readOnly && info.readOnly {
+                throw FerryError(.readOnly, "the NBD export is read-only", path: url)
+            }
+            guard info.size >= 0 else {
+                throw FerryError(.io, "the server did not say the export's size", path: url)
+            }
+            if info.canMultiConn && wanted > 1 {
+                try await withThrowingTaskGroup(of: NBDConnection.self) { group in
+                    for i in 1 ..< wanted {
+                        group.addTask { try await NBDConnection.connect(uri: url, name: url, index: i).0 }
+                    }
+                    // Keep every connection that opened, so all of them are closed on failure.
+                    var failure: (any Error)?
+                    while let result = await group.nextResult() {
+                        switch result {
+                        case .success(let c): all.append(c)
+                        case .failure(let e): failure = failure ?? e
+                        }
+                    }
+                    if let failure { throw failure }
+                }
+            }
+        } catch {
+            for c in all { await c.stop() }
+            throw error
+        }
+        return NBDDevice(name: url, info: info, readOnly: readOnly, connections: all.sorted { $0.index < $1.index })
+    }
+
+    init(name: String, info: ServerInfo, readOnly: Bool, connections: [NBDConnection]) {
+        self.name = name
+        self.info = info
+        self.size = info.size
+        self.readOnly = readOnly
+        self.connections = connections
+
+        // The protocol requires the minimum to be a power of two; anything else is ignored.
+        var alignment = Int(info.minimumBlock)
+        if alignment < 1 || alignment & (alignment - 1) != 0 || alignment > 64 << 10 { alignment = 1 }
+        var maximum = info.maximumBlock > 0 ? Int(min(info.maximumBlock, Int64(Self.libnbdMaximum))) : Self.defaultMaximum
+        maximum = max(alignment, maximum / alignment * alignment)
+        var preferred = info.preferredBlock > 0 ? Int(info.preferredBlock) : max(4096, alignment)
+        preferred = min(maximum, max(alignment, preferred / alignment * alignment))
+        limits = BlockLimits(alignment: alignment, preferredTransfer: preferred, maximumTransfer: maximum)
+        maximumPayload = maximum
+        // Well under the protocol's 32-bit lengths, and a multiple of the alignment.
+        commandLimit = Int64((1 << 30) / alignment * alignment)
+
+        var caps: BlockCapabilities = []
+        if !readOnly { caps.insert(.write) }
+        if info.canZero { caps.insert(.zero) }
+        if info.canZero && info.canFastZero { caps.insert(.fastZero) }
+        if info.canTrim { caps.insert(.discard) }
+        if info.canExtents { caps.insert(.extents) }
+        if info.canFlush { caps.insert(.flush) }
+        if info.canFUA { caps.insert(.fua) }
+        if info.canMultiConn { caps.insert(.multiConn) }
+        // Never .zeroInit: NBD has no way to say an export reads as zeros.
+        capabilities = caps
+    }
+
+    // MARK: Spreading requests
+
+    /// The connection with the fewest pieces queued or in flight (ties in turn).
+    private func pick() -> NBDConnection {
+        if connections.count == 1 { return connections[0] }
+        let start = nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
+        var best = connections[start % connections.count]
+        var bestLoad = best.load.load(ordering: .relaxed)
+        for k in 1 ..< connections.count where bestLoad > 0 {
+            let c = connections[(start + k) % connections.count]
+            let l = c.load.load(ordering: .relaxed)
+            if l < bestLoad { best = c; bestLoad = l }
+        }
+        return best
+    }
+
+    /// Sends `length` bytes from `offset` as pieces of at most `step`, all at once, and waits
+    /// for all of them; `make` builds the operation of the piece at (offset, index into the
+    /// request, length).
+    private func perform(offset: Int64, length: Int64, step: Int64,
+                         _ make: (Int64, Int, Int64) -> NBDOperation) async throws {
+        guard length > 0 else { return }
+        let count = Int((length + step - 1) / step)
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let call = Call(pieces: count, continuation: continuation)
+            var done: Int64 = 0
+            while done < length {
+                let n = min(step, length - done)
+                let piece = Piece(make(offset + done, Int(done), n), at: offset + done, call: call)
+                pick().submit(piece)
+                done += n
+            }
+        }
+    }
+
+    private func checkWritable(_ offset: Int64) throws {
+        if readOnly { throw FerryError(.readOnly, "the NBD export was opened read-only", path: name, offset: offset) }
+    }
+
+    private func note(_ n: Int) {
+        var seen = largest.load(ordering: .relaxed)
+        while n > seen {
+            let (exchanged, now) = largest.compareExchange(expected: seen, desired: n, ordering: .relaxed)
+            if exchanged { break }
+            seen = now
+        }
+    }
+
+    // MARK: BlockDevice
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try checkRange(offset, Int64(buffer.count))
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        note(min(buffer.count, maximumPayload))
+        try await perform(offset: offset, length: Int64(buffer.count), step: Int64(maximumPayload)) { _, i, n in
+            .read(base + i, Int(n))
+        }
+    }
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try checkRange(offset, Int64(buffer.count))
+        try checkWritable(offset)
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        let fua = flags.contains(.fua)
+        let nbdFlags: UInt32 = fua && info.canFUA ? UInt32(LIBNBD_CMD_FLAG_FUA) : 0
+        note(min(buffer.count, maximumPayload))
+        try await perform(offset: offset, length: Int64(buffer.count), step: Int64(maximumPayload)) { _, i, n in
+            .write(base + i, Int(n), flags: nbdFlags)
+        }
+        if fua && !info.canFUA { try await flush() }
+    }
+
+    public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws {
+        try checkRange(offset, length)
+        try checkWritable(offset)
+        let fastOnly = flags.contains(.fastOnly)
+        if fastOnly && !capabilities.contains(.fastZero) {
+            throw FerryError(.notSupported, "the NBD server cannot zero quickly", path: name, offset: offset)
+        }
+        guard length > 0 else { return }
+        let fua = flags.contains(.fua)
+        if info.canZero {
+            var nbdFlags: UInt32 = 0
+            if !flags.contains(.mayUnmap) { nbdFlags |= UInt32(LIBNBD_CMD_FLAG_NO_HOLE) }
+            if fastOnly { nbdFlags |= UInt32(LIBNBD_CMD_FLAG_FAST_ZERO) }
+            if fua && info.canFUA { nbdFlags |= UInt32(LIBNBD_CMD_FLAG_FUA) }
+            try await perform(offset: offset, length: length, step: commandLimit) { _, _, n in
+                .zero(length: n, flags: nbdFlags)
+            }
+        } else {
+            // No write-zeroes on this server: write zero bytes from one shared zero buffer.
+            let zeros = ZeroBuffer.shared
+            let step = Int64(min(zeros.count, maximumPayload))
+            let nbdFlags: UInt32 = fua && info.canFUA ? UInt32(LIBNBD_CMD_FLAG_FUA) : 0
+            try await perform(offset: offset, length: length, step: step) { _, _, n in
+                .write(zeros.pointer, Int(n), flags: nbdFlags)
+            }
+        }
+        if fua && !info.canFUA { try await flush() }
+    }
+
+    public func discard(at offset: Int64, length: Int64) async throws {
+        try checkRange(offset, length)
+        try checkWritable(offset)
+        guard info.canTrim, length > 0 else { return }
+        try await perform(offset: offset, length: length, step: commandLimit) { _, _, n in .trim(length: n) }
+    }
+
+    public func extents(in range: Range<Int64>) async throws -> [Extent] {
+        try checkRange(range.lowerBound, Int64(range.count))
+        let start = range.lowerBound
+        guard start < size, !range.isEmpty else { return [Extent(offset: start, length: 0, kind: .data)] }
+        guard info.canExtents else { return [Extent(offset: start, length: size - start, kind: .data)] }
+        // Within the server's limits: lengths under 32 bits, ends on the minimum block size
+        // (except at the end of the export).
+        var length = min(Int64(range.count), commandLimit)
+        let align = Int64(limits.alignment)
+        if start + length < size && align > 1 {
+            length = max(align, (start + length) / align * align - start)
+            length = min(length, size - start)
+        }
+        let collector = ExtentCollector(start: start)
+        try await perform(offset: start, length: length, step: length) { _, _, n in
+            .blockStatus(length: n, into: collector)
+        }
+        // An answer may cover less than asked (the caller asks again) or run past the end of
+        // the export (clipped).
+        var out: [Extent] = []
+        var cursor = start
+        for var e in collector.extents {
+            guard e.offset == cursor else { break }
+            if e.end > size { e.length = size - e.offset }
+            guard e.length > 0 else { break }
+            out.append(e)
+            cursor = e.end
+        }
+        guard !out.isEmpty else {
+            throw FerryError(.io, "the server's block status reply has no extents", path: name, offset: start)
+        }
+        return out
+    }
+
+    public func flush() async throws {
+        guard info.canFlush, !readOnly else { return }
+        // With multi-conn a flush on one connection covers writes completed on all of them;
+        // without it there is only one connection.
+        try await perform(offset: 0, length: 1, step: 1) { _, _, _ in .flush }
+    }
+
+    public func close() async throws {
+        guard !closed.exchange(true, ordering: .relaxed) else { return }
+        await withTaskGroup(of: Void.self) { group in
+            for c in connections { group.addTask { await c.stop() } }
+        }
+    }
+}
+
+/// One read-only buffer of zeros shared by every zero write (servers without write-zeroes).
+final class ZeroBuffer: @unchecked Sendable {
+    static let shared = ZeroBuffer(count: 1 << 20)
+    let pointer: UnsafeRawPointer
+    let count: Int
+    init(count: Int) {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 4096)
+        p.initializeMemory(as: UInt8.self, repeating: 0, count: count)
+        pointer = UnsafeRawPointer(p)
+        self.count = count
+    }
+}
