@@ -386,8 +386,18 @@ public final class FileDevice: BlockDevice {
             if data < 0 {
                 let err = Int32(-data)
                 if err == ENXIO {
-                    // No data from here to the end of the file.
-                    out.append(Extent(offset: position, length: size - position, kind: .zero))
+                    // No data from here to the end of the file, unless the file has shrunk
+                    // since it was opened: what lies past its new end must be read (and fail
+                    // with a short read) rather than pass for zeros.
+                    var st = stat()
+                    let actual = fstat(fd, &st) == 0 ? Int64(st.st_size) : size
+                    if actual < size {
+                        if position < actual { out.append(Extent(offset: position, length: actual - position, kind: .zero)) }
+                        let from = max(position, actual)
+                        out.append(Extent(offset: from, length: size - from, kind: .data))
+                    } else {
+                        out.append(Extent(offset: position, length: size - position, kind: .zero))
+                    }
                     break
                 }
                 if err == EINVAL || isUnsupported(err) {
