@@ -198,6 +198,24 @@ final class OracleTests: XCTestCase {
         XCTAssertTrue(Self.isSummary(r.stderr), r.stderr)
     }
 
+    /// On a terminal (a pty from util-linux `script`), -p redraws a bar in place: percent,
+    /// bytes done of the data, rate and ETA, ending at 100%.
+    func testProgressBarOnATerminal() throws {
+        let ferry = try Tools.require("ferry")
+        let script = try Tools.require("script")
+        let src = try TestImage(name: "bar.raw", size: 32 << 20, writes: ["write -P 0x01 0 8M", "write -P 0x02 16M 8M"]).build(in: dir)
+        let command = "\(ferry) convert -p -f raw -m 1 --buffer-size 64k -t writethrough \(src) \(path("bar-out.raw"))"
+        let r = try Tools.run(script, ["-qfec", command, "/dev/null"], in: dir, timeout: 120)
+        XCTAssertEqual(r.status, 0, r.stdout + r.stderr)
+        let frames = r.stdout.split(separator: "\r").map(String.init).filter { $0.contains("%") && $0.contains("[") }
+        XCTAssertGreaterThanOrEqual(frames.count, 1, "no progress bar drawn: \(r.stdout.debugDescription)")
+        XCTAssertTrue(frames.contains { $0.contains("100.0%") && $0.contains("16 MiB / 16 MiB") }, frames.joined(separator: "\n"))
+        XCTAssertTrue(frames.contains { $0.contains("/s") }, "frames carry a rate")
+        XCTAssertTrue(r.stdout.contains("ferry: converted 32 MiB"), "the summary follows the bar")
+        let cmp = try Tools.run(try Tools.require("qemu-img"), ["compare", "-q", "-f", "raw", "-F", "raw", src, path("bar-out.raw")], in: dir)
+        XCTAssertEqual(cmp.status, 0)
+    }
+
     func testProgressJSON() throws {
         // 48 MiB of data copied 64 KiB at a time by one worker with synchronous writes: slow
         // enough for several progress lines.
