@@ -29,7 +29,12 @@ extension Images {
         if NBDDevice.handles(location) {
             return try await NBDDevice.open(location, readOnly: readOnly, connections: options.connections)
         }
-        if let scheme = urlScheme(location) {
+        switch urlScheme(location) {
+        case nil:
+            break
+        case "nfs":
+            return try await openNFS(location, readOnly: readOnly, options: options)
+        case let scheme?:
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }
         return try await FileDevice.open(
@@ -51,7 +56,12 @@ extension Images {
             }
             return device
         }
-        if let scheme = urlScheme(location) {
+        switch urlScheme(location) {
+        case nil:
+            break
+        case "nfs":
+            return try await createNFS(location, size: size, options: options)
+        case let scheme?:
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }
         return try await FileDevice.create(
