@@ -6,7 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         // The embeddable library: the block-device protocol, endpoints, formats and the copy engine.
-        .library(name: "Ferry", targets: ["FerryCore", "FerryFile", "FerryNBD", "FerryFormats", "FerryConvert"]),
+        .library(name: "Ferry", targets: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryFormats", "FerryConvert"]),
         .executable(name: "ferry", targets: ["ferry"]),
     ],
     dependencies: [
@@ -22,11 +22,13 @@ let package = Package(
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
+        .systemLibrary(name: "CLibNFS", pkgConfig: "libnfs", providers: [.apt(["libnfs-dev"])]),
         .target(name: "FerryCore"),
         .target(name: "FerryFile", dependencies: ["FerryCore", "CFerryLinux"]),
         .target(name: "FerryNBD", dependencies: ["FerryCore", "CLibNBD"]),
+        .target(name: "FerryNFS", dependencies: ["FerryCore", "CLibNFS"]),
         .target(name: "FerryFormats", dependencies: ["FerryCore", "CZlib", "CZstd"]),
-        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryFormats"]),
+        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryFormats"]),
         .executableTarget(
             name: "ferry",
             dependencies: [
@@ -37,6 +39,7 @@ let package = Package(
         .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
         .testTarget(name: "FerryFileTests", dependencies: ["FerryFile", "FerryCore"]),
         .testTarget(name: "FerryNBDTests", dependencies: ["FerryNBD", "FerryCore"]),
+        .testTarget(name: "FerryNFSTests", dependencies: ["FerryNFS", "FerryCore"]),
         .testTarget(name: "FerryFormatsTests", dependencies: ["FerryFormats", "FerryConvert", "FerryFile", "FerryCore"]),
         .testTarget(name: "FerryConvertTests", dependencies: ["FerryConvert", "FerryFormats", "FerryFile", "FerryCore"]),
         .testTarget(name: "FerryCLITests", dependencies: ["FerryCore"], exclude: ["golden"]),

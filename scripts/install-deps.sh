@@ -15,7 +15,13 @@ PACKAGES=(
     libnbd-bin      # nbdcopy, nbdinfo
     libnbd-dev      # the NBD endpoint
     util-linux      # losetup, fallocate
-    pkg-config      # finds libnbd, zlib and libzstd for the C modules
+    pkg-config      # finds libnbd, libnfs, zlib and libzstd for the C modules
+    libnfs-dev      # the NFS endpoint
+    libnfs-utils    # nfs-cp, nfs-ls: reference clients
+    nfs-ganesha     # NFS test server (user space)
+    nfs-ganesha-vfs # its VFS backend
+    rpcbind         # NFSv3 registration while ganesha starts
+    iproute2        # network namespaces for qemu-img's nfs:// (needs a portmapper on 111)
 )
 
 missing=()

@@ -1,0 +1,1 @@
+// The NFS endpoint (libnfs) goes here.
