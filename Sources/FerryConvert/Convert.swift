@@ -44,6 +44,7 @@ public func convert(
             if image.probedAsRaw {
                 warning?("\(s.location): image format was not specified and probing guessed raw; pass -f raw to say so and silence this warning")
             }
+            for w in image.warnings { warning?(w) }
         }
     } catch {
         await closeSources()

@@ -1,6 +1,10 @@
 import FerryCore
 import FerryFile
 import FerryFormats
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// An image opened for reading or writing: the guest-visible device and what it is.
 public struct OpenedImage: Sendable {
@@ -14,6 +18,15 @@ public struct OpenedImage: Sendable {
     public var probedAsRaw: Bool
     /// True if `Images.create` made a new local file (one that can be removed again).
     public var createdNewFile: Bool = false
+    /// One-line warnings found while opening (a backing file whose format was guessed).
+    public var warnings: [String] = []
+}
+
+/// Warnings collected while a chain of images is opened.
+final class WarningLog: Sendable {
+    private let lines = Mutex<[String]>([])
+    func add(_ line: String) { lines.withLock { $0.append(line) } }
+    var all: [String] { lines.withLock { $0 } }
 }
 
 /// What `ferry info` shows; field names follow qemu-img's JSON.
@@ -23,6 +36,9 @@ public struct ImageInfo: Sendable, Equatable {
     public var virtualSize: Int64
     public var actualSize: Int64?
     public var dirtyFlag: Bool
+    /// What formats with more to say (qcow2) add: cluster size, backing file, snapshots,
+    /// `format-specific`.
+    public var details: ImageDetails? = nil
 }
 
 /// One run of `ferry map`; field names follow qemu-img's JSON.
@@ -42,13 +58,27 @@ public enum Images {
     /// Backing chains deeper than this are refused (a loop, or an image built to exhaust us).
     public static let maxChainDepth = 64
 
-    /// Opens an image. With no format in `spec`, probes it; a file nothing recognises is
-    /// read as raw and `probedAsRaw` is set so the caller can warn.
+    /// Opens an image. With no format in `spec`, probes it; a file nothing recognised is
+    /// read as raw and `probedAsRaw` is set so the caller can warn. Warnings about the image's
+    /// backing chain (a backing file whose format had to be guessed) are in `warnings`.
     public static func open(_ spec: ImageSpec, readOnly: Bool, options: EndpointOptions = EndpointOptions(),
                             depth: Int = 0) async throws -> OpenedImage {
+        let warnings = WarningLog()
+        var image = try await open(spec, readOnly: readOnly, options: options, depth: depth, chain: [], warnings: warnings)
+        image.warnings = warnings.all
+        return image
+    }
+
+    static func open(_ spec: ImageSpec, readOnly: Bool, options: EndpointOptions, depth: Int,
+                     chain: [String], warnings: WarningLog) async throws -> OpenedImage {
         guard depth <= maxChainDepth else {
             throw FerryError(.corrupt, "backing chain is deeper than \(maxChainDepth) images (is it a loop?)", path: spec.location)
         }
+        let identity = fileIdentity(spec.location)
+        if let identity, chain.contains(identity) {
+            throw FerryError(.corrupt, "backing chain loops back to '\(spec.location)', which is already in the chain", path: spec.location)
+        }
+        let chain = chain + (identity.map { [$0] } ?? [])
         let format: (any ImageFormat.Type)? = try spec.format.map { try Formats.lookup($0, for: spec.location) }
         let file = try await openEndpoint(spec.location, readOnly: readOnly, options: options)
         do {
@@ -59,15 +89,30 @@ public enum Images {
                 if chosen == nil { probed = true }
             }
             let f = chosen ?? RawFormat.self
-            let context = FormatContext(location: spec.location, readOnly: readOnly, depth: depth) { location, format, depth in
-                try await open(ImageSpec(location, format: format), readOnly: true, options: options, depth: depth).device
-            }
+            let context = FormatContext(location: spec.location, readOnly: readOnly, depth: depth, openBacking: { location, format, depth in
+                let backing = try await open(ImageSpec(location, format: format), readOnly: true, options: options, depth: depth,
+                                             chain: chain, warnings: warnings)
+                if backing.probedAsRaw {
+                    warnings.add("\(spec.location): the backing file '\(location)' has no format in the image header and probing guessed raw; set it with 'qemu-img rebase -u -F raw' to silence this warning")
+                }
+                return backing.device
+            }, openFile: { location in
+                try await openEndpoint(location, readOnly: readOnly, options: options)
+            }, warning: { warnings.add($0) })
             let device = try await f.open(file: file, context: context)
             return OpenedImage(device: device, file: file, format: f.name, location: spec.location, probedAsRaw: probed)
         } catch {
             try? await file.close()
             throw error
         }
+    }
+
+    /// What identifies a local file whatever the path used to reach it (device and inode),
+    /// or nil for something that is not a local file.
+    static func fileIdentity(_ location: String) -> String? {
+        var st = stat()
+        guard stat(location, &st) == 0 else { return nil }
+        return "\(st.st_dev):\(st.st_ino)"
     }
 
     /// Creates a new image of `size` guest bytes in `format` at `location`.
@@ -120,37 +165,117 @@ public enum Images {
         return result
     }
 
-    /// `ferry info`.
-    public static func info(_ spec: ImageSpec) async throws -> (ImageInfo, probedAsRaw: Bool) {
+    /// `ferry info`: the image, and with `backingChain` every image under it, top first.
+    public static func info(_ spec: ImageSpec, backingChain: Bool = false) async throws
+        -> (chain: [ImageInfo], probedAsRaw: Bool, warnings: [String]) {
         try await withImage(spec) { image in
-            let info = ImageInfo(
-                filename: spec.location,
-                format: image.format,
-                virtualSize: image.device.size,
-                actualSize: try? FileDevice.allocatedSize(path: spec.location),
-                dirtyFlag: false)
-            return (info, image.probedAsRaw)
+            var chain: [ImageInfo] = []
+            var device: (any BlockDevice)? = image.device
+            var filename = spec.location
+            var format = image.format
+            while let d = device {
+                let described = d as? DescribedDevice
+                chain.append(ImageInfo(
+                    filename: filename,
+                    format: format,
+                    virtualSize: d.size,
+                    actualSize: try? FileDevice.allocatedSize(path: filename),
+                    dirtyFlag: described?.details.dirty ?? false,
+                    details: described?.details))
+                guard backingChain, let layered = d as? LayeredDevice, let next = layered.backing else { break }
+                filename = described?.details.fullBackingFilename ?? next.name
+                format = (next as? DescribedDevice)?.formatName ?? RawFormat.name
+                device = next
+            }
+            return (chain, image.probedAsRaw, image.warnings)
         }
     }
 
-    /// `ferry map`: the image's extents, joined into the fewest runs.
+    /// `ferry map`: the image's extents, joined into the fewest runs, with the depth in the
+    /// backing chain each run comes from and where it lies in its file, as qemu-img map says.
     public static func map(_ spec: ImageSpec) async throws -> ([MapEntry], probedAsRaw: Bool) {
         try await withImage(spec) { image in
             var entries: [MapEntry] = []
-            try await image.device.forEachExtent(in: 0 ..< image.device.size) { e in
-                let data = e.kind == .data
-                let zero = e.kind != .data
-                let present = e.kind != .unallocated || image.format == RawFormat.name
-                if var last = entries.last, last.data == data, last.zero == zero, last.present == present,
-                   last.start + last.length == e.offset {
+            let top = image.device
+            var pos: Int64 = 0
+            let cache = MappingCache()
+            while pos < top.size {
+                let e = try await mapStatus(top, isRaw: image.format == RawFormat.name, at: pos, end: top.size, depth: 0,
+                                            cache: cache)
+                guard e.length > 0 else {
+                    throw FerryError(.corrupt, "no allocation status at offset \(pos)", path: spec.location, offset: pos)
+                }
+                if var last = entries.last, last.depth == e.depth, last.data == e.data, last.zero == e.zero,
+                   last.present == e.present, last.start + last.length == e.start,
+                   (last.offset == nil && e.offset == nil)
+                    || (last.offset != nil && e.offset != nil && last.offset! + last.length == e.offset!) {
                     last.length += e.length
                     entries[entries.count - 1] = last
                 } else {
-                    entries.append(MapEntry(start: e.offset, length: e.length, depth: 0, present: present,
-                                            zero: zero, data: data, offset: present ? e.offset : nil))
+                    entries.append(e)
                 }
+                pos += e.length
             }
             return (entries, image.probedAsRaw)
         }
+    }
+
+    /// The first run from `offset` of what a read of `device` returns and which layer it
+    /// comes from: a layer's own runs, falling through to its backing image where it has none;
+    /// past the end of a backing image (or with none) the run reads as zeros from `depth`.
+    static func mapStatus(_ device: any BlockDevice, isRaw: Bool, at offset: Int64, end: Int64, depth: Int,
+                          cache: MappingCache) async throws -> MapEntry {
+        if let layer = device as? HostMappedDevice {
+            guard var m = try await cache.mapping(layer, at: offset, end: end), m.offset <= offset, m.end > offset else {
+                throw FerryError(.corrupt, "no allocation status at offset \(offset)", path: device.name, offset: offset)
+            }
+            m.hostOffset = m.hostOffset.map { $0 + (offset - m.offset) }
+            let length = min(m.end, end) - offset
+            switch m.kind {
+            case .data:
+                return MapEntry(start: offset, length: length, depth: depth, present: true, zero: false, data: true, offset: m.hostOffset)
+            case .zero:
+                return MapEntry(start: offset, length: length, depth: depth, present: true, zero: true, data: false, offset: m.hostOffset)
+            case .unallocated:
+                guard let backing = layer.backing, offset < backing.size else {
+                    return MapEntry(start: offset, length: length, depth: depth, present: false, zero: true, data: false, offset: nil)
+                }
+                let isRawBacking = !(backing is DescribedDevice)
+                return try await mapStatus(backing, isRaw: isRawBacking, at: offset, end: min(offset + length, backing.size),
+                                            depth: depth + 1, cache: cache)
+            }
+        }
+        guard let e = try await device.extents(in: offset ..< end).first, e.offset == offset, e.length > 0 else {
+            throw FerryError(.corrupt, "extents at offset \(offset) do not start where asked", path: device.name, offset: offset)
+        }
+        let length = min(e.end, end) - offset
+        let data = e.kind == .data
+        let present = e.kind != .unallocated || isRaw
+        return MapEntry(start: offset, length: length, depth: depth, present: present, zero: !data, data: data,
+                        offset: present ? offset : nil)
+    }
+}
+
+/// The last batch of runs fetched from each layer during one `map`, so that walking a layer
+/// run by run asks the layer once per batch rather than once per run.
+final class MappingCache {
+    private var batches: [ObjectIdentifier: [LayerMapping]] = [:]
+
+    func mapping(_ layer: any HostMappedDevice, at offset: Int64, end: Int64) async throws -> LayerMapping? {
+        let key = ObjectIdentifier(layer)
+        if let batch = batches[key], let hit = Self.find(batch, offset) { return hit }
+        let batch = try await layer.layerMapping(in: offset ..< end)
+        batches[key] = batch
+        return Self.find(batch, offset)
+    }
+
+    private static func find(_ batch: [LayerMapping], _ offset: Int64) -> LayerMapping? {
+        var lo = 0, hi = batch.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if batch[mid].end <= offset { lo = mid + 1 } else { hi = mid }
+        }
+        guard lo < batch.count, batch[lo].offset <= offset else { return nil }
+        return batch[lo]
     }
 }

@@ -48,24 +48,34 @@ public struct FormatContext: Sendable {
     /// Opens a backing image: a location (already resolved against the overlay's directory)
     /// and its format, or nil to probe. Returns the guest-visible device.
     public var openBacking: @Sendable (_ location: String, _ format: String?, _ depth: Int) async throws -> any BlockDevice
+    /// Opens a plain file the image refers to (a qcow2 external data file): a location
+    /// already resolved against the image's directory. Returns the file as it is.
+    public var openFile: @Sendable (_ location: String) async throws -> any BlockDevice
+    /// Receives one-line warnings about the image (a backing file whose format was guessed).
+    public var warning: @Sendable (String) -> Void
 
     public init(location: String, readOnly: Bool, depth: Int = 0,
-                openBacking: @escaping @Sendable (_ location: String, _ format: String?, _ depth: Int) async throws -> any BlockDevice) {
+                openBacking: @escaping @Sendable (_ location: String, _ format: String?, _ depth: Int) async throws -> any BlockDevice,
+                openFile: @escaping @Sendable (_ location: String) async throws -> any BlockDevice = { location in
+                    throw FerryError(.notSupported, "this image refers to another file, which cannot be opened here", path: location)
+                },
+                warning: @escaping @Sendable (String) -> Void = { _ in }) {
         self.location = location
         self.readOnly = readOnly
         self.depth = depth
         self.openBacking = openBacking
+        self.openFile = openFile
+        self.warning = warning
     }
 }
 
 /// The formats Ferry knows, by name.
 public enum Formats {
-    public static let all: [any ImageFormat.Type] = [RawFormat.self]
+    public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self]
 
     /// Formats that are recognised by their magic but cannot be read yet, so that such a file
     /// is never silently read as raw.
     public static let recognisedOnly: [(name: String, magic: [UInt8])] = [
-        ("qcow2", Array("QFI\u{fb}".utf8)),
         ("vmdk", Array("KDMV".utf8)),
         ("vdi", Array("<<< ".utf8)),
         ("vhdx", Array("vhdxfile".utf8)),

@@ -258,13 +258,21 @@ struct Info: FerryCommand {
     @Option(name: .customLong("output"), help: ArgumentHelp("Output format.", valueName: "human|json"))
     var output: OutputFormat = .human
 
+    @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain, top first.")
+    var backingChain = false
+
     @Argument(help: ArgumentHelp("The image.", valueName: "image"))
     var image: String
 
     func execute() async throws -> Int32 {
-        let (info, probed) = try await Images.info(ImageSpec(image, format: format))
+        let (chain, probed, warnings) = try await Images.info(ImageSpec(image, format: format), backingChain: backingChain)
         if probed { warnProbedAsRaw(image) }
-        Terminal.out(output == .json ? Report.infoJSON(info) : Report.infoHuman(info))
+        for w in warnings { Terminal.warn(w) }
+        if backingChain {
+            Terminal.out(output == .json ? Report.infoChainJSON(chain) : Report.infoChainHuman(chain))
+        } else {
+            Terminal.out(output == .json ? Report.infoJSON(chain[0]) : Report.infoHuman(chain[0]))
+        }
         return 0
     }
 }

@@ -1,5 +1,9 @@
 import FerryConvert
 import FerryCore
+import FerryFormats
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The text `ferry info` and `ferry map` print, laid out as qemu-img 7.2 lays it out so that
 /// scripts written against qemu-img keep working.
@@ -10,20 +14,139 @@ enum Report {
         s += "file format: \(info.format)\n"
         s += "virtual size: \(ByteSize.human(info.virtualSize)) (\(info.virtualSize) bytes)\n"
         s += "disk size: \(info.actualSize.map(ByteSize.human) ?? "unavailable")\n"
+        let d = info.details
+        if let cs = d?.clusterSize { s += "cluster_size: \(cs)\n" }
         if info.dirtyFlag { s += "cleanly shut down: no\n" }
+        if let d, let b = d.backingFilename {
+            s += "backing file: \(b)"
+            if let full = d.fullBackingFilename, full != b { s += " (actual path: \(full))" }
+            s += "\n"
+            if let f = d.backingFormat { s += "backing file format: \(f)\n" }
+        }
+        if let d, !d.snapshots.isEmpty {
+            s += "Snapshot list:\n"
+            s += snapshotRow("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
+            for sn in d.snapshots {
+                let ms = sn.vmClockNanoseconds / 1_000_000
+                let clock = two(ms / 3_600_000) + ":" + two(ms / 60_000 % 60) + ":" + two(ms / 1000 % 60) + "." + three(ms % 1000)
+                s += snapshotRow(sn.id, sn.name, ByteSize.human(sn.vmStateSize), localDate(sn.dateSeconds), clock,
+                                 sn.icount.map { "\($0)" } ?? "")
+            }
+        }
+        if let d, case .object(let top)? = d.formatSpecific, let data = top.first(where: { $0.0 == "data" })?.1,
+           case .object(let fields) = data {
+            s += "Format specific information:\n"
+            s += humanFields(fields, indent: 4)
+        }
         return s
+    }
+
+    private static func two(_ v: Int64) -> String { v < 10 ? "0\(v)" : "\(v)" }
+    private static func three(_ v: Int64) -> String { v < 10 ? "00\(v)" : v < 100 ? "0\(v)" : "\(v)" }
+
+    private static func snapshotRow(_ id: String, _ tag: String, _ size: String, _ date: String, _ clock: String, _ icount: String) -> String {
+        func left(_ t: String, _ w: Int) -> String { t.count >= w ? t : t + String(repeating: " ", count: w - t.count) }
+        func right(_ t: String, _ w: Int) -> String { t.count >= w ? t : String(repeating: " ", count: w - t.count) + t }
+        return left(id, 9) + " " + left(tag, 17) + " " + right(size, 7) + right(date, 20) + right(clock, 13) + right(icount, 11) + "\n"
+    }
+
+    private static func localDate(_ seconds: Int64) -> String {
+        var t = time_t(seconds)
+        var tm = tm()
+        localtime_r(&t, &tm)
+        var buf = [CChar](repeating: 0, count: 64)
+        let n = strftime(&buf, buf.count, "%Y-%m-%d %H:%M:%S", &tm)
+        return String(decoding: buf[0 ..< n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// qemu-img's human form of a structured value: `key: value`, dashes in keys as spaces,
+    /// lists as `[i]:`, nested values four spaces further in.
+    private static func humanFields(_ fields: [(String, InfoValue)], indent: Int) -> String {
+        var s = ""
+        for (k, v) in fields { s += humanValue(String(k.map { $0 == "-" ? " " : $0 }), v, indent: indent) }
+        return s
+    }
+
+    private static func humanValue(_ label: String, _ v: InfoValue, indent: Int) -> String {
+        let pad = String(repeating: " ", count: indent)
+        switch v {
+        case .string(let t): return "\(pad)\(label): \(t)\n"
+        case .int(let i): return "\(pad)\(label): \(i)\n"
+        case .bool(let b): return "\(pad)\(label): \(b)\n"
+        case .list(let items):
+            var s = "\(pad)\(label):\n"
+            for (i, item) in items.enumerated() { s += humanValue("[\(i)]", item, indent: indent + 4) }
+            return s
+        case .object(let fields):
+            return "\(pad)\(label):\n" + humanFields(fields, indent: indent + 4)
+        }
+    }
+
+    /// qemu-img's pretty JSON of a value, continuing a line at `indent`.
+    static func json(_ v: InfoValue, indent: Int) -> String {
+        let pad = String(repeating: " ", count: indent + 4)
+        let close = String(repeating: " ", count: indent)
+        switch v {
+        case .string(let t): return Format.jsonString(t)
+        case .int(let i): return "\(i)"
+        case .bool(let b): return b ? "true" : "false"
+        case .list(let items):
+            if items.isEmpty { return "[\n\(close)]" }
+            return "[\n" + items.map { pad + json($0, indent: indent + 4) }.joined(separator: ",\n") + "\n\(close)]"
+        case .object(let fields):
+            if fields.isEmpty { return "{\n\(close)}" }
+            return "{\n" + fields.map { "\(pad)\"\($0.0)\": " + json($0.1, indent: indent + 4) }.joined(separator: ",\n") + "\n\(close)}"
+        }
+    }
+
+    /// The fields of `qemu-img info --output=json`, in qemu-img 7.2's order.
+    static func infoValue(_ info: ImageInfo) -> InfoValue {
+        var fields: [(String, InfoValue)] = []
+        let d = info.details
+        if let d, !d.snapshots.isEmpty {
+            fields.append(("snapshots", .list(d.snapshots.map { sn in
+                var o: [(String, InfoValue)] = []
+                if let ic = sn.icount { o.append(("icount", .int(ic))) }
+                o += [
+                    ("vm-clock-nsec", .int(sn.vmClockNanoseconds % 1_000_000_000)),
+                    ("name", .string(sn.name)),
+                    ("date-sec", .int(sn.dateSeconds)),
+                    ("date-nsec", .int(sn.dateNanoseconds)),
+                    ("vm-clock-sec", .int(sn.vmClockNanoseconds / 1_000_000_000)),
+                    ("id", .string(sn.id)),
+                    ("vm-state-size", .int(sn.vmStateSize)),
+                ]
+                return .object(o)
+            })))
+        }
+        if let f = d?.backingFormat, d?.backingFilename != nil { fields.append(("backing-filename-format", .string(f))) }
+        fields.append(("virtual-size", .int(info.virtualSize)))
+        fields.append(("filename", .string(info.filename)))
+        if let cs = d?.clusterSize { fields.append(("cluster-size", .int(Int64(cs)))) }
+        fields.append(("format", .string(info.format)))
+        if let a = info.actualSize { fields.append(("actual-size", .int(a))) }
+        if let fs = d?.formatSpecific { fields.append(("format-specific", fs)) }
+        if let d, let b = d.backingFilename {
+            if let full = d.fullBackingFilename { fields.append(("full-backing-filename", .string(full))) }
+            fields.append(("backing-filename", .string(b)))
+        }
+        fields.append(("dirty-flag", .bool(info.dirtyFlag)))
+        return .object(fields)
     }
 
     /// `qemu-img info --output=json`: the same fields in the same order, four-space indent.
     static func infoJSON(_ info: ImageInfo) -> String {
-        var fields: [(String, String)] = [
-            ("virtual-size", "\(info.virtualSize)"),
-            ("filename", Format.jsonString(info.filename)),
-            ("format", Format.jsonString(info.format)),
-        ]
-        if let a = info.actualSize { fields.append(("actual-size", "\(a)")) }
-        fields.append(("dirty-flag", info.dirtyFlag ? "true" : "false"))
-        return "{\n" + fields.map { "    \"\($0.0)\": \($0.1)" }.joined(separator: ",\n") + "\n}\n"
+        json(infoValue(info), indent: 0) + "\n"
+    }
+
+    /// `qemu-img info --backing-chain --output=json`: a list of the images, top first.
+    static func infoChainJSON(_ chain: [ImageInfo]) -> String {
+        json(.list(chain.map(infoValue)), indent: 0) + "\n"
+    }
+
+    /// `qemu-img info --backing-chain` (human): the images, top first, a blank line between.
+    static func infoChainHuman(_ chain: [ImageInfo]) -> String {
+        chain.map(infoHuman).joined(separator: "\n")
     }
 
     /// `qemu-img map --output=json`: one object per line, the list in `[` `]`.
