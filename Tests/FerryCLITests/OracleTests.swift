@@ -198,6 +198,18 @@ final class OracleTests: XCTestCase {
         XCTAssertTrue(Self.isSummary(r.stderr), r.stderr)
     }
 
+    /// A 1 TiB sparse image with 3 MiB of data: planned from extents, so only the data is read
+    /// and written and the copy stays sparse (memory and time follow the data, not the size).
+    func testTerabyteSparseImage() throws {
+        let src = try TestImage(name: "tera.raw", size: 1 << 40, writes: ["write -P 0x07 100G 1M", "write -P 0x08 900G 2M"]).build(in: dir)
+        let r = try Tools.ferry(["convert", "-f", "raw", src, path("tera-out.raw")], in: dir, timeout: 120)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stderr.contains("read 3 MiB, wrote 3 MiB"), r.stderr)
+        XCTAssertLessThanOrEqual(allocatedBytes(path("tera-out.raw")), allocatedBytes(src) + (64 << 10))
+        let cmp = try Tools.run(try Tools.require("qemu-img"), ["compare", "-q", "-f", "raw", "-F", "raw", src, path("tera-out.raw")], in: dir, timeout: 120)
+        XCTAssertEqual(cmp.status, 0)
+    }
+
     /// On a terminal (a pty from util-linux `script`), -p redraws a bar in place: percent,
     /// bytes done of the data, rate and ETA, ending at 100%.
     func testProgressBarOnATerminal() throws {
