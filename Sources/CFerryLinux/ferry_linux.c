@@ -144,10 +144,6 @@ int ferry_dio_alignment(int fd, uint32_t *memory_align, uint32_t *offset_align) 
 #endif
 }
 
-void ferry_set_thread_name(const char *name) {
-    pthread_setname_np(pthread_self(), name);
-}
-
 int ferry_eventfd_create(void) {
     int fd = eventfd(0, EFD_CLOEXEC);
     return fd < 0 ? -errno : fd;

@@ -31,19 +31,23 @@ public final class Locked<Value>: @unchecked Sendable {
     }
 }
 
-/// Starts a detached pthread that runs `body` once; false if the system has none to give.
+/// Starts a detached pthread named `name` (as `ps -L` and /proc show it; at most 15 bytes)
+/// that runs `body` once; false if the system has none to give.
 ///
-/// Event loops of network endpoints are plain pthreads: they sit in poll(2) and in C library
-/// calls that must never occupy a thread of Swift's cooperative pool.
-public func startDetachedThread(_ body: @escaping @Sendable () -> Void) -> Bool {
+/// I/O threads and the event loops of network endpoints are plain pthreads: they sit in
+/// io_uring_enter, poll(2) and C library calls that must never occupy a thread of Swift's
+/// cooperative pool.
+public func startDetachedThread(name: String, _ body: @escaping @Sendable () -> Void) -> Bool {
     final class Box {
+        let name: String
         let body: @Sendable () -> Void
-        init(_ b: @escaping @Sendable () -> Void) { body = b }
+        init(_ n: String, _ b: @escaping @Sendable () -> Void) { name = n; body = b }
     }
-    let context = Unmanaged.passRetained(Box(body)).toOpaque()
+    let context = Unmanaged.passRetained(Box(name, body)).toOpaque()
     var thread = pthread_t()
     let rc = pthread_create(&thread, nil, { raw in
         let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
+        setCurrentThreadName(box.name)
         box.body()
         return nil
     }, context)
@@ -53,4 +57,14 @@ public func startDetachedThread(_ body: @escaping @Sendable () -> Void) -> Bool 
     }
     pthread_detach(thread)
     return true
+}
+
+/// Names the calling thread through /proc (Glibc's module does not export
+/// pthread_setname_np). Best effort: a failure leaves the inherited name.
+func setCurrentThreadName(_ name: String) {
+    let fd = open("/proc/thread-self/comm", O_WRONLY)
+    guard fd >= 0 else { return }
+    let bytes = Array(name.utf8.prefix(15))
+    _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+    close(fd)
 }

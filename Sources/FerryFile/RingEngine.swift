@@ -62,7 +62,7 @@ final class RingEngine: IOExecutor, @unchecked Sendable {
         self.ring = ring
         self.eventFd = efd
         self.entries = entries
-        guard startThread(name: "ferry-uring", { self.loop() }) else {
+        guard startDetachedThread(name: "ferry-uring", { self.loop() }) else {
             ferry_ring_destroy(ring)
             throw FerryError(.other, "cannot start the io_uring thread")
         }

@@ -4,39 +4,11 @@ import Glibc
 import CFerryLinux
 import FerryCore
 
-/// Starts a detached pthread that runs `body` once; false if the system has no thread to give.
-///
-/// Ferry's I/O threads are plain pthreads rather than tasks: they sit in blocking system
-/// calls (io_uring_enter, pread, fdatasync, ioctl) that must never occupy one of the few
-/// threads of Swift's cooperative pool.
-@discardableResult
-func startThread(name: String, _ body: @escaping @Sendable () -> Void) -> Bool {
-    final class Box {
-        let name: String
-        let body: @Sendable () -> Void
-        init(_ n: String, _ b: @escaping @Sendable () -> Void) { name = n; body = b }
-    }
-    let context = Unmanaged.passRetained(Box(name, body)).toOpaque()
-    var thread = pthread_t()
-    let rc = pthread_create(&thread, nil, { raw in
-        let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
-        ferry_set_thread_name(box.name)
-        box.body()
-        return nil
-    }, context)
-    guard rc == 0 else {
-        Unmanaged<Box>.fromOpaque(context).release()
-        return false
-    }
-    pthread_detach(thread)
-    return true
-}
-
 /// Runs a blocking function on a thread of its own and suspends the calling task until it is
 /// done. For one-off work before a device has I/O threads (open, create).
 func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
     let result: Result<T, any Error> = await withCheckedContinuation { continuation in
-        let started = startThread(name: "ferry-open") { continuation.resume(returning: Result(catching: body)) }
+        let started = startDetachedThread(name: "ferry-open") { continuation.resume(returning: Result(catching: body)) }
         // Out of threads: better to block this one once than to fail the open.
         if !started { continuation.resume(returning: Result(catching: body)) }
     }
@@ -67,32 +39,6 @@ final class ConditionLock: @unchecked Sendable {
     func wait() { pthread_cond_wait(cond, mutex) }
     func signal() { pthread_cond_signal(cond) }
     func broadcast() { pthread_cond_broadcast(cond) }
-}
-
-/// A value behind a pthread mutex.
-///
-/// Used instead of Synchronization.Mutex for state shared with I/O threads because
-/// ThreadSanitizer understands pthread mutexes, and on Linux reports every Mutex-guarded
-/// access as a race; with this, a TSan run of the tests reports only real races.
-final class Locked<Value>: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private var value: Value
-
-    init(_ value: Value) {
-        self.value = value
-        pthread_mutex_init(mutex, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-
-    func withLock<T>(_ body: (inout Value) throws -> T) rethrows -> T {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body(&value)
-    }
 }
 
 /// A small pool of pthreads that run jobs from one locked queue.
@@ -165,7 +111,7 @@ final class ThreadPool: @unchecked Sendable {
     }
 
     private func spawnWorker() {
-        if startThread(name: name, { self.workerLoop() }) { return }
+        if startDetachedThread(name: name, { self.workerLoop() }) { return }
         lock.lock()
         threads -= 1
         let none = threads == 0

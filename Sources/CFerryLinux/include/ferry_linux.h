@@ -65,8 +65,6 @@ int ferry_blk_discard(int fd, uint64_t offset, uint64_t length);
 /// 0 when it does not, or -errno.
 int ferry_dio_alignment(int fd, uint32_t *memory_align, uint32_t *offset_align);
 
-/// Names the calling thread (at most 15 bytes show), for top -H, gdb and tests.
-void ferry_set_thread_name(const char *name);
 
 /// eventfd(2) for waking an I/O thread; signal adds 1 to its counter.
 int ferry_eventfd_create(void);
