@@ -238,7 +238,7 @@ public enum Images {
                 return MapEntry(start: offset, length: length, depth: depth, present: true, zero: true, data: false, offset: m.hostOffset)
             case .unallocated:
                 guard let backing = layer.backing, offset < backing.size else {
-                    return MapEntry(start: offset, length: length, depth: depth, present: false, zero: true, data: false, offset: nil)
+                    return MapEntry(start: offset, length: length, depth: depth, present: false, zero: true, data: false, offset: m.hostOffset)
                 }
                 let isRawBacking = !(backing is DescribedDevice)
                 return try await mapStatus(backing, isRaw: isRawBacking, at: offset, end: min(offset + length, backing.size),

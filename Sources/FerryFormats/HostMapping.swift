@@ -7,7 +7,8 @@ public struct LayerMapping: Sendable, Equatable {
     /// `.data`, `.zero`, or `.unallocated` (falls through to the backing image).
     public var kind: ExtentKind
     /// Where the run's bytes are in the host file (or external data file), if they are
-    /// stored plainly there (not for compressed runs or zero runs without an allocation).
+    /// stored plainly there (not for compressed runs, nor for zero or unallocated runs without
+    /// an allocation; an unallocated subcluster of an allocated cluster has one).
     public var hostOffset: Int64?
 
     public init(offset: Int64, length: Int64, kind: ExtentKind, hostOffset: Int64?) {

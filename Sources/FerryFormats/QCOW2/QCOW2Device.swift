@@ -46,8 +46,8 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
         self.clusterBits = Int64(header.clusterBits)
         self.decompressors = Decompressors(kind: QCOW2Compression(rawValue: header.compressionType) ?? .deflate)
         self.limits = BlockLimits(alignment: 1, preferredTransfer: max(header.clusterSize, 64 << 10), maximumTransfer: 32 << 20)
-        // About 32 MiB of L2 tables, at least 16 of them.
-        let capacity = max(16, (32 << 20) / header.clusterSize)
+        // About 32 MiB of L2 tables: at least 16 of them, at most 1024.
+        let capacity = max(16, min(1024, (32 << 20) / header.clusterSize))
         let cs = Int64(header.clusterSize)
         let fileName = name
         self.cache = L2Cache(capacity: capacity) { [file] offset in
@@ -174,7 +174,9 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
                         } else if zero & (1 << UInt32(si)) != 0 {
                             append(Run(offset: p, length: subEnd - p, kind: .zero, host: allocated ? host + within : nil))
                         } else {
-                            append(Run(offset: p, length: subEnd - p, kind: .unallocated))
+                            // Unallocated in an allocated cluster: reads fall through, but the
+                            // host place exists (qemu's map shows it where nothing is below).
+                            append(Run(offset: p, length: subEnd - p, kind: .unallocated, host: allocated ? host + within : nil))
                         }
                         p = subEnd
                     }
@@ -320,13 +322,16 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
             case .data: return LayerMapping(offset: r.offset, length: r.length, kind: .data, hostOffset: r.host)
             case .compressed: return LayerMapping(offset: r.offset, length: r.length, kind: .data, hostOffset: nil)
             case .zero: return LayerMapping(offset: r.offset, length: r.length, kind: .zero, hostOffset: r.host)
-            case .unallocated: return LayerMapping(offset: r.offset, length: r.length, kind: .unallocated, hostOffset: nil)
+            case .unallocated: return LayerMapping(offset: r.offset, length: r.length, kind: .unallocated, hostOffset: r.host)
             }
         }
     }
 
     /// How many L2 tables have been read from the file so far (for tests).
     public var l2TablesLoaded: Int { cache.loads }
+    /// How many L2 tables are cached now, and how many may be (for tests).
+    public var l2TablesCached: Int { cache.count }
+    public var l2CacheCapacity: Int { cache.capacity }
 
     public func flush() async throws {}
 
