@@ -194,7 +194,7 @@ final class NBDConnection: @unchecked Sendable {
         }
         let connection = NBDConnection(index: index, name: name, handle: h, wake: (fds[0], fds[1]))
         let info: ServerInfo = try await withCheckedThrowingContinuation { continuation in
-            let started = startThread(name: "ferry-nbd-\(index)") {
+            let started = startDetachedThread(name: "ferry-nbd-\(index)") {
                 connection.run(uri: uri) { continuation.resume(with: $0) }
             }
             if !started {

@@ -297,15 +297,3 @@ final class NBDDeviceTests: NBDTestCase {
         try await d.close()
     }
 }
-
-/// A value behind a lock, for counting from tasks.
-final class Locked<T>: @unchecked Sendable {
-    private var value: T
-    private let lock = NSLock()
-    init(_ v: T) { value = v }
-    func withLock<R>(_ body: (inout T) -> R) -> R {
-        lock.lock()
-        defer { lock.unlock() }
-        return body(&value)
-    }
-}

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# NBD copies where latency rules: Ferry against qemu-img convert and nbdcopy.
+#
+# A 1 GiB raw image, half random data and half holes (2 MiB of each in turn), is served by
+# nbdkit's file plugin on a unix socket with `--filter=delay delay-read=2ms` (every read
+# command waits 2 ms, as over a distant link). Three copies:
+#
+#   nbd -> local      the delayed export to a local raw file
+#   nbd 256K -> local the same with the server's maximum request capped at 256 KiB
+#                     (blocksize-policy; requests above it are refused), as many servers do
+#   nbd -> nbd        the delayed export to `nbdkit memory 1G`
+#
+# Every command flushes the target at the end (like with like): Ferry by default,
+# qemu-img with `-t writeback`, nbdcopy with `--flush`. Runs are interleaved (one of each
+# command, then again) so drift hits all alike; the table gives medians and each command's
+# time over Ferry's default in the same copy (ratio > 1: Ferry's default is faster).
+#
+#   FERRY=path/to/ferry RUNS=3 SIZE_MIB=1024 DELAY=2ms BENCH_DIR=/dev/shm bench/nbd.sh
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+FERRY=${FERRY:-$(swift build -c release --show-bin-path)/ferry}
+RUNS=${RUNS:-3}
+SIZE_MIB=${SIZE_MIB:-1024}
+DELAY=${DELAY:-2ms}
+[ -x "$FERRY" ] || { echo "bench: no ferry binary at $FERRY (make release)" >&2; exit 1; }
+(( SIZE_MIB % 4 == 0 && SIZE_MIB >= 8 )) || { echo "bench: SIZE_MIB must be a multiple of 4, at least 8" >&2; exit 1; }
+for t in nbdkit nbdcopy qemu-img; do
+    command -v $t >/dev/null || { echo "bench: $t is missing (scripts/install-deps.sh)" >&2; exit 1; }
+done
+
+# tmpfs by default, so the local target's disk does not hide the network latency.
+BASE=${BENCH_DIR:-/dev/shm}
+[ -w "$BASE" ] || BASE=/tmp
+OUT=$(mktemp -d "$BASE/ferry-bench-nbd.XXXXXX")
+export FERRY_NBD_DIR=$OUT/nbd
+cleanup() {
+    "$HERE/../scripts/nbd-stop.sh" src src256 dst >/dev/null 2>&1 || true
+    rm -rf "$OUT"
+}
+trap cleanup EXIT
+SRC=$OUT/src.raw
+DST=$OUT/dst.raw
+
+echo "bench: building a ${SIZE_MIB} MiB raw image in $OUT (half random data, half holes)" >&2
+truncate -s "${SIZE_MIB}M" "$SRC"
+for (( k = 0; k < SIZE_MIB / 4; k++ )); do
+    dd if=/dev/urandom of="$SRC" bs=2M count=1 seek=$(( k * 2 )) conv=notrunc status=none
+done
+
+S=$("$HERE/../scripts/nbd-start.sh" src unix --filter=delay file "$SRC" delay-read=$DELAY)
+S256=$("$HERE/../scripts/nbd-start.sh" src256 unix --filter=blocksize-policy --filter=delay file "$SRC" \
+    blocksize-maximum=256K blocksize-error-policy=error delay-read=$DELAY)
+D=$("$HERE/../scripts/nbd-start.sh" dst unix memory "${SIZE_MIB}M")
+
+# copy | name | command (SRC/DST/URL substituted)
+ROWS=()
+add_copy() {   # copy-name source-url target target-is-nbd
+    local c=$1 s=$2 t=$3 n=""
+    [ "$4" = yes ] && n="-n"
+    ROWS+=(
+        "$c|ferry|$FERRY convert -q -f raw -O raw $n '$s' '$t'"
+        "$c|ferry -m 16 -W|$FERRY convert -q -f raw -O raw $n -m 16 -W '$s' '$t'"
+        "$c|qemu-img -t writeback -m 1|qemu-img convert -t writeback -f raw -O raw $n -m 1 '$s' '$t'"
+        "$c|qemu-img -t writeback|qemu-img convert -t writeback -f raw -O raw $n '$s' '$t'"
+        "$c|qemu-img -t writeback -m 16 -W|qemu-img convert -t writeback -f raw -O raw $n -m 16 -W '$s' '$t'"
+        "$c|nbdcopy --flush|nbdcopy --flush '$s' '$t'"
+    )
+}
+add_copy "nbd -> local" "$S" "$DST" no
+add_copy "nbd 256K -> local" "$S256" "$DST" no
+add_copy "nbd -> nbd" "$S" "$D" yes
+
+now_ns() { date +%s%N; }
+declare -A TIMES
+for (( run = 1; run <= RUNS; run++ )); do
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r copy name cmd <<<"$row"
+        rm -f "$DST"
+        t0=$(now_ns)
+        bash -c "$cmd"
+        t1=$(now_ns)
+        TIMES[$copy/$name]+="$(( (t1 - t0) / 1000 )) "
+        if (( run == 1 )); then
+            case $copy in *nbd) t=$D ;; *) t=$DST ;; esac
+            qemu-img compare -q -f raw -F raw "$SRC" "$t" || { echo "bench: $copy: $name produced a different image" >&2; exit 1; }
+        fi
+    done
+    echo "bench: run $run of $RUNS done" >&2
+done
+
+median_us() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+
+echo
+echo "NBD with ${DELAY} per read command, ${SIZE_MIB} MiB image (half data), median of $RUNS runs, $(nproc) CPUs; every command flushes the target"
+echo
+printf '| %-18s | %-30s | %8s | %7s | %13s |\n' "copy" "command" "median s" "MiB/s" "x ferry time"
+printf '|%s|%s|%s|%s|%s|\n' "--------------------" "--------------------------------" "----------" "---------" "---------------"
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r copy name _ <<<"$row"
+    m=$(median_us "${TIMES[$copy/$name]}")
+    f=$(median_us "${TIMES[$copy/ferry]}")
+    secs=$(awk -v m="$m" 'BEGIN { printf "%.3f", m / 1e6 }')
+    rate=$(awk -v m="$m" -v s="$SIZE_MIB" 'BEGIN { printf "%.0f", s / (m / 1e6) }')
+    ratio=$(awk -v m="$m" -v f="$f" 'BEGIN { printf "%.2f", m / f }')
+    printf '| %-18s | %-30s | %8s | %7s | %13s |\n' "$copy" "$name" "$secs" "$rate" "$ratio"
+done
+echo
+echo "x ferry time: the command's median over Ferry's default median in the same copy (> 1: Ferry's default is faster)."
