@@ -25,7 +25,7 @@ public func convert(
     let started = Tracker.now()
     try options.validate()
     guard !sources.isEmpty else { throw FerryError(.invalidArgument, "no source image given") }
-    let targetFormat = try Formats.lookup(target.format ?? options.targetFormat, for: target.location)
+    let targetFormat = try Formats.lookup(target.format ?? options.targetFormat, for: target.location, writing: true)
     if !options.useExistingTarget {
         try Formats.validate(options: options.targetOptions.filter { $0.key != "size" }, for: targetFormat, path: target.location)
     }

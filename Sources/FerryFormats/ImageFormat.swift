@@ -35,6 +35,12 @@ public protocol ImageFormat: Sendable {
     /// The size the host file must have for a new image of `size` guest bytes, before any
     /// data is written (raw: `size`; formats that grow: their metadata).
     static func initialFileSize(for size: Int64, options: [String: String]) throws -> Int64
+    /// False for a format Ferry can read but not yet write.
+    static var writable: Bool { get }
+}
+
+extension ImageFormat {
+    public static var writable: Bool { true }
 }
 
 /// What a format needs to know beyond its file: where the image is (for messages and for
@@ -86,9 +92,16 @@ public enum Formats {
         all.first { $0.name == name }
     }
 
-    /// Checks a format name given by the user, with the list of names in the error.
-    public static func lookup(_ name: String, for path: String? = nil) throws -> any ImageFormat.Type {
-        if let f = named(name) { return f }
+    /// Checks a format name given by the user, with the list of names in the error. With
+    /// `writing`, the format must also be one Ferry can write.
+    public static func lookup(_ name: String, for path: String? = nil, writing: Bool = false) throws -> any ImageFormat.Type {
+        if let f = named(name) {
+            if writing && !f.writable {
+                let list = all.filter { $0.writable }.map { $0.name }.joined(separator: ", ")
+                throw FerryError(.notSupported, "format '\(name)' can be read but not written yet (writable: \(list))", path: path)
+            }
+            return f
+        }
         if recognisedOnly.contains(where: { $0.name == name }) {
             throw FerryError(.notSupported, "format '\(name)' is not supported yet (supported: \(all.map { $0.name }.joined(separator: ", ")))", path: path)
         }

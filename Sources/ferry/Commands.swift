@@ -141,7 +141,7 @@ struct Convert: FerryCommand {
         // Everything that can be checked without touching an image, before touching one.
         try options.validate()
         if let sourceFormat { _ = try Formats.lookup(sourceFormat) }
-        let targetType = try Formats.lookup(format)
+        let targetType = try Formats.lookup(format, writing: true)
         if !noCreate {
             try Formats.validate(options: options.targetOptions, for: targetType, path: target.location)
         }

@@ -4,6 +4,7 @@ import FerryCore
 public enum QCOW2Format: ImageFormat {
     public static let name = "qcow2"
     public static let createOptions: [(name: String, help: String)] = []
+    public static let writable = false
 
     public static func probe(header: UnsafeRawBufferPointer) -> Bool {
         header.count >= 4 && header.prefix(4).elementsEqual(QCOW2Header.magic)
