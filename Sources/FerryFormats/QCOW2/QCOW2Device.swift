@@ -205,10 +205,15 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
             guard let first = batch.first, first.offset == pos else {
                 throw corrupt("mapping does not cover guest offset \(pos)", pos)
             }
-            for r in batch {
-                let n = Int(min(r.end, end) - r.offset)
-                let start = Int(r.offset - offset)
-                let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[start ..< start + n])
+            var i = 0
+            while i < batch.count {
+                let r = batch[i]
+                func destination(_ r: Run) -> UnsafeMutableRawBufferPointer {
+                    let n = Int(min(r.end, end) - r.offset)
+                    let start = Int(r.offset - offset)
+                    return UnsafeMutableRawBufferPointer(rebasing: buffer[start ..< start + n])
+                }
+                let dst = destination(r)
                 switch r.kind {
                 case .data:
                     try await readHost(dataDevice, at: r.host!, into: dst)
@@ -217,12 +222,28 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
                 case .unallocated:
                     try await readBacking(at: r.offset, into: dst)
                 case .compressed:
-                    try await readCompressed(r, into: dst)
+                    // Compressed clusters written one after another lie one after another in
+                    // the file: read the neighbours with one call, then decompress each.
+                    var j = i + 1
+                    var spanEnd = r.host! + Int64(r.compressedSize)
+                    while j < batch.count, batch[j].kind == .compressed,
+                          let h = batch[j].host, h >= r.host!, h <= spanEnd + 4096,
+                          max(spanEnd, h + Int64(batch[j].compressedSize)) - r.host! <= Self.compressedSpan {
+                        spanEnd = max(spanEnd, h + Int64(batch[j].compressedSize))
+                        j += 1
+                    }
+                    let group = Array(batch[i ..< j])
+                    try await readCompressed(group, span: r.host! ..< spanEnd) { destination($0) }
+                    i = j - 1
                 }
-                pos = r.offset + Int64(n)
+                pos = batch[i].offset + Int64(destination(batch[i]).count)
+                i += 1
             }
         }
     }
+
+    /// Most bytes read at once for a group of neighbouring compressed clusters.
+    static let compressedSpan: Int64 = 4 << 20
 
     /// Reads from the backing image, zeros where there is none or where it ends.
     private func readBacking(at offset: Int64, into dst: UnsafeMutableRawBufferPointer) async throws {
@@ -241,24 +262,32 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
         }
     }
 
-    /// Reads one compressed cluster and decompresses it in this task.
-    private func readCompressed(_ r: Run, into dst: UnsafeMutableRawBufferPointer) async throws {
-        let host = r.host!
-        let available = Int(min(Int64(r.compressedSize), file.size - host))
+    /// Reads the compressed clusters `group` (lying within `span` of the file) with one call
+    /// and decompresses them in this task.
+    private func readCompressed(_ group: [Run], span: Range<Int64>,
+                                destination: (Run) -> UnsafeMutableRawBufferPointer) async throws {
+        let available = Int(max(0, min(span.upperBound, file.size) - span.lowerBound))
         let input = AlignedBuffer(count: max(available, 1))
-        try await readHost(file, at: host, into: UnsafeMutableRawBufferPointer(rebasing: input.mutableBytes[0 ..< available]))
-        let inBytes = UnsafeRawBufferPointer(rebasing: input.bytes[0 ..< available])
-        let within = Int(r.offset - r.clusterStart)
-        let ok: Bool
-        if within == 0 && dst.count == Int(clusterSize) {
-            ok = decompressors.decompress(inBytes, into: dst)
-        } else {
-            let cluster = AlignedBuffer(count: Int(clusterSize))
-            ok = decompressors.decompress(inBytes, into: cluster.mutableBytes)
-            if ok { dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: cluster.bytes[within ..< within + dst.count])) }
-        }
-        guard ok else {
-            throw corrupt("compressed cluster for guest offset \(r.clusterStart) (\(r.compressedSize) bytes at \(host)) does not decompress with \(decompressors.kind.infoName)", host)
+        try await readHost(file, at: span.lowerBound, into: UnsafeMutableRawBufferPointer(rebasing: input.mutableBytes[0 ..< available]))
+        var cluster: AlignedBuffer?
+        for r in group {
+            let dst = destination(r)
+            let from = Int(r.host! - span.lowerBound)
+            let to = min(available, from + r.compressedSize)
+            let inBytes = UnsafeRawBufferPointer(rebasing: input.bytes[min(from, to) ..< to])
+            let within = Int(r.offset - r.clusterStart)
+            let ok: Bool
+            if within == 0 && dst.count == Int(clusterSize) {
+                ok = decompressors.decompress(inBytes, into: dst)
+            } else {
+                let c = cluster ?? AlignedBuffer(count: Int(clusterSize))
+                cluster = c
+                ok = decompressors.decompress(inBytes, into: c.mutableBytes)
+                if ok { dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: c.bytes[within ..< within + dst.count])) }
+            }
+            guard ok else {
+                throw corrupt("compressed cluster for guest offset \(r.clusterStart) (\(r.compressedSize) bytes at \(r.host!)) does not decompress with \(decompressors.kind.infoName)", r.host!)
+            }
         }
     }
 
