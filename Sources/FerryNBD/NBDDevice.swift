@@ -17,13 +17,21 @@ import Glibc
 /// several connections are only coherent with multi-conn.
 ///
 /// Requests larger than the server's maximum block size are split inside the device, and the
-/// pieces are sent at once (over several connections when there are several). Write-zeroes,
-/// trim and block-status requests are split at `commandLimit`, under the protocol's 32-bit
-/// lengths.
+/// pieces are sent at once (over several connections when there are several); so `limits`
+/// advertises a maximum of at least 32 MiB whatever the server's (`serverLimits` has the
+/// server's). Write-zeroes, trim and block-status requests are split at `commandLimit`, under
+/// the protocol's 32-bit lengths (nbdkit's blocksize-policy filter in error mode accepts those
+/// above the maximum block size; it refuses only oversized reads and writes).
 public final class NBDDevice: BlockDevice {
     public let name: String
     public let size: Int64
+    /// What callers keep to: the server's minimum block size as the alignment, its preferred
+    /// size, and at least 32 MiB as the maximum (larger requests are split here, see
+    /// `serverLimits`).
     public let limits: BlockLimits
+    /// The server's own block sizes (minimum, preferred, maximum; 32 MiB when it gives no
+    /// maximum, at most libnbd's 64 MiB): no NBD command sent carries more than the maximum.
+    public let serverLimits: BlockLimits
     public let capabilities: BlockCapabilities
     /// Opened for reading only: write calls throw `.readOnly`.
     public let readOnly: Bool
@@ -103,8 +111,15 @@ public final class NBDDevice: BlockDevice {
         maximum = max(alignment, maximum / alignment * alignment)
         var preferred = info.preferredBlock > 0 ? Int(info.preferredBlock) : max(4096, alignment)
         preferred = min(maximum, max(alignment, preferred / alignment * alignment))
-        limits = BlockLimits(alignment: alignment, preferredTransfer: preferred, maximumTransfer: maximum)
+        serverLimits = BlockLimits(alignment: alignment, preferredTransfer: preferred, maximumTransfer: maximum)
         maximumPayload = maximum
+        // Callers may hand over up to 32 MiB (or the server's maximum, if larger): a request
+        // above the server's maximum is cut into pieces that go out together, so one large
+        // request from the copy engine becomes many in flight. Were the server's maximum
+        // (often 256 KiB to 4 MiB) passed on, a copy with 8 workers would keep only 8 small
+        // requests in flight on a latency-bound link, and in-order writes only one.
+        let accepted = max(maximum, Self.defaultMaximum / alignment * alignment)
+        limits = BlockLimits(alignment: alignment, preferredTransfer: preferred, maximumTransfer: accepted)
         // Well under the protocol's 32-bit lengths, and a multiple of the alignment.
         commandLimit = Int64((1 << 30) / alignment * alignment)
 
