@@ -51,6 +51,8 @@ public struct MapEntry: Sendable, Equatable {
     public var data: Bool
     /// Where the run lives in the host file, for runs that have one.
     public var offset: Int64?
+    /// The file `offset` is in (the image, a backing file, or an external data file).
+    public var file: String? = nil
 }
 
 /// Opening, creating and describing images.
@@ -206,7 +208,7 @@ public enum Images {
                     throw FerryError(.corrupt, "no allocation status at offset \(pos)", path: spec.location, offset: pos)
                 }
                 if var last = entries.last, last.depth == e.depth, last.data == e.data, last.zero == e.zero,
-                   last.present == e.present, last.start + last.length == e.start,
+                   last.present == e.present, last.start + last.length == e.start, last.file == e.file,
                    (last.offset == nil && e.offset == nil)
                     || (last.offset != nil && e.offset != nil && last.offset! + last.length == e.offset!) {
                     last.length += e.length
@@ -233,12 +235,15 @@ public enum Images {
             let length = min(m.end, end) - offset
             switch m.kind {
             case .data:
-                return MapEntry(start: offset, length: length, depth: depth, present: true, zero: false, data: true, offset: m.hostOffset)
+                return MapEntry(start: offset, length: length, depth: depth, present: true, zero: false, data: true, offset: m.hostOffset,
+                                file: m.hostOffset == nil ? nil : layer.hostFileName)
             case .zero:
-                return MapEntry(start: offset, length: length, depth: depth, present: true, zero: true, data: false, offset: m.hostOffset)
+                return MapEntry(start: offset, length: length, depth: depth, present: true, zero: true, data: false, offset: m.hostOffset,
+                                file: m.hostOffset == nil ? nil : layer.hostFileName)
             case .unallocated:
                 guard let backing = layer.backing, offset < backing.size else {
-                    return MapEntry(start: offset, length: length, depth: depth, present: false, zero: true, data: false, offset: m.hostOffset)
+                    return MapEntry(start: offset, length: length, depth: depth, present: false, zero: true, data: false, offset: m.hostOffset,
+                                    file: m.hostOffset == nil ? nil : layer.hostFileName)
                 }
                 let isRawBacking = !(backing is DescribedDevice)
                 return try await mapStatus(backing, isRaw: isRawBacking, at: offset, end: min(offset + length, backing.size),
@@ -252,7 +257,7 @@ public enum Images {
         let data = e.kind == .data
         let present = e.kind != .unallocated || isRaw
         return MapEntry(start: offset, length: length, depth: depth, present: present, zero: !data, data: data,
-                        offset: present ? offset : nil)
+                        offset: present ? offset : nil, file: present ? device.name : nil)
     }
 }
 

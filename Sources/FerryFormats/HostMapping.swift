@@ -26,6 +26,8 @@ public protocol HostMappedDevice: LayeredDevice {
     /// This layer's runs from `range.lowerBound` on: ascending, contiguous, non-empty, may stop
     /// short of `range.upperBound`.
     func layerMapping(in range: Range<Int64>) async throws -> [LayerMapping]
+    /// The name of the file that `LayerMapping.hostOffset` points into.
+    var hostFileName: String { get }
 }
 
 /// A value in `info`'s format-specific section: printed as JSON, or as qemu-img's indented

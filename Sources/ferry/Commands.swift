@@ -294,7 +294,13 @@ struct Map: FerryCommand {
     func execute() async throws -> Int32 {
         let (entries, probed) = try await Images.map(ImageSpec(image, format: format))
         if probed { warnProbedAsRaw(image) }
-        Terminal.out(output == .json ? Report.mapJSON(entries) : Report.mapHuman(entries, file: image))
+        if output == .json {
+            Terminal.out(Report.mapJSON(entries))
+        } else {
+            let (text, error) = Report.mapHuman(entries, file: image)
+            Terminal.out(text)
+            if let error { throw error }
+        }
         return 0
     }
 }

@@ -164,26 +164,32 @@ enum Report {
         return "[" + lines.joined(separator: ",\n") + "]\n"
     }
 
-    /// `qemu-img map` (human): only the runs holding data, with where they live in `file`;
-    /// neighbouring runs that continue each other in the file are printed as one.
-    static func mapHuman(_ entries: [MapEntry], file: String) -> String {
+    /// `qemu-img map` (human): only the runs holding data, with where they live and in which
+    /// file; neighbouring runs that continue each other in the same file are printed as one.
+    /// Data with no place in a file (compressed clusters) cannot be shown: as qemu-img does,
+    /// the runs before it are printed and an error follows.
+    static func mapHuman(_ entries: [MapEntry], file: String) -> (text: String, error: FerryError?) {
         var s = Format.pad("Offset", 16) + Format.pad("Length", 16) + Format.pad("Mapped to", 16) + "File\n"
-        var pending: (start: Int64, length: Int64, offset: Int64)?
+        var pending: (start: Int64, length: Int64, offset: Int64, file: String)?
         func emit() {
             guard let p = pending else { return }
             s += Format.pad(Format.hex(p.start), 16) + Format.pad(Format.hex(p.length), 16)
-                + Format.pad(Format.hex(p.offset), 16) + file + "\n"
+                + Format.pad(Format.hex(p.offset), 16) + p.file + "\n"
         }
         for e in entries where e.data && !e.zero {
-            guard let offset = e.offset else { continue }
-            if let p = pending, p.start + p.length == e.start, p.offset + p.length == offset {
+            guard let offset = e.offset else {
+                emit()
+                return (s, FerryError(.notSupported, "the image contains compressed clusters, which have no place in a file to show; use --output=json", path: file, offset: e.start))
+            }
+            let name = e.file ?? file
+            if let p = pending, p.start + p.length == e.start, p.offset + p.length == offset, p.file == name {
                 pending!.length += e.length
             } else {
                 emit()
-                pending = (e.start, e.length, offset)
+                pending = (e.start, e.length, offset, name)
             }
         }
         emit()
-        return s
+        return (s, nil)
     }
 }

@@ -53,9 +53,11 @@ final class QCOW2MalformedTests: XCTestCase {
     func testBadMagicAndVersion() async throws {
         let (path, patch) = try makeImage()
         try patch.u32(4, at: 4)
-        await expectError(path, .notSupported, "version 4")
+        await expectError(path, .corrupt, "version 4")
+        try patch.u32(0xFFFF_FFFF, at: 4)
+        await expectError(path, .corrupt, "version 4294967295")
         try patch.u32(1, at: 4)
-        await expectError(path, .notSupported, "version 1")
+        await expectError(path, .notSupported, "old qcow format")
         try patch.u32(3, at: 4)
         try patch.write([0x51, 0x46, 0x49, 0x00], at: 0)
         await expectError(path, .corrupt, "bad magic")

@@ -356,6 +356,8 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
         }
     }
 
+    public var hostFileName: String { dataDevice.name }
+
     /// How many L2 tables have been read from the file so far (for tests).
     public var l2TablesLoaded: Int { cache.loads }
     /// How many L2 tables are cached now, and how many may be (for tests).

@@ -103,9 +103,10 @@ struct QCOW2Header: Sendable {
         guard data.count >= 72 else { throw corrupt("header is truncated (\(data.count) of 72 bytes)", 0) }
         guard Array(data[0 ..< 4]) == Self.magic else { throw corrupt("header has a bad magic", 0) }
         version = b.u32(4)
-        guard version == 2 || version == 3 else {
-            throw FerryError(.notSupported, "qcow2 version \(version) is not supported (only 2 and 3)", path: path, offset: 4)
+        if version == 1 {
+            throw FerryError(.notSupported, "image is in the old qcow format (version 1), which is not supported", path: path, offset: 4)
         }
+        guard version == 2 || version == 3 else { throw corrupt("header has version \(version) (only 2 and 3 exist)", 4) }
         backingFileOffset = b.u64(8)
         backingFileSize = b.u32(16)
         let cb = b.u32(20)
