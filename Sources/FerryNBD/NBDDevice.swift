@@ -12,8 +12,8 @@ import Glibc
 /// `nbd://HOST[:PORT][/EXPORT]` and `nbd+unix:///[EXPORT]?socket=PATH`.
 ///
 /// Each connection is a libnbd handle owned by one event-loop thread (`NBDConnection`). When
-/// the server advertises multi-conn, several connections are opened and every request goes
-/// to the least busy one; otherwise one connection carries everything, because writes over
+/// the server advertises multi-conn, several connections are opened and requests fill them in
+/// turn (16 pieces each, then the least busy); otherwise one connection carries everything, because writes over
 /// several connections are only coherent with multi-conn.
 ///
 /// Requests larger than the server's maximum block size are split inside the device, and the
@@ -42,7 +42,6 @@ public final class NBDDevice: BlockDevice {
     let maximumPayload: Int
     /// Largest length of one write-zeroes, trim or block-status command.
     let commandLimit: Int64
-    private let nextConnection = Atomic<Int>(0)
     private let largest = Atomic<Int>(0)
     private let closed = Atomic<Bool>(false)
 
@@ -138,15 +137,22 @@ public final class NBDDevice: BlockDevice {
 
     // MARK: Spreading requests
 
-    /// The connection with the fewest pieces queued or in flight (ties in turn).
+    /// Pieces one connection carries before the next one is used: nbdkit serves 16 requests
+    /// of a connection at once by default, and qemu-nbd takes 16 per client.
+    static let piecesPerConnection = 16
+
+    /// The first connection with fewer than `piecesPerConnection` pieces queued or in flight,
+    /// else the least busy one. Filling connections in turn rather than spreading every
+    /// request keeps few event loops waking while the load is light (each wake is a pipe
+    /// write and a thread switch; on 2 CPUs shared with the servers that cost 30% of an
+    /// NBD-to-NBD copy), and uses them all once it is heavy.
     private func pick() -> NBDConnection {
         if connections.count == 1 { return connections[0] }
-        let start = nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
-        var best = connections[start % connections.count]
-        var bestLoad = best.load.load(ordering: .relaxed)
-        for k in 1 ..< connections.count where bestLoad > 0 {
-            let c = connections[(start + k) % connections.count]
+        var best = connections[0]
+        var bestLoad = Int.max
+        for c in connections {
             let l = c.load.load(ordering: .relaxed)
+            if l < Self.piecesPerConnection { return c }
             if l < bestLoad { best = c; bestLoad = l }
         }
         return best
