@@ -1,1 +1,0 @@
-// The NFS endpoint (libnfs) goes here.

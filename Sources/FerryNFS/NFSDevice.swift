@@ -1,0 +1,214 @@
+import CLibNFS
+import FerryCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A file on an NFS server as a `BlockDevice`, through libnfs's asynchronous API.
+///
+/// URLs are libnfs's: `nfs://SERVER[:PORT]/EXPORT/PATH[?OPTIONS]`, where libnfs itself parses
+/// and applies the options (`version=3|4`, `nfsport=`, `mountport=`, `uid=`, `gid=`,
+/// `readahead=`, `autoreconnect=`, `tcp-syncnt=`, ...). Without `autoreconnect` in the URL
+/// a lost session fails the requests rather than being retried for ever.
+///
+/// Each connection is a libnfs context with its own mount and file handle, owned by one
+/// event-loop thread (`NFSConnection`). With several connections every request goes to the
+/// least busy one. Reads and writes larger than the server's maximum (libnfs 4.0 caps it at
+/// 1 MiB) are split inside the device and the pieces sent at once. NFSv3 and v4 have no
+/// cheap zeroing or allocation map that libnfs 4.0 exposes: zeroes are written as zero
+/// bytes, and the whole file is one data extent. `flush` sends COMMIT (`nfs_fsync`) on every
+/// connection.
+public final class NFSDevice: BlockDevice {
+    public let name: String
+    public let size: Int64
+    public let limits: BlockLimits
+    public let capabilities: BlockCapabilities
+    public let readOnly: Bool
+    let connections: [NFSConnection]
+    let readMax: Int
+    let writeMax: Int
+    private let gauge: InFlightGauge
+    private let nextConnection = Atomic<Int>(0)
+    private let closed = Atomic<Bool>(false)
+
+    /// Connections (libnfs sessions) in use.
+    public var connectionCount: Int { connections.count }
+    /// The most NFS RPCs that were ever in flight at once, over all connections.
+    public var peakInFlight: Int { gauge.peak }
+    /// The largest READ or WRITE sent so far (for tests of the splitting).
+    public var largestTransfer: Int { gauge.largestTransfer }
+
+    /// True if `location` is an NFS URL.
+    public static func handles(_ location: String) -> Bool { location.hasPrefix("nfs://") }
+
+    /// Opens an existing file. With `readOnly` false it is opened for writing.
+    public static func open(_ url: String, readOnly: Bool, connections: Int = 1) async throws -> NFSDevice {
+        try await connect(url, first: readOnly ? .readOnly : .readWrite, rest: readOnly ? .readOnly : .readWrite,
+                          connections: connections, zeroInit: false)
+    }
+
+    /// Creates the file (or truncates an existing one) and sets its size, sparse: the new
+    /// file reads as zeros (`.zeroInit`).
+    public static func create(_ url: String, size: Int64, connections: Int = 1) async throws -> NFSDevice {
+        guard size >= 0 else { throw FerryError(.invalidArgument, "negative size \(size)", path: url) }
+        return try await connect(url, first: .create(size: size), rest: .readWrite, connections: connections, zeroInit: true)
+    }
+
+    private static func connect(_ url: String, first: NFSOpenMode, rest: NFSOpenMode,
+                                connections wanted: Int, zeroInit: Bool) async throws -> NFSDevice {
+        ignoreSIGPIPE()
+        let gauge = InFlightGauge()
+        let (c0, info) = try await NFSConnection.connect(url: url, mode: first, index: 0, gauge: gauge)
+        var all = [c0]
+        if wanted > 1 {
+            do {
+                try await withThrowingTaskGroup(of: NFSConnection.self) { group in
+                    for i in 1 ..< wanted {
+                        group.addTask { try await NFSConnection.connect(url: url, mode: rest, index: i, gauge: gauge).0 }
+                    }
+                    var failure: (any Error)?
+                    while let result = await group.nextResult() {
+                        switch result {
+                        case .success(let c): all.append(c)
+                        case .failure(let e): failure = failure ?? e
+                        }
+                    }
+                    if let failure { throw failure }
+                }
+            } catch {
+                for c in all { await c.stop() }
+                throw error
+            }
+        }
+        let readOnly: Bool
+        if case .readOnly = first { readOnly = true } else { readOnly = false }
+        return NFSDevice(name: url, info: info, readOnly: readOnly, zeroInit: zeroInit, gauge: gauge,
+                         connections: all.sorted { $0.index < $1.index })
+    }
+
+    private init(name: String, info: NFSFileInfo, readOnly: Bool, zeroInit: Bool, gauge: InFlightGauge,
+                 connections: [NFSConnection]) {
+        self.name = name
+        self.size = info.size
+        self.readOnly = readOnly
+        self.gauge = gauge
+        self.connections = connections
+        readMax = info.readMax
+        writeMax = info.writeMax
+        let maximum = readOnly ? readMax : min(readMax, writeMax)
+        limits = BlockLimits(alignment: 1, preferredTransfer: maximum, maximumTransfer: maximum)
+        var caps: BlockCapabilities = [.flush]
+        if !readOnly { caps.insert(.write) }
+        if zeroInit { caps.insert(.zeroInit) }
+        capabilities = caps
+    }
+
+    /// A peer that goes away must fail a write with EPIPE, not kill the process.
+    private static func ignoreSIGPIPE() {
+        _ = signal(SIGPIPE, SIG_IGN)
+    }
+
+    // MARK: Spreading requests
+
+    private func pick() -> NFSConnection {
+        if connections.count == 1 { return connections[0] }
+        let start = nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
+        var best = connections[start % connections.count]
+        var bestLoad = best.load.load(ordering: .relaxed)
+        for k in 1 ..< connections.count where bestLoad > 0 {
+            let c = connections[(start + k) % connections.count]
+            let l = c.load.load(ordering: .relaxed)
+            if l < bestLoad { best = c; bestLoad = l }
+        }
+        return best
+    }
+
+    /// Sends `length` bytes from `offset` as pieces of at most `step`, all at once, and waits
+    /// for all of them; `make` builds the piece at (index into the request, length).
+    private func perform(offset: Int64, length: Int, step: Int, _ make: (Int, Int) -> NFSOperation) async throws {
+        guard length > 0 else { return }
+        let count = (length + step - 1) / step
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let call = PendingCall(pieces: count, continuation: continuation)
+            var done = 0
+            while done < length {
+                let n = min(step, length - done)
+                pick().submit(NFSPiece(make(done, n), at: offset + Int64(done), call: call))
+                done += n
+            }
+        }
+    }
+
+    private func checkWritable(_ offset: Int64) throws {
+        if readOnly { throw FerryError(.readOnly, "the NFS file was opened read-only", path: name, offset: offset) }
+    }
+
+    // MARK: BlockDevice
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try checkRange(offset, Int64(buffer.count))
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        try await perform(offset: offset, length: buffer.count, step: readMax) { i, n in .read(base + i, n) }
+    }
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try checkRange(offset, Int64(buffer.count))
+        try checkWritable(offset)
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        try await perform(offset: offset, length: buffer.count, step: writeMax) { i, n in .write(base + i, n) }
+        if flags.contains(.fua) { try await flush() }
+    }
+
+    public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws {
+        try checkRange(offset, length)
+        try checkWritable(offset)
+        if flags.contains(.fastOnly) {
+            throw FerryError(.notSupported, "NFS cannot zero faster than writing zeros", path: name, offset: offset)
+        }
+        guard length > 0 else { return }
+        // No ALLOCATE/DEALLOCATE in libnfs 4.0: zero bytes from one shared buffer, a bounded
+        // number of chunks at a time so a huge range does not queue millions of pieces.
+        let zeros = SharedZeros.shared
+        let step = min(zeros.count, writeMax)
+        let batch = Int64(step) * 64
+        var at = offset
+        let end = offset + length
+        while at < end {
+            let n = Int(min(batch, end - at))
+            try await perform(offset: at, length: n, step: step) { _, k in .write(zeros.pointer, k) }
+            at += Int64(n)
+        }
+        if flags.contains(.fua) { try await flush() }
+    }
+
+    public func discard(at offset: Int64, length: Int64) async throws {
+        try checkRange(offset, length)
+        try checkWritable(offset)
+        // No DEALLOCATE in libnfs 4.0: nothing to do (a discarded range's contents are
+        // unspecified).
+    }
+
+    public func extents(in range: Range<Int64>) async throws -> [Extent] {
+        try checkRange(range.lowerBound, Int64(range.count))
+        // libnfs 4.0 has no NFSv4.2 SEEK: the whole file is data.
+        return [Extent(offset: range.lowerBound, length: size - range.lowerBound, kind: .data)]
+    }
+
+    public func flush() async throws {
+        guard !readOnly else { return }
+        // COMMIT on every session: each one commits what the server holds unstable for the file.
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let call = PendingCall(pieces: connections.count, continuation: continuation)
+            for c in connections { c.submit(NFSPiece(.fsync, at: 0, call: call)) }
+        }
+    }
+
+    public func close() async throws {
+        guard !closed.exchange(true, ordering: .relaxed) else { return }
+        await withTaskGroup(of: Void.self) { group in
+            for c in connections { group.addTask { await c.stop() } }
+        }
+    }
+}
