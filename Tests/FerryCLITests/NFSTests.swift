@@ -1,0 +1,218 @@
+import Foundation
+import XCTest
+
+/// An nfs-ganesha started by scripts/nfs-start.sh for the CLI tests (read-write /export and
+/// read-only /export-ro on loopback ports).
+final class CLINFSServer: @unchecked Sendable {
+    let state: String
+    let nfsPort: Int
+    let mountPort: Int
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    init(name: String, nfsPort: Int, mountPort: Int) throws {
+        state = "/tmp/ferry-nfs-cli-\(name)"
+        self.nfsPort = nfsPort
+        self.mountPort = mountPort
+        try? FileManager.default.removeItem(atPath: state)
+        let r = Self.script("nfs-start.sh", [state], env: ["NFS_PORT": "\(nfsPort)", "MOUNT_PORT": "\(mountPort)"])
+        guard r.status == 0 else {
+            throw NSError(domain: "NFS", code: Int(r.status), userInfo: [NSLocalizedDescriptionKey: "nfs-start.sh failed: \(r.output)"])
+        }
+    }
+
+    func stop() {
+        _ = Self.script("nfs-stop.sh", [state])
+        try? FileManager.default.removeItem(atPath: state)
+    }
+
+    var pid: Int32? {
+        (try? String(contentsOfFile: "\(state)/ganesha.pid", encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+    }
+    var exportDir: String { "\(state)/export" }
+    var readOnlyDir: String { "\(state)/export-ro" }
+
+    func v3(_ file: String, readOnlyExport: Bool = false) -> String {
+        "nfs://127.0.0.1/\(readOnlyExport ? "export-ro" : "export")/\(file)?nfsport=\(nfsPort)&mountport=\(mountPort)"
+    }
+    func v4(_ file: String) -> String { "nfs://127.0.0.1/export/\(file)?version=4&nfsport=\(nfsPort)" }
+
+    /// posix_spawn and waitpid: Foundation's Process.waitUntilExit has hung on scripts that
+    /// leave a daemon behind.
+    static func script(_ name: String, _ args: [String], env: [String: String] = [:]) -> (status: Int32, output: String) {
+        let log = "/tmp/ferry-nfs-script-\(getpid())-\(UInt32.random(in: 0 ... .max)).log"
+        defer { unlink(log) }
+        var command = env.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+        command += " " + ([root.appendingPathComponent("scripts/\(name)").path] + args).map { "'\($0)'" }.joined(separator: " ")
+        command += " >'\(log)' 2>&1 </dev/null"
+        let argv: [String] = ["/bin/bash", "-c", command]
+        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
+        cargs.append(nil)
+        defer { for a in cargs { free(a) } }
+        var pid: pid_t = 0
+        guard posix_spawn(&pid, "/bin/bash", nil, nil, cargs, environ) == 0 else { return (127, "cannot spawn bash") }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let output = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        return (status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f), output)
+    }
+}
+
+/// `ferry convert` with nfs:// sources and targets against a real ganesha, judged by
+/// `qemu-img compare`; errors end in one line naming the URL and a non-zero exit.
+final class NFSTests: XCTestCase {
+    nonisolated(unsafe) static var shared: CLINFSServer?
+    nonisolated(unsafe) static var startError: String?
+
+    override class func setUp() {
+        super.setUp()
+        do { shared = try CLINFSServer(name: "main", nfsPort: 2071, mountPort: 20071) } catch { startError = "\(error)" }
+    }
+
+    override class func tearDown() {
+        shared?.stop()
+        shared = nil
+        super.tearDown()
+    }
+
+    var server: CLINFSServer!
+    var dir: URL!
+
+    override func setUpWithError() throws {
+        guard let s = Self.shared else {
+            XCTFail("the NFS server did not start: \(Self.startError ?? "?")")
+            throw XCTSkip("no NFS server")
+        }
+        server = s
+        dir = try makeScratchDirectory("nfs")
+    }
+
+    override func tearDownWithError() throws {
+        if let dir { try? FileManager.default.removeItem(at: dir) }
+    }
+
+    func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+
+    static let image = TestImage(name: "src.raw", size: (24 << 20) + 1536, writes: [
+        "write -P 0xab 0 64k",
+        "write -P 0x11 1M 3M",
+        "write -P 0x22 5243392 3584",
+        "write -P 0 10M 2M",
+        "write -P 0x44 20M 66048",
+        "write -P 0xcd 25165824 1536",
+    ])
+
+    private func compare(_ a: String, _ b: String, formats: (String, String) = ("raw", "raw"), line: UInt = #line) throws {
+        let r = try Tools.run(try Tools.require("qemu-img"), ["compare", "-f", formats.0, "-F", formats.1, a, b], in: dir)
+        XCTAssertEqual(r.status, 0, "qemu-img compare \(a) \(b): \(r.stdout)\(r.stderr)", line: line)
+    }
+
+    private func convert(_ args: [String], line: UInt = #line) throws {
+        let r = try Tools.ferry(["convert"] + args, in: dir)
+        XCTAssertEqual(r.status, 0, "ferry convert \(args.joined(separator: " ")): \(r.stderr)", line: line)
+    }
+
+    func testRawRoundTripWritingOverV3ReadingOverV3AndV4() throws {
+        let src = try Self.image.build(in: dir)
+        for (i, extra) in [[], ["-m", "16", "-W"], ["--connections", "3"]].enumerated() {
+            let name = "rt\(i).raw"
+            try convert(extra + ["-f", "raw", "-O", "raw", src, server.v3(name)])
+            try compare(src, "\(server.exportDir)/\(name)")
+            var st = stat()
+            XCTAssertEqual(stat("\(server.exportDir)/\(name)", &st), 0)
+            XCTAssertEqual(Int64(st.st_size), Self.image.size)
+            XCTAssertLessThan(Int64(st.st_blocks) * 512, 8 << 20, "the holes of the source stay holes on the server")
+            try convert(extra + ["-f", "raw", "-O", "raw", server.v3(name), path("back3-\(i).raw")])
+            try compare(src, path("back3-\(i).raw"))
+            try convert(extra + ["-f", "raw", "-O", "raw", server.v4(name), path("back4-\(i).raw")])
+            try compare(src, path("back4-\(i).raw"))
+        }
+    }
+
+    func testQcow2OnNFSReadsLikeLocalQcow2() throws {
+        let local = path("local.qcow2")
+        try Tools.must("qemu-img", ["create", "-q", "-f", "qcow2", local, "32M"], in: dir)
+        try Tools.must("qemu-io", ["-f", "qcow2", "-c", "write -P 0x5e 0 1M", "-c", "write -P 0x61 7M 300k",
+                                   "-c", "write -z 9M 1M", "-c", "write -P 0x3c 31M 1M", local], in: dir)
+        let info = try Tools.ferry(["info", "-f", "qcow2", local], in: dir)
+        guard info.status == 0 else {
+            throw XCTSkip("this ferry cannot read qcow2 yet (the qcow2 reader has not landed): \(info.stderr)")
+        }
+        // The qcow2 file itself goes to the server as bytes, through ferry.
+        try convert(["-f", "raw", "-O", "raw", local, server.v3("img.qcow2")])
+        try compare(local, "\(server.exportDir)/img.qcow2", formats: ("raw", "raw"))
+        for url in [server.v3("img.qcow2"), server.v4("img.qcow2")] {
+            let out = path("from-nfs.raw")
+            try convert(["-f", "qcow2", "-O", "raw", url, out])
+            try compare(local, out, formats: ("qcow2", "raw"))
+            try? FileManager.default.removeItem(atPath: out)
+            let i = try Tools.ferry(["info", url], in: dir)
+            XCTAssertEqual(i.status, 0, i.stderr)
+            XCTAssertTrue(i.stdout.contains("file format: qcow2"), i.stdout)
+        }
+    }
+
+    func testDashNWritesIntoAnExistingFile() throws {
+        let src = try Self.image.build(in: dir)
+        // An existing file full of 0xff: -n must overwrite every byte, zeros included.
+        let target = "\(server.exportDir)/existing.raw"
+        try Tools.must("qemu-img", ["create", "-q", "-f", "raw", target, "\(Self.image.size)"], in: dir)
+        try Tools.must("qemu-io", ["-f", "raw", "-c", "write -P 0xff 0 \(Self.image.size)", target], in: dir)
+        try convert(["-n", "-f", "raw", "-O", "raw", src, server.v3("existing.raw")])
+        try compare(src, target)
+    }
+
+    // MARK: Errors: one line naming the URL, non-zero exit
+
+    private func expectFailure(_ args: [String], url: String, mentions: String? = nil, line: UInt = #line) throws {
+        let r = try Tools.ferry(["convert"] + args, in: dir)
+        XCTAssertNotEqual(r.status, 0, "ferry convert \(args.joined(separator: " ")) succeeded", line: line)
+        let lines = r.stderr.split(separator: "\n").filter { !$0.isEmpty }
+        XCTAssertEqual(lines.count, 1, "one line, not: \(r.stderr)", line: line)
+        XCTAssertTrue(r.stderr.contains(url), "the message names \(url): \(r.stderr)", line: line)
+        if let mentions { XCTAssertTrue(r.stderr.contains(mentions), "\(mentions) in: \(r.stderr)", line: line) }
+    }
+
+    func testServerDownMissingExportAndMissingFile() throws {
+        let src = try Self.image.build(in: dir)
+        let down = "nfs://127.0.0.1/export/x.raw?nfsport=2999&mountport=29999"
+        try expectFailure(["-f", "raw", "-O", "raw", down, path("o.raw")], url: down, mentions: "cannot reach the NFS server")
+        try expectFailure(["-f", "raw", "-O", "raw", src, down], url: down, mentions: "cannot reach the NFS server")
+        let noExport = "nfs://127.0.0.1/nothing/x.raw?nfsport=\(server.nfsPort)&mountport=\(server.mountPort)"
+        try expectFailure(["-f", "raw", "-O", "raw", noExport, path("o.raw")], url: noExport, mentions: "cannot mount")
+        try expectFailure(["-f", "raw", "-O", "raw", server.v3("missing.raw"), path("o.raw")], url: server.v3("missing.raw"))
+        try expectFailure(["-f", "raw", "-O", "raw", server.v4("missing.raw"), path("o.raw")], url: server.v4("missing.raw"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: path("o.raw")))
+    }
+
+    func testReadOnlyExportAsTarget() throws {
+        let src = try Self.image.build(in: dir)
+        let url = server.v3("new.raw", readOnlyExport: true)
+        try expectFailure(["-f", "raw", "-O", "raw", src, url], url: url, mentions: "read-only")
+        try Tools.must("qemu-img", ["create", "-q", "-f", "raw", "\(server.readOnlyDir)/there.raw", "\(Self.image.size)"], in: dir)
+        let there = server.v3("there.raw", readOnlyExport: true)
+        try expectFailure(["-n", "-f", "raw", "-O", "raw", src, there], url: there)
+    }
+
+    func testServerKilledMidCopy() throws {
+        let s = try CLINFSServer(name: "death", nfsPort: 2072, mountPort: 20072)
+        defer { s.stop() }
+        let src = path("big.raw")
+        try Tools.must("qemu-img", ["create", "-q", "-f", "raw", src, "1G"], in: dir)
+        try Tools.must("qemu-io", ["-f", "raw", "-c", "write -P 0x5a 0 1G", src], in: dir)
+        let url = s.v3("dying.raw")
+        let p = try Tools.start(try Tools.require("ferry"), ["convert", "-f", "raw", "-O", "raw", src, url], in: dir)
+        // Kill the server once data is flowing.
+        let deadline = Date().addingTimeInterval(20)
+        var st = stat()
+        while Date() < deadline {
+            if stat("\(s.exportDir)/dying.raw", &st) == 0 && st.st_blocks > 16 << 11 { break }
+            usleep(10_000)
+        }
+        if let pid = s.pid { kill(pid, SIGKILL) }
+        let r = try p.wait(timeout: 60)
+        XCTAssertNotEqual(r.status, 0, "the copy cannot succeed once the server is dead")
+        let lines = r.stderr.split(separator: "\n").filter { !$0.isEmpty }
+        XCTAssertEqual(lines.count, 1, "one line, not: \(r.stderr)")
+        XCTAssertTrue(r.stderr.contains(url) && r.stderr.contains("offset"), r.stderr)
+    }
+}

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# NFS -> local: Ferry against qemu-img convert and nfs-cp, reading a raw image from nfs-ganesha.
+#
+# A 1 GiB raw image, half random data and half holes (the layout of bench/raw.sh), lies in the
+# export of a ganesha (FSAL VFS, NFSv3, 1 MiB rsize/wsize) started by scripts/nfs-start.sh
+# inside a private network namespace with a portmapper on its port 111: qemu-img 7.2's nfs://
+# takes no port options, so every client (Ferry, qemu-img, nfs-cp) runs in that namespace
+# against the same server, with the same URL. Each command copies the image to a local raw
+# file RUNS times, interleaved (one of each, then again), with the page cache written back and
+# dropped before each run (when permitted). Prints the median time of each command and its
+# ratio to the qemu-img command that gives the same guarantee: Ferry's default (flushes the
+# target) against `qemu-img -t writeback`, Ferry `-t unsafe` against qemu-img's default.
+#
+#   FERRY=path/to/ferry RUNS=5 SIZE_MIB=1024 BENCH_DIR=/tmp bench/nfs.sh
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+FERRY=${FERRY:-$(swift build -c release --show-bin-path)/ferry}
+RUNS=${RUNS:-5}
+SIZE_MIB=${SIZE_MIB:-1024}
+NETNS=${NETNS:-ferry-bench-nfs}
+[ -x "$FERRY" ] || { echo "bench: no ferry binary at $FERRY (make release)" >&2; exit 1; }
+(( SIZE_MIB % 4 == 0 && SIZE_MIB >= 8 )) || { echo "bench: SIZE_MIB must be a multiple of 4, at least 8" >&2; exit 1; }
+qemu-img --help | grep -qw nfs || { echo "bench: qemu-img has no nfs driver (install qemu-block-extra)" >&2; exit 1; }
+command -v nfs-cp >/dev/null || { echo "bench: nfs-cp is missing (libnfs-utils)" >&2; exit 1; }
+
+OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench-nfs.XXXXXX")
+STATE=$OUT/server
+cleanup() { "$HERE/../scripts/nfs-stop.sh" "$STATE" >/dev/null 2>&1 || true; rm -rf "$OUT"; }
+trap cleanup EXIT
+NETNS=$NETNS "$HERE/../scripts/nfs-start.sh" "$STATE" >&2
+IN=(ip netns exec "$NETNS")
+SRC=$STATE/export/src.raw
+URL=nfs://127.0.0.1/export/src.raw
+DST=$OUT/dst.raw
+
+# name | command (URL is the source, DST the target) | the row it is compared with
+ROWS=(
+    "ferry|$FERRY convert -q -f raw -O raw URL DST|qemu-img -t writeback"
+    "ferry -m 16 -W|$FERRY convert -q -f raw -O raw -m 16 -W URL DST|qemu-img -t writeback -m 16 -W"
+    "ferry --connections 1|$FERRY convert -q -f raw -O raw --connections 1 URL DST|qemu-img -t writeback"
+    "ferry -t unsafe|$FERRY convert -q -f raw -O raw -t unsafe URL DST|qemu-img"
+    "ferry -t unsafe -m 16 -W|$FERRY convert -q -f raw -O raw -t unsafe -m 16 -W URL DST|qemu-img -m 16 -W"
+    "qemu-img|qemu-img convert -f raw -O raw URL DST|"
+    "qemu-img -m 16 -W|qemu-img convert -f raw -O raw -m 16 -W URL DST|"
+    "qemu-img -t writeback|qemu-img convert -f raw -O raw -t writeback URL DST|"
+    "qemu-img -t writeback -m 16 -W|qemu-img convert -f raw -O raw -t writeback -m 16 -W URL DST|"
+    "nfs-cp|nfs-cp URL DST|qemu-img"
+)
+
+echo "bench: building a ${SIZE_MIB} MiB raw image on the server (half random data, half holes)" >&2
+truncate -s "${SIZE_MIB}M" "$SRC"
+slots=$(( SIZE_MIB / 4 ))
+for (( k = 0; k < slots; k++ )); do
+    base=$(( k * 4096 ))   # KiB
+    if (( k % 8 == 7 )); then
+        for (( j = 0; j < 32; j++ )); do
+            dd if=/dev/urandom of="$SRC" bs=64K count=1 seek=$(( (base + j * 128) / 64 )) conv=notrunc status=none
+        done
+    else
+        dd if=/dev/urandom of="$SRC" bs=1M count=2 seek=$(( base / 1024 + k % 3 )) conv=notrunc status=none
+    fi
+done
+sync "$SRC"
+
+settle() {
+    sync
+    { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null || true
+}
+if ! { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then
+    echo "bench: cannot drop the page cache (not root?): reads may come from memory" >&2
+fi
+now_ns() { date +%s%N; }
+
+declare -A TIMES
+for (( run = 1; run <= RUNS; run++ )); do
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r name cmd _ <<<"$row"
+        cmd=${cmd//URL/$URL}
+        cmd=${cmd//DST/$DST}
+        rm -f "$DST"
+        settle
+        t0=$(now_ns)
+        "${IN[@]}" bash -c "$cmd" >/dev/null
+        t1=$(now_ns)
+        TIMES[$name]+="$(( (t1 - t0) / 1000 )) "
+        if (( run == 1 )); then
+            qemu-img compare -q -f raw -F raw "$SRC" "$DST" || { echo "bench: $name produced a different image" >&2; exit 1; }
+        fi
+    done
+    echo "bench: run $run of $RUNS done" >&2
+done
+rm -f "$DST"
+
+median_us() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+
+echo
+echo "NFS (ganesha, NFSv3, loopback) -> local raw, ${SIZE_MIB} MiB image (half data), median of $RUNS runs, $(uname -r), $(nproc) CPUs"
+echo
+printf '| %-30s | %8s | %7s | %6s | %-30s |\n' "command" "median s" "MiB/s" "ratio" "ratio is time against"
+printf '|%s|%s|%s|%s|%s|\n' "--------------------------------" "----------" "---------" "--------" "--------------------------------"
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r name _ ref <<<"$row"
+    m=$(median_us "${TIMES[$name]}")
+    secs=$(awk -v m="$m" 'BEGIN { printf "%.3f", m / 1e6 }')
+    rate=$(awk -v m="$m" -v s="$SIZE_MIB" 'BEGIN { printf "%.0f", s / (m / 1e6) }')
+    ratio="" against=""
+    if [ -n "$ref" ]; then
+        r=$(median_us "${TIMES[$ref]}")
+        ratio=$(awk -v m="$m" -v r="$r" 'BEGIN { printf "%.2f", m / r }')
+        against=$ref
+    fi
+    printf '| %-30s | %8s | %7s | %6s | %-30s |\n' "$name" "$secs" "$rate" "$ratio" "$against"
+done
+echo
+echo "MiB/s is the image's virtual size over the time; ratio < 1 means faster than the command it is compared with."
+echo "nfs-cp copies every byte (holes included) and never flushes: it is compared with qemu-img's default."
