@@ -22,6 +22,7 @@ PACKAGES=(
     nfs-ganesha-vfs # its VFS backend
     rpcbind         # NFSv3 registration while ganesha starts
     iproute2        # network namespaces for qemu-img's nfs:// (needs a portmapper on 111)
+    qemu-block-extra # qemu-img's nfs:// driver, the baseline of bench/nfs.sh
 )
 
 missing=()
