@@ -1,7 +1,6 @@
 import FerryCore
 import FerryFile
 import FerryFormats
-import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -24,7 +23,7 @@ public struct OpenedImage: Sendable {
 
 /// Warnings collected while a chain of images is opened.
 final class WarningLog: Sendable {
-    private let lines = Mutex<[String]>([])
+    private let lines = Locked<[String]>([])
     func add(_ line: String) { lines.withLock { $0.append(line) } }
     var all: [String] { lines.withLock { $0 } }
 }

@@ -1,7 +1,6 @@
 import CZlib
 import CZstd
 import FerryCore
-import Synchronization
 
 /// The compression used for a qcow2 image's compressed clusters.
 enum QCOW2Compression: UInt8, Sendable {
@@ -74,8 +73,8 @@ private final class ZstdDecoder: @unchecked Sendable {
 /// cluster it has just read, and gives it back, so clusters decompress in parallel.
 final class Decompressors: Sendable {
     let kind: QCOW2Compression
-    private let inflaters = Mutex<[Inflater]>([])
-    private let zstds = Mutex<[ZstdDecoder]>([])
+    private let inflaters = Locked<[Inflater]>([])
+    private let zstds = Locked<[ZstdDecoder]>([])
 
     init(kind: QCOW2Compression) { self.kind = kind }
 

@@ -1,5 +1,4 @@
 import FerryCore
-import Synchronization
 
 /// One L2 table, decoded to host byte order (for extended L2 entries, two words per entry:
 /// the descriptor, then the subcluster bitmap).
@@ -13,7 +12,7 @@ final class L2Table: Sendable {
 /// At most `capacity` tables are kept; the least recently used one goes first. A table being
 /// loaded is remembered as its loading task, so that concurrent misses of the same table read
 /// it once and all wait for that read. The lock is held only to look up and update the map,
-/// never across a read.
+/// never across a read. (A pthread mutex, `Locked`, so that ThreadSanitizer sees it.)
 final class L2Cache: Sendable {
     private enum Slot {
         case loading(Task<L2Table, any Error>)
@@ -24,7 +23,7 @@ final class L2Cache: Sendable {
         var clock: UInt64 = 0
         var loads = 0
     }
-    private let state = Mutex(State())
+    private let state = Locked(State())
     let capacity: Int
     private let load: @Sendable (Int64) async throws -> L2Table
 
