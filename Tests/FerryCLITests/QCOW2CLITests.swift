@@ -88,6 +88,20 @@ final class QCOW2CLITests: XCTestCase {
         XCTAssertEqual(try Tools.run(try Tools.require("qemu-img"), ["compare", "-F", "raw", "zstd.qcow2", "z.raw"], in: dir).status, 0)
     }
 
+    func testHugeSparseImageConvertsInAMoment() throws {
+        try qcow2("huge.qcow2", "1T", writes: ["write -P 0x61 0 1M", "write -P 0x62 600G 1M", "write -P 0x63 1099510579200 1M"])
+        let started = Date()
+        let r = try Tools.ferry(["convert", "-O", "raw", "huge.qcow2", "huge.raw"], in: dir)
+        let elapsed = Date().timeIntervalSince(started)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stderr.contains("read 3 MiB"), r.stderr)
+        XCTAssertLessThan(elapsed, 5, "converting a 1 TiB image with 3 MiB of data took \(elapsed) s")
+        XCTAssertEqual(fileSize(dir.appendingPathComponent("huge.raw").path), 1 << 40)
+        XCTAssertLessThan(allocatedBytes(dir.appendingPathComponent("huge.raw").path), 8 << 20)
+        let cmp = try Tools.run(try Tools.require("qemu-img"), ["compare", "-F", "raw", "huge.qcow2", "huge.raw"], in: dir)
+        XCTAssertEqual(cmp.status, 0, cmp.stdout + cmp.stderr)
+    }
+
     func testBackingWithoutFormatWarns() throws {
         try Tools.must("qemu-img", ["create", "-q", "-f", "raw", "b.img", "1M"], in: dir)
         try Tools.must("qemu-img", ["create", "-q", "-f", "qcow2", "-b", "b.img", "-F", "raw", "o.qcow2", "1M"], in: dir)
