@@ -40,6 +40,7 @@ ROWS=(
     "ferry -m 16 -W|$FERRY convert -q -f raw -O raw -m 16 -W URL DST|qemu-img -t writeback -m 16 -W"
     "ferry --connections 1|$FERRY convert -q -f raw -O raw --connections 1 URL DST|qemu-img -t writeback"
     "ferry -t unsafe|$FERRY convert -q -f raw -O raw -t unsafe URL DST|qemu-img"
+    "ferry -t unsafe --connections 1|$FERRY convert -q -f raw -O raw -t unsafe --connections 1 URL DST|qemu-img"
     "ferry -t unsafe -m 16 -W|$FERRY convert -q -f raw -O raw -t unsafe -m 16 -W URL DST|qemu-img -m 16 -W"
     "qemu-img|qemu-img convert -f raw -O raw URL DST|"
     "qemu-img -m 16 -W|qemu-img convert -f raw -O raw -m 16 -W URL DST|"
@@ -97,8 +98,8 @@ median_us() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ a[NR] = $1 }
 echo
 echo "NFS (ganesha, NFSv3, loopback) -> local raw, ${SIZE_MIB} MiB image (half data), median of $RUNS runs, $(uname -r), $(nproc) CPUs"
 echo
-printf '| %-30s | %8s | %7s | %6s | %-30s |\n' "command" "median s" "MiB/s" "ratio" "ratio is time against"
-printf '|%s|%s|%s|%s|%s|\n' "--------------------------------" "----------" "---------" "--------" "--------------------------------"
+printf '| %-32s | %8s | %7s | %6s | %-30s |\n' "command" "median s" "MiB/s" "ratio" "ratio is time against"
+printf '|%s|%s|%s|%s|%s|\n' "----------------------------------" "----------" "---------" "--------" "--------------------------------"
 for row in "${ROWS[@]}"; do
     IFS='|' read -r name _ ref <<<"$row"
     m=$(median_us "${TIMES[$name]}")
@@ -110,7 +111,7 @@ for row in "${ROWS[@]}"; do
         ratio=$(awk -v m="$m" -v r="$r" 'BEGIN { printf "%.2f", m / r }')
         against=$ref
     fi
-    printf '| %-30s | %8s | %7s | %6s | %-30s |\n' "$name" "$secs" "$rate" "$ratio" "$against"
+    printf '| %-32s | %8s | %7s | %6s | %-30s |\n' "$name" "$secs" "$rate" "$ratio" "$against"
 done
 echo
 echo "MiB/s is the image's virtual size over the time; ratio < 1 means faster than the command it is compared with."
