@@ -12,8 +12,9 @@
 #
 # Every command flushes the target at the end (like with like): Ferry by default,
 # qemu-img with `-t writeback`, nbdcopy with `--flush`. Runs are interleaved (one of each
-# command, then again) so drift hits all alike; the table gives medians and each command's
-# time over Ferry's default in the same copy (ratio > 1: Ferry's default is faster).
+# command, then again, each run starting one command later) so drift hits all alike; the
+# table gives medians and each command's time over Ferry's default in the same copy
+# (ratio > 1: Ferry's default is faster).
 #
 #   FERRY=path/to/ferry RUNS=3 SIZE_MIB=1024 DELAY=2ms BENCH_DIR=/dev/shm bench/nbd.sh
 set -euo pipefail
@@ -73,15 +74,18 @@ add_copy "nbd -> nbd" "$S" "$D" yes
 
 now_ns() { date +%s%N; }
 declare -A TIMES
+N=${#ROWS[@]}
 for (( run = 1; run <= RUNS; run++ )); do
-    for row in "${ROWS[@]}"; do
+    # Each run starts one row later, so no command always follows the same one.
+    for (( i = 0; i < N; i++ )); do
+        row=${ROWS[$(( (i + run - 1) % N ))]}
         IFS='|' read -r copy name cmd <<<"$row"
         rm -f "$DST"
         t0=$(now_ns)
         bash -c "$cmd"
         t1=$(now_ns)
         TIMES[$copy/$name]+="$(( (t1 - t0) / 1000 )) "
-        if (( run == 1 )); then
+        if (( run == 1 )); then  # check every command's result once
             case $copy in *nbd) t=$D ;; *) t=$DST ;; esac
             qemu-img compare -q -f raw -F raw "$SRC" "$t" || { echo "bench: $copy: $name produced a different image" >&2; exit 1; }
         fi
