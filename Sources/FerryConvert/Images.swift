@@ -65,13 +65,14 @@ public enum Images {
     public static func open(_ spec: ImageSpec, readOnly: Bool, options: EndpointOptions = EndpointOptions(),
                             depth: Int = 0) async throws -> OpenedImage {
         let warnings = WarningLog()
-        var image = try await open(spec, readOnly: readOnly, options: options, depth: depth, chain: [], warnings: warnings)
+        var image = try await open(spec, readOnly: readOnly, options: options, depth: depth, chain: [], warnings: warnings,
+                                   withBacking: true)
         image.warnings = warnings.all
         return image
     }
 
     static func open(_ spec: ImageSpec, readOnly: Bool, options: EndpointOptions, depth: Int,
-                     chain: [String], warnings: WarningLog) async throws -> OpenedImage {
+                     chain: [String], warnings: WarningLog, withBacking: Bool) async throws -> OpenedImage {
         guard depth <= maxChainDepth else {
             throw FerryError(.corrupt, "backing chain is deeper than \(maxChainDepth) images (is it a loop?)", path: spec.location)
         }
@@ -90,9 +91,9 @@ public enum Images {
                 if chosen == nil { probed = true }
             }
             let f = chosen ?? RawFormat.self
-            let context = FormatContext(location: spec.location, readOnly: readOnly, depth: depth, openBacking: { location, format, depth in
+            var context = FormatContext(location: spec.location, readOnly: readOnly, depth: depth, openBacking: { location, format, depth in
                 let backing = try await open(ImageSpec(location, format: format), readOnly: true, options: options, depth: depth,
-                                             chain: chain, warnings: warnings)
+                                             chain: chain, warnings: warnings, withBacking: true)
                 if backing.probedAsRaw {
                     warnings.add("\(spec.location): the backing file '\(location)' has no format in the image header and probing guessed raw; set it with 'qemu-img rebase -u -F raw' to silence this warning")
                 }
@@ -100,6 +101,7 @@ public enum Images {
             }, openFile: { location in
                 try await openEndpoint(location, readOnly: readOnly, options: options)
             }, warning: { warnings.add($0) })
+            context.opensBacking = withBacking
             let device = try await f.open(file: file, context: context)
             return OpenedImage(device: device, file: file, format: f.name, location: spec.location, probedAsRaw: probed)
         } catch {
@@ -152,9 +154,14 @@ public enum Images {
         return try Formats.probe(header: UnsafeRawBufferPointer(rebasing: buffer.bytes[0 ..< n]), path: file.name)
     }
 
-    /// Opens `spec` read-only, runs `body`, and closes the image whatever happens.
-    public static func withImage<T>(_ spec: ImageSpec, _ body: (OpenedImage) async throws -> T) async throws -> T {
-        let image = try await open(spec, readOnly: true)
+    /// Opens `spec` read-only, runs `body`, and closes the image whatever happens. Without
+    /// `withBacking` the image's backing chain is not opened (only described).
+    public static func withImage<T>(_ spec: ImageSpec, withBacking: Bool = true,
+                                    _ body: (OpenedImage) async throws -> T) async throws -> T {
+        let warnings = WarningLog()
+        var image = try await open(spec, readOnly: true, options: EndpointOptions(), depth: 0, chain: [], warnings: warnings,
+                                   withBacking: withBacking)
+        image.warnings = warnings.all
         let result: T
         do {
             result = try await body(image)
@@ -169,7 +176,8 @@ public enum Images {
     /// `ferry info`: the image, and with `backingChain` every image under it, top first.
     public static func info(_ spec: ImageSpec, backingChain: Bool = false) async throws
         -> (chain: [ImageInfo], probedAsRaw: Bool, warnings: [String]) {
-        try await withImage(spec) { image in
+        // Like qemu-img, describing one image does not need its backing file to exist.
+        try await withImage(spec, withBacking: backingChain) { image in
             var chain: [ImageInfo] = []
             var device: (any BlockDevice)? = image.device
             var filename = spec.location

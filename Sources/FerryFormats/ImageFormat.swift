@@ -59,6 +59,9 @@ public struct FormatContext: Sendable {
     public var openFile: @Sendable (_ location: String) async throws -> any BlockDevice
     /// Receives one-line warnings about the image (a backing file whose format was guessed).
     public var warning: @Sendable (String) -> Void
+    /// False to open the image without its backing image (to describe it, as `info` does
+    /// without `--backing-chain`): reads of ranges the image leaves to it are then zeros.
+    public var opensBacking: Bool = true
 
     public init(location: String, readOnly: Bool, depth: Int = 0,
                 openBacking: @escaping @Sendable (_ location: String, _ format: String?, _ depth: Int) async throws -> any BlockDevice,

@@ -73,7 +73,9 @@ public enum QCOW2Format: ImageFormat {
                 details.backingFilename = backingName
                 details.fullBackingFilename = full
                 details.backingFormat = header.backingFormat
-                backing = try await context.openBacking(full, header.backingFormat, context.depth + 1)
+                if context.opensBacking {
+                    backing = try await context.openBacking(full, header.backingFormat, context.depth + 1)
+                }
             }
         } catch {
             if let externalData { try? await externalData.close() }
