@@ -6,8 +6,10 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         // The embeddable library: the block-device protocol, endpoints, formats and the copy engine.
-        .library(name: "Ferry", targets: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryFormats", "FerryConvert"]),
+        .library(name: "Ferry", targets: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryISCSI", "FerryFormats", "FerryConvert"]),
         .executable(name: "ferry", targets: ["ferry"]),
+        // A TCP proxy that adds latency, for benchmarks of the NFS and iSCSI paths.
+        .executable(name: "ferry-delay-proxy", targets: ["ferry-delay-proxy"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -23,12 +25,14 @@ let package = Package(
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .systemLibrary(name: "CLibNFS", pkgConfig: "libnfs", providers: [.apt(["libnfs-dev"])]),
+        .systemLibrary(name: "CLibISCSI", pkgConfig: "libiscsi", providers: [.apt(["libiscsi-dev"])]),
         .target(name: "FerryCore"),
         .target(name: "FerryFile", dependencies: ["FerryCore", "CFerryLinux"]),
         .target(name: "FerryNBD", dependencies: ["FerryCore", "CLibNBD"]),
         .target(name: "FerryNFS", dependencies: ["FerryCore", "CLibNFS"]),
+        .target(name: "FerryISCSI", dependencies: ["FerryCore", "CLibISCSI"]),
         .target(name: "FerryFormats", dependencies: ["FerryCore", "CZlib", "CZstd"]),
-        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryFormats"]),
+        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryISCSI", "FerryFormats"]),
         .executableTarget(
             name: "ferry",
             dependencies: [
@@ -36,10 +40,12 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        .executableTarget(name: "ferry-delay-proxy", dependencies: ["FerryCore"]),
         .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
         .testTarget(name: "FerryFileTests", dependencies: ["FerryFile", "FerryCore"]),
         .testTarget(name: "FerryNBDTests", dependencies: ["FerryNBD", "FerryCore"]),
         .testTarget(name: "FerryNFSTests", dependencies: ["FerryNFS", "FerryCore"]),
+        .testTarget(name: "FerryISCSITests", dependencies: ["FerryISCSI", "FerryCore"]),
         .testTarget(name: "FerryFormatsTests", dependencies: ["FerryFormats", "FerryConvert", "FerryFile", "FerryCore"]),
         .testTarget(name: "FerryConvertTests", dependencies: ["FerryConvert", "FerryFormats", "FerryFile", "FerryCore"]),
         .testTarget(name: "FerryCLITests", dependencies: ["FerryCore"], exclude: ["golden"]),

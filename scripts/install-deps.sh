@@ -2,8 +2,7 @@
 # Installs the system packages Ferry builds, tests and benchmarks with, and only those that
 # are missing: nothing is downloaded (not even `apt-get update`) when all are present.
 #
-# Add a package by appending it to PACKAGES (the NFS and iSCSI endpoints will add tgt,
-# nfs-ganesha, libnfs-dev, libiscsi-dev, ...). Swift itself is not installed here.
+# Add a package by appending it to PACKAGES. Swift itself is not installed here.
 set -euo pipefail
 
 PACKAGES=(
@@ -17,12 +16,15 @@ PACKAGES=(
     util-linux      # losetup, fallocate
     pkg-config      # finds libnbd, libnfs, zlib and libzstd for the C modules
     libnfs-dev      # the NFS endpoint
+    libiscsi-dev    # the iSCSI endpoint
+    libiscsi-bin    # iscsi-ls, iscsi-inq, iscsi-readcapacity16: reference clients
+    tgt             # tgtd: iSCSI test target (user space)
     libnfs-utils    # nfs-cp, nfs-ls: reference clients
     nfs-ganesha     # NFS test server (user space)
     nfs-ganesha-vfs # its VFS backend
     rpcbind         # NFSv3 registration while ganesha starts
     iproute2        # network namespaces for qemu-img's nfs:// (needs a portmapper on 111)
-    qemu-block-extra # qemu-img's nfs:// driver, the baseline of bench/nfs.sh
+    qemu-block-extra # qemu-img's nfs:// and iscsi:// drivers, the baselines of bench/
 )
 
 missing=()

@@ -34,6 +34,8 @@ extension Images {
             break
         case "nfs":
             return try await openNFS(location, readOnly: readOnly, options: options)
+        case "iscsi":
+            return try await openISCSI(location, readOnly: readOnly, options: options)
         case let scheme?:
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }
@@ -61,6 +63,8 @@ extension Images {
             break
         case "nfs":
             return try await createNFS(location, size: size, options: options)
+        case "iscsi":
+            return try await createISCSI(location, size: size, options: options)
         case let scheme?:
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }

@@ -1,0 +1,3 @@
+// scsi-lowlevel.h needs the types iscsi.h declares first.
+#include <iscsi/iscsi.h>
+#include <iscsi/scsi-lowlevel.h>

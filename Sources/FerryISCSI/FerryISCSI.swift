@@ -1,0 +1,1 @@
+// The iSCSI endpoint (libiscsi) goes here.

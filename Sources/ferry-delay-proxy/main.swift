@@ -1,0 +1,1 @@
+print("ferry-delay-proxy: not written yet")
