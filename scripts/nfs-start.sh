@@ -92,12 +92,14 @@ if [ -n "$RPCNS" ]; then
     [ -n "$NETNS" ] || { ip netns add "$RPCNS"; ip -n "$RPCNS" link set lo up; }
     ip netns exec "$RPCNS" setsid rpcbind -f -w </dev/null >"$STATE/rpcbind.log" 2>&1 9>&- &
     echo $! >"$STATE/rpcbind.pid"
+    disown $!   # no "Killed" job notice when it is stopped below
     for _ in $(seq 200); do ip netns exec "$RPCNS" rpcinfo -p 127.0.0.1 >/dev/null 2>&1 && break; sleep 0.02; done
 fi
 
 "${RUN[@]}" setsid ganesha.nfsd -F -f "$STATE/ganesha.conf" -L "$STATE/ganesha.log" -p "$STATE/ganesha.pidf" \
     </dev/null >"$STATE/ganesha.out" 2>&1 9>&- &
 GPID=$!
+disown $GPID
 echo $GPID >"$STATE/ganesha.pid"
 for _ in $(seq 500); do
     "${RUN[@]}" ss -Hltn "sport = :$PORT" | grep -q LISTEN && break
