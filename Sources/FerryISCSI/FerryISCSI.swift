@@ -1,1 +1,0 @@
-// The iSCSI endpoint (libiscsi) goes here.

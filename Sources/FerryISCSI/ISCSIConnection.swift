@@ -1,0 +1,622 @@
+import CLibISCSI
+import FerryCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One SCSI command's worth of work: what a session's event loop issues to libiscsi.
+/// Addresses and counts are in logical blocks.
+enum ISCSIOperation {
+    /// READ(16) of `blocks` straight into the caller's buffer.
+    case read(UnsafeMutableRawPointer, lba: UInt64, blocks: UInt32)
+    /// WRITE(16) from the caller's buffer.
+    case write(UnsafeRawPointer, lba: UInt64, blocks: UInt32, fua: Bool)
+    /// WRITE SAME(16) of one block of zeros, with the UNMAP bit if `unmap`.
+    case writeSame(lba: UInt64, blocks: UInt32, unmap: Bool)
+    /// UNMAP of one range.
+    case unmap(lba: UInt64, blocks: UInt32)
+    /// SYNCHRONIZE CACHE(16) of the whole LUN.
+    case sync
+    /// GET LBA STATUS from `lba`; the answer goes to the piece's `status`.
+    case lbaStatus(lba: UInt64)
+
+    var verb: String {
+        switch self {
+        case .read: "READ(16)"
+        case .write: "WRITE(16)"
+        case .writeSame(_, _, let unmap): unmap ? "WRITE SAME(16) with UNMAP" : "WRITE SAME(16)"
+        case .unmap: "UNMAP"
+        case .sync: "SYNCHRONIZE CACHE(16)"
+        case .lbaStatus: "GET LBA STATUS"
+        }
+    }
+
+    var lba: UInt64 {
+        switch self {
+        case .read(_, let lba, _), .write(_, let lba, _, _), .writeSame(let lba, _, _), .unmap(let lba, _), .lbaStatus(let lba): lba
+        case .sync: 0
+        }
+    }
+
+    var bytesMoved: Int {
+        switch self {
+        case .read(_, _, let n), .write(_, _, let n, _): Int(n)
+        default: 0
+        }
+    }
+}
+
+/// One descriptor of a GET LBA STATUS answer.
+struct LBAStatus: Sendable {
+    var lba: UInt64
+    var blocks: UInt32
+    /// 0 mapped, 1 deallocated, 2 anchored.
+    var provisioning: UInt32
+}
+
+/// One piece of a caller's request. Buffers belong to the caller, whose task stays suspended
+/// until `call` has heard from every piece.
+final class ISCSIPiece: @unchecked Sendable {
+    let operation: ISCSIOperation
+    let call: PendingCall
+    /// GET LBA STATUS descriptors, filled on the loop thread before `call` hears of the piece.
+    var status: [LBAStatus] = []
+    /// The one-entry scatter list libiscsi reads into or writes from (lives as long as the task).
+    var iov = scsi_iovec()
+    var unmapRange = unmap_list()
+    /// Set by the loop when the piece is issued. Loop thread only.
+    unowned(unsafe) var connection: ISCSIConnection?
+
+    init(_ operation: ISCSIOperation, call: PendingCall) {
+        self.operation = operation
+        self.call = call
+    }
+}
+
+/// What a session learned about the LUN while logging in.
+struct ISCSILunInfo: Sendable {
+    var blockSize: Int
+    var blocks: UInt64
+    /// READ CAPACITY(16) LBPME: the LUN is thin-provisioned (GET LBA STATUS works).
+    var thin: Bool
+    /// LBPRZ: unmapped blocks read as zeros.
+    var readsZeroWhenUnmapped: Bool
+    /// Logical Block Provisioning VPD: UNMAP and WRITE SAME(16) with UNMAP are supported.
+    var unmapSupported: Bool
+    var writeSameUnmapSupported: Bool
+    /// Block Limits VPD, in blocks (0: not reported).
+    var maxTransferBlocks: UInt32
+    var optimalTransferBlocks: UInt32
+    var maxUnmapBlocks: UInt32
+    var maxWriteSameBlocks: UInt64
+    var blockLimitsReported: Bool
+}
+
+/// SCSI status values (scsi_status in iscsi.h) as the callbacks get them.
+enum SCSIStatus {
+    static let good = Int32(bitPattern: SCSI_STATUS_GOOD.rawValue)
+    static let checkCondition = Int32(bitPattern: SCSI_STATUS_CHECK_CONDITION.rawValue)
+    static let cancelled = Int32(bitPattern: SCSI_STATUS_CANCELLED.rawValue)
+    static let error = Int32(bitPattern: SCSI_STATUS_ERROR.rawValue)
+    static let timeout = Int32(bitPattern: SCSI_STATUS_TIMEOUT.rawValue)
+}
+
+/// Words for a check condition: sense key and ASC/ASCQ with libiscsi's names for them.
+func describeSense(_ task: UnsafeMutablePointer<scsi_task>) -> (text: String, key: Int) {
+    let key = Int(task.pointee.sense.key.rawValue)
+    let ascq = Int(task.pointee.sense.ascq)
+    let keyName = scsi_sense_key_str(Int32(key)).map { String(cString: $0) } ?? "UNKNOWN"
+    var text = "sense key \(keyName) (0x\(String(key, radix: 16)))"
+    let asc = String(format2: ascq >> 8), q = String(format2: ascq & 0xff)
+    text += ", ASC/ASCQ 0x\(asc)/0x\(q)"
+    if let p = scsi_sense_ascq_str(Int32(ascq)) {
+        let s = String(cString: p)
+        if !s.isEmpty && !s.lowercased().hasPrefix("unknown") { text += " \(s)" }
+    }
+    return (text, key)
+}
+
+extension String {
+    /// Two hex digits.
+    init(format2 v: Int) {
+        let s = String(v & 0xff, radix: 16)
+        self = s.count == 1 ? "0" + s : s
+    }
+}
+
+/// One iSCSI session: a libiscsi context owned by one event-loop thread.
+///
+/// Everything that touches the context runs on that thread, from parsing the URL and the
+/// connect-and-login (`iscsi_full_connect_async`) to the last logout: nothing blocks Swift's
+/// cooperative pool. Callers queue pieces under a lock and wake the loop through a pipe; the
+/// loop issues them with libiscsi's async task calls, polls the session's socket (in the
+/// directions `iscsi_which_events` asks for) and the pipe together, and calls
+/// `iscsi_service`, inside which libiscsi runs the completion callbacks on this thread; they
+/// finish the pieces, which resume the waiting tasks.
+final class ISCSIConnection: @unchecked Sendable {
+    let index: Int
+    /// The URL without its password, for messages.
+    let name: String
+    private let wakeFd: Int32
+    private let wakeWrite: Int32
+    /// Pieces queued or in flight here: how busy this session is, for spreading requests.
+    let load = Atomic<Int>(0)
+
+    private struct Shared {
+        var queue: [ISCSIPiece] = []
+        var signaled = false
+        var stopping = false
+        var finished: FerryError?
+        var onStopped: [@Sendable () -> Void] = []
+    }
+    private let shared = Locked(Shared())
+
+    // Loop thread only.
+    private var context: OpaquePointer?
+    private var lun: Int32 = 0
+    private var blockSize: Int32 = 512
+    private var loggedIn = false
+    private var dead: FerryError?
+    private var pendingPieces: [ObjectIdentifier: ISCSIPiece] = [:]
+    /// One block of zeros for WRITE SAME.
+    private var zeroBlock: UnsafeMutableRawPointer?
+
+    private init(index: Int, name: String, wake: (read: Int32, write: Int32)) {
+        self.index = index
+        self.name = name
+        self.wakeFd = wake.read
+        self.wakeWrite = wake.write
+    }
+
+    deinit {
+        close(wakeFd)
+        close(wakeWrite)
+        zeroBlock?.deallocate()
+    }
+
+    /// Starts a session's thread, which connects, logs in and probes the LUN; returns once
+    /// the session is ready.
+    static func connect(url: String, name: String, index: Int) async throws -> (ISCSIConnection, ISCSILunInfo) {
+        var fds: [Int32] = [-1, -1]
+        guard pipe(&fds) == 0 else { throw FerryError.posix(errno, "pipe", path: name) }
+        for fd in fds {
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        }
+        let connection = ISCSIConnection(index: index, name: name, wake: (fds[0], fds[1]))
+        let info: ISCSILunInfo = try await withCheckedThrowingContinuation { continuation in
+            let started = startDetachedThread(name: "ferry-iscsi-\(index)") {
+                connection.run(url: url) { continuation.resume(with: $0) }
+            }
+            if !started {
+                let e = FerryError(.other, "cannot start an iSCSI event-loop thread", path: name)
+                connection.finish(e)
+                continuation.resume(throwing: e)
+            }
+        }
+        return (connection, info)
+    }
+
+    /// Queues a piece. A stopped or dead session fails it at once.
+    func submit(_ piece: ISCSIPiece) {
+        load.add(1, ordering: .relaxed)
+        let outcome: (wake: Bool, failed: FerryError?) = shared.withLock { s in
+            if let f = s.finished { return (false, f) }
+            if s.stopping { return (false, FerryError(.other, "the iSCSI session is closing", path: name)) }
+            s.queue.append(piece)
+            defer { s.signaled = true }
+            return (!s.signaled, nil)
+        }
+        if let failed = outcome.failed {
+            load.subtract(1, ordering: .relaxed)
+            piece.call.pieceFinished(failed)
+            return
+        }
+        if outcome.wake { signal() }
+    }
+
+    /// Lets the pieces in flight finish, logs out, then returns.
+    func stop() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let already: Bool = shared.withLock { s in
+                if s.finished != nil { return true }
+                s.stopping = true
+                s.onStopped.append { continuation.resume() }
+                return false
+            }
+            if already { continuation.resume() } else { signal() }
+        }
+    }
+
+    private func signal() {
+        var one: UInt8 = 1
+        _ = write(wakeWrite, &one, 1)
+    }
+
+    // MARK: The loop thread
+
+    private func libiscsiError() -> String {
+        guard let context, let p = iscsi_get_error(context) else { return "unknown error" }
+        let s = String(cString: p)
+        return s.isEmpty ? "unknown error" : s
+    }
+
+    private func run(url: String, opened: (Result<ISCSILunInfo, any Error>) -> Void) {
+        let info: ISCSILunInfo
+        do {
+            info = try open(url: url)
+        } catch {
+            let e = (error as? FerryError) ?? FerryError(.io, "\(error)", path: name)
+            teardown()
+            finish(e)
+            opened(.failure(e))
+            return
+        }
+        opened(.success(info))
+        loop()
+        teardown()
+        finish(dead ?? FerryError(.other, "the iSCSI session is closed", path: name))
+    }
+
+    /// The answer of one setup call, filled by its callback through `handler`.
+    private final class SetupCall {
+        var finished = false
+        var status: Int32 = 0
+        var sense: String?
+        var senseKey = 0
+        let handler: (UnsafeMutablePointer<scsi_task>) -> Void
+        init(_ handler: @escaping (UnsafeMutablePointer<scsi_task>) -> Void) { self.handler = handler }
+    }
+
+    /// The connect callback: called once when the login ends, and again (with an error) if the
+    /// established session fails later, which the loop notices through `iscsi_service` too.
+    private static let connectCallback: iscsi_command_cb = { _, status, _, privateData in
+        let c = Unmanaged<ISCSIConnection>.fromOpaque(privateData!).takeUnretainedValue()
+        if !c.connectFinished {
+            c.connectFinished = true
+            c.connectStatus = status
+        }
+    }
+    private var connectFinished = false
+    private var connectStatus: Int32 = 0
+
+    private static let setupCallback: iscsi_command_cb = { _, status, commandData, privateData in
+        let r = Unmanaged<SetupCall>.fromOpaque(privateData!).takeRetainedValue()
+        r.finished = true
+        r.status = status
+        guard let commandData else { return }
+        let task = commandData.assumingMemoryBound(to: scsi_task.self)
+        if status == SCSIStatus.good {
+            r.handler(task)
+        } else if status == SCSIStatus.checkCondition {
+            let s = describeSense(task)
+            r.sense = s.text
+            r.senseKey = s.key
+        }
+        scsi_free_scsi_task(task)
+    }
+
+    /// Services the context until `done()` says so; throws if the session fails first.
+    private func serviceUntil(_ what: String, _ done: () -> Bool) throws {
+        guard let ctx = context else { throw FerryError(.other, "\(what): no iSCSI context", path: name) }
+        while !done() {
+            let events = iscsi_which_events(ctx)
+            var fd = pollfd(fd: iscsi_get_fd(ctx), events: Int16(truncatingIfNeeded: events), revents: 0)
+            let rc = poll(&fd, 1, events == 0 ? 100 : 1000)
+            if rc < 0 {
+                if errno == EINTR { continue }
+                throw FerryError.posix(errno, "\(what): poll", path: name)
+            }
+            if iscsi_service(ctx, Int32(fd.revents)) < 0 && !done() {
+                throw FerryError(.io, "\(what): \(libiscsiError())", path: name)
+            }
+        }
+    }
+
+    /// Issues one SCSI task during setup and services the context until its callback has run.
+    /// Nil for a check condition when `optional` (a page the target does not have).
+    @discardableResult
+    private func setupCommand(_ what: String, optional: Bool = false,
+                              _ handler: @escaping (UnsafeMutablePointer<scsi_task>) -> Void,
+                              _ issue: (iscsi_command_cb, UnsafeMutableRawPointer) -> UnsafeMutablePointer<scsi_task>?) throws -> Bool {
+        let r = SetupCall(handler)
+        let token = Unmanaged.passRetained(r).toOpaque()
+        guard issue(Self.setupCallback, token) != nil else {
+            Unmanaged<SetupCall>.fromOpaque(token).release()
+            throw FerryError(.io, "\(what) could not be sent: \(libiscsiError())", path: name)
+        }
+        try serviceUntil(what) { r.finished }
+        if r.status == SCSIStatus.good { return true }
+        if r.status == SCSIStatus.checkCondition && optional { return false }
+        if let sense = r.sense {
+            throw FerryError(r.senseKey == 0x07 ? .readOnly : .io, "\(what) failed: \(sense)", path: name)
+        }
+        throw FerryError(.io, "\(what) failed: \(libiscsiError())", path: name)
+    }
+
+    /// Parses the URL, connects and logs in, then asks the LUN for its size and limits.
+    private func open(url: String) throws -> ISCSILunInfo {
+        let initiator = "iqn.2026-01.dev.ferry:initiator-\(getpid())-\(index)"
+        guard let ctx = iscsi_create_context(initiator) else {
+            throw FerryError(.other, "cannot create an iSCSI context", path: name)
+        }
+        context = ctx
+        guard let parsed = iscsi_parse_full_url(ctx, url) else {
+            throw FerryError(.invalidArgument,
+                             "not a valid iSCSI URL (iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN): \(libiscsiError())",
+                             path: name)
+        }
+        defer { iscsi_destroy_url(parsed) }
+        let portal = withUnsafeBytes(of: parsed.pointee.portal) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let target = withUnsafeBytes(of: parsed.pointee.target) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let user = withUnsafeBytes(of: parsed.pointee.user) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let password = withUnsafeBytes(of: parsed.pointee.passwd) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        lun = parsed.pointee.lun
+        iscsi_set_targetname(ctx, target)
+        iscsi_set_session_type(ctx, ISCSI_SESSION_NORMAL)
+        iscsi_set_header_digest(ctx, ISCSI_HEADER_DIGEST_NONE_CRC32C)
+        if !user.isEmpty { iscsi_set_initiator_username_pwd(ctx, user, password) }
+        // Fail rather than reconnect for ever when the target goes away.
+        iscsi_set_noautoreconnect(ctx, 1)
+        iscsi_set_reconnect_max_retries(ctx, 0)
+
+        let me = Unmanaged.passUnretained(self).toOpaque()
+        if iscsi_full_connect_async(ctx, portal, lun, Self.connectCallback, me) != 0 {
+            throw loginFailure(portal: portal, target: target, message: libiscsiError())
+        }
+        do {
+            try serviceUntil("cannot log in to \(target) at \(portal)") { connectFinished }
+        } catch let e as FerryError {
+            throw loginFailure(portal: portal, target: target, message: e.message)
+        }
+        if connectStatus != SCSIStatus.good {
+            throw loginFailure(portal: portal, target: target, message: libiscsiError())
+        }
+        loggedIn = true
+
+        var info = ISCSILunInfo(blockSize: 512, blocks: 0, thin: false, readsZeroWhenUnmapped: false,
+                                unmapSupported: false, writeSameUnmapSupported: false, maxTransferBlocks: 0,
+                                optimalTransferBlocks: 0, maxUnmapBlocks: 0, maxWriteSameBlocks: 0, blockLimitsReported: false)
+        var capacity: (UInt64, UInt32, Bool, Bool)?
+        let lun = self.lun
+        try setupCommand("READ CAPACITY(16) of LUN \(lun)", { task in
+            if let p = scsi_datain_unmarshall(task) {
+                let rc = p.assumingMemoryBound(to: scsi_readcapacity16.self).pointee
+                capacity = (rc.returned_lba, rc.block_length, rc.lbpme != 0, rc.lbprz != 0)
+            }
+        }) { cb, data in iscsi_readcapacity16_task(ctx, lun, cb, data) }
+        guard let (lastLBA, blockLength, lbpme, lbprz) = capacity, blockLength >= 512, blockLength & (blockLength - 1) == 0 else {
+            throw FerryError(.io, "READ CAPACITY(16) of LUN \(lun) gave no usable answer", path: name)
+        }
+        info.blockSize = Int(blockLength)
+        blockSize = Int32(blockLength)
+        info.blocks = lastLBA &+ 1
+        info.thin = lbpme
+        info.readsZeroWhenUnmapped = lbprz
+
+        try setupCommand("INQUIRY (Block Limits VPD) of LUN \(lun)", optional: true, { task in
+            if let p = scsi_datain_unmarshall(task) {
+                let bl = p.assumingMemoryBound(to: scsi_inquiry_block_limits.self).pointee
+                info.blockLimitsReported = true
+                info.maxTransferBlocks = bl.max_xfer_len
+                info.optimalTransferBlocks = bl.opt_xfer_len
+                info.maxUnmapBlocks = bl.max_unmap
+                info.maxWriteSameBlocks = bl.max_ws_len
+            }
+        }) { cb, data in iscsi_inquiry_task(ctx, lun, 1, Int32(SCSI_INQUIRY_PAGECODE_BLOCK_LIMITS.rawValue), 255, cb, data) }
+
+        if lbpme {
+            try setupCommand("INQUIRY (Logical Block Provisioning VPD) of LUN \(lun)", optional: true, { task in
+                if let p = scsi_datain_unmarshall(task) {
+                    let lbp = p.assumingMemoryBound(to: scsi_inquiry_logical_block_provisioning.self).pointee
+                    info.unmapSupported = lbp.lbpu != 0
+                    info.writeSameUnmapSupported = lbp.lbpws != 0
+                }
+            }) { cb, data in iscsi_inquiry_task(ctx, lun, 1, Int32(SCSI_INQUIRY_PAGECODE_LOGICAL_BLOCK_PROVISIONING.rawValue), 255, cb, data) }
+        }
+        let z = UnsafeMutableRawPointer.allocate(byteCount: info.blockSize, alignment: 4096)
+        z.initializeMemory(as: UInt8.self, repeating: 0, count: info.blockSize)
+        zeroBlock = z
+        return info
+    }
+
+    /// A failed connect or login, in the user's terms.
+    private func loginFailure(portal: String, target: String, message: String) -> FerryError {
+        let lower = message.lowercased()
+        if lower.contains("authentication") || lower.contains("authoriz") || lower.contains("chap") {
+            return FerryError(.permissionDenied, "login to \(target) refused: \(message) (wrong user or password?)", path: name)
+        }
+        if lower.contains("not found") || lower.contains("target_not_found") || lower.contains("removed") {
+            return FerryError(.notFound, "no target \(target) at \(portal): \(message)", path: name)
+        }
+        if lower.contains("logical_unit_not_supported") || lower.contains("testunitready") || lower.contains("lun") {
+            return FerryError(.notFound, "target \(target) has no usable LUN \(lun): \(message)", path: name)
+        }
+        if lower.contains("reconnect") {
+            return FerryError(.io, "cannot reach the iSCSI portal \(portal): the connection was refused or dropped; is the target running, and on the port the URL names?", path: name)
+        }
+        if lower.contains("connect") || lower.contains("refused") || lower.contains("pollhup") || lower.contains("socket") {
+            return FerryError(.io, "cannot reach the iSCSI portal \(portal) (\(message)); is the target running, and on the port the URL names?", path: name)
+        }
+        return FerryError(.io, "cannot log in to \(target) at \(portal): \(message)", path: name)
+    }
+
+    private func teardown() {
+        guard let ctx = context else { return }
+        if loggedIn && dead == nil {
+            // A clean logout; a failure here changes nothing.
+            final class Flag { var done = false }
+            let flag = Flag()
+            let token = Unmanaged.passRetained(flag).toOpaque()
+            let cb: iscsi_command_cb = { _, _, _, p in
+                Unmanaged<Flag>.fromOpaque(p!).takeRetainedValue().done = true
+            }
+            if iscsi_logout_async(ctx, cb, token) == 0 {
+                try? serviceUntil("logout") { flag.done }
+            } else {
+                Unmanaged<Flag>.fromOpaque(token).release()
+            }
+        }
+        // Closes the socket; libiscsi cancels whatever is still queued (their callbacks find
+        // their pieces already finished and only drop their references).
+        iscsi_destroy_context(ctx)
+        context = nil
+    }
+
+    fileprivate func finish(_ error: FerryError) {
+        let (waiters, left): ([@Sendable () -> Void], [ISCSIPiece]) = shared.withLock { s in
+            s.finished = error
+            defer { s.onStopped = []; s.queue = [] }
+            return (s.onStopped, s.queue)
+        }
+        for p in left {
+            load.subtract(1, ordering: .relaxed)
+            p.call.pieceFinished(error)
+        }
+        for w in waiters { w() }
+    }
+
+    private func loop() {
+        guard let ctx = context else { return }
+        var batch: [ISCSIPiece] = []
+        var fds = [pollfd](repeating: pollfd(), count: 2)
+        while true {
+            let stopping: Bool = shared.withLock { s in
+                s.signaled = false
+                swap(&batch, &s.queue)
+                return s.stopping
+            }
+            for p in batch { issue(p) }
+            batch.removeAll(keepingCapacity: true)
+            if stopping && pendingPieces.isEmpty { return }
+
+            fds[0] = pollfd(fd: wakeFd, events: Int16(POLLIN), revents: 0)
+            var count = 1
+            var events: Int32 = 0
+            if dead == nil {
+                events = iscsi_which_events(ctx)
+                fds[1] = pollfd(fd: iscsi_get_fd(ctx), events: Int16(truncatingIfNeeded: events), revents: 0)
+                count = 2
+            }
+            let rc = poll(&fds, nfds_t(count), dead == nil && events == 0 ? 100 : 1000)
+            if rc < 0 {
+                if errno == EINTR { continue }
+                connectionLost(FerryError.posix(errno, "poll", path: name))
+                continue
+            }
+            if fds[0].revents != 0 {
+                var drain = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
+                while withUnsafeMutableBytes(of: &drain, { read(wakeFd, $0.baseAddress, $0.count) }) == 32 {}
+            }
+            if count == 2 {
+                if iscsi_service(ctx, Int32(fds[1].revents)) < 0 {
+                    connectionLost(FerryError(.io, "the connection to the iSCSI target was lost: \(libiscsiError())", path: name))
+                }
+            }
+        }
+    }
+
+    /// The session is gone: every piece in flight fails, and so does every later one.
+    private func connectionLost(_ error: FerryError) {
+        guard dead == nil else { return }
+        dead = error
+        for p in pendingPieces.values {
+            complete(p, error: error.at(offset: Int64(p.operation.lba) * Int64(blockSize)))
+        }
+    }
+
+    private static let pieceCallback: iscsi_command_cb = { _, status, commandData, privateData in
+        let p = Unmanaged<ISCSIPiece>.fromOpaque(privateData!).takeRetainedValue()
+        let task = commandData?.assumingMemoryBound(to: scsi_task.self)
+        p.connection?.answered(p, status: status, task: task)
+        if let task { scsi_free_scsi_task(task) }
+    }
+
+    private func issue(_ p: ISCSIPiece) {
+        if let dead {
+            load.subtract(1, ordering: .relaxed)
+            p.call.pieceFinished(dead.at(offset: Int64(p.operation.lba) * Int64(blockSize)))
+            return
+        }
+        guard let ctx = context else { return }
+        p.connection = self
+        pendingPieces[ObjectIdentifier(p)] = p
+        let token = Unmanaged.passRetained(p).toOpaque()
+        let cb = Self.pieceCallback
+        let bs = blockSize
+        let task: UnsafeMutablePointer<scsi_task>?
+        switch p.operation {
+        case .read(let buffer, let lba, let blocks):
+            let bytes = Int(blocks) * Int(bs)
+            p.iov = scsi_iovec(iov_base: buffer, iov_len: bytes)
+            task = withUnsafeMutablePointer(to: &p.iov) { iov in
+                iscsi_read16_iov_task(ctx, lun, lba, UInt32(bytes), bs, 0, 0, 0, 0, 0, cb, token, iov, 1)
+            }
+        case .write(let buffer, let lba, let blocks, let fua):
+            let bytes = Int(blocks) * Int(bs)
+            p.iov = scsi_iovec(iov_base: UnsafeMutableRawPointer(mutating: buffer), iov_len: bytes)
+            task = withUnsafeMutablePointer(to: &p.iov) { iov in
+                iscsi_write16_iov_task(ctx, lun, lba, nil, UInt32(bytes), bs, 0, 0, fua ? 1 : 0, 0, 0, cb, token, iov, 1)
+            }
+        case .writeSame(let lba, let blocks, let unmap):
+            task = iscsi_writesame16_task(ctx, lun, lba, zeroBlock?.assumingMemoryBound(to: UInt8.self), UInt32(bs), blocks,
+                                          0, unmap ? 1 : 0, 0, 0, cb, token)
+        case .unmap(let lba, let blocks):
+            p.unmapRange = unmap_list(lba: lba, num: blocks)
+            task = withUnsafeMutablePointer(to: &p.unmapRange) { list in
+                iscsi_unmap_task(ctx, lun, 0, 0, list, 1, cb, token)
+            }
+        case .sync:
+            task = iscsi_synchronizecache16_task(ctx, lun, 0, 0, 0, 0, cb, token)
+        case .lbaStatus(let lba):
+            task = iscsi_get_lba_status_task(ctx, lun, lba, 8 + 16 * 256, cb, token)
+        }
+        if task == nil {
+            Unmanaged<ISCSIPiece>.fromOpaque(token).release()
+            complete(p, error: FerryError(.io, "\(p.operation.verb) could not be sent: \(libiscsiError())",
+                                          path: name, offset: Int64(p.operation.lba) * Int64(bs)))
+        }
+    }
+
+    /// A completion callback (inside `iscsi_service` or `iscsi_destroy_context`, on this thread).
+    fileprivate func answered(_ p: ISCSIPiece, status: Int32, task: UnsafeMutablePointer<scsi_task>?) {
+        // Already failed (the session died): the caller may be gone, and its buffer with it.
+        guard pendingPieces[ObjectIdentifier(p)] != nil else { return }
+        let at = Int64(p.operation.lba) * Int64(blockSize)
+        if status == SCSIStatus.good {
+            if case .lbaStatus = p.operation, let task, let raw = scsi_datain_unmarshall(task) {
+                let answer = raw.assumingMemoryBound(to: scsi_get_lba_status.self).pointee
+                if let d = answer.descriptors {
+                    for i in 0 ..< Int(answer.num_descriptors) {
+                        p.status.append(LBAStatus(lba: d[i].lba, blocks: d[i].num_blocks, provisioning: d[i].provisioning.rawValue))
+                    }
+                }
+            }
+            complete(p, error: nil)
+            return
+        }
+        if status == SCSIStatus.checkCondition, let task {
+            let s = describeSense(task)
+            let code: FerryError.Code = s.key == 0x07 ? .readOnly : .io
+            complete(p, error: FerryError(code, "\(p.operation.verb) failed: \(s.text)", path: name, offset: at))
+            return
+        }
+        let what: String
+        switch status {
+        // Ferry never aborts a task: libiscsi cancels what is in flight when the session drops.
+        case SCSIStatus.cancelled: what = "was cancelled: the connection to the iSCSI target was lost (\(libiscsiError()))"
+        case SCSIStatus.timeout: what = "timed out"
+        case SCSIStatus.error: what = "failed: \(libiscsiError())"
+        default: what = "failed with SCSI status 0x\(String(status, radix: 16)): \(libiscsiError())"
+        }
+        complete(p, error: FerryError(.io, "\(p.operation.verb) \(what)", path: name, offset: at))
+    }
+
+    private func complete(_ p: ISCSIPiece, error: FerryError?) {
+        guard pendingPieces.removeValue(forKey: ObjectIdentifier(p)) != nil else { return }
+        load.subtract(1, ordering: .relaxed)
+        p.call.pieceFinished(error)
+    }
+}

@@ -1,0 +1,308 @@
+import CLibISCSI
+import FerryCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A LUN on an iSCSI target as a `BlockDevice`, through libiscsi's asynchronous API.
+///
+/// URLs are libiscsi's: `iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN`. The device's
+/// `name` is the URL without the password. A LUN is never created or resized.
+///
+/// Each session is a libiscsi context with its own connect and login, owned by one event-loop
+/// thread (`ISCSIConnection`). With several sessions every request goes to the least busy one.
+/// Offsets and lengths must be multiples of the logical block size (`limits.alignment`).
+/// Reads and writes larger than the LUN's maximum transfer (Block Limits VPD, 1 MiB when the
+/// target does not say) are split inside the device and the pieces sent at once.
+///
+/// - Zeroes: WRITE SAME(16) of a zero block, with the UNMAP bit when the caller allows it and
+///   the LUN supports it (LBPWS) and reads unmapped blocks as zeros (LBPRZ); a LUN without
+///   LBPWS gets zero buffers written.
+/// - Discard: UNMAP, on a LUN that has it (LBPU); otherwise nothing.
+/// - Extents: GET LBA STATUS on a thin-provisioned LUN (LBPME); otherwise all data.
+/// - Flush: SYNCHRONIZE CACHE(16).
+public final class ISCSIDevice: BlockDevice {
+    public let name: String
+    public let size: Int64
+    public let limits: BlockLimits
+    public let capabilities: BlockCapabilities
+    public let readOnly: Bool
+    /// The logical block size of the LUN (512 or 4096 mostly).
+    public let blockSize: Int
+    /// The LUN is thin-provisioned (LBPME).
+    public let thinProvisioned: Bool
+    /// The largest READ or WRITE sent as one SCSI command.
+    public let transferMax: Int
+    let info: ISCSILunInfo
+    let connections: [ISCSIConnection]
+    private let nextConnection = Atomic<Int>(0)
+    private let closed = Atomic<Bool>(false)
+
+    /// Sessions in use.
+    public var connectionCount: Int { connections.count }
+
+    /// True if `location` is an iSCSI URL.
+    public static func handles(_ location: String) -> Bool { location.hasPrefix("iscsi://") }
+
+    /// The URL as the user wrote it, without the password (`USER%PASSWORD@` becomes `USER@`).
+    public static func displayName(_ url: String) -> String {
+        guard url.hasPrefix("iscsi://") else { return url }
+        let rest = url.dropFirst("iscsi://".count)
+        let hostEnd = rest.firstIndex(of: "/") ?? rest.endIndex
+        guard let at = rest[..<hostEnd].lastIndex(of: "@") else { return url }
+        let userinfo = rest[..<at]
+        let user = userinfo.firstIndex(of: "%").map { userinfo[..<$0] } ?? userinfo
+        return "iscsi://" + user + rest[at...]
+    }
+
+    /// Opens LUN of the URL, for writing unless `readOnly`, with `connections` sessions.
+    public static func open(_ url: String, readOnly: Bool, connections wanted: Int = 1) async throws -> ISCSIDevice {
+        _ = signal(SIGPIPE, SIG_IGN)
+        let name = displayName(url)
+        let (c0, info) = try await ISCSIConnection.connect(url: url, name: name, index: 0)
+        var all = [c0]
+        if wanted > 1 {
+            do {
+                try await withThrowingTaskGroup(of: ISCSIConnection.self) { group in
+                    for i in 1 ..< wanted {
+                        group.addTask { try await ISCSIConnection.connect(url: url, name: name, index: i).0 }
+                    }
+                    var failure: (any Error)?
+                    while let result = await group.nextResult() {
+                        switch result {
+                        case .success(let c): all.append(c)
+                        case .failure(let e): failure = failure ?? e
+                        }
+                    }
+                    if let failure { throw failure }
+                }
+            } catch {
+                for c in all { await c.stop() }
+                throw error
+            }
+        }
+        return ISCSIDevice(name: name, info: info, readOnly: readOnly, connections: all.sorted { $0.index < $1.index })
+    }
+
+    /// Opens the LUN for writing as the target of a copy of `size` bytes: a LUN smaller than
+    /// that is a `.tooSmall` error before anything is written.
+    public static func openTarget(_ url: String, size: Int64, connections: Int = 1) async throws -> ISCSIDevice {
+        let device = try await open(url, readOnly: false, connections: connections)
+        if device.size < size {
+            try? await device.close()
+            throw FerryError(.tooSmall, "the iSCSI LUN is too small: \(device.size) bytes, but \(size) are needed (a LUN is never resized)",
+                             path: device.name)
+        }
+        return device
+    }
+
+    private init(name: String, info: ISCSILunInfo, readOnly: Bool, connections: [ISCSIConnection]) {
+        self.name = name
+        self.info = info
+        self.readOnly = readOnly
+        self.connections = connections
+        blockSize = info.blockSize
+        size = Int64(info.blocks) * Int64(info.blockSize)
+        thinProvisioned = info.thin
+        // Block Limits VPD: 0 means "no limit reported"; keep to 1 MiB then. A very large
+        // maximum is capped at 32 MiB per command (memory in flight stays sane).
+        var maxBytes = 1 << 20
+        if info.maxTransferBlocks > 0 && info.maxTransferBlocks != .max {
+            maxBytes = min(Int(info.maxTransferBlocks) * info.blockSize, 32 << 20)
+        }
+        maxBytes = max(info.blockSize, maxBytes / info.blockSize * info.blockSize)
+        transferMax = maxBytes
+        var preferred = maxBytes
+        if info.optimalTransferBlocks > 0 && info.optimalTransferBlocks != .max {
+            preferred = min(maxBytes, max(info.blockSize, Int(info.optimalTransferBlocks) * info.blockSize))
+        }
+        // Callers may ask for more than one command carries: the device splits.
+        limits = BlockLimits(alignment: info.blockSize, preferredTransfer: preferred, maximumTransfer: max(maxBytes, 32 << 20))
+        var caps: BlockCapabilities = [.flush, .fua, .multiConn]
+        if !readOnly {
+            caps.insert(.write)
+            if info.writeSameUnmapSupported { caps.formUnion([.zero, .fastZero]) }
+            if info.unmapSupported { caps.insert(.discard) }
+        }
+        if info.thin { caps.insert(.extents) }
+        capabilities = caps
+    }
+
+    // MARK: Spreading requests
+
+    private func pick() -> ISCSIConnection {
+        if connections.count == 1 { return connections[0] }
+        let start = nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
+        var best = connections[start % connections.count]
+        var bestLoad = best.load.load(ordering: .relaxed)
+        for k in 1 ..< connections.count where bestLoad > 0 {
+            let c = connections[(start + k) % connections.count]
+            let l = c.load.load(ordering: .relaxed)
+            if l < bestLoad { best = c; bestLoad = l }
+        }
+        return best
+    }
+
+    /// Sends the blocks `lba ..< lba + blocks` as commands of at most `step` blocks, all at
+    /// once, and waits for all of them; `make` builds the command for (block index into the
+    /// request, LBA, block count).
+    private func perform(lba: UInt64, blocks: UInt64, step: UInt64, _ make: (UInt64, UInt64, UInt32) -> ISCSIOperation) async throws {
+        guard blocks > 0 else { return }
+        let count = Int((blocks + step - 1) / step)
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let call = PendingCall(pieces: count, continuation: continuation)
+            var done: UInt64 = 0
+            while done < blocks {
+                let n = min(step, blocks - done)
+                pick().submit(ISCSIPiece(make(done, lba + done, UInt32(n)), call: call))
+                done += n
+            }
+        }
+    }
+
+    private func checkWritable(_ offset: Int64) throws {
+        if readOnly { throw FerryError(.readOnly, "the iSCSI LUN was opened read-only", path: name, offset: offset) }
+    }
+
+    /// The blocks of a byte range, which must be aligned to the block size.
+    private func blocks(_ offset: Int64, _ length: Int64) throws -> (lba: UInt64, count: UInt64) {
+        try checkRange(offset, length)
+        let bs = Int64(blockSize)
+        guard offset % bs == 0, length % bs == 0 else {
+            throw FerryError(.invalidArgument, "request \(offset)+\(length) is not aligned to the LUN's \(blockSize)-byte blocks",
+                             path: name, offset: offset)
+        }
+        return (UInt64(offset / bs), UInt64(length / bs))
+    }
+
+    // MARK: BlockDevice
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        let (lba, n) = try blocks(offset, Int64(buffer.count))
+        guard let base = buffer.baseAddress, n > 0 else { return }
+        let bs = blockSize
+        try await perform(lba: lba, blocks: n, step: UInt64(transferMax / bs)) { i, at, k in
+            .read(base + Int(i) * bs, lba: at, blocks: k)
+        }
+    }
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        let (lba, n) = try blocks(offset, Int64(buffer.count))
+        try checkWritable(offset)
+        guard let base = buffer.baseAddress, n > 0 else { return }
+        let bs = blockSize
+        let fua = flags.contains(.fua)
+        try await perform(lba: lba, blocks: n, step: UInt64(transferMax / bs)) { i, at, k in
+            .write(base + Int(i) * bs, lba: at, blocks: k, fua: fua)
+        }
+    }
+
+    /// WRITE SAME commands cover at most this many blocks (Block Limits' maximum, else 1 GiB
+    /// worth), so a huge range does not become one command a target may time out on.
+    private var writeSameStep: UInt64 {
+        let cap = UInt64(max(1, (1 << 30) / blockSize))
+        let m = info.maxWriteSameBlocks
+        return m > 0 ? min(m, cap, UInt64(UInt32.max)) : cap
+    }
+
+    public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws {
+        let (lba, n) = try blocks(offset, length)
+        try checkWritable(offset)
+        if info.writeSameUnmapSupported {
+            guard n > 0 else { return }
+            // The UNMAP bit only where unmapped blocks are sure to read as zeros.
+            let unmap = flags.contains(.mayUnmap) && info.readsZeroWhenUnmapped
+            try await perform(lba: lba, blocks: n, step: writeSameStep) { _, at, k in
+                .writeSame(lba: at, blocks: k, unmap: unmap)
+            }
+        } else {
+            if flags.contains(.fastOnly) {
+                throw FerryError(.notSupported, "the LUN has no WRITE SAME with UNMAP: zeroing means writing zeros", path: name, offset: offset)
+            }
+            guard n > 0 else { return }
+            // Zero bytes from one shared buffer, a bounded number of commands at a time.
+            let zeros = SharedZeros.shared
+            let stepBlocks = UInt64(max(1, min(zeros.count, transferMax) / blockSize))
+            let batch = stepBlocks * 64
+            var at = lba
+            let end = lba + n
+            while at < end {
+                let k = min(batch, end - at)
+                try await perform(lba: at, blocks: k, step: stepBlocks) { _, l, c in
+                    .write(zeros.pointer, lba: l, blocks: c, fua: false)
+                }
+                at += k
+            }
+        }
+        if flags.contains(.fua) { try await flush() }
+    }
+
+    public func discard(at offset: Int64, length: Int64) async throws {
+        try checkRange(offset, length)
+        try checkWritable(offset)
+        guard info.unmapSupported, length > 0 else { return }
+        // Only whole blocks inside the range.
+        let bs = Int64(blockSize)
+        let first = (offset + bs - 1) / bs
+        let end = (offset + length) / bs
+        guard end > first else { return }
+        let m = UInt64(info.maxUnmapBlocks)
+        let step = (m > 0 && m != UInt64(UInt32.max)) ? m : UInt64(1 << 22)
+        try await perform(lba: UInt64(first), blocks: UInt64(end - first), step: step) { _, at, k in
+            .unmap(lba: at, blocks: k)
+        }
+    }
+
+    public func extents(in range: Range<Int64>) async throws -> [Extent] {
+        try checkRange(range.lowerBound, Int64(range.count))
+        let start = range.lowerBound
+        guard info.thin, start < size else {
+            return [Extent(offset: start, length: size - start, kind: .data)]
+        }
+        let bs = Int64(blockSize)
+        let lba = UInt64(start / bs)
+        var issued: ISCSIPiece?
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let p = ISCSIPiece(.lbaStatus(lba: lba), call: PendingCall(pieces: 1, continuation: continuation))
+            issued = p
+            pick().submit(p)
+        }
+        // Filled on the loop thread before the call finished (PendingCall's lock orders it).
+        guard let piece = issued else { return [Extent(offset: start, length: size - start, kind: .data)] }
+        var out: [Extent] = []
+        var cursor = start
+        for d in piece.status {
+            let dStart = Int64(d.lba) * bs
+            let dEnd = min(size, (Int64(d.lba) + Int64(d.blocks)) * bs)
+            guard d.blocks > 0, dStart <= cursor, dEnd > cursor else { break }
+            let zero = d.provisioning != 0 && info.readsZeroWhenUnmapped
+            out.append(Extent(offset: cursor, length: dEnd - cursor, kind: zero ? .zero : .data))
+            cursor = dEnd
+            if cursor >= size { break }
+        }
+        if out.isEmpty {
+            // No usable answer: one block of data, and the caller asks again after it.
+            out.append(Extent(offset: start, length: min(size - start, bs - start % bs), kind: .data))
+        }
+        return out.coalesced()
+    }
+
+    public func flush() async throws {
+        guard !readOnly else { return }
+        // The cache is the LUN's, not the session's: one SYNCHRONIZE CACHE covers the writes
+        // of every session (all completed before flush is called).
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let call = PendingCall(pieces: 1, continuation: continuation)
+            connections[0].submit(ISCSIPiece(.sync, call: call))
+        }
+    }
+
+    public func close() async throws {
+        guard !closed.exchange(true, ordering: .relaxed) else { return }
+        await withTaskGroup(of: Void.self) { group in
+            for c in connections { group.addTask { await c.stop() } }
+        }
+    }
+}
