@@ -1,1 +1,224 @@
-print("ferry-delay-proxy: not written yet")
+// ferry-delay-proxy: a TCP proxy on loopback that adds latency, for benchmarks of the NFS and
+// iSCSI paths (this kernel has no netem).
+//
+//   ferry-delay-proxy LISTEN_PORT TARGET_HOST:TARGET_PORT DELAY_MS [LISTEN_PORT TARGET_HOST:TARGET_PORT ...]
+//
+// Listens on 127.0.0.1:LISTEN_PORT and forwards every connection to TARGET_HOST:TARGET_PORT,
+// holding each chunk of bytes DELAY_MS (fractions allowed) in each direction: a round trip
+// grows by 2 x DELAY_MS. Bytes are delayed, not serialized: each direction keeps a queue of
+// chunks stamped with the time they may leave, so a window full of requests crosses the link
+// together, as on a real long-latency network. One thread per connection pair polls both
+// sockets; a direction stops reading while 64 MiB wait in its queue (backpressure).
+// Prints "ferry-delay-proxy: listening ..." once every port listens. Stop it with SIGTERM.
+
+import FerryCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+func fail(_ message: String) -> Never {
+    FileHandleStderr.write("ferry-delay-proxy: \(message)\n")
+    exit(2)
+}
+
+enum FileHandleStderr {
+    static func write(_ s: String) {
+        var s = s
+        s.withUTF8 { _ = Glibc.write(2, $0.baseAddress, $0.count) }
+    }
+}
+
+func nowNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+func setNoDelay(_ fd: Int32) {
+    var one: Int32 = 1
+    _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+}
+
+func setNonBlocking(_ fd: Int32) {
+    _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+}
+
+struct Route: Sendable {
+    var listenPort: UInt16
+    var host: String
+    var port: UInt16
+}
+
+/// The target's addresses, resolved once.
+func resolve(_ host: String, _ port: UInt16) -> [UInt8] {
+    var hints = addrinfo()
+    hints.ai_family = AF_INET
+    hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+    var res: UnsafeMutablePointer<addrinfo>?
+    guard getaddrinfo(host, String(port), &hints, &res) == 0, let r = res, let a = r.pointee.ai_addr else {
+        fail("cannot resolve \(host)")
+    }
+    defer { freeaddrinfo(res) }
+    return Array(UnsafeRawBufferPointer(start: a, count: Int(r.pointee.ai_addrlen)))
+}
+
+/// One direction of a connection pair: bytes read from `from`, due at their stamp, written to `to`.
+final class Direction {
+    let from: Int32
+    let to: Int32
+    /// Chunks waiting, each with the time it may leave; an empty chunk is the end of the stream.
+    var queue: [(due: UInt64, bytes: [UInt8])] = []
+    var head = 0
+    /// Bytes of the first chunk already written.
+    var written = 0
+    var queuedBytes = 0
+    var readClosed = false
+    var done = false
+
+    init(from: Int32, to: Int32) { self.from = from; self.to = to }
+
+    var wantsRead: Bool { !readClosed && queuedBytes < 64 << 20 }
+}
+
+let scratchSize = 1 << 20
+
+/// Pumps both directions of one client connection until both ends have closed.
+func serve(client: Int32, target: [UInt8], delay: UInt64) {
+    let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard server >= 0 else { close(client); return }
+    let connected = target.withUnsafeBytes { raw in
+        connect(server, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t(raw.count))
+    }
+    guard connected == 0 else { close(server); close(client); return }
+    setNoDelay(client); setNoDelay(server)
+    setNonBlocking(client); setNonBlocking(server)
+    let dirs = [Direction(from: client, to: server), Direction(from: server, to: client)]
+    let scratch = UnsafeMutableRawPointer.allocate(byteCount: scratchSize, alignment: 64)
+    defer {
+        scratch.deallocate()
+        close(client); close(server)
+    }
+    var fds = [pollfd(fd: client, events: 0, revents: 0), pollfd(fd: server, events: 0, revents: 0)]
+    while !(dirs[0].done && dirs[1].done) {
+        let now = nowNanos()
+        var timeout: Int32 = -1
+        fds[0].events = 0; fds[1].events = 0
+        for (i, d) in dirs.enumerated() {
+            // Reads come in on socket i, writes go out on the other one.
+            if d.wantsRead { fds[i].events |= Int16(POLLIN) }
+            if d.head < d.queue.count {
+                let due = d.queue[d.head].due
+                if due <= now {
+                    fds[1 - i].events |= Int16(POLLOUT)
+                } else {
+                    let ms = Int32(min(UInt64(Int32.max), (due - now + 999_999) / 1_000_000))
+                    timeout = timeout < 0 ? ms : min(timeout, ms)
+                }
+            }
+        }
+        let rc = poll(&fds, 2, timeout)
+        if rc < 0 {
+            if errno == EINTR { continue }
+            return
+        }
+        for (i, d) in dirs.enumerated() {
+            let inFd = fds[i], outFd = fds[1 - i]
+            if d.wantsRead && inFd.revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
+                let n = read(d.from, scratch, scratchSize)
+                if n > 0 {
+                    let stamp = nowNanos() + delay
+                    var bytes = [UInt8](repeating: 0, count: n)
+                    bytes.withUnsafeMutableBytes { $0.baseAddress!.copyMemory(from: scratch, byteCount: n) }
+                    d.queue.append((stamp, bytes))
+                    d.queuedBytes += n
+                } else if n == 0 || (errno != EAGAIN && errno != EINTR) {
+                    if n < 0 {
+                        // A reset: the whole pair goes.
+                        return
+                    }
+                    d.readClosed = true
+                    d.queue.append((nowNanos() + delay, []))
+                }
+            }
+            if outFd.revents & Int16(POLLERR) != 0 && outFd.revents & Int16(POLLIN) == 0 { return }
+            // Write every due chunk that the socket takes now.
+            let t = nowNanos()
+            while d.head < d.queue.count && d.queue[d.head].due <= t {
+                let chunk = d.queue[d.head].bytes
+                if chunk.isEmpty {
+                    shutdown(d.to, Int32(SHUT_WR))
+                    d.done = true
+                    d.head += 1
+                    break
+                }
+                let n = chunk.withUnsafeBytes { write(d.to, $0.baseAddress! + d.written, $0.count - d.written) }
+                if n < 0 {
+                    if errno == EAGAIN || errno == EINTR { break }
+                    return
+                }
+                d.written += n
+                if d.written < chunk.count { break }
+                d.queuedBytes -= chunk.count
+                d.written = 0
+                d.head += 1
+            }
+            if d.head > 64 && d.head * 2 > d.queue.count {
+                d.queue.removeFirst(d.head)
+                d.head = 0
+            }
+        }
+    }
+}
+
+// MARK: main
+
+_ = signal(SIGPIPE, SIG_IGN)
+var args = Array(CommandLine.arguments.dropFirst())
+if args.first == "-h" || args.first == "--help" || args.count < 3 || args.count % 3 != 0 {
+    print("usage: ferry-delay-proxy LISTEN_PORT TARGET_HOST:TARGET_PORT DELAY_MS [LISTEN_PORT TARGET_HOST:TARGET_PORT DELAY_MS ...]")
+    exit(args.first == "-h" || args.first == "--help" ? 0 : 2)
+}
+
+var listeners: [(fd: Int32, target: [UInt8], delay: UInt64, route: Route)] = []
+while !args.isEmpty {
+    let spec = Array(args.prefix(3))
+    args.removeFirst(3)
+    guard let lport = UInt16(spec[0]) else { fail("bad listen port '\(spec[0])'") }
+    guard let colon = spec[1].lastIndex(of: ":"), let tport = UInt16(spec[1][spec[1].index(after: colon)...]) else {
+        fail("bad target '\(spec[1])' (HOST:PORT)")
+    }
+    guard let ms = Double(spec[2]), ms >= 0 else { fail("bad delay '\(spec[2])' (milliseconds)") }
+    let host = String(spec[1][..<colon])
+    let route = Route(listenPort: lport, host: host, port: tport)
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    var one: Int32 = 1
+    _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_port = lport.bigEndian
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    let bound = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
+    guard bound == 0, listen(fd, 128) == 0 else { fail("cannot listen on 127.0.0.1:\(lport): \(String(cString: strerror(errno)))") }
+    listeners.append((fd, resolve(host, tport), UInt64(ms * 1_000_000), route))
+}
+do {
+    var line = "ferry-delay-proxy: listening: " + listeners.map { "127.0.0.1:\($0.route.listenPort) -> \($0.route.host):\($0.route.port) +\(Double($0.delay) / 1e6) ms each way" }.joined(separator: ", ") + "\n"
+    line.withUTF8 { _ = write(1, $0.baseAddress, $0.count) }
+}
+
+var pfds = listeners.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
+while true {
+    if poll(&pfds, nfds_t(pfds.count), -1) < 0 { continue }
+    for (i, p) in pfds.enumerated() where p.revents != 0 {
+        let client = accept(p.fd, nil, nil)
+        guard client >= 0 else { continue }
+        let target = listeners[i].target
+        let delay = listeners[i].delay
+        if !startDetachedThread(name: "proxy-conn", { serve(client: client, target: target, delay: delay) }) {
+            close(client)
+        }
+    }
+}
