@@ -26,8 +26,25 @@ public func convert(
     try options.validate()
     guard !sources.isEmpty else { throw FerryError(.invalidArgument, "no source image given") }
     let targetFormat = try Formats.lookup(target.format ?? options.targetFormat, for: target.location, writing: true)
+    var targetOptions = options.targetOptions
+    if options.compress && targetFormat != QCOW2Format.self {
+        throw FerryError(.notSupported, "-c (compression) needs a target format that can compress (qcow2), not \(targetFormat.name)", path: target.location)
+    }
+    if let b = options.backingFile {
+        guard targetFormat == QCOW2Format.self else {
+            throw FerryError(.notSupported, "-B (a backing file) needs a target format that has backing files (qcow2), not \(targetFormat.name)", path: target.location)
+        }
+        if let o = targetOptions["backing_file"], o != b {
+            throw FerryError(.invalidArgument, "-B '\(b)' contradicts -o backing_file=\(o)", path: target.location)
+        }
+        targetOptions["backing_file"] = b
+        if let f = options.backingFormat { targetOptions["backing_fmt"] = f }
+    }
     if !options.useExistingTarget {
-        try Formats.validate(options: options.targetOptions.filter { $0.key != "size" }, for: targetFormat, path: target.location)
+        try Formats.validate(options: targetOptions.filter { $0.key != "size" }, for: targetFormat, path: target.location)
+        if targetFormat == QCOW2Format.self {
+            do { try QCOW2Format.checkOptions(targetOptions.filter { $0.key != "size" }) } catch let e as FerryError { throw e.at(path: target.location) }
+        }
     }
     for s in sources where sameFile(s.location, target.location) {
         throw FerryError(.invalidArgument, "the target is the same file as the source '\(s.location)'", path: target.location)
@@ -64,8 +81,9 @@ public func convert(
             }
         } else {
             out = try await Images.create(target.location, format: targetFormat.name, size: source.size,
-                                          options: options.targetOptions, endpoint: options.targetEndpoint)
+                                          options: targetOptions, endpoint: options.targetEndpoint)
             created = out.createdNewFile
+            for w in out.warnings { warning?(w) }
         }
     } catch {
         await closeSources()
@@ -76,15 +94,29 @@ public func convert(
     config.workers = options.workers
     config.bufferSize = options.bufferSize
     config.outOfOrder = options.outOfOrder
+    if options.compress, let c = out.device as? ClusterCompressingDevice {
+        // Compressed clusters are appended in write order: always in order.
+        c.enableCompression()
+        config.outOfOrder = false
+    }
+    var copySource = source
+    if let b = options.backingFile, opened.count == 1,
+       let view = AboveBackingView(source, backing: resolveRelative(b, to: target.location)) {
+        // The source is layered over the new backing file: copy only its layers above it.
+        copySource = view
+        config.skipUnallocated = true
+    }
     config.sparseSize = options.sparseSize
     config.targetReadsZero = options.useExistingTarget ? options.targetIsZero : out.device.capabilities.contains(.zeroInit)
 
     do {
-        var stats = try await CopyEngine.copy(from: source, to: out.device, configuration: config, progress: progress)
-        if options.targetCache.flushes {
-            try await out.device.flush()
+        var stats = try await CopyEngine.copy(from: copySource, to: out.device, configuration: config, progress: progress)
+        if options.useExistingTarget {
+            if options.targetCache.flushes { try await out.device.flush() }
+            try await out.device.close()
+        } else {
+            try await Images.finish(out, durable: options.targetCache.flushes)
         }
-        try await out.device.close()
         await closeSources()
         // The time the caller waited, flush included.
         stats.elapsed = Tracker.now() - started
@@ -108,4 +140,82 @@ func sameFile(_ a: String, _ b: String) -> Bool {
     var sa = stat(), sb = stat()
     guard stat(a, &sa) == 0, stat(b, &sb) == 0 else { return false }
     return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino
+}
+
+/// The layers of a source chain above a given backing file, seen as one device: reads are the
+/// source's, extents are `.unallocated` only where no layer above the backing file has the
+/// range (so a copy with `skipUnallocated` leaves it to the backing file).
+final class AboveBackingView: BlockDevice, @unchecked Sendable {
+    let source: any BlockDevice
+    let layers: [any LayeredDevice]
+    var name: String { source.name }
+    var size: Int64 { source.size }
+    var limits: BlockLimits { source.limits }
+    var capabilities: BlockCapabilities { source.capabilities.union(.extents) }
+
+    /// Nil unless `backing` (a path) is the file of an image in the source's backing chain.
+    init?(_ source: any BlockDevice, backing: String) {
+        guard let want = Images.fileIdentity(backing) else { return nil }
+        var layers: [any LayeredDevice] = []
+        var d: any BlockDevice = source
+        while let l = d as? LayeredDevice, let next = l.backing {
+            layers.append(l)
+            let path = (l as? DescribedDevice)?.details.fullBackingFilename ?? next.name
+            if Images.fileIdentity(path) == want {
+                self.source = source
+                self.layers = layers
+                return
+            }
+            d = next
+        }
+        return nil
+    }
+
+    func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try await source.read(at: offset, into: buffer)
+    }
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        throw FerryError(.readOnly, "source is read-only", path: name)
+    }
+    func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws {
+        throw FerryError(.readOnly, "source is read-only", path: name)
+    }
+    func discard(at offset: Int64, length: Int64) async throws {}
+    func flush() async throws {}
+    func close() async throws {}
+
+    func extents(in range: Range<Int64>) async throws -> [Extent] {
+        try await cover(0, range.lowerBound ..< min(range.upperBound, size)).coalesced()
+    }
+
+    /// Extents of layers `k...` over all of `range`.
+    private func cover(_ k: Int, _ range: Range<Int64>) async throws -> [Extent] {
+        var out: [Extent] = []
+        var pos = range.lowerBound
+        let layer = layers[k]
+        while pos < range.upperBound {
+            if pos >= layer.size {
+                // Past the end of this layer: reads as zeros from above.
+                out.append(Extent(offset: pos, length: range.upperBound - pos, kind: .zero))
+                break
+            }
+            let end = min(range.upperBound, layer.size)
+            let batch = try await layer.layerExtents(in: pos ..< end)
+            guard let first = batch.first, first.offset == pos, first.length > 0 else {
+                throw FerryError(.corrupt, "extents at offset \(pos) do not start where asked", path: layer.name, offset: pos)
+            }
+            for var e in batch {
+                guard e.offset == pos, e.length > 0 else { break }
+                if e.end > end { e.length = end - e.offset }
+                if e.kind == .unallocated && k + 1 < layers.count {
+                    out += try await cover(k + 1, e.offset ..< e.end)
+                } else {
+                    out.append(e)
+                }
+                pos = e.end
+                if pos >= end { break }
+            }
+        }
+        return out
+    }
 }

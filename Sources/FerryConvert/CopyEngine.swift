@@ -1,4 +1,5 @@
 import FerryCore
+import FerryFormats
 import Synchronization
 
 #if canImport(Glibc)
@@ -59,7 +60,8 @@ public enum CopyEngine {
         let context = WorkerContext(
             source: source, target: target, configuration: configuration,
             granularity: configuration.sparseSize == 0 ? 0 : roundUp(configuration.sparseSize, to: target.limits.alignment),
-            planner: planner, sequencer: sequencer, tracker: tracker, pool: pool)
+            planner: planner, sequencer: sequencer, tracker: tracker, pool: pool,
+            compressor: (target as? ClusterCompressingDevice).flatMap { $0.compressesWrites ? $0 : nil })
 
         do {
             try await withThrowingTaskGroup(of: Void.self) { group in
@@ -114,16 +116,20 @@ private struct WorkerContext: Sendable {
     let sequencer: Sequencer?
     let tracker: Tracker
     let pool: BufferPool
+    /// The target when it compresses: clusters are compressed by each worker before its
+    /// turn, and only appended in its turn.
+    let compressor: (any ClusterCompressingDevice)?
 
     func run() async throws {
         let buffer = await pool.take()
         defer { pool.give(buffer) }
+        let compressed = compressor == nil ? nil : AlignedBuffer(count: buffer.count)
         /// True while the buffer is known to hold only zeros (for fully allocated copies).
         var bufferIsZero = false
         while let request = try await planner.next() {
             try Task.checkCancellation()
             do {
-                try await handle(request, buffer: buffer, bufferIsZero: &bufferIsZero)
+                try await handle(request, buffer: buffer, compressed: compressed, bufferIsZero: &bufferIsZero)
             } catch let e as FerryError {
                 throw e
             } catch is CancellationError {
@@ -134,7 +140,7 @@ private struct WorkerContext: Sendable {
         }
     }
 
-    private func handle(_ r: CopyRequest, buffer: AlignedBuffer, bufferIsZero: inout Bool) async throws {
+    private func handle(_ r: CopyRequest, buffer: AlignedBuffer, compressed: AlignedBuffer?, bufferIsZero: inout Bool) async throws {
         var kind = r.kind
         if kind == .unallocated {
             if configuration.skipUnallocated {
@@ -181,11 +187,29 @@ private struct WorkerContext: Sendable {
         } else {
             runs = ZeroScan.runs(in: UnsafeRawBufferPointer(bytes), at: r.offset, granularity: granularity)
         }
+        // Compression, in this worker, before the turn to write.
+        var pieces: [[CompressedPiece]] = []
+        if let compressor, let compressed {
+            var used = 0
+            for run in runs where !run.isZero {
+                let out = UnsafeMutableRawBufferPointer(rebasing: compressed.mutableBytes[used ..< used + run.range.count])
+                var p = compressor.compress(UnsafeRawBufferPointer(rebasing: bytes[run.range]),
+                                            at: r.offset + Int64(run.range.lowerBound), into: out)
+                for k in p.indices { p[k].start += used }
+                used += p.last.map { $0.start + $0.length - used } ?? 0
+                pieces.append(p)
+            }
+        }
         try await turn(r) {
             var written: Int64 = 0, zeroed: Int64 = 0, skipped: Int64 = 0
+            var dataRun = 0
             for run in runs {
                 let at = r.offset + Int64(run.range.lowerBound)
-                if !run.isZero {
+                if !run.isZero, let compressor, let compressed {
+                    try await compressor.writeCompressed(pieces[dataRun], from: compressed.bytes)
+                    dataRun += 1
+                    written += Int64(run.range.count)
+                } else if !run.isZero {
                     try await writeAll(at: at, UnsafeRawBufferPointer(rebasing: bytes[run.range]))
                     written += Int64(run.range.count)
                 } else if configuration.targetReadsZero {

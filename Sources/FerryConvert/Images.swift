@@ -121,6 +121,16 @@ public enum Images {
     /// Creates a new image of `size` guest bytes in `format` at `location`.
     public static func create(_ location: String, format: String, size: Int64, options: [String: String],
                               endpoint: EndpointOptions = EndpointOptions()) async throws -> OpenedImage {
+        try await create(location, format: format, size: Optional(size), options: options, endpoint: endpoint)
+    }
+
+    /// Creates a new image in `format` at `location`. A qcow2 image with a `backing_file`
+    /// option gets that image (resolved against the new image's directory, as qemu does) as
+    /// its backing file: it must exist, its format is probed when `backing_fmt` is not given,
+    /// and its size is the new image's when `size` is nil. Everything is checked before the
+    /// file is created.
+    public static func create(_ location: String, format: String, size: Int64?, options: [String: String],
+                              endpoint: EndpointOptions = EndpointOptions()) async throws -> OpenedImage {
         let f = try Formats.lookup(format, for: location)
         var opts = options
         if let s = opts.removeValue(forKey: "size") {
@@ -129,17 +139,62 @@ public enum Images {
             }
         }
         try Formats.validate(options: options, for: f, path: location)
+        if f == QCOW2Format.self {
+            do { try QCOW2Format.checkOptions(opts) } catch let e as FerryError { throw e.at(path: location) }
+        }
+        var backing: OpenedImage?
+        if f == QCOW2Format.self, let name = opts["backing_file"], !name.isEmpty {
+            let full = resolveRelative(name, to: location)
+            do {
+                backing = try await open(ImageSpec(full, format: opts["backing_fmt"]), readOnly: true)
+            } catch let e as FerryError {
+                throw FerryError(e.code, "could not open the backing file '\(name)': \(e.message)", path: location)
+            }
+            if opts["backing_fmt"] == nil { opts["backing_fmt"] = backing!.format }
+        }
+        guard let size = size ?? backing?.device.size else {
+            throw FerryError(.invalidArgument, "no size given for the new image (a size is needed unless there is a backing file)", path: location)
+        }
         let fileSize: Int64
-        do { fileSize = try f.initialFileSize(for: size, options: opts) } catch let e as FerryError { throw e.at(path: location) }
-        let file = try await createEndpoint(location, size: fileSize, options: endpoint)
+        let file: any BlockDevice
         do {
-            let device = try await f.create(file: file, size: size, options: opts)
+            do { fileSize = try f.initialFileSize(for: size, options: opts) } catch let e as FerryError { throw e.at(path: location) }
+            file = try await createEndpoint(location, size: fileSize, options: endpoint)
+        } catch {
+            if let backing { try? await backing.device.close() }
+            throw error
+        }
+        do {
+            let device: any BlockDevice
+            if f == QCOW2Format.self {
+                device = try await QCOW2Format.create(file: file, size: size, options: opts, backing: backing?.device)
+            } else {
+                device = try await f.create(file: file, size: size, options: opts)
+            }
             let isNewFile = (file as? FileDevice).map { !$0.isBlockDevice } ?? false
             return OpenedImage(device: device, file: file, format: f.name, location: location, probedAsRaw: false,
-                               createdNewFile: isNewFile)
+                               createdNewFile: isNewFile, warnings: backing?.warnings ?? [])
         } catch let e as FerryError {
             try? await file.close()
+            if let backing { try? await backing.device.close() }
             throw e.at(path: location)
+        }
+    }
+
+    /// Finishes an image made by `create`: commits a format's metadata (a qcow2 header without
+    /// the incomplete marker), flushes unless `durable` is false, closes it, and cuts a new
+    /// local file to the size the format uses.
+    public static func finish(_ image: OpenedImage, durable: Bool) async throws {
+        if let c = image.device as? CommittingDevice {
+            try await c.commit(durable: durable)
+        } else if durable {
+            try await image.device.flush()
+        }
+        try await image.device.close()
+        if image.createdNewFile, let c = image.device as? CommittingDevice, c.usedFileSize > 0 {
+            if truncate(image.location, off_t(c.usedFileSize)) != 0 {
+                throw FerryError.posix(errno, "could not set the size of the new image", path: image.location)
+            }
         }
     }
 

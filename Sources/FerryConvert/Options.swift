@@ -19,6 +19,13 @@ public struct ConvertOptions: Sendable {
     public var targetFormat: String = "raw"
     /// `-o`: the target format's creation options.
     public var targetOptions: [String: String] = [:]
+    /// `-c`: compress the target's clusters (qcow2).
+    public var compress: Bool = false
+    /// `-B`: the new target is an overlay of this image (qcow2); only what the source holds
+    /// above it is written.
+    public var backingFile: String?
+    /// `-F`: the format of `backingFile` (probed if nil).
+    public var backingFormat: String?
     /// `-m`: requests in flight (workers), each with one buffer.
     public var workers: Int = 8
     /// Size of each worker's buffer: the largest single read or write.
@@ -71,6 +78,18 @@ public struct ConvertOptions: Sendable {
         }
         guard (1 ... Self.maxConnections).contains(connections) else {
             throw FerryError(.invalidArgument, "invalid number of connections \(connections) (allowed: 1 to \(Self.maxConnections))")
+        }
+        if compress && useExistingTarget {
+            throw FerryError(.invalidArgument, "-c (compression) cannot be used with -n (an existing target)")
+        }
+        if backingFile != nil && useExistingTarget {
+            throw FerryError(.invalidArgument, "-B (a backing file) cannot be used with -n (an existing target)")
+        }
+        if backingFormat != nil && backingFile == nil {
+            throw FerryError(.invalidArgument, "-F (the backing format) needs -B (a backing file)")
+        }
+        if compress, let p = targetOptions["preallocation"], p != "off" {
+            throw FerryError(.invalidArgument, "-c (compression) cannot be used with preallocation=\(p)")
         }
         if targetIsZero && !useExistingTarget {
             throw FerryError(.invalidArgument, "--target-is-zero requires -n (an existing target)")

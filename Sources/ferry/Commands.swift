@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import ArgumentParser
 import FerryConvert
 import FerryCore
@@ -25,7 +28,7 @@ struct Ferry: ParsableCommand {
         abstract: "Convert disk images with many requests in flight.",
         discussion: "Flags follow qemu-img's. Run 'ferry COMMAND --help' for a command's options.",
         version: "ferry version \(ferryVersion)",
-        subcommands: [Convert.self, Info.self, Map.self])
+        subcommands: [Convert.self, Create.self, Info.self, Map.self])
 }
 
 // MARK: - convert
@@ -51,6 +54,17 @@ struct Convert: FerryCommand {
     @Option(name: .customShort("o", allowingJoined: true),
             help: ArgumentHelp("Target creation options, 'name=value,...'; '-o help' lists them.", valueName: "options"))
     var targetOptions: [String] = []
+
+    @Flag(name: .customShort("c"), help: "Compress the target's clusters (qcow2; zlib, or zstd with -o compression_type=zstd).")
+    var compress = false
+
+    @Option(name: .customShort("B", allowingJoined: true),
+            help: ArgumentHelp("Make the target an overlay of this image (qcow2): only what the source holds above it is written.", valueName: "backing"))
+    var backingFile: String?
+
+    @Option(name: .customShort("F", allowingJoined: true),
+            help: ArgumentHelp("Format of the -B image (probed if omitted).", valueName: "fmt"))
+    var backingFormat: String?
 
     @Option(name: .customShort("m", allowingJoined: true),
             help: ArgumentHelp("Requests in flight, 1 to \(ConvertOptions.maxWorkers) (default: 8).", valueName: "n"))
@@ -128,6 +142,9 @@ struct Convert: FerryCommand {
         }
         options.useExistingTarget = noCreate
         options.targetIsZero = targetIsZero
+        options.compress = compress
+        options.backingFile = backingFile
+        options.backingFormat = backingFormat
         if let targetCache { options.targetCache = try Self.cache(targetCache, flag: "-t") }
         if let sourceCache { options.sourceCache = try Self.cache(sourceCache, flag: "-T") }
         var jsonProgress = false
@@ -144,6 +161,10 @@ struct Convert: FerryCommand {
         let targetType = try Formats.lookup(format, writing: true)
         if !noCreate {
             try Formats.validate(options: options.targetOptions, for: targetType, path: target.location)
+            if targetType == QCOW2Format.self { try QCOW2Format.checkOptions(options.targetOptions.filter { $0.key != "size" }) }
+        }
+        if compress && targetType != QCOW2Format.self {
+            throw FerryError(.notSupported, "-c (compression) needs a target format that can compress (qcow2), not \(targetType.name)")
         }
 
         let reporter = ProgressReporter(bar: showProgress && !quiet && Terminal.stderrIsTerminal, json: jsonProgress)
@@ -238,6 +259,80 @@ struct Convert: FerryCommand {
         }
         if format.createOptions.isEmpty { s += "  (none)\n" }
         return s
+    }
+}
+
+// MARK: - create
+
+struct Create: FerryCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create a new image, as qemu-img create does.",
+        usage: "ferry create [-f fmt] [-o options] [-b backing [-F backing_fmt]] <image> [<size>]",
+        discussion: "The size may be omitted with -b: the backing image's size is used.")
+
+    @Option(name: .customShort("f", allowingJoined: true),
+            help: ArgumentHelp("Format of the new image (default: raw).", valueName: "fmt"))
+    var format: String = "raw"
+
+    @Option(name: .customShort("o", allowingJoined: true),
+            help: ArgumentHelp("Creation options, 'name=value,...'; '-o help' lists them.", valueName: "options"))
+    var options: [String] = []
+
+    @Option(name: .customShort("b", allowingJoined: true),
+            help: ArgumentHelp("Backing image (qcow2), relative to the new image's directory.", valueName: "backing"))
+    var backingFile: String?
+
+    @Option(name: .customShort("F", allowingJoined: true),
+            help: ArgumentHelp("Format of the backing image (probed if omitted).", valueName: "fmt"))
+    var backingFormat: String?
+
+    @Flag(name: .customShort("q"), help: "Quiet: no warnings.")
+    var quiet = false
+
+    @Argument(help: ArgumentHelp("The new image.", valueName: "image"))
+    var image: String?
+
+    @Argument(help: ArgumentHelp("Virtual size, e.g. 10G (optional with -b).", valueName: "size"))
+    var size: String?
+
+    func execute() async throws -> Int32 {
+        if options.contains(where: { $0 == "help" || $0 == "?" }) {
+            Terminal.out(Convert.optionHelp(for: try Formats.lookup(format)))
+            return 0
+        }
+        guard let image else { throw UsageError(message: "expecting an image name", command: "create") }
+        var opts = try Convert.parseOptions(options)
+        let f = try Formats.lookup(format, for: image, writing: true)
+        if let b = backingFile {
+            if let o = opts["backing_file"], o != b { throw FerryError(.invalidArgument, "-b '\(b)' contradicts -o backing_file=\(o)") }
+            opts["backing_file"] = b
+        }
+        if let fmt = backingFormat {
+            guard opts["backing_file"] != nil else { throw FerryError(.invalidArgument, "-F (the backing format) needs -b (a backing file)") }
+            opts["backing_fmt"] = fmt
+        }
+        var bytes: Int64?
+        if let text = size ?? opts["size"] {
+            guard let v = ByteSize.parse(text), v >= 0 else {
+                throw FerryError(.invalidArgument, "invalid size '\(text)' (a number of bytes, optionally with a suffix k, M, G, T: e.g. 10G)")
+            }
+            bytes = v
+        }
+        opts.removeValue(forKey: "size")
+        try Formats.validate(options: opts, for: f, path: image)
+        if f == QCOW2Format.self { try QCOW2Format.checkOptions(opts) }
+        if bytes == nil && opts["backing_file"] == nil {
+            throw FerryError(.invalidArgument, "expecting a size for the new image (a size may only be omitted with -b)")
+        }
+        let created = try await Images.create(image, format: f.name, size: bytes, options: opts)
+        if !quiet { for w in created.warnings { Terminal.warn(w) } }
+        do {
+            try await Images.finish(created, durable: true)
+        } catch {
+            if created.createdNewFile { _ = image.withCString { unlink($0) } }
+            throw error
+        }
+        return 0
     }
 }
 

@@ -9,7 +9,7 @@ import ArgumentParser
 import FerryCore
 
 let arguments = Array(CommandLine.arguments.dropFirst())
-let subcommands = ["convert", "info", "map"]
+let subcommands = ["convert", "create", "info", "map"]
 
 /// `Try 'ferry convert --help' ...` for the subcommand being used, if any.
 func tryHelp(_ command: String?) -> String {

@@ -1,21 +1,51 @@
 import FerryCore
 
-/// qcow2 (versions 2 and 3), read-only: see `QCOW2Device`.
+/// qcow2 (versions 2 and 3): read by `QCOW2Device`, new images written by `QCOW2Writer`.
 public enum QCOW2Format: ImageFormat {
     public static let name = "qcow2"
-    public static let createOptions: [(name: String, help: String)] = []
-    public static let writable = false
+    public static let createOptions: [(name: String, help: String)] = [
+        ("size", "Virtual disk size"),
+        ("compat", "Compatibility level (0.10 or 1.1)"),
+        ("backing_file", "File name of a base image"),
+        ("backing_fmt", "Image format of the base image"),
+        ("cluster_size", "qcow2 cluster size"),
+        ("compression_type", "Compression method used for image cluster compression (zlib, zstd)"),
+        ("extended_l2", "Extended L2 tables"),
+        ("lazy_refcounts", "Postpone refcount updates"),
+        ("preallocation", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+        ("refcount_bits", "Width of a reference count entry in bits"),
+    ]
+    public static let writable = true
 
     public static func probe(header: UnsafeRawBufferPointer) -> Bool {
         header.count >= 4 && header.prefix(4).elementsEqual(QCOW2Header.magic)
     }
 
+    /// An upper bound of the file a new image can grow to (sparse: nothing is allocated until
+    /// written); after the last commit the file can be cut to `CommittingDevice.usedFileSize`.
     public static func initialFileSize(for size: Int64, options: [String: String]) throws -> Int64 {
-        throw FerryError(.notSupported, "writing qcow2 images is not supported yet")
+        let opts = try QCOW2CreateOptions(options)
+        guard size >= 0, size <= Int64(1) << 50 else {
+            throw FerryError(.invalidArgument, "invalid size \(size) for a qcow2 image (at most 1 PiB)")
+        }
+        return QCOW2Writer.layout(size: size, opts: opts).fileSize
+    }
+
+    /// Checks `-o` options without creating anything.
+    public static func checkOptions(_ options: [String: String]) throws {
+        _ = try QCOW2CreateOptions(options)
     }
 
     public static func create(file: any BlockDevice, size: Int64, options: [String: String]) async throws -> any BlockDevice {
-        throw FerryError(.notSupported, "writing qcow2 images is not supported yet", path: file.name)
+        try await create(file: file, size: size, options: options, backing: nil)
+    }
+
+    /// Creates a new image in `file`; `backing` is the opened backing image named by the
+    /// `backing_file` option (reads fall through to it, for partial-cluster writes).
+    public static func create(file: any BlockDevice, size: Int64, options: [String: String],
+                              backing: (any BlockDevice)?) async throws -> any BlockDevice {
+        let opts = try QCOW2CreateOptions(options)
+        return try await QCOW2Writer.create(name: file.name, file: file, size: size, opts: opts, backing: backing)
     }
 
     public static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice {

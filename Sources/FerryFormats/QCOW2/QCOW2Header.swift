@@ -175,6 +175,9 @@ struct QCOW2Header: Sendable {
         if cryptMethod != 0 {
             throw FerryError(.notSupported, "encryption is not supported (the image is encrypted with \(cryptMethod == 1 ? "AES" : cryptMethod == 2 ? "LUKS" : "method \(cryptMethod)"))", path: path)
         }
+        if incompatible & QCOW2HeaderWriter.incompleteBit != 0 {
+            throw FerryError(.corrupt, "qcow2 image is incomplete: ferry was writing it and did not finish (the conversion failed or was interrupted)", path: path, offset: 72)
+        }
         let unknown = incompatible & ~Self.knownIncompatible
         if unknown != 0 {
             let names = (0 ..< 64).filter { unknown & (1 << UInt64($0)) != 0 }.map { featureNames["0:\($0)"] ?? "bit \($0)" }
