@@ -99,6 +99,9 @@ public func convert(
         c.enableCompression()
         config.outOfOrder = false
     }
+    // A buffer holds at least one of the target's aligned blocks (a whole qcow2 cluster).
+    let targetAlignment = out.device.limits.alignment
+    if config.bufferSize < targetAlignment { config.bufferSize = targetAlignment }
     var copySource = source
     if let b = options.backingFile, opened.count == 1,
        let view = AboveBackingView(source, backing: resolveRelative(b, to: target.location)) {
