@@ -2,9 +2,8 @@
 /// than the server's maximum is split): the caller's task resumes once every piece has
 /// finished, with the first error any of them met.
 ///
-/// Network endpoints (NFS now; NBD has its own copy from before this existed) create one per
-/// request inside `withCheckedThrowingContinuation` and call `pieceFinished` from their
-/// event-loop threads.
+/// Network endpoints create one per request inside `withCheckedThrowingContinuation` and
+/// call `pieceFinished` from their event-loop threads.
 public final class PendingCall: @unchecked Sendable {
     private struct State {
         var remaining: Int

@@ -28,46 +28,17 @@ enum NBDOperation {
     }
 }
 
-/// One caller's request, made of one or more NBD commands (a request larger than the server's
-/// maximum is split): the caller's task resumes once every piece has finished, with the first
-/// error any of them met.
-final class Call: @unchecked Sendable {
-    private struct State {
-        var remaining: Int
-        var error: FerryError?
-        var continuation: CheckedContinuation<Void, any Error>?
-    }
-    private let state: Locked<State>
-
-    init(pieces: Int, continuation: CheckedContinuation<Void, any Error>) {
-        state = Locked(State(remaining: pieces, continuation: continuation))
-    }
-
-    /// Called once per piece, from any event-loop thread.
-    func pieceFinished(_ error: FerryError?) {
-        let resume: (CheckedContinuation<Void, any Error>, FerryError?)? = state.withLock { s in
-            if s.error == nil, let error { s.error = error }
-            s.remaining -= 1
-            guard s.remaining == 0, let c = s.continuation else { return nil }
-            s.continuation = nil
-            return (c, s.error)
-        }
-        guard let (continuation, error) = resume else { return }
-        if let error { continuation.resume(throwing: error) } else { continuation.resume() }
-    }
-}
-
 /// One NBD command in flight (or queued): the operation, where, and the call it belongs to.
 /// Buffers in `operation` belong to the caller, whose task stays suspended until `call`
 /// has heard from every piece, so they outlive the command.
 final class Piece: @unchecked Sendable {
     let operation: NBDOperation
     let offset: Int64
-    let call: Call
+    let call: PendingCall
     /// Set by the loop when the command is issued; the loop thread alone touches it.
     unowned(unsafe) var connection: NBDConnection?
 
-    init(_ operation: NBDOperation, at offset: Int64, call: Call) {
+    init(_ operation: NBDOperation, at offset: Int64, call: PendingCall) {
         self.operation = operation
         self.offset = offset
         self.call = call
@@ -133,39 +104,20 @@ final class NBDConnection: @unchecked Sendable {
     /// The URL as the user wrote it, for messages.
     let name: String
     private let handle: OpaquePointer
-    /// The wake-up pipe: submitters write a byte to `wakeWrite`, the loop polls `wakeFd`.
-    /// (A pipe rather than an eventfd: Swift's Glibc module does not export eventfd.)
-    private let wakeFd: Int32
-    private let wakeWrite: Int32
+    /// Where callers queue pieces for the loop thread.
+    private let inbox: EventLoopQueue<Piece>
     /// Pieces queued or in flight here: how busy this connection is, for spreading requests.
     let load = Atomic<Int>(0)
-
-    private struct Shared {
-        var queue: [Piece] = []
-        /// An eventfd write is on its way: later submitters need not write again.
-        var signaled = false
-        var stopping = false
-        /// Set once the loop has ended: later pieces fail at once.
-        var finished: FerryError?
-        var onStopped: [@Sendable () -> Void] = []
-    }
-    private let shared = Locked(Shared())
 
     // Loop thread only.
     private var outstanding: [ObjectIdentifier: Piece] = [:]
     private var dead: FerryError?
 
-    private init(index: Int, name: String, handle: OpaquePointer, wake: (read: Int32, write: Int32)) {
+    private init(index: Int, name: String, handle: OpaquePointer, inbox: EventLoopQueue<Piece>) {
         self.index = index
         self.name = name
         self.handle = handle
-        self.wakeFd = wake.read
-        self.wakeWrite = wake.write
-    }
-
-    deinit {
-        close(wakeFd)
-        close(wakeWrite)
+        self.inbox = inbox
     }
 
     /// Opens a connection to `uri` on a new event-loop thread; returns once the handshake is
@@ -182,17 +134,9 @@ final class NBDConnection: @unchecked Sendable {
             nbd_close(h)
             throw e
         }
-        var fds: [Int32] = [-1, -1]
-        guard pipe(&fds) == 0 else {
-            let e = FerryError.posix(errno, "pipe", path: name)
-            nbd_close(h)
-            throw e
-        }
-        for fd in fds {
-            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        }
-        let connection = NBDConnection(index: index, name: name, handle: h, wake: (fds[0], fds[1]))
+        let inbox: EventLoopQueue<Piece>
+        do { inbox = try EventLoopQueue(name: name) } catch { nbd_close(h); throw error }
+        let connection = NBDConnection(index: index, name: name, handle: h, inbox: inbox)
         let info: ServerInfo = try await withCheckedThrowingContinuation { continuation in
             let started = startDetachedThread(name: "ferry-nbd-\(index)") {
                 connection.run(uri: uri) { continuation.resume(with: $0) }
@@ -208,37 +152,15 @@ final class NBDConnection: @unchecked Sendable {
     /// Queues a piece for this connection's loop. A stopped or dead connection fails it at once.
     func submit(_ piece: Piece) {
         load.add(1, ordering: .relaxed)
-        let outcome: (wake: Bool, failed: FerryError?) = shared.withLock { s in
-            if let f = s.finished { return (false, f) }
-            if s.stopping { return (false, FerryError(.other, "the connection is closing", path: name)) }
-            s.queue.append(piece)
-            defer { s.signaled = true }
-            return (!s.signaled, nil)
-        }
-        if let failed = outcome.failed {
+        if let failed = inbox.post(piece) {
             load.subtract(1, ordering: .relaxed)
             piece.call.pieceFinished(failed.at(offset: piece.offset))
-            return
         }
-        if outcome.wake { signal() }
     }
 
     /// Lets the pieces in flight finish, disconnects, closes the handle, then returns.
     func stop() async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let already: Bool = shared.withLock { s in
-                if s.finished != nil { return true }
-                s.stopping = true
-                s.onStopped.append { continuation.resume() }
-                return false
-            }
-            if already { continuation.resume() } else { signal() }
-        }
-    }
-
-    private func signal() {
-        var one: UInt8 = 1
-        _ = write(wakeWrite, &one, 1)
+        await inbox.stop()
     }
 
     // MARK: The loop thread
@@ -275,16 +197,10 @@ final class NBDConnection: @unchecked Sendable {
     }
 
     private func finish(_ error: FerryError) {
-        let (waiters, left): ([@Sendable () -> Void], [Piece]) = shared.withLock { s in
-            s.finished = error
-            defer { s.onStopped = []; s.queue = [] }
-            return (s.onStopped, s.queue)
-        }
-        for p in left {
+        for p in inbox.finish(error) {
             load.subtract(1, ordering: .relaxed)
             p.call.pieceFinished(error.at(offset: p.offset))
         }
-        for w in waiters { w() }
     }
 
     private func serverInfo() -> ServerInfo {
@@ -306,40 +222,18 @@ final class NBDConnection: @unchecked Sendable {
     }
 
     private func loop() {
-        var batch: [Piece] = []
-        var fds = [pollfd](repeating: pollfd(), count: 2)
-        while true {
-            let stopping: Bool = shared.withLock { s in
-                s.signaled = false
-                swap(&batch, &s.queue)
-                return s.stopping
-            }
-            for p in batch { issue(p) }
-            batch.removeAll(keepingCapacity: true)
-            if stopping && outstanding.isEmpty { return }
-
-            fds[0] = pollfd(fd: wakeFd, events: Int16(POLLIN), revents: 0)
-            var count = 1
-            if dead == nil {
+        inbox.run(
+            issue: { issue($0) },
+            idle: { outstanding.isEmpty },
+            socket: {
+                guard dead == nil else { return nil }
                 let direction = nbd_aio_get_direction(handle)
                 var events: Int16 = 0
                 if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 { events |= Int16(POLLIN) }
                 if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 { events |= Int16(POLLOUT) }
-                fds[1] = pollfd(fd: nbd_aio_get_fd(handle), events: events, revents: 0)
-                count = 2
-            }
-            let rc = poll(&fds, nfds_t(count), -1)
-            if rc < 0 {
-                if errno == EINTR { continue }
-                connectionLost(FerryError.posix(errno, "poll", path: name))
-                continue
-            }
-            if fds[0].revents != 0 {
-                var drain = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-                while withUnsafeMutableBytes(of: &drain, { read(wakeFd, $0.baseAddress, $0.count) }) == 32 {}
-            }
-            if count == 2 && fds[1].revents != 0 {
-                let revents = fds[1].revents
+                return (nbd_aio_get_fd(handle), events)
+            },
+            service: { revents in
                 var rc: Int32 = 0
                 if revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
                     rc = nbd_aio_notify_read(handle)
@@ -351,8 +245,8 @@ final class NBDConnection: @unchecked Sendable {
                 if rc == -1 || nbd_aio_is_dead(handle) == 1 {
                     connectionLost(lastError("the connection to the server was lost"))
                 }
-            }
-        }
+            },
+            failed: { connectionLost($0) })
     }
 
     /// The socket is gone: every piece still in flight fails, and so does every later one.

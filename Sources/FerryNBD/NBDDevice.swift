@@ -166,7 +166,7 @@ public final class NBDDevice: BlockDevice {
         guard length > 0 else { return }
         let count = Int((length + step - 1) / step)
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            let call = Call(pieces: count, continuation: continuation)
+            let call = PendingCall(pieces: count, continuation: continuation)
             var done: Int64 = 0
             while done < length {
                 let n = min(step, length - done)
@@ -233,7 +233,7 @@ public final class NBDDevice: BlockDevice {
             }
         } else {
             // No write-zeroes on this server: write zero bytes from one shared zero buffer.
-            let zeros = ZeroBuffer.shared
+            let zeros = SharedZeros.shared
             let step = Int64(min(zeros.count, maximumPayload))
             let nbdFlags: UInt32 = fua && info.canFUA ? UInt32(LIBNBD_CMD_FLAG_FUA) : 0
             try await perform(offset: offset, length: length, step: step) { _, _, n in
@@ -296,18 +296,5 @@ public final class NBDDevice: BlockDevice {
         await withTaskGroup(of: Void.self) { group in
             for c in connections { group.addTask { await c.stop() } }
         }
-    }
-}
-
-/// One read-only buffer of zeros shared by every zero write (servers without write-zeroes).
-final class ZeroBuffer: @unchecked Sendable {
-    static let shared = ZeroBuffer(count: 1 << 20)
-    let pointer: UnsafeRawPointer
-    let count: Int
-    init(count: Int) {
-        let p = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 4096)
-        p.initializeMemory(as: UInt8.self, repeating: 0, count: count)
-        pointer = UnsafeRawPointer(p)
-        self.count = count
     }
 }

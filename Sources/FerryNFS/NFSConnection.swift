@@ -105,20 +105,10 @@ final class NFSConnection: @unchecked Sendable {
     let index: Int
     /// The URL as the user wrote it, for messages.
     let name: String
-    private let wakeFd: Int32
-    private let wakeWrite: Int32
+    private let inbox: EventLoopQueue<NFSPiece>
     private let gauge: InFlightGauge
     /// Pieces queued or in flight here: how busy this connection is, for spreading requests.
     let load = Atomic<Int>(0)
-
-    private struct Shared {
-        var queue: [NFSPiece] = []
-        var signaled = false
-        var stopping = false
-        var finished: FerryError?
-        var onStopped: [@Sendable () -> Void] = []
-    }
-    private let shared = Locked(Shared())
 
     // Loop thread only.
     private var context: OpaquePointer?
@@ -126,29 +116,17 @@ final class NFSConnection: @unchecked Sendable {
     private var dead: FerryError?
     private var usesV4 = false
 
-    private init(index: Int, name: String, gauge: InFlightGauge, wake: (read: Int32, write: Int32)) {
+    private init(index: Int, name: String, gauge: InFlightGauge, inbox: EventLoopQueue<NFSPiece>) {
         self.index = index
         self.name = name
         self.gauge = gauge
-        self.wakeFd = wake.read
-        self.wakeWrite = wake.write
-    }
-
-    deinit {
-        close(wakeFd)
-        close(wakeWrite)
+        self.inbox = inbox
     }
 
     /// Starts a connection's thread, which mounts the export and opens the file; returns once
     /// the file is open, with its size and the server's transfer limits.
     static func connect(url: String, mode: NFSOpenMode, index: Int, gauge: InFlightGauge) async throws -> (NFSConnection, NFSFileInfo) {
-        var fds: [Int32] = [-1, -1]
-        guard pipe(&fds) == 0 else { throw FerryError.posix(errno, "pipe", path: url) }
-        for fd in fds {
-            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        }
-        let connection = NFSConnection(index: index, name: url, gauge: gauge, wake: (fds[0], fds[1]))
+        let connection = NFSConnection(index: index, name: url, gauge: gauge, inbox: try EventLoopQueue(name: url))
         let info: NFSFileInfo = try await withCheckedThrowingContinuation { continuation in
             let started = startDetachedThread(name: "ferry-nfs-\(index)") {
                 connection.run(url: url, mode: mode) { continuation.resume(with: $0) }
@@ -164,37 +142,15 @@ final class NFSConnection: @unchecked Sendable {
     /// Queues a piece. A stopped or dead connection fails it at once.
     func submit(_ piece: NFSPiece) {
         load.add(1, ordering: .relaxed)
-        let outcome: (wake: Bool, failed: FerryError?) = shared.withLock { s in
-            if let f = s.finished { return (false, f) }
-            if s.stopping { return (false, FerryError(.other, "the NFS connection is closing", path: name)) }
-            s.queue.append(piece)
-            defer { s.signaled = true }
-            return (!s.signaled, nil)
-        }
-        if let failed = outcome.failed {
+        if let failed = inbox.post(piece) {
             load.subtract(1, ordering: .relaxed)
             piece.call.pieceFinished(failed.at(offset: piece.offset))
-            return
         }
-        if outcome.wake { signal() }
     }
 
     /// Lets the pieces in flight finish, closes the file and the session, then returns.
     func stop() async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let already: Bool = shared.withLock { s in
-                if s.finished != nil { return true }
-                s.stopping = true
-                s.onStopped.append { continuation.resume() }
-                return false
-            }
-            if already { continuation.resume() } else { signal() }
-        }
-    }
-
-    private func signal() {
-        var one: UInt8 = 1
-        _ = write(wakeWrite, &one, 1)
+        await inbox.stop()
     }
 
     // MARK: The loop thread
@@ -384,54 +340,24 @@ final class NFSConnection: @unchecked Sendable {
     }
 
     fileprivate func finish(_ error: FerryError) {
-        let (waiters, left): ([@Sendable () -> Void], [NFSPiece]) = shared.withLock { s in
-            s.finished = error
-            defer { s.onStopped = []; s.queue = [] }
-            return (s.onStopped, s.queue)
-        }
-        for p in left {
+        for p in inbox.finish(error) {
             load.subtract(1, ordering: .relaxed)
             p.call.pieceFinished(error.at(offset: p.offset))
         }
-        for w in waiters { w() }
     }
 
     private func loop() {
         guard let ctx = context else { return }
-        var batch: [NFSPiece] = []
-        var fds = [pollfd](repeating: pollfd(), count: 2)
-        while true {
-            let stopping: Bool = shared.withLock { s in
-                s.signaled = false
-                swap(&batch, &s.queue)
-                return s.stopping
-            }
-            for p in batch { issue(p) }
-            batch.removeAll(keepingCapacity: true)
-            if stopping && pendingPieces.isEmpty { return }
-
-            fds[0] = pollfd(fd: wakeFd, events: Int16(POLLIN), revents: 0)
-            var count = 1
-            if dead == nil {
-                fds[1] = pollfd(fd: nfs_get_fd(ctx), events: Int16(truncatingIfNeeded: nfs_which_events(ctx)), revents: 0)
-                count = 2
-            }
-            let rc = poll(&fds, nfds_t(count), -1)
-            if rc < 0 {
-                if errno == EINTR { continue }
-                connectionLost(FerryError.posix(errno, "poll", path: name))
-                continue
-            }
-            if fds[0].revents != 0 {
-                var drain = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-                while withUnsafeMutableBytes(of: &drain, { read(wakeFd, $0.baseAddress, $0.count) }) == 32 {}
-            }
-            if count == 2 && fds[1].revents != 0 {
-                if nfs_service(ctx, Int32(fds[1].revents)) < 0 {
+        inbox.run(
+            issue: { issue($0) },
+            idle: { pendingPieces.isEmpty },
+            socket: { dead == nil ? (nfs_get_fd(ctx), Int16(truncatingIfNeeded: nfs_which_events(ctx))) : nil },
+            service: { revents in
+                if nfs_service(ctx, Int32(revents)) < 0 {
                     connectionLost(FerryError(.io, "the connection to the NFS server was lost: \(libnfsError())", path: name))
                 }
-            }
-        }
+            },
+            failed: { connectionLost($0) })
     }
 
     /// The session is gone: every piece in flight fails, and so does every later one.
