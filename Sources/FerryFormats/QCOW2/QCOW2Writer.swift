@@ -142,8 +142,10 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
         let l1Size = Int((size + opts.l2Coverage - 1) / opts.l2Coverage)
         let l1Clusters = Int((Int64(l1Size) * 8 + cs - 1) / cs)
         let dataClusters = (size + cs - 1) / cs
-        // Header, L1, every L2 table, every data cluster, and a little slack for rounding.
-        let limit = cs * (1 + Int64(l1Clusters) + Int64(l1Size) + dataClusters + 2)
+        // Header, L1, every L2 table, every data cluster, and slack (a quarter more) for
+        // clusters written twice in new places (compressed ones, which are never reused).
+        // The file is sparse and cut to what is used, so the slack costs nothing.
+        let limit = cs * (1 + Int64(l1Clusters) + Int64(l1Size) + dataClusters + dataClusters / 4 + 16)
         let r = refcountRegion(clusters: limit / cs, clusterSize: cs, refcountOrder: opts.refcountOrder)
         return Layout(l1Size: l1Size, l1Clusters: l1Clusters, dataLimit: limit, fileSize: limit + (r.blocks + r.table + 1) * cs)
     }
