@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# raw -> qcow2 on the local filesystem: Ferry against qemu-img convert.
+#
+# A 1 GiB raw guest image, half data and half holes, of realistic and partly compressible
+# data (binaries from /usr/bin and /usr/lib and text from /usr/share and /usr/include, the
+# same corpus as bench/qcow2.sh) is converted to qcow2 three ways: plain, compressed with
+# zlib (-c) and compressed with zstd (-c -o compression_type=zstd), by Ferry and by qemu-img,
+# RUNS times each. Runs are interleaved (one of each command, then again) so that drift in
+# disk speed hits every command alike; before each run the page cache is written back and
+# dropped (when permitted). Prints the median time of each command, the size of what it
+# wrote, and its ratio to the qemu-img command that gives the same guarantee (both flush:
+# ferry's default against qemu-img -t writeback). Every output is checked with qemu-img check
+# and compare on the first run.
+#
+#   FERRY=path/to/ferry RUNS=5 SIZE_MIB=1024 BENCH_DIR=/tmp bench/qcow2-write.sh
+set -euo pipefail
+
+FERRY=${FERRY:-$(swift build -c release --show-bin-path)/ferry}
+RUNS=${RUNS:-5}
+SIZE_MIB=${SIZE_MIB:-1024}
+[ -x "$FERRY" ] || { echo "bench: no ferry binary at $FERRY (make release)" >&2; exit 1; }
+(( SIZE_MIB % 4 == 0 && SIZE_MIB >= 8 )) || { echo "bench: SIZE_MIB must be a multiple of 4, at least 8" >&2; exit 1; }
+
+OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench-qcow2w.XXXXXX")
+trap 'rm -rf "$OUT"' EXIT
+SRC=$OUT/src.raw
+DST=$OUT/dst.qcow2
+
+# name | command (SRC is the raw image, DST the target) | the qemu-img row it is compared with
+ROWS=(
+    "ferry|$FERRY convert -q -f raw -O qcow2 SRC DST|qemu-img -t writeback"
+    "qemu-img -t writeback|qemu-img convert -f raw -O qcow2 -t writeback SRC DST|"
+    "ferry -c (zlib)|$FERRY convert -q -f raw -O qcow2 -c SRC DST|qemu-img -t writeback -c (zlib)"
+    "qemu-img -t writeback -c (zlib)|qemu-img convert -f raw -O qcow2 -c -t writeback SRC DST|"
+    "ferry -c (zstd)|$FERRY convert -q -f raw -O qcow2 -c -o compression_type=zstd SRC DST|qemu-img -t writeback -c (zstd)"
+    "qemu-img -t writeback -c (zstd)|qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd -t writeback SRC DST|"
+)
+
+# A corpus of real bytes: binaries and libraries, then text.
+CORPUS=$OUT/corpus
+CORPUS_MIB=96
+echo "bench: gathering ${CORPUS_MIB} MiB of binaries and text" >&2
+{
+    find /usr/bin /usr/lib -type f -size +16k 2>/dev/null | sort | head -n 4000 | xargs cat 2>/dev/null | head -c $(( CORPUS_MIB * 1024 * 1024 * 2 / 3 )) || true
+    for (( pass = 0; pass < 16; pass++ )); do
+        find /usr/share /usr/include -type f \( -name '*.h' -o -name '*.txt' -o -name '*.html' -o -name '*.py' -o -name '*.pl' -o -name '*.xml' \) 2>/dev/null | sort | xargs cat 2>/dev/null || true
+    done | head -c $(( CORPUS_MIB * 1024 * 1024 / 3 )) || true
+} > "$CORPUS"
+corpus_mib=$(( $(stat -c %s "$CORPUS") / 1048576 ))
+(( corpus_mib >= 8 )) || { echo "bench: could not gather enough data for the corpus" >&2; exit 1; }
+
+echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
+truncate -s "${SIZE_MIB}M" "$SRC"
+slots=$(( SIZE_MIB / 4 ))
+for (( k = 0; k < slots; k++ )); do
+    base=$(( k * 4096 ))   # KiB
+    if (( k % 8 == 7 )); then
+        # 32 runs of 64 KiB data, each followed by 64 KiB of hole.
+        for (( j = 0; j < 32; j++ )); do
+            dd if="$CORPUS" of="$SRC" bs=64K count=1 skip=$(( (k * 32 + j) % (corpus_mib * 16) )) \
+               seek=$(( (base + j * 128) / 64 )) conv=notrunc status=none
+        done
+    else
+        # 2 MiB of data at 0, 1 or 2 MiB into the 4 MiB slot.
+        dd if="$CORPUS" of="$SRC" bs=1M count=2 skip=$(( (k * 2) % (corpus_mib - 2) )) \
+           seek=$(( base / 1024 + k % 3 )) conv=notrunc status=none
+    fi
+done
+rm -f "$CORPUS"
+sync
+
+settle() {
+    sync
+    { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null || true
+}
+if ! { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then
+    echo "bench: cannot drop the page cache (not root?): reads may come from memory" >&2
+fi
+
+now_ns() { date +%s%N; }
+
+declare -A TIMES SIZES
+for (( run = 1; run <= RUNS; run++ )); do
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r name cmd _ <<<"$row"
+        cmd=${cmd//SRC/$SRC}
+        cmd=${cmd//DST/$DST}
+        rm -f "$DST"
+        settle
+        t0=$(now_ns)
+        bash -c "$cmd"
+        t1=$(now_ns)
+        TIMES[$name]+="$(( (t1 - t0) / 1000 )) "
+        if (( run == 1 )); then
+            qemu-img check -q "$DST" || { echo "bench: $name: qemu-img check failed" >&2; exit 1; }
+            qemu-img compare -q -f raw -F qcow2 "$SRC" "$DST" || { echo "bench: $name produced a different image" >&2; exit 1; }
+            SIZES[$name]=$(( $(stat -c %b "$DST") * 512 / 1048576 ))
+        fi
+    done
+    echo "bench: run $run of $RUNS done" >&2
+done
+rm -f "$DST"
+
+median_us() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+
+echo
+echo "raw -> qcow2, ${SIZE_MIB} MiB guest image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs"
+echo
+printf '| %-32s | %8s | %7s | %8s | %6s | %-32s |\n' "command" "median s" "MiB/s" "out MiB" "ratio" "ratio is time against"
+printf '|%s|%s|%s|%s|%s|%s|\n' "----------------------------------" "----------" "---------" "----------" "--------" "----------------------------------"
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r name _ ref <<<"$row"
+    m=$(median_us "${TIMES[$name]}")
+    secs=$(awk -v m="$m" 'BEGIN { printf "%.3f", m / 1e6 }')
+    rate=$(awk -v m="$m" -v s="$SIZE_MIB" 'BEGIN { printf "%.0f", s / (m / 1e6) }')
+    ratio="" against=""
+    if [ -n "$ref" ]; then
+        r=$(median_us "${TIMES[$ref]}")
+        ratio=$(awk -v m="$m" -v r="$r" 'BEGIN { printf "%.2f", m / r }')
+        against=$ref
+    fi
+    printf '| %-32s | %8s | %7s | %8s | %6s | %-32s |\n' "$name" "$secs" "$rate" "${SIZES[$name]}" "$ratio" "$against"
+done
+echo
+echo "MiB/s is the image's virtual size over the time; out MiB is what the qcow2 file takes on disk; ratio < 1 means faster than the qemu-img command it is compared with."
