@@ -100,7 +100,7 @@ final class GoldenTests: XCTestCase {
             ["convert", "\(t)", "\(t)/out.raw"],
             ["convert", "-f", "foo", "\(t)/src.raw", "\(t)/out.raw"],
             ["convert", "-O", "foo", "\(t)/src.raw", "\(t)/out.raw"],
-            ["convert", "-O", "qcow2", "\(t)/src.raw", "\(t)/out.raw"],
+            ["convert", "-O", "qcow2", "-o", "cluster_size=3k", "\(t)/src.raw", "\(t)/out.raw"],
             ["convert", "-f", "raw", "\(t)/src.raw", "\(t)/no-such-dir/out.raw"],
             ["convert", "-f", "raw", "-n", "\(t)/src.raw", "\(t)/small.raw"],
             ["convert", "-f", "raw", "-n", "\(t)/src.raw", "\(t)/out.raw"],
