@@ -14,6 +14,8 @@
 #   ISCSI_CTL=70       tgtd control port: tgtadm talks over /run/tgtd/socket.$ISCSI_CTL, so
 #                      several instances (other tests, benchmarks) can run side by side
 #   ISCSI_SIZE=64M     size of each LUN (backing files are created sparse, or kept if present)
+#   NETNS=name         run tgtd inside network namespace NAME (created if missing), so clients
+#                      in it (qemu-img next to a namespaced NFS server) reach 127.0.0.1:$ISCSI_PORT
 # Prints the URLs (also written to STATE_DIR/urls). Stop with scripts/iscsi-stop.sh STATE_DIR.
 # tgtd ignores SIGTERM: iscsi-stop.sh deletes the targets and asks it to exit through tgtadm.
 set -euo pipefail
@@ -24,6 +26,13 @@ PORT=${ISCSI_PORT:-3270}
 CTL=${ISCSI_CTL:-70}
 SIZE=${ISCSI_SIZE:-64M}
 BASE=iqn.2026-01.dev.ferry
+NETNS=${NETNS:-}
+RUN=()
+if [ -n "$NETNS" ]; then
+    ip netns list | grep -qw "$NETNS" || ip netns add "$NETNS"
+    ip -n "$NETNS" link set lo up
+    RUN=(ip netns exec "$NETNS")
+fi
 
 for tool in tgtd tgtadm ss; do
     command -v "$tool" >/dev/null || { echo "iscsi-start: $tool is missing: run scripts/install-deps.sh" >&2; exit 1; }
@@ -36,13 +45,13 @@ echo "$CTL" >"$STATE/ctl"
 echo "$PORT" >"$STATE/port"
 
 # -f: foreground (backgrounded here, so the pid is tgtd's); portal= binds loopback only.
-setsid tgtd -f -C "$CTL" --iscsi portal=127.0.0.1:"$PORT" </dev/null >"$STATE/tgtd.log" 2>&1 &
+"${RUN[@]}" setsid tgtd -f -C "$CTL" --iscsi portal=127.0.0.1:"$PORT" </dev/null >"$STATE/tgtd.log" 2>&1 &
 TPID=$!
 echo $TPID >"$STATE/tgtd.pid"
 T=(tgtadm -C "$CTL" --lld iscsi)
 for _ in $(seq 200); do "${T[@]}" --mode target --op show >/dev/null 2>&1 && break; sleep 0.02; done
-for _ in $(seq 200); do ss -Hltn "sport = :$PORT" | grep -q LISTEN && break; sleep 0.02; done
-if ! kill -0 $TPID 2>/dev/null || ! ss -Hltn "sport = :$PORT" | grep -q LISTEN; then
+for _ in $(seq 200); do "${RUN[@]}" ss -Hltn "sport = :$PORT" | grep -q LISTEN && break; sleep 0.02; done
+if ! kill -0 $TPID 2>/dev/null || ! "${RUN[@]}" ss -Hltn "sport = :$PORT" | grep -q LISTEN; then
     echo "iscsi-start: tgtd did not start:" >&2; tail -5 "$STATE/tgtd.log" >&2
     "$HERE/iscsi-stop.sh" "$STATE" >/dev/null 2>&1 || true
     exit 1

@@ -14,8 +14,16 @@ import Glibc
 /// Each session is a libiscsi context with its own connect and login, owned by one event-loop
 /// thread (`ISCSIConnection`). With several sessions every request goes to the least busy one.
 /// Offsets and lengths must be multiples of the logical block size (`limits.alignment`).
-/// Reads and writes larger than the LUN's maximum transfer (Block Limits VPD, 1 MiB when the
-/// target does not say) are split inside the device and the pieces sent at once.
+/// Reads and writes are split inside the device into SCSI commands of at most 256 KiB (never
+/// more than the LUN's maximum transfer from the Block Limits VPD, 1 MiB when the target does
+/// not say), sent at once and spread over the sessions. Why 256 KiB: a WRITE beyond the
+/// negotiated FirstBurstLength waits for an R2T round trip per MaxBurstLength (tgtd: 64 KiB and
+/// 256 KiB, and libiscsi cannot ask for more), so one 1 MiB WRITE costs about five round
+/// trips in a row, while four 256 KiB WRITEs sent together cost about two. Measured (256 MiB
+/// local -> tgtd, 4 sessions, in-order copy): 1.16 s -> 0.67 s direct, 2.38 s -> 1.42 s with
+/// 1 ms added each way; 64 KiB pieces were no better and 16 KiB ones worse (command overhead).
+/// `FERRY_ISCSI_WRITE_PIECE` / `FERRY_ISCSI_READ_PIECE` (bytes) override the sizes, for
+/// measurements.
 ///
 /// - Zeroes: WRITE SAME(16) of a zero block, with the UNMAP bit when the caller allows it and
 ///   the LUN supports it (LBPWS) and reads unmapped blocks as zeros (LBPRZ); a LUN without
@@ -35,6 +43,10 @@ public final class ISCSIDevice: BlockDevice {
     public let thinProvisioned: Bool
     /// The largest READ or WRITE sent as one SCSI command.
     public let transferMax: Int
+    /// WRITE(16) commands carry at most this many bytes (see `write`).
+    public let writePiece: Int
+    /// READ(16) commands carry at most this many bytes.
+    public let readPiece: Int
     let info: ISCSILunInfo
     let connections: [ISCSIConnection]
     private let nextConnection = Atomic<Int>(0)
@@ -114,6 +126,10 @@ public final class ISCSIDevice: BlockDevice {
         }
         maxBytes = max(info.blockSize, maxBytes / info.blockSize * info.blockSize)
         transferMax = maxBytes
+        let env = getenv("FERRY_ISCSI_WRITE_PIECE").flatMap { Int(String(cString: $0)) } ?? (256 << 10)
+        writePiece = max(info.blockSize, min(maxBytes, env) / info.blockSize * info.blockSize)
+        let renv = getenv("FERRY_ISCSI_READ_PIECE").flatMap { Int(String(cString: $0)) } ?? (256 << 10)
+        readPiece = max(info.blockSize, min(maxBytes, renv) / info.blockSize * info.blockSize)
         var preferred = maxBytes
         if info.optimalTransferBlocks > 0 && info.optimalTransferBlocks != .max {
             preferred = min(maxBytes, max(info.blockSize, Int(info.optimalTransferBlocks) * info.blockSize))
@@ -183,7 +199,7 @@ public final class ISCSIDevice: BlockDevice {
         let (lba, n) = try blocks(offset, Int64(buffer.count))
         guard let base = buffer.baseAddress, n > 0 else { return }
         let bs = blockSize
-        try await perform(lba: lba, blocks: n, step: UInt64(transferMax / bs)) { i, at, k in
+        try await perform(lba: lba, blocks: n, step: UInt64(readPiece / bs)) { i, at, k in
             .read(base + Int(i) * bs, lba: at, blocks: k)
         }
     }
@@ -194,7 +210,7 @@ public final class ISCSIDevice: BlockDevice {
         guard let base = buffer.baseAddress, n > 0 else { return }
         let bs = blockSize
         let fua = flags.contains(.fua)
-        try await perform(lba: lba, blocks: n, step: UInt64(transferMax / bs)) { i, at, k in
+        try await perform(lba: lba, blocks: n, step: UInt64(writePiece / bs)) { i, at, k in
             .write(base + Int(i) * bs, lba: at, blocks: k, fua: fua)
         }
     }
