@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# NFS <-> iSCSI: Ferry against qemu-img convert, directly and with 1 ms added each way.
+#
+# The founding table of the iSCSI endpoint. Servers: nfs-ganesha (scripts/nfs-start.sh, NFSv3,
+# 1 MiB rsize/wsize) and tgtd (scripts/iscsi-start.sh, file-backed LUNs), both inside one
+# private network namespace with a portmapper on its port 111 (qemu-img 7.2's nfs:// takes no
+# port options), with their files on a tmpfs (no disk noise; a flush costs nothing there).
+# Lines, each at 0 ms and at +1 ms each way:
+#   raw on NFS     -> iSCSI LUN (raw)     a SIZE_MIB image of random bytes
+#   qcow2 on NFS   -> iSCSI LUN (raw)     the same size, half of its 64 KiB clusters allocated
+#   iSCSI LUN      -> NFS (raw)           the backup; qcow2 output is not written by Ferry yet
+# The +1 ms lines go through ferry-delay-proxy in front of ganesha's NFS and MOUNT ports and
+# tgtd's portal; qemu-img finds the proxied NFS ports through the portmapper, whose NFS and
+# MOUNT entries are re-pointed at the proxy for those lines (and back for the 0 ms ones).
+# Columns: Ferry's default (4 sessions, -m 8 in order, flushes the target at the end) against
+# qemu-img convert -m 1 (the synchronous baseline), its default (-m 8) and -m 16 -W (qemu-img
+# -n into the existing LUN; its default cache mode does not flush). Every command runs RUNS
+# times, interleaved; medians, and Ferry's time over the best qemu-img's. A last line checks
+# the proxy's own cost: Ferry through the proxy at 0 ms against Ferry direct.
+#
+#   FERRY=path/to/ferry PROXY=path/to/ferry-delay-proxy RUNS=3 SIZE_MIB=1024 bench/iscsi.sh
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+BIN=$(cd "$HERE/.." && swift build -c release --show-bin-path 2>/dev/null || true)
+FERRY=${FERRY:-$BIN/ferry}
+PROXY=${PROXY:-$(dirname "$FERRY")/ferry-delay-proxy}
+RUNS=${RUNS:-3}
+SIZE_MIB=${SIZE_MIB:-1024}
+DELAY_MS=${DELAY_MS:-1}
+NETNS=${NETNS:-ferry-bench-iscsi}
+[ -x "$FERRY" ] || { echo "bench: no ferry binary at $FERRY (make release)" >&2; exit 1; }
+[ -x "$PROXY" ] || { echo "bench: no ferry-delay-proxy at $PROXY (swift build -c release)" >&2; exit 1; }
+qemu-img --help | grep -qw nfs || { echo "bench: qemu-img has no nfs driver (install qemu-block-extra)" >&2; exit 1; }
+qemu-img --help | grep -qw iscsi || { echo "bench: qemu-img has no iscsi driver (install qemu-block-extra)" >&2; exit 1; }
+
+OUT=$(mktemp -d "${BENCH_DIR:-/dev/shm}/ferry-bench-iscsi.XXXXXX")
+NFSSTATE=$OUT/nfs
+ISTATE=$OUT/iscsi
+IN=(ip netns exec "$NETNS")
+PROXY_PID=
+cleanup() {
+    [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null
+    "$HERE/../scripts/iscsi-stop.sh" "$ISTATE" >/dev/null 2>&1 || true
+    "$HERE/../scripts/nfs-stop.sh" "$NFSSTATE" >/dev/null 2>&1 || true
+    rm -rf "$OUT"
+}
+trap cleanup EXIT
+
+echo "bench: building the images (${SIZE_MIB} MiB) in $OUT" >&2
+mkdir -p "$NFSSTATE/export" "$ISTATE"
+RAW=$NFSSTATE/export/src.raw
+QCOW=$NFSSTATE/export/src.qcow2
+head -c "${SIZE_MIB}M" /dev/urandom >"$RAW"
+# Half the clusters: every other MiB of random bytes, holes between, as qcow2.
+HALF=$OUT/half.raw
+truncate -s "${SIZE_MIB}M" "$HALF"
+for (( k = 0; k < SIZE_MIB; k += 2 )); do
+    dd if="$RAW" of="$HALF" bs=1M count=1 skip=$k seek=$k conv=notrunc status=none
+done
+qemu-img convert -f raw -O qcow2 "$HALF" "$QCOW"
+rm -f "$HALF"
+# The LUN backed up to NFS holds the random image from the start.
+cp "$RAW" "$ISTATE/thick.img"
+
+NETNS=$NETNS "$HERE/../scripts/nfs-start.sh" "$NFSSTATE" >&2
+NETNS=$NETNS ISCSI_PORT=3260 ISCSI_CTL=60 ISCSI_SIZE="${SIZE_MIB}M" "$HERE/../scripts/iscsi-start.sh" "$ISTATE" >&2
+"${IN[@]}" setsid "$PROXY" 3360 127.0.0.1:3260 "$DELAY_MS" 3049 127.0.0.1:2049 "$DELAY_MS" 30048 127.0.0.1:20048 "$DELAY_MS" \
+    4360 127.0.0.1:3260 0 4049 127.0.0.1:2049 0 40048 127.0.0.1:20048 0 >"$OUT/proxy.log" 2>&1 </dev/null &
+PROXY_PID=$!
+for _ in $(seq 200); do grep -q listening "$OUT/proxy.log" && break; sleep 0.02; done
+grep -q listening "$OUT/proxy.log" || { echo "bench: the proxy did not start: $(cat "$OUT/proxy.log")" >&2; exit 1; }
+
+# Portmapper entries for NFSv3 (100003) and MOUNT (100005 v1 and v3): UNSET then SET, portmap
+# v2 over TCP from a reserved port (rpcbind accepts changes from root on loopback only).
+pmap() {   # NFS_PORT MOUNT_PORT
+    "${IN[@]}" python3 - "$1" "$2" <<'PY'
+import random, socket, struct, sys
+nfs, mnt = int(sys.argv[1]), int(sys.argv[2])
+def rpc(proc, prog, vers, port):
+    s = socket.socket()
+    for p in range(1023, 511, -1):
+        try:
+            s.bind(("127.0.0.1", p)); break
+        except OSError:
+            pass
+    s.connect(("127.0.0.1", 111))
+    call = struct.pack(">6I", random.getrandbits(32), 0, 2, 100000, 2, proc)   # CALL, rpc v2, portmap v2
+    call += struct.pack(">4I", 0, 0, 0, 0)                                        # AUTH_NONE cred and verifier
+    call += struct.pack(">4I", prog, vers, 6, port)                               # the mapping, TCP
+    s.sendall(struct.pack(">I", 0x80000000 | len(call)) + call)
+    n = struct.unpack(">I", s.recv(4))[0] & 0x7fffffff
+    reply = b""
+    while len(reply) < n:
+        reply += s.recv(n - len(reply))
+    s.close()
+    return struct.unpack(">I", reply[-4:])[0] == 1
+for prog, vers, port in ((100003, 3, nfs), (100005, 3, mnt), (100005, 1, mnt)):
+    rpc(2, prog, vers, 0)
+    if not rpc(1, prog, vers, port):
+        sys.exit("portmapper SET %d v%d -> %d failed" % (prog, vers, port))
+PY
+}
+
+LUN=iqn.2026-01.dev.ferry:thin
+BACK=iqn.2026-01.dev.ferry:thick
+# Ports by delay: iSCSI, NFS, MOUNT.
+ports() { case $1 in 0) echo "3260 2049 20048";; p0) echo "4360 4049 40048";; *) echo "3360 3049 30048";; esac; }
+
+# line id | label | what
+LINES=(
+    "raw|raw on NFS -> iSCSI (raw)"
+    "qcow2|qcow2 on NFS (half allocated) -> iSCSI (raw)"
+    "backup|iSCSI -> NFS (raw; qcow2 not yet)"
+)
+COLS=("ferry" "qemu -m 1" "qemu" "qemu -m 16 -W")
+
+# The command of one cell: LINE COLUMN DELAY(0|1|p0)
+command_for() {
+    local line=$1 col=$2 d=$3 ip np mp
+    read -r ip np mp <<<"$(ports "$d")"
+    local nfsF="nfs://127.0.0.1/export/FILE?nfsport=$np&mountport=$mp" nfsQ="nfs://127.0.0.1/export/FILE"
+    local src dst fmt
+    case $line in
+        raw) fmt=raw; src=${nfsF/FILE/src.raw}; qsrc=${nfsQ/FILE/src.raw}; dst=iscsi://127.0.0.1:$ip/$LUN/1; qdst=$dst ;;
+        qcow2) fmt=qcow2; src=${nfsF/FILE/src.qcow2}; qsrc=${nfsQ/FILE/src.qcow2}; dst=iscsi://127.0.0.1:$ip/$LUN/1; qdst=$dst ;;
+        backup) fmt=raw; src=iscsi://127.0.0.1:$ip/$BACK/1; qsrc=$src; dst=${nfsF/FILE/backup.raw}; qdst=${nfsQ/FILE/backup.raw} ;;
+    esac
+    local n=-n
+    [ "$line" = backup ] && n=
+    case $col in
+        "ferry") echo "$FERRY convert -q -f $fmt -O raw '$src' '$dst'" ;;
+        "qemu -m 1") echo "qemu-img convert $n -f $fmt -O raw -m 1 '$qsrc' '$qdst'" ;;
+        "qemu") echo "qemu-img convert $n -f $fmt -O raw '$qsrc' '$qdst'" ;;
+        "qemu -m 16 -W") echo "qemu-img convert $n -f $fmt -O raw -m 16 -W '$qsrc' '$qdst'" ;;
+    esac
+}
+
+check() {   # LINE
+    case $1 in
+        raw) qemu-img compare -q -f raw -F raw "$RAW" "$ISTATE/thin.img" ;;
+        qcow2) qemu-img compare -q -f qcow2 -F raw "$QCOW" "$ISTATE/thin.img" ;;
+        backup) qemu-img compare -q -f raw -F raw "$ISTATE/thick.img" "$NFSSTATE/export/backup.raw" ;;
+    esac
+}
+
+now_ns() { date +%s%N; }
+declare -A TIMES
+for (( run = 1; run <= RUNS; run++ )); do
+    for d in 0 1 p0; do
+        if [ "$d" = 1 ]; then pmap 3049 30048; else pmap 2049 20048; fi
+        for l in "${LINES[@]}"; do
+            line=${l%%|*}
+            cols=("${COLS[@]}")
+            [ "$d" = p0 ] && { [ "$line" = raw ] || continue; cols=("ferry"); }
+            # Each run starts one column later, so no command always follows the same one.
+            for (( c = 0; c < ${#cols[@]}; c++ )); do
+                col=${cols[$(( (c + run) % ${#cols[@]} ))]}
+                cmd=$(command_for "$line" "$col" "$d")
+                rm -f "$NFSSTATE/export/backup.raw"
+                sync
+                t0=$(now_ns)
+                if ! "${IN[@]}" bash -c "$cmd" >"$OUT/cmd.log" 2>&1; then
+                    echo "bench: failed: $cmd" >&2; cat "$OUT/cmd.log" >&2; exit 1
+                fi
+                t1=$(now_ns)
+                TIMES["$line|$d|$col"]+="$(( (t1 - t0) / 1000 )) "
+                if (( run == 1 )); then
+                    check "$line" || { echo "bench: $col ($line, $d) produced a different image" >&2; exit 1; }
+                fi
+            done
+        done
+    done
+    echo "bench: run $run of $RUNS done" >&2
+done
+
+median_us() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+secs() { awk -v m="$1" 'BEGIN { printf "%.2f", m / 1e6 }'; }
+
+echo
+echo "NFS (ganesha, NFSv3) <-> iSCSI (tgtd) on loopback, ${SIZE_MIB} MiB, median seconds of $RUNS runs, $(uname -r), $(nproc) CPUs"
+echo
+printf '| %-46s | %-6s | %7s | %9s | %7s | %13s | %-12s |\n' "copy" "added" "ferry" "qemu -m 1" "qemu" "qemu -m 16 -W" "ferry / best"
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' "------------------------------------------------" "--------" "---------" "-----------" "---------" "---------------" "--------------"
+for d in 0 1; do
+    for l in "${LINES[@]}"; do
+        line=${l%%|*}; label=${l#*|}
+        f=$(median_us "${TIMES["$line|$d|ferry"]}")
+        q1=$(median_us "${TIMES["$line|$d|qemu -m 1"]}")
+        q8=$(median_us "${TIMES["$line|$d|qemu"]}")
+        q16=$(median_us "${TIMES["$line|$d|qemu -m 16 -W"]}")
+        best=$(printf '%s\n' "$q1" "$q8" "$q16" | sort -n | head -1)
+        ratio=$(awk -v f="$f" -v b="$best" 'BEGIN { printf "%.2f", f / b }')
+        printf '| %-46s | %-6s | %7s | %9s | %7s | %13s | %-12s |\n' "$label" "+${d} ms" "$(secs "$f")" "$(secs "$q1")" "$(secs "$q8")" "$(secs "$q16")" "$ratio"
+    done
+done
+f=$(median_us "${TIMES["raw|0|ferry"]}")
+p=$(median_us "${TIMES["raw|p0|ferry"]}")
+echo
+echo "Proxy cost: ferry raw on NFS -> iSCSI through ferry-delay-proxy at 0 ms: $(secs "$p") s against $(secs "$f") s direct ($(awk -v p="$p" -v f="$f" 'BEGIN { printf "%+.1f%%", (p / f - 1) * 100 }'))."
+echo "ratio < 1: Ferry faster than the fastest qemu-img row. +N ms: added each way by ferry-delay-proxy on both the NFS and the iSCSI links."
