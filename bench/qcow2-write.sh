@@ -32,6 +32,7 @@ ROWS=(
     "qemu-img -t writeback|qemu-img convert -f raw -O qcow2 -t writeback SRC DST|"
     "ferry -c (zlib)|$FERRY convert -q -f raw -O qcow2 -c SRC DST|qemu-img -t writeback -c (zlib)"
     "qemu-img -t writeback -c (zlib)|qemu-img convert -f raw -O qcow2 -c -t writeback SRC DST|"
+    "ferry -c (zlib level 6)|FERRY_ZLIB_LEVEL=6 $FERRY convert -q -f raw -O qcow2 -c SRC DST|qemu-img -t writeback -c (zlib)"
     "ferry -c (zstd)|$FERRY convert -q -f raw -O qcow2 -c -o compression_type=zstd SRC DST|qemu-img -t writeback -c (zstd)"
     "qemu-img -t writeback -c (zstd)|qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd -t writeback SRC DST|"
 )
