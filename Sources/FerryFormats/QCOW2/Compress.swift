@@ -53,7 +53,7 @@ private final class ZstdEncoder: @unchecked Sendable {
 final class Compressors: Sendable {
     let kind: QCOW2Compression
     /// zlib level 4: on binaries and text about 1.35 times as fast per core as qemu's level 6,
-    /// with output about 1.5% larger (measured on bench/qcow2-write.sh's corpus). The
+    /// with output about 2% larger (measured on bench/qcow2-write.sh's corpus). The
     /// environment variable FERRY_ZLIB_LEVEL (1 to 9) overrides it.
     static let deflateLevel: Int32 = {
         if let text = getenv("FERRY_ZLIB_LEVEL").map({ String(cString: $0) }), let v = Int32(text), (1 ... 9).contains(v) { return v }
