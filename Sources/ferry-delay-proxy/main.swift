@@ -127,11 +127,26 @@ func serve(client: Int32, target: [UInt8], delay: UInt64) {
             if d.wantsRead && inFd.revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
                 let n = read(d.from, scratch, scratchSize)
                 if n > 0 {
-                    let stamp = nowNanos() + delay
-                    var bytes = [UInt8](repeating: 0, count: n)
-                    bytes.withUnsafeMutableBytes { $0.baseAddress!.copyMemory(from: scratch, byteCount: n) }
-                    d.queue.append((stamp, bytes))
-                    d.queuedBytes += n
+                    var sent = 0
+                    if delay == 0 && d.head == d.queue.count {
+                        // Nothing waits and nothing is held back: straight through, and only
+                        // what the socket does not take now is queued.
+                        while sent < n {
+                            let w = write(d.to, scratch + sent, n - sent)
+                            if w <= 0 { break }
+                            sent += w
+                        }
+                    }
+                    if sent < n {
+                        let stamp = nowNanos() + delay
+                        let rest = n - sent
+                        let bytes = [UInt8](unsafeUninitializedCapacity: rest) { buf, count in
+                            buf.baseAddress!.update(from: scratch.assumingMemoryBound(to: UInt8.self) + sent, count: rest)
+                            count = rest
+                        }
+                        d.queue.append((stamp, bytes))
+                        d.queuedBytes += rest
+                    }
                 } else if n == 0 || (errno != EAGAIN && errno != EINTR) {
                     if n < 0 {
                         // A reset: the whole pair goes.
