@@ -157,7 +157,9 @@ for (( run = 1; run <= RUNS; run++ )); do
             for (( c = 0; c < ${#cols[@]}; c++ )); do
                 col=${cols[$(( (c + run) % ${#cols[@]} ))]}
                 cmd=$(command_for "$line" "$col" "$d")
-                rm -f "$NFSSTATE/export/backup.raw"
+                # Emptied, not removed: ganesha keeps the files it served open, and removed
+                # ones would pile up in memory on the tmpfs.
+                [ -e "$NFSSTATE/export/backup.raw" ] && : >"$NFSSTATE/export/backup.raw"
                 sync
                 t0=$(now_ns)
                 if ! "${IN[@]}" bash -c "$cmd" >"$OUT/cmd.log" 2>&1; then
