@@ -110,8 +110,12 @@ public final class EventLoopQueue<Item>: @unchecked Sendable {
     /// Loop thread: the loop itself. Each turn issues what was posted, ends once `stop` was
     /// called and `idle()` (nothing in flight), then polls the wake-up pipe and the library's
     /// socket (`socket()` gives its fd and events, nil once the connection is dead) and hands
-    /// the socket's events to `service`. A failed poll goes to `failed`.
+    /// the socket's events to `service`. A failed poll goes to `failed`. A library that has
+    /// timers of its own (libiscsi's timeouts and reconnects) sets `timeout` (milliseconds, -1
+    /// for none) and `serviceOnTimeout` so `service` also runs, with no events, when poll
+    /// times out.
     public func run(issue: (Item) -> Void, idle: () -> Bool, socket: () -> (fd: Int32, events: Int16)?,
+                    timeout: () -> Int32 = { -1 }, serviceOnTimeout: Bool = false,
                     service: (Int16) -> Void, failed: (FerryError) -> Void) {
         var batch: [Item] = []
         var fds = [pollfd](repeating: pollfd(), count: 2)
@@ -127,12 +131,12 @@ public final class EventLoopQueue<Item>: @unchecked Sendable {
                 fds[1] = pollfd(fd: s.fd, events: s.events, revents: 0)
                 count = 2
             }
-            if poll(&fds, nfds_t(count), -1) < 0 {
+            if poll(&fds, nfds_t(count), timeout()) < 0 {
                 if errno != EINTR { failed(FerryError.posix(errno, "poll", path: name)) }
                 continue
             }
             if fds[0].revents != 0 { drainWakeups() }
-            if count == 2 && fds[1].revents != 0 { service(fds[1].revents) }
+            if count == 2 && (fds[1].revents != 0 || serviceOnTimeout) { service(fds[1].revents) }
         }
     }
 }

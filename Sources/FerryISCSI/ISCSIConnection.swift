@@ -139,19 +139,9 @@ final class ISCSIConnection: @unchecked Sendable {
     let index: Int
     /// The URL without its password, for messages.
     let name: String
-    private let wakeFd: Int32
-    private let wakeWrite: Int32
+    private let inbox: EventLoopQueue<ISCSIPiece>
     /// Pieces queued or in flight here: how busy this session is, for spreading requests.
     let load = Atomic<Int>(0)
-
-    private struct Shared {
-        var queue: [ISCSIPiece] = []
-        var signaled = false
-        var stopping = false
-        var finished: FerryError?
-        var onStopped: [@Sendable () -> Void] = []
-    }
-    private let shared = Locked(Shared())
 
     // Loop thread only.
     private var context: OpaquePointer?
@@ -163,29 +153,20 @@ final class ISCSIConnection: @unchecked Sendable {
     /// One block of zeros for WRITE SAME.
     private var zeroBlock: UnsafeMutableRawPointer?
 
-    private init(index: Int, name: String, wake: (read: Int32, write: Int32)) {
+    private init(index: Int, name: String, inbox: EventLoopQueue<ISCSIPiece>) {
         self.index = index
         self.name = name
-        self.wakeFd = wake.read
-        self.wakeWrite = wake.write
+        self.inbox = inbox
     }
 
     deinit {
-        close(wakeFd)
-        close(wakeWrite)
         zeroBlock?.deallocate()
     }
 
     /// Starts a session's thread, which connects, logs in and probes the LUN; returns once
     /// the session is ready.
     static func connect(url: String, name: String, index: Int) async throws -> (ISCSIConnection, ISCSILunInfo) {
-        var fds: [Int32] = [-1, -1]
-        guard pipe(&fds) == 0 else { throw FerryError.posix(errno, "pipe", path: name) }
-        for fd in fds {
-            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        }
-        let connection = ISCSIConnection(index: index, name: name, wake: (fds[0], fds[1]))
+        let connection = ISCSIConnection(index: index, name: name, inbox: try EventLoopQueue(name: name))
         let info: ISCSILunInfo = try await withCheckedThrowingContinuation { continuation in
             let started = startDetachedThread(name: "ferry-iscsi-\(index)") {
                 connection.run(url: url) { continuation.resume(with: $0) }
@@ -202,37 +183,15 @@ final class ISCSIConnection: @unchecked Sendable {
     /// Queues a piece. A stopped or dead session fails it at once.
     func submit(_ piece: ISCSIPiece) {
         load.add(1, ordering: .relaxed)
-        let outcome: (wake: Bool, failed: FerryError?) = shared.withLock { s in
-            if let f = s.finished { return (false, f) }
-            if s.stopping { return (false, FerryError(.other, "the iSCSI session is closing", path: name)) }
-            s.queue.append(piece)
-            defer { s.signaled = true }
-            return (!s.signaled, nil)
-        }
-        if let failed = outcome.failed {
+        if let failed = inbox.post(piece) {
             load.subtract(1, ordering: .relaxed)
             piece.call.pieceFinished(failed)
-            return
         }
-        if outcome.wake { signal() }
     }
 
     /// Lets the pieces in flight finish, logs out, then returns.
     func stop() async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let already: Bool = shared.withLock { s in
-                if s.finished != nil { return true }
-                s.stopping = true
-                s.onStopped.append { continuation.resume() }
-                return false
-            }
-            if already { continuation.resume() } else { signal() }
-        }
-    }
-
-    private func signal() {
-        var one: UInt8 = 1
-        _ = write(wakeWrite, &one, 1)
+        await inbox.stop()
     }
 
     // MARK: The loop thread
@@ -466,56 +425,33 @@ final class ISCSIConnection: @unchecked Sendable {
     }
 
     fileprivate func finish(_ error: FerryError) {
-        let (waiters, left): ([@Sendable () -> Void], [ISCSIPiece]) = shared.withLock { s in
-            s.finished = error
-            defer { s.onStopped = []; s.queue = [] }
-            return (s.onStopped, s.queue)
-        }
-        for p in left {
+        for p in inbox.finish(error) {
             load.subtract(1, ordering: .relaxed)
             p.call.pieceFinished(error)
         }
-        for w in waiters { w() }
     }
 
     private func loop() {
         guard let ctx = context else { return }
-        var batch: [ISCSIPiece] = []
-        var fds = [pollfd](repeating: pollfd(), count: 2)
-        while true {
-            let stopping: Bool = shared.withLock { s in
-                s.signaled = false
-                swap(&batch, &s.queue)
-                return s.stopping
-            }
-            for p in batch { issue(p) }
-            batch.removeAll(keepingCapacity: true)
-            if stopping && pendingPieces.isEmpty { return }
-
-            fds[0] = pollfd(fd: wakeFd, events: Int16(POLLIN), revents: 0)
-            var count = 1
-            var events: Int32 = 0
-            if dead == nil {
+        var events: Int32 = 0
+        inbox.run(
+            issue: { issue($0) },
+            idle: { pendingPieces.isEmpty },
+            socket: {
+                guard dead == nil else { return nil }
                 events = iscsi_which_events(ctx)
-                fds[1] = pollfd(fd: iscsi_get_fd(ctx), events: Int16(truncatingIfNeeded: events), revents: 0)
-                count = 2
-            }
-            let rc = poll(&fds, nfds_t(count), dead == nil && events == 0 ? 100 : 1000)
-            if rc < 0 {
-                if errno == EINTR { continue }
-                connectionLost(FerryError.posix(errno, "poll", path: name))
-                continue
-            }
-            if fds[0].revents != 0 {
-                var drain = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-                while withUnsafeMutableBytes(of: &drain, { read(wakeFd, $0.baseAddress, $0.count) }) == 32 {}
-            }
-            if count == 2 {
-                if iscsi_service(ctx, Int32(fds[1].revents)) < 0 {
+                return (iscsi_get_fd(ctx), Int16(truncatingIfNeeded: events))
+            },
+            // libiscsi runs its timers and reconnects from iscsi_service: call it now and then
+            // even when the socket is quiet.
+            timeout: { dead == nil && events == 0 ? 100 : 1000 },
+            serviceOnTimeout: true,
+            service: { revents in
+                if iscsi_service(ctx, Int32(revents)) < 0 {
                     connectionLost(FerryError(.io, "the connection to the iSCSI target was lost: \(libiscsiError())", path: name))
                 }
-            }
-        }
+            },
+            failed: { connectionLost($0) })
     }
 
     /// The session is gone: every piece in flight fails, and so does every later one.
