@@ -20,6 +20,7 @@
 #
 #   FERRY=path/to/ferry PROXY=path/to/ferry-delay-proxy RUNS=3 SIZE_MIB=1024 bench/iscsi.sh
 set -euo pipefail
+. "$(dirname "$0")/lib/common.sh"
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=$(cd "$HERE/.." && swift build -c release --show-bin-path 2>/dev/null || true)
@@ -144,7 +145,6 @@ check() {   # LINE
     esac
 }
 
-now_ns() { date +%s%N; }
 declare -A TIMES
 for (( run = 1; run <= RUNS; run++ )); do
     for d in 0 1 p0; do
@@ -176,7 +176,6 @@ for (( run = 1; run <= RUNS; run++ )); do
     echo "bench: run $run of $RUNS done" >&2
 done
 
-median_us() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
 secs() { awk -v m="$1" 'BEGIN { printf "%.2f", m / 1e6 }'; }
 
 echo

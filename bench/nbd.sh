@@ -18,6 +18,7 @@
 #
 #   FERRY=path/to/ferry RUNS=3 SIZE_MIB=1024 DELAY=2ms BENCH_DIR=/dev/shm bench/nbd.sh
 set -euo pipefail
+. "$(dirname "$0")/lib/common.sh"
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 FERRY=${FERRY:-$(swift build -c release --show-bin-path)/ferry}
@@ -72,7 +73,6 @@ add_copy "nbd -> local" "$S" "$DST" no
 add_copy "nbd 256K -> local" "$S256" "$DST" no
 add_copy "nbd -> nbd" "$S" "$D" yes
 
-now_ns() { date +%s%N; }
 declare -A TIMES
 N=${#ROWS[@]}
 for (( run = 1; run <= RUNS; run++ )); do
@@ -92,8 +92,6 @@ for (( run = 1; run <= RUNS; run++ )); do
     done
     echo "bench: run $run of $RUNS done" >&2
 done
-
-median_us() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
 
 echo
 echo "NBD with ${DELAY} per read command, ${SIZE_MIB} MiB image (half data), median of $RUNS runs, $(nproc) CPUs; every command flushes the target"

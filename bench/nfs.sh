@@ -13,6 +13,7 @@
 #
 #   FERRY=path/to/ferry RUNS=5 SIZE_MIB=1024 BENCH_DIR=/tmp bench/nfs.sh
 set -euo pipefail
+. "$(dirname "$0")/lib/common.sh"
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 FERRY=${FERRY:-$(swift build -c release --show-bin-path)/ferry}
@@ -50,18 +51,7 @@ ROWS=(
 )
 
 echo "bench: building a ${SIZE_MIB} MiB raw image on the server (half random data, half holes)" >&2
-truncate -s "${SIZE_MIB}M" "$SRC"
-slots=$(( SIZE_MIB / 4 ))
-for (( k = 0; k < slots; k++ )); do
-    base=$(( k * 4096 ))   # KiB
-    if (( k % 8 == 7 )); then
-        for (( j = 0; j < 32; j++ )); do
-            dd if=/dev/urandom of="$SRC" bs=64K count=1 seek=$(( (base + j * 128) / 64 )) conv=notrunc status=none
-        done
-    else
-        dd if=/dev/urandom of="$SRC" bs=1M count=2 seek=$(( base / 1024 + k % 3 )) conv=notrunc status=none
-    fi
-done
+fill_half_data "$SRC" "$SIZE_MIB"
 sync "$SRC"
 
 settle() {
@@ -71,8 +61,6 @@ settle() {
 if ! { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then
     echo "bench: cannot drop the page cache (not root?): reads may come from memory" >&2
 fi
-now_ns() { date +%s%N; }
-
 declare -A TIMES
 for (( run = 1; run <= RUNS; run++ )); do
     for row in "${ROWS[@]}"; do
@@ -92,8 +80,6 @@ for (( run = 1; run <= RUNS; run++ )); do
     echo "bench: run $run of $RUNS done" >&2
 done
 rm -f "$DST"
-
-median_us() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
 
 echo
 echo "NFS (ganesha, NFSv3, loopback) -> local raw, ${SIZE_MIB} MiB image (half data), median of $RUNS runs, $(uname -r), $(nproc) CPUs"

@@ -14,6 +14,7 @@
 #
 #   FERRY=path/to/ferry RUNS=5 SIZE_MIB=1024 BENCH_DIR=/tmp bench/qcow2.sh
 set -euo pipefail
+. "$(dirname "$0")/lib/common.sh"
 
 FERRY=${FERRY:-$(swift build -c release --show-bin-path)/ferry}
 RUNS=${RUNS:-5}
@@ -39,36 +40,11 @@ ROWS=(
 )
 IMAGES=(plain zlib zstd)
 
-# A corpus of real bytes: binaries and libraries, then text.
 CORPUS=$OUT/corpus
-CORPUS_MIB=96
-echo "bench: gathering ${CORPUS_MIB} MiB of binaries and text" >&2
-{
-    find /usr/bin /usr/lib -type f -size +16k 2>/dev/null | sort | head -n 4000 | xargs cat 2>/dev/null | head -c $(( CORPUS_MIB * 1024 * 1024 * 2 / 3 )) || true
-    for (( pass = 0; pass < 16; pass++ )); do
-        find /usr/share /usr/include -type f \( -name '*.h' -o -name '*.txt' -o -name '*.html' -o -name '*.py' -o -name '*.pl' -o -name '*.xml' \) 2>/dev/null | sort | xargs cat 2>/dev/null || true
-    done | head -c $(( CORPUS_MIB * 1024 * 1024 / 3 )) || true
-} > "$CORPUS"
-corpus_mib=$(( $(stat -c %s "$CORPUS") / 1048576 ))
-(( corpus_mib >= 8 )) || { echo "bench: could not gather enough data for the corpus" >&2; exit 1; }
+make_corpus "$CORPUS"
 
 echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
-truncate -s "${SIZE_MIB}M" "$SRC"
-slots=$(( SIZE_MIB / 4 ))
-for (( k = 0; k < slots; k++ )); do
-    base=$(( k * 4096 ))   # KiB
-    if (( k % 8 == 7 )); then
-        # 32 runs of 64 KiB data, each followed by 64 KiB of hole.
-        for (( j = 0; j < 32; j++ )); do
-            dd if="$CORPUS" of="$SRC" bs=64K count=1 skip=$(( (k * 32 + j) % (corpus_mib * 16) )) \
-               seek=$(( (base + j * 128) / 64 )) conv=notrunc status=none
-        done
-    else
-        # 2 MiB of data at 0, 1 or 2 MiB into the 4 MiB slot.
-        dd if="$CORPUS" of="$SRC" bs=1M count=2 skip=$(( (k * 2) % (corpus_mib - 2) )) \
-           seek=$(( base / 1024 + k % 3 )) conv=notrunc status=none
-    fi
-done
+fill_half_data "$SRC" "$SIZE_MIB" "$CORPUS"
 rm -f "$CORPUS"
 qemu-img convert -f raw -O qcow2 "$SRC" "$OUT/plain.qcow2"
 echo "bench: compressing with zlib and zstd" >&2
@@ -79,15 +55,7 @@ for img in "${IMAGES[@]}"; do
     echo "bench: $img.qcow2: $(du -h "$OUT/$img.qcow2" | cut -f1) allocated" >&2
 done
 
-settle() {
-    sync
-    { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null || true
-}
-if ! { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then
-    echo "bench: cannot drop the page cache (not root?): reads may come from memory" >&2
-fi
-
-now_ns() { date +%s%N; }
+check_drop_caches
 
 declare -A TIMES
 for (( run = 1; run <= RUNS; run++ )); do
@@ -110,8 +78,6 @@ for (( run = 1; run <= RUNS; run++ )); do
     echo "bench: run $run of $RUNS done" >&2
 done
 rm -f "$DST"
-
-median_us() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
 
 echo
 echo "qcow2 -> raw, ${SIZE_MIB} MiB guest image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs"

@@ -10,6 +10,7 @@
 #
 #   FERRY=path/to/ferry RUNS=5 SIZE_MIB=1024 BENCH_DIR=/tmp bench/raw.sh
 set -euo pipefail
+. "$(dirname "$0")/lib/common.sh"
 
 FERRY=${FERRY:-$(swift build -c release --show-bin-path)/ferry}
 RUNS=${RUNS:-5}
@@ -37,32 +38,11 @@ ROWS=(
 )
 
 echo "bench: building a ${SIZE_MIB} MiB raw image in $OUT (half random data, half holes)" >&2
-truncate -s "${SIZE_MIB}M" "$SRC"
-slots=$(( SIZE_MIB / 4 ))
-for (( k = 0; k < slots; k++ )); do
-    base=$(( k * 4096 ))   # KiB
-    if (( k % 8 == 7 )); then
-        # 32 runs of 64 KiB data, each followed by 64 KiB of hole.
-        for (( j = 0; j < 32; j++ )); do
-            dd if=/dev/urandom of="$SRC" bs=64K count=1 seek=$(( (base + j * 128) / 64 )) conv=notrunc status=none
-        done
-    else
-        # 2 MiB of data at 0, 1 or 2 MiB into the 4 MiB slot.
-        dd if=/dev/urandom of="$SRC" bs=1M count=2 seek=$(( base / 1024 + k % 3 )) conv=notrunc status=none
-    fi
-done
+fill_half_data "$SRC" "$SIZE_MIB"
 sync "$SRC"
 echo "bench: source: $(du -h --apparent-size "$SRC" | cut -f1) apparent, $(du -h "$SRC" | cut -f1) allocated" >&2
 
-settle() {
-    sync
-    { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null || true
-}
-if ! { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then
-    echo "bench: cannot drop the page cache (not root?): reads may come from memory" >&2
-fi
-
-now_ns() { date +%s%N; }
+check_drop_caches
 
 declare -A TIMES
 for (( run = 1; run <= RUNS; run++ )); do
@@ -83,8 +63,6 @@ for (( run = 1; run <= RUNS; run++ )); do
     echo "bench: run $run of $RUNS done" >&2
 done
 rm -f "$DST"
-
-median_us() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
 
 echo
 echo "raw -> raw, ${SIZE_MIB} MiB image (half data), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs"

@@ -1,0 +1,62 @@
+# Shared by the bench/*.sh scripts (sourced, not run): timing, medians, page-cache settling
+# and the half-data test image every table copies.
+
+now_ns() { date +%s%N; }
+
+# The median of a space-separated list of microsecond timings.
+median_us() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+
+# Writes dirty pages back and drops the page cache (when permitted) before a timed run.
+settle() {
+    sync
+    { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null || true
+}
+
+# Says once, up front, when the page cache cannot be dropped.
+check_drop_caches() {
+    if ! { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then
+        echo "bench: cannot drop the page cache (not root?): reads may come from memory" >&2
+    fi
+}
+
+# make_corpus FILE: real, partly compressible bytes (binaries and libraries, then text), about
+# 96 MiB; sets corpus_mib to its size in MiB.
+make_corpus() {
+    local corpus=$1 mib=96
+    echo "bench: gathering ${mib} MiB of binaries and text" >&2
+    {
+        find /usr/bin /usr/lib -type f -size +16k 2>/dev/null | sort | head -n 4000 | xargs cat 2>/dev/null | head -c $(( mib * 1024 * 1024 * 2 / 3 )) || true
+        for (( pass = 0; pass < 16; pass++ )); do
+            find /usr/share /usr/include -type f \( -name '*.h' -o -name '*.txt' -o -name '*.html' -o -name '*.py' -o -name '*.pl' -o -name '*.xml' \) 2>/dev/null | sort | xargs cat 2>/dev/null || true
+        done | head -c $(( mib * 1024 * 1024 / 3 )) || true
+    } > "$corpus"
+    corpus_mib=$(( $(stat -c %s "$corpus") / 1048576 ))
+    (( corpus_mib >= 8 )) || { echo "bench: could not gather enough data for the corpus" >&2; exit 1; }
+}
+
+# fill_half_data FILE SIZE_MIB [CORPUS]: a sparse image of SIZE_MIB, half data and half holes,
+# interleaved: in each 4 MiB slot 2 MiB of data at 0, 1 or 2 MiB, and every eighth slot 32 runs
+# of 64 KiB data each followed by 64 KiB of hole. The data comes from CORPUS (see make_corpus,
+# which sets corpus_mib) or, without one, from /dev/urandom.
+fill_half_data() {
+    local file=$1 size_mib=$2 corpus=${3:-} k j base
+    truncate -s "${size_mib}M" "$file"
+    for (( k = 0; k < size_mib / 4; k++ )); do
+        base=$(( k * 4096 ))   # KiB
+        if (( k % 8 == 7 )); then
+            for (( j = 0; j < 32; j++ )); do
+                if [ -n "$corpus" ]; then
+                    dd if="$corpus" of="$file" bs=64K count=1 skip=$(( (k * 32 + j) % (corpus_mib * 16) )) \
+                       seek=$(( (base + j * 128) / 64 )) conv=notrunc status=none
+                else
+                    dd if=/dev/urandom of="$file" bs=64K count=1 seek=$(( (base + j * 128) / 64 )) conv=notrunc status=none
+                fi
+            done
+        elif [ -n "$corpus" ]; then
+            dd if="$corpus" of="$file" bs=1M count=2 skip=$(( (k * 2) % (corpus_mib - 2) )) \
+               seek=$(( base / 1024 + k % 3 )) conv=notrunc status=none
+        else
+            dd if=/dev/urandom of="$file" bs=1M count=2 seek=$(( base / 1024 + k % 3 )) conv=notrunc status=none
+        fi
+    done
+}
