@@ -44,11 +44,13 @@ let package = Package(
         .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
         .testTarget(name: "FerryFileTests", dependencies: ["FerryFile", "FerryCore"]),
         .testTarget(name: "FerryNBDTests", dependencies: ["FerryNBD", "FerryCore"]),
-        .testTarget(name: "FerryNFSTests", dependencies: ["FerryNFS", "FerryCore"]),
-        .testTarget(name: "FerryISCSITests", dependencies: ["FerryISCSI", "FerryCore"]),
+        // NFS and iSCSI test servers that several test targets start (not part of the library).
+        .target(name: "FerryTestServers", path: "Tests/FerryTestServers"),
+        .testTarget(name: "FerryNFSTests", dependencies: ["FerryNFS", "FerryCore", "FerryTestServers"]),
+        .testTarget(name: "FerryISCSITests", dependencies: ["FerryISCSI", "FerryCore", "FerryTestServers"]),
         .testTarget(name: "FerryFormatsTests", dependencies: ["FerryFormats", "FerryConvert", "FerryFile", "FerryCore"]),
         .testTarget(name: "FerryConvertTests", dependencies: ["FerryConvert", "FerryFormats", "FerryFile", "FerryCore"]),
-        .testTarget(name: "FerryCLITests", dependencies: ["FerryCore"], exclude: ["golden"]),
+        .testTarget(name: "FerryCLITests", dependencies: ["FerryCore", "FerryTestServers"], exclude: ["golden"]),
     ],
     swiftLanguageModes: [.v6]
 )

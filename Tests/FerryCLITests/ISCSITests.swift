@@ -1,60 +1,18 @@
 import Foundation
 import XCTest
-
-/// A tgtd started by scripts/iscsi-start.sh for the CLI tests (thin, thick, 4Kn, CHAP and
-/// read-only LUNs on a loopback port, with their own control socket).
-final class CLIISCSITarget: @unchecked Sendable {
-    let state: String
-    let port: Int
-    let control: Int
-    static let iqn = "iqn.2026-01.dev.ferry"
-    static let password = "ferry-secret-1"
-
-    init(name: String, port: Int, control: Int, size: String = "64M") throws {
-        state = "/tmp/ferry-iscsi-cli-\(name)"
-        self.port = port
-        self.control = control
-        _ = CLINFSServer.script("iscsi-stop.sh", [state])
-        try? FileManager.default.removeItem(atPath: state)
-        let r = CLINFSServer.script("iscsi-start.sh", [state], env: ["ISCSI_PORT": "\(port)", "ISCSI_CTL": "\(control)", "ISCSI_SIZE": size])
-        guard r.status == 0 else {
-            throw NSError(domain: "iSCSI", code: Int(r.status), userInfo: [NSLocalizedDescriptionKey: "iscsi-start.sh failed: \(r.output)"])
-        }
-    }
-
-    func stop() {
-        _ = CLINFSServer.script("iscsi-stop.sh", [state])
-        try? FileManager.default.removeItem(atPath: state)
-    }
-
-    var pid: Int32? {
-        (try? String(contentsOfFile: "\(state)/tgtd.pid", encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-    }
-
-    func url(_ name: String, lun: Int = 1, port: Int? = nil) -> String {
-        "iscsi://127.0.0.1:\(port ?? self.port)/\(Self.iqn):\(name)/\(lun)"
-    }
-
-    func backingFile(_ name: String) -> String { "\(state)/\(name).img" }
-
-    func allocated(_ name: String) -> Int64 {
-        var st = stat()
-        guard stat(backingFile(name), &st) == 0 else { return -1 }
-        return Int64(st.st_blocks) * 512
-    }
-}
+import FerryTestServers
 
 /// `ferry convert` with iscsi:// sources and targets against a real tgtd (and ganesha for
 /// the NFS legs), judged by `qemu-img compare`; errors end in one line naming the URL
 /// (without its password) and a non-zero exit. Also the delay proxy.
 final class ISCSITests: XCTestCase {
-    nonisolated(unsafe) static var shared: CLIISCSITarget?
+    nonisolated(unsafe) static var shared: ISCSITarget?
     nonisolated(unsafe) static var startError: String?
     static let lunSize: Int64 = 64 << 20
 
     override class func setUp() {
         super.setUp()
-        do { shared = try CLIISCSITarget(name: "main", port: 3283, control: 83) } catch { startError = "\(error)" }
+        do { shared = try ISCSITarget(name: "cli-main", port: 3283, control: 83) } catch { startError = "\(error)" }
     }
 
     override class func tearDown() {
@@ -63,7 +21,7 @@ final class ISCSITests: XCTestCase {
         super.tearDown()
     }
 
-    var target: CLIISCSITarget!
+    var target: ISCSITarget!
     var dir: URL!
 
     override func setUpWithError() throws {
@@ -166,7 +124,7 @@ final class ISCSITests: XCTestCase {
     }
 
     func testNFSToISCSIAndBack() throws {
-        let nfs = try CLINFSServer(name: "iscsi", nfsPort: 2073, mountPort: 20073)
+        let nfs = try NFSServer(name: "cli-iscsi", nfsPort: 2073, mountPort: 20073)
         defer { nfs.stop() }
         let src = try Self.image.build(in: dir)
         let onNFS = "\(nfs.exportDir)/src.raw"
@@ -189,7 +147,7 @@ final class ISCSITests: XCTestCase {
         let lines = r.stderr.split(separator: "\n").filter { !$0.isEmpty }
         XCTAssertEqual(lines.count, 1, "one line, not: \(r.stderr)", line: line)
         XCTAssertTrue(r.stderr.contains(url), "the message names \(url): \(r.stderr)", line: line)
-        XCTAssertFalse(r.stderr.contains(Self.badPassword) || r.stderr.contains(CLIISCSITarget.password), "no password: \(r.stderr)", line: line)
+        XCTAssertFalse(r.stderr.contains(Self.badPassword) || r.stderr.contains(ISCSITarget.password), "no password: \(r.stderr)", line: line)
         for m in mentions { XCTAssertTrue(r.stderr.contains(m), "\(m) in: \(r.stderr)", line: line) }
     }
 
@@ -204,12 +162,12 @@ final class ISCSITests: XCTestCase {
         try expectFailure(["-f", "raw", "-O", "raw", src, unknown], url: unknown, mentions: ["no target"])
         let badLUN = target.url("thin", lun: 9)
         try expectFailure(["-f", "raw", "-O", "raw", badLUN, path("o.raw")], url: badLUN, mentions: ["LUN 9", "ILLEGAL_REQUEST"])
-        let wrong = "iscsi://ferry%\(Self.badPassword)@127.0.0.1:\(target.port)/\(CLIISCSITarget.iqn):chap/1"
-        try expectFailure(["-f", "raw", "-O", "raw", src, wrong], url: "iscsi://ferry@127.0.0.1:\(target.port)/\(CLIISCSITarget.iqn):chap/1",
+        let wrong = "iscsi://ferry%\(Self.badPassword)@127.0.0.1:\(target.port)/\(ISCSITarget.iqn):chap/1"
+        try expectFailure(["-f", "raw", "-O", "raw", src, wrong], url: "iscsi://ferry@127.0.0.1:\(target.port)/\(ISCSITarget.iqn):chap/1",
                           mentions: ["refused"])
         try expectFailure(["-f", "raw", "-O", "raw", src, target.url("chap")], url: target.url("chap"), mentions: ["refused"])
         // The right password works.
-        let right = "iscsi://ferry%\(CLIISCSITarget.password)@127.0.0.1:\(target.port)/\(CLIISCSITarget.iqn):chap/1"
+        let right = "iscsi://ferry%\(ISCSITarget.password)@127.0.0.1:\(target.port)/\(ISCSITarget.iqn):chap/1"
         try convert(["-f", "raw", "-O", "raw", src, right])
         try compare(src, try head(target.backingFile("chap")))
         // A check condition: the write-protected LUN.
@@ -334,7 +292,7 @@ final class ISCSITests: XCTestCase {
     }
 
     func testTargetKilledMidCopyBehindTheProxy() throws {
-        let t = try CLIISCSITarget(name: "dying", port: 3285, control: 85, size: "256M")
+        let t = try ISCSITarget(name: "cli-dying", port: 3285, control: 85, size: "256M")
         defer { t.stop() }
         // 5 ms each way makes the copy last long enough to kill the target in the middle.
         let proxy = try startProxy(["3385", "127.0.0.1:3285", "5"])

@@ -1,71 +1,16 @@
 import Foundation
 import XCTest
-
-/// An nfs-ganesha started by scripts/nfs-start.sh for the CLI tests (read-write /export and
-/// read-only /export-ro on loopback ports).
-final class CLINFSServer: @unchecked Sendable {
-    let state: String
-    let nfsPort: Int
-    let mountPort: Int
-    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-
-    init(name: String, nfsPort: Int, mountPort: Int) throws {
-        state = "/tmp/ferry-nfs-cli-\(name)"
-        self.nfsPort = nfsPort
-        self.mountPort = mountPort
-        try? FileManager.default.removeItem(atPath: state)
-        let r = Self.script("nfs-start.sh", [state], env: ["NFS_PORT": "\(nfsPort)", "MOUNT_PORT": "\(mountPort)"])
-        guard r.status == 0 else {
-            throw NSError(domain: "NFS", code: Int(r.status), userInfo: [NSLocalizedDescriptionKey: "nfs-start.sh failed: \(r.output)"])
-        }
-    }
-
-    func stop() {
-        _ = Self.script("nfs-stop.sh", [state])
-        try? FileManager.default.removeItem(atPath: state)
-    }
-
-    var pid: Int32? {
-        (try? String(contentsOfFile: "\(state)/ganesha.pid", encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-    }
-    var exportDir: String { "\(state)/export" }
-    var readOnlyDir: String { "\(state)/export-ro" }
-
-    func v3(_ file: String, readOnlyExport: Bool = false) -> String {
-        "nfs://127.0.0.1/\(readOnlyExport ? "export-ro" : "export")/\(file)?nfsport=\(nfsPort)&mountport=\(mountPort)"
-    }
-    func v4(_ file: String) -> String { "nfs://127.0.0.1/export/\(file)?version=4&nfsport=\(nfsPort)" }
-
-    /// posix_spawn and waitpid: Foundation's Process.waitUntilExit has hung on scripts that
-    /// leave a daemon behind.
-    static func script(_ name: String, _ args: [String], env: [String: String] = [:]) -> (status: Int32, output: String) {
-        let log = "/tmp/ferry-nfs-script-\(getpid())-\(UInt32.random(in: 0 ... .max)).log"
-        defer { unlink(log) }
-        var command = env.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        command += " " + ([root.appendingPathComponent("scripts/\(name)").path] + args).map { "'\($0)'" }.joined(separator: " ")
-        command += " >'\(log)' 2>&1 </dev/null"
-        let argv: [String] = ["/bin/bash", "-c", command]
-        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
-        cargs.append(nil)
-        defer { for a in cargs { free(a) } }
-        var pid: pid_t = 0
-        guard posix_spawn(&pid, "/bin/bash", nil, nil, cargs, environ) == 0 else { return (127, "cannot spawn bash") }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        let output = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-        return (status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f), output)
-    }
-}
+import FerryTestServers
 
 /// `ferry convert` with nfs:// sources and targets against a real ganesha, judged by
 /// `qemu-img compare`; errors end in one line naming the URL and a non-zero exit.
 final class NFSTests: XCTestCase {
-    nonisolated(unsafe) static var shared: CLINFSServer?
+    nonisolated(unsafe) static var shared: NFSServer?
     nonisolated(unsafe) static var startError: String?
 
     override class func setUp() {
         super.setUp()
-        do { shared = try CLINFSServer(name: "main", nfsPort: 2071, mountPort: 20071) } catch { startError = "\(error)" }
+        do { shared = try NFSServer(name: "cli-main", nfsPort: 2071, mountPort: 20071) } catch { startError = "\(error)" }
     }
 
     override class func tearDown() {
@@ -74,7 +19,7 @@ final class NFSTests: XCTestCase {
         super.tearDown()
     }
 
-    var server: CLINFSServer!
+    var server: NFSServer!
     var dir: URL!
 
     override func setUpWithError() throws {
@@ -194,7 +139,7 @@ final class NFSTests: XCTestCase {
     }
 
     func testServerKilledMidCopy() throws {
-        let s = try CLINFSServer(name: "death", nfsPort: 2072, mountPort: 20072)
+        let s = try NFSServer(name: "cli-death", nfsPort: 2072, mountPort: 20072)
         defer { s.stop() }
         let src = path("big.raw")
         try Tools.must("qemu-img", ["create", "-q", "-f", "raw", src, "1G"], in: dir)

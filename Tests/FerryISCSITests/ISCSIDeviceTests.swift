@@ -2,6 +2,7 @@ import FerryCore
 import FerryISCSI
 import Foundation
 import XCTest
+import FerryTestServers
 
 /// The iSCSI endpoint against a real tgtd (started once for the class).
 final class ISCSIDeviceTests: ISCSITestCase {

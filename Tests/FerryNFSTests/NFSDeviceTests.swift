@@ -2,6 +2,7 @@ import FerryCore
 import FerryNFS
 import Foundation
 import XCTest
+import FerryTestServers
 
 /// The NFS endpoint against a real nfs-ganesha (started once for the class).
 final class NFSDeviceTests: NFSTestCase {
