@@ -105,6 +105,9 @@ public enum CopyEngine {
     static func roundUp(_ n: Int, to alignment: Int) -> Int { (n + alignment - 1) / alignment * alignment }
 }
 
+/// For the writes of a request before its last: they pass no turn.
+private let noHandOver: @Sendable () -> Void = {}
+
 /// What every worker shares.
 private struct WorkerContext: Sendable {
     let source: any BlockDevice
@@ -144,7 +147,7 @@ private struct WorkerContext: Sendable {
         var kind = r.kind
         if kind == .unallocated {
             if configuration.skipUnallocated {
-                try await turn(r) { tracker.complete(r, skipped: r.length) }
+                try await turn(r) { _ in tracker.complete(r, skipped: r.length) }
                 return
             }
             kind = .zero
@@ -156,20 +159,21 @@ private struct WorkerContext: Sendable {
                     buffer.mutableBytes.initializeMemory(as: UInt8.self, repeating: 0)
                     bufferIsZero = true
                 }
-                try await turn(r) {
+                try await turn(r) { issued in
                     var pos = r.offset
                     while pos < r.end {
                         let n = Int(min(Int64(buffer.count), r.end - pos))
-                        try await target.write(at: pos, from: UnsafeRawBufferPointer(buffer.slice(0 ..< n)), flags: [])
+                        try await target.write(at: pos, from: UnsafeRawBufferPointer(buffer.slice(0 ..< n)), flags: [],
+                                               issued: pos + Int64(n) == r.end ? issued : noHandOver)
                         pos += Int64(n)
                     }
                     tracker.complete(r, written: r.length)
                 }
             } else if configuration.targetReadsZero {
-                try await turn(r) { tracker.complete(r, skipped: r.length) }
+                try await turn(r) { _ in tracker.complete(r, skipped: r.length) }
             } else {
-                try await turn(r) {
-                    try await target.writeZeroes(at: r.offset, length: r.length, flags: [.mayUnmap])
+                try await turn(r) { issued in
+                    try await target.writeZeroes(at: r.offset, length: r.length, flags: [.mayUnmap], issued: issued)
                     tracker.complete(r, zeroed: r.length)
                 }
             }
@@ -200,22 +204,25 @@ private struct WorkerContext: Sendable {
                 pieces.append(p)
             }
         }
-        try await turn(r) {
+        // The last run that reaches the target hands the turn over once it is issued.
+        let lastSent = runs.lastIndex { !$0.isZero || !configuration.targetReadsZero }
+        try await turn(r) { issued in
             var written: Int64 = 0, zeroed: Int64 = 0, skipped: Int64 = 0
             var dataRun = 0
-            for run in runs {
+            for (i, run) in runs.enumerated() {
                 let at = r.offset + Int64(run.range.lowerBound)
+                let handOver = i == lastSent ? issued : noHandOver
                 if !run.isZero, let compressor, let compressed {
                     try await compressor.writeCompressed(pieces[dataRun], from: compressed.bytes)
                     dataRun += 1
                     written += Int64(run.range.count)
                 } else if !run.isZero {
-                    try await writeAll(at: at, UnsafeRawBufferPointer(rebasing: bytes[run.range]))
+                    try await writeAll(at: at, UnsafeRawBufferPointer(rebasing: bytes[run.range]), issued: handOver)
                     written += Int64(run.range.count)
                 } else if configuration.targetReadsZero {
                     skipped += Int64(run.range.count)
                 } else {
-                    try await target.writeZeroes(at: at, length: Int64(run.range.count), flags: [.mayUnmap])
+                    try await target.writeZeroes(at: at, length: Int64(run.range.count), flags: [.mayUnmap], issued: handOver)
                     zeroed += Int64(run.range.count)
                 }
             }
@@ -223,25 +230,48 @@ private struct WorkerContext: Sendable {
         }
     }
 
-    private func writeAll(at offset: Int64, _ bytes: UnsafeRawBufferPointer) async throws {
+    private func writeAll(at offset: Int64, _ bytes: UnsafeRawBufferPointer, issued: @escaping @Sendable () -> Void) async throws {
         let step = target.limits.maximumTransfer
         var done = 0
         while done < bytes.count {
             let n = min(step, bytes.count - done)
-            try await target.write(at: offset + Int64(done), from: UnsafeRawBufferPointer(rebasing: bytes[done ..< done + n]), flags: [])
+            try await target.write(at: offset + Int64(done), from: UnsafeRawBufferPointer(rebasing: bytes[done ..< done + n]), flags: [],
+                                   issued: done + n == bytes.count ? issued : noHandOver)
             done += n
         }
     }
 
-    /// Runs `body` when it is `r`'s turn to write (at once when out of order).
-    private func turn(_ r: CopyRequest, _ body: () async throws -> Void) async throws {
+    /// Runs `body` when it is `r`'s turn to write (at once when out of order). The body
+    /// passes the closure it gets to its last write, so the next request's turn starts as
+    /// soon as that write is issued rather than when it completes: ordered writes still
+    /// reach the target in order, several at a time. If the body never calls it, the turn
+    /// passes when the body returns.
+    private func turn(_ r: CopyRequest, _ body: (_ issued: @escaping @Sendable () -> Void) async throws -> Void) async throws {
         guard let sequencer else {
-            try await body()
+            try await body(noHandOver)
             return
         }
         try await sequencer.waitTurn(r.seq)
-        try await body()
-        sequencer.finish(r.seq)
+        let handOver = TurnHandOver(sequencer: sequencer, seq: r.seq)
+        try await body(handOver.pass)
+        handOver.pass()
+    }
+}
+
+/// Passes one request's turn to the next, once, from whichever comes first: the device
+/// saying the last write was issued, or the worker finishing the request.
+private final class TurnHandOver: Sendable {
+    let sequencer: Sequencer
+    let seq: Int
+    let passed = Atomic<Bool>(false)
+
+    init(sequencer: Sequencer, seq: Int) {
+        self.sequencer = sequencer
+        self.seq = seq
+    }
+
+    @Sendable func pass() {
+        if !passed.exchange(true, ordering: .acquiringAndReleasing) { sequencer.finish(seq) }
     }
 }
 

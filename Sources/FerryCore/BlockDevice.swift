@@ -39,6 +39,20 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// returns. Throws `.readOnly` on a device opened read-only.
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws
 
+    /// `write`, telling the caller through `issued` when the write has been handed to the
+    /// device: any call made after `issued` reaches the device after this write. Returns,
+    /// as `write` does, only once the write is complete. `issued` is called at most once,
+    /// from any thread, and not at all when the call fails before the write was handed over.
+    ///
+    /// That lets a caller that must keep writes in order start the next write while this
+    /// one is in flight. The default calls `issued` after `write` completes.
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+               issued: @escaping @Sendable () -> Void) async throws
+
+    /// `writeZeroes` with an `issued` hand-over, as for `write(at:from:flags:issued:)`.
+    func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags,
+                     issued: @escaping @Sendable () -> Void) async throws
+
     /// Makes `offset ..< offset + length` read as zeros.
     ///
     /// - `.mayUnmap`: the device may deallocate the range (punch a hole, unmap) as long as
@@ -134,6 +148,18 @@ public struct ZeroFlags: OptionSet, Sendable, Hashable {
 }
 
 extension BlockDevice {
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                      issued: @escaping @Sendable () -> Void) async throws {
+        try await write(at: offset, from: buffer, flags: flags)
+        issued()
+    }
+
+    public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags,
+                            issued: @escaping @Sendable () -> Void) async throws {
+        try await writeZeroes(at: offset, length: length, flags: flags)
+        issued()
+    }
+
     /// Checks a range against the device size; used by implementations for a clear error.
     @inlinable
     public func checkRange(_ offset: Int64, _ length: Int64) throws {

@@ -129,9 +129,15 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await write(at: offset, from: buffer, flags: flags, issued: {})
+    }
+
+    /// Issued once recorded in `operations`, before the latency.
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                      issued: @escaping @Sendable () -> Void) async throws {
         try checkWritable()
         try checkRange(offset, Int64(buffer.count))
-        try await begin(.write(offset: offset, length: Int64(buffer.count)))
+        try await begin(.write(offset: offset, length: Int64(buffer.count)), issued: issued)
         defer { end() }
         state.withLock { s in store(&s, offset: offset, count: buffer.count) { done, n in
             UnsafeRawBufferPointer(rebasing: buffer[done ..< done + n])
@@ -139,11 +145,18 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws {
+        try await writeZeroes(at: offset, length: length, flags: flags, issued: {})
+    }
+
+    /// Issued once recorded in `operations`, before the latency.
+    public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags,
+                            issued: @escaping @Sendable () -> Void) async throws {
         try checkWritable()
         try checkRange(offset, length)
-        try await begin(.zero(offset: offset, length: length, flags: flags))
+        let refused = flags.contains(.fastOnly) && !capabilities.contains(.fastZero)
+        try await begin(.zero(offset: offset, length: length, flags: flags), issued: refused ? nil : issued)
         defer { end() }
-        if flags.contains(.fastOnly) && !capabilities.contains(.fastZero) {
+        if refused {
             throw FerryError(.notSupported, "fast zeroing is not supported", path: name, offset: offset)
         }
         state.withLock { s in
@@ -208,7 +221,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
-    private func begin(_ op: Operation) async throws {
+    private func begin(_ op: Operation, issued: (@Sendable () -> Void)? = nil) async throws {
         let fail: Bool = state.withLock { s in
             s.operations.append(op)
             s.inFlight += 1
@@ -221,6 +234,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
             case .flush: return false
             }
         }
+        issued?()
         var wait = latency ?? .zero
         if let jitter { wait += jitter * Double.random(in: 0 ... 1) }
         if wait > .zero {

@@ -185,12 +185,18 @@ public final class FileDevice: BlockDevice {
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await write(at: offset, from: buffer, flags: flags, issued: {})
+    }
+
+    /// The write is issued once it is in the engine's queue, which submits in order.
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                      issued: @escaping @Sendable () -> Void) async throws {
         try checkWritable()
         try checkRange(offset, Int64(buffer.count))
-        guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        guard let base = buffer.baseAddress, buffer.count > 0 else { issued(); return }
         let r = request(.write, buffer: UnsafeMutableRawPointer(mutating: base), length: Int64(buffer.count),
                         offset: offset, rwFlags: flags.contains(.fua) ? ferry_RWF_DSYNC : 0)
-        try await run(r, "write failed")
+        try await run(r, "write failed", issued: issued)
     }
 
     // MARK: Zeroing and discarding
@@ -490,8 +496,8 @@ public final class FileDevice: BlockDevice {
     }
 
     /// Sends a read or write to the engine and turns its outcome into a `FerryError`.
-    private func run(_ r: IORequest, _ what: String) async throws {
-        switch await r.run(executor.submit) {
+    private func run(_ r: IORequest, _ what: String, issued: (@Sendable () -> Void)? = nil) async throws {
+        switch await r.run(executor.submit, issued: issued) {
         case .ok:
             return
         case .failed(let err, let offset):

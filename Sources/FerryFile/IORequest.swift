@@ -70,10 +70,11 @@ final class IORequest: @unchecked Sendable {
     }
 
     /// Hands the request to `submit` and suspends until an I/O thread calls `finish`.
-    func run(_ submit: (IORequest) -> Bool) async -> IOOutcome {
+    /// `issued` is called once the request is queued, before the task suspends.
+    func run(_ submit: (IORequest) -> Bool, issued: (@Sendable () -> Void)? = nil) async -> IOOutcome {
         await withCheckedContinuation { c in
             continuation = c
-            if !submit(self) { finish(.closed) }
+            if submit(self) { issued?() } else { finish(.closed) }
         }
     }
 

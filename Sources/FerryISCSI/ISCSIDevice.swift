@@ -164,8 +164,10 @@ public final class ISCSIDevice: BlockDevice {
     /// Sends the blocks `lba ..< lba + blocks` as commands of at most `step` blocks, all at
     /// once, and waits for all of them; `make` builds the command for (block index into the
     /// request, LBA, block count).
-    private func perform(lba: UInt64, blocks: UInt64, step: UInt64, _ make: (UInt64, UInt64, UInt32) -> ISCSIOperation) async throws {
-        guard blocks > 0 else { return }
+    /// `issued`, if given, is called once every command is queued, before the task suspends.
+    private func perform(lba: UInt64, blocks: UInt64, step: UInt64, issued: (@Sendable () -> Void)? = nil,
+                         _ make: (UInt64, UInt64, UInt32) -> ISCSIOperation) async throws {
+        guard blocks > 0 else { issued?(); return }
         let count = Int((blocks + step - 1) / step)
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
             let call = PendingCall(pieces: count, continuation: continuation)
@@ -175,6 +177,7 @@ public final class ISCSIDevice: BlockDevice {
                 pick().submit(ISCSIPiece(make(done, lba + done, UInt32(n)), call: call))
                 done += n
             }
+            issued?()
         }
     }
 
@@ -205,12 +208,18 @@ public final class ISCSIDevice: BlockDevice {
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await write(at: offset, from: buffer, flags: flags, issued: {})
+    }
+
+    /// Issued once every command is queued on a session (FUA is the command's own bit).
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                      issued: @escaping @Sendable () -> Void) async throws {
         let (lba, n) = try blocks(offset, Int64(buffer.count))
         try checkWritable(offset)
-        guard let base = buffer.baseAddress, n > 0 else { return }
+        guard let base = buffer.baseAddress, n > 0 else { issued(); return }
         let bs = blockSize
         let fua = flags.contains(.fua)
-        try await perform(lba: lba, blocks: n, step: UInt64(writePiece / bs)) { i, at, k in
+        try await perform(lba: lba, blocks: n, step: UInt64(writePiece / bs), issued: issued) { i, at, k in
             .write(base + Int(i) * bs, lba: at, blocks: k, fua: fua)
         }
     }
@@ -224,13 +233,23 @@ public final class ISCSIDevice: BlockDevice {
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws {
+        try await writeZeroes(at: offset, length: length, flags: flags, issued: {})
+    }
+
+    /// Issued once the WRITE SAME commands are queued; otherwise (zero bytes written, or
+    /// FUA by a following SYNCHRONIZE CACHE) when the call completes.
+    public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags,
+                            issued: @escaping @Sendable () -> Void) async throws {
         let (lba, n) = try blocks(offset, length)
         try checkWritable(offset)
+        let fua = flags.contains(.fua)
+        var early = false
         if info.writeSameUnmapSupported {
-            guard n > 0 else { return }
+            guard n > 0 else { issued(); return }
             // The UNMAP bit only where unmapped blocks are sure to read as zeros.
             let unmap = flags.contains(.mayUnmap) && info.readsZeroWhenUnmapped
-            try await perform(lba: lba, blocks: n, step: writeSameStep) { _, at, k in
+            early = !fua
+            try await perform(lba: lba, blocks: n, step: writeSameStep, issued: early ? issued : nil) { _, at, k in
                 .writeSame(lba: at, blocks: k, unmap: unmap)
             }
         } else {
@@ -252,7 +271,8 @@ public final class ISCSIDevice: BlockDevice {
                 at += k
             }
         }
-        if flags.contains(.fua) { try await flush() }
+        if fua { try await flush() }
+        if !early { issued() }
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {

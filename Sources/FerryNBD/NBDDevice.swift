@@ -161,9 +161,10 @@ public final class NBDDevice: BlockDevice {
     /// Sends `length` bytes from `offset` as pieces of at most `step`, all at once, and waits
     /// for all of them; `make` builds the operation of the piece at (offset, index into the
     /// request, length).
-    private func perform(offset: Int64, length: Int64, step: Int64,
+    /// `issued`, if given, is called once every piece is queued, before the task suspends.
+    private func perform(offset: Int64, length: Int64, step: Int64, issued: (@Sendable () -> Void)? = nil,
                          _ make: (Int64, Int, Int64) -> NBDOperation) async throws {
-        guard length > 0 else { return }
+        guard length > 0 else { issued?(); return }
         let count = Int((length + step - 1) / step)
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
             let call = PendingCall(pieces: count, continuation: continuation)
@@ -174,6 +175,7 @@ public final class NBDDevice: BlockDevice {
                 pick().submit(piece)
                 done += n
             }
+            issued?()
         }
     }
 
@@ -202,33 +204,50 @@ public final class NBDDevice: BlockDevice {
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await write(at: offset, from: buffer, flags: flags, issued: {})
+    }
+
+    /// Issued once every piece is queued on a connection.
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                      issued: @escaping @Sendable () -> Void) async throws {
         try checkRange(offset, Int64(buffer.count))
         try checkWritable(offset)
-        guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        guard let base = buffer.baseAddress, buffer.count > 0 else { issued(); return }
         let fua = flags.contains(.fua)
         let nbdFlags: UInt32 = fua && info.canFUA ? UInt32(LIBNBD_CMD_FLAG_FUA) : 0
         note(min(buffer.count, maximumPayload))
-        try await perform(offset: offset, length: Int64(buffer.count), step: Int64(maximumPayload)) { _, i, n in
+        // Emulated FUA needs the flush to follow completion, so the hand-over waits for it.
+        let early: (@Sendable () -> Void)? = fua && !info.canFUA ? nil : issued
+        try await perform(offset: offset, length: Int64(buffer.count), step: Int64(maximumPayload), issued: early) { _, i, n in
             .write(base + i, Int(n), flags: nbdFlags)
         }
         if fua && !info.canFUA { try await flush() }
+        if early == nil { issued() }
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws {
+        try await writeZeroes(at: offset, length: length, flags: flags, issued: {})
+    }
+
+    /// Issued once every piece is queued on a connection.
+    public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags,
+                            issued: @escaping @Sendable () -> Void) async throws {
         try checkRange(offset, length)
         try checkWritable(offset)
         let fastOnly = flags.contains(.fastOnly)
         if fastOnly && !capabilities.contains(.fastZero) {
             throw FerryError(.notSupported, "the NBD server cannot zero quickly", path: name, offset: offset)
         }
-        guard length > 0 else { return }
+        guard length > 0 else { issued(); return }
         let fua = flags.contains(.fua)
+        // Emulated FUA needs the flush to follow completion, so the hand-over waits for it.
+        let early: (@Sendable () -> Void)? = fua && !info.canFUA ? nil : issued
         if info.canZero {
             var nbdFlags: UInt32 = 0
             if !flags.contains(.mayUnmap) { nbdFlags |= UInt32(LIBNBD_CMD_FLAG_NO_HOLE) }
             if fastOnly { nbdFlags |= UInt32(LIBNBD_CMD_FLAG_FAST_ZERO) }
             if fua && info.canFUA { nbdFlags |= UInt32(LIBNBD_CMD_FLAG_FUA) }
-            try await perform(offset: offset, length: length, step: commandLimit) { _, _, n in
+            try await perform(offset: offset, length: length, step: commandLimit, issued: early) { _, _, n in
                 .zero(length: n, flags: nbdFlags)
             }
         } else {
@@ -236,11 +255,12 @@ public final class NBDDevice: BlockDevice {
             let zeros = SharedZeros.shared
             let step = Int64(min(zeros.count, maximumPayload))
             let nbdFlags: UInt32 = fua && info.canFUA ? UInt32(LIBNBD_CMD_FLAG_FUA) : 0
-            try await perform(offset: offset, length: length, step: step) { _, _, n in
+            try await perform(offset: offset, length: length, step: step, issued: early) { _, _, n in
                 .write(zeros.pointer, Int(n), flags: nbdFlags)
             }
         }
         if fua && !info.canFUA { try await flush() }
+        if early == nil { issued() }
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {

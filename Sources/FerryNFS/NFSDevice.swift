@@ -127,8 +127,10 @@ public final class NFSDevice: BlockDevice {
 
     /// Sends `length` bytes from `offset` as pieces of at most `step`, all at once, and waits
     /// for all of them; `make` builds the piece at (index into the request, length).
-    private func perform(offset: Int64, length: Int, step: Int, _ make: (Int, Int) -> NFSOperation) async throws {
-        guard length > 0 else { return }
+    /// `issued`, if given, is called once every piece is queued, before the task suspends.
+    private func perform(offset: Int64, length: Int, step: Int, issued: (@Sendable () -> Void)? = nil,
+                         _ make: (Int, Int) -> NFSOperation) async throws {
+        guard length > 0 else { issued?(); return }
         let count = (length + step - 1) / step
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
             let call = PendingCall(pieces: count, continuation: continuation)
@@ -138,6 +140,7 @@ public final class NFSDevice: BlockDevice {
                 pick().submit(NFSPiece(make(done, n), at: offset + Int64(done), call: call))
                 done += n
             }
+            issued?()
         }
     }
 
@@ -154,11 +157,23 @@ public final class NFSDevice: BlockDevice {
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await write(at: offset, from: buffer, flags: flags, issued: {})
+    }
+
+    /// Issued once every piece is queued on a session; with `.fua`, after the COMMIT.
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                      issued: @escaping @Sendable () -> Void) async throws {
         try checkRange(offset, Int64(buffer.count))
         try checkWritable(offset)
-        guard let base = buffer.baseAddress, buffer.count > 0 else { return }
-        try await perform(offset: offset, length: buffer.count, step: writeMax) { i, n in .write(base + i, n) }
-        if flags.contains(.fua) { try await flush() }
+        guard let base = buffer.baseAddress, buffer.count > 0 else { issued(); return }
+        let fua = flags.contains(.fua)
+        try await perform(offset: offset, length: buffer.count, step: writeMax, issued: fua ? nil : issued) { i, n in
+            .write(base + i, n)
+        }
+        if fua {
+            try await flush()
+            issued()
+        }
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws {

@@ -78,6 +78,24 @@ final class EngineTests: XCTestCase {
         XCTAssertGreaterThan(src.peakInFlight, 4, "reads ran in parallel")
     }
 
+    /// In order means issued in order, not one at a time: a slow target gets the next
+    /// write while the previous one is still in flight.
+    func testInOrderModeKeepsSeveralWritesInFlightOnASlowTarget() async throws {
+        let size: Int64 = 4 << 20
+        let src = try await makeSource(size: size, seed: 11)
+        let dst = MemoryDevice(name: "dst", size: size, capabilities: [.write, .zero, .extents, .flush],
+                               latency: .milliseconds(2), jitter: .milliseconds(3))
+        _ = try await copy(src, dst) { $0.workers = 8; $0.bufferSize = 65536 }
+        XCTAssertEqual(dst.contents(), src.contents())
+        var last: Int64 = -1
+        for op in dst.operations {
+            guard let (o, l) = op.range else { continue }
+            XCTAssertGreaterThanOrEqual(o, last, "write at \(o) was issued after one ending at \(last)")
+            last = o + l
+        }
+        XCTAssertGreaterThan(dst.peakInFlight, 2, "ordered writes overlapped on the target")
+    }
+
     func testOutOfOrderModeWritesSameDataAndDoesReorder() async throws {
         let size: Int64 = 4 << 20
         let src = try await makeSource(size: size, seed: 7, latency: .microseconds(200), jitter: .milliseconds(3))
