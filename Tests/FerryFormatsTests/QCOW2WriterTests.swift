@@ -118,6 +118,42 @@ final class QCOW2WriterTests: XCTestCase {
         XCTAssertEqual(map.filter { ($0["data"] as? Bool) == true }.count, 2, "\(map)")
     }
 
+    /// An in-order copy to qcow2 over a slow file: clusters are still laid out in guest
+    /// order, yet several data writes are in flight on the file at once.
+    func testInOrderCopyOverlapsDataWritesAndKeepsGuestOrder() async throws {
+        let size: Int64 = 8 << 20
+        let source = MemoryDevice(name: "src", size: size)
+        var rng = SplitMix(seed: 21)
+        let data = (0 ..< Int(size)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        try await put(source, data, at: 0)
+        let file = MemoryDevice(name: "slow.qcow2", size: try QCOW2Format.initialFileSize(for: size, options: [:]),
+                                latency: .milliseconds(1), jitter: .milliseconds(2))
+        let created = try await QCOW2Format.create(file: file, size: size, options: [:])
+        let w = try XCTUnwrap(created as? QCOW2Writer)
+        let before = file.operations.count
+        var c = CopyConfiguration()
+        c.workers = 8
+        c.bufferSize = 256 << 10
+        c.targetReadsZero = true
+        _ = try await CopyEngine.copy(from: source, to: w, configuration: c)
+        let dataWrites = file.operations[before...].compactMap { op -> Int64? in
+            if case .write(let o, let l) = op, l >= 65536 { return o }
+            return nil
+        }
+        XCTAssertEqual(dataWrites.count, Int(size / (256 << 10)))
+        XCTAssertEqual(dataWrites, dataWrites.sorted(), "host clusters follow guest order")
+        XCTAssertGreaterThan(file.peakInFlight, 2, "data writes overlapped")
+        try await w.commit(durable: true)
+        let name = path("slow.qcow2")
+        try Data(file.contents().prefix(Int(w.usedFileSize))).write(to: URL(fileURLWithPath: name))
+        let check = try Oracle.run("qemu-img", ["check", name], in: dir)
+        XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+        let ref = path("ref.raw")
+        try Data(data).write(to: URL(fileURLWithPath: ref))
+        let cmp = try Oracle.run("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", ref, name], in: dir)
+        XCTAssertEqual(cmp.status, 0, cmp.stdout + cmp.stderr)
+    }
+
     func testOptionsAreCheckedTogether() {
         for bad in [["extended_l2": "on", "cluster_size": "8k"], ["refcount_bits": "24"], ["cluster_size": "4M"],
                     ["compat": "0.10", "lazy_refcounts": "on"], ["compat": "0.10", "compression_type": "zstd"],

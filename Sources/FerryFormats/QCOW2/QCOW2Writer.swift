@@ -395,10 +395,28 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
         if flags.contains(.fua) { try await file.flush() }
     }
 
+    /// Issued once the clusters are mapped: a later write allocates after this one, so the
+    /// file keeps the guest order while the data writes of several requests overlap.
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+                      issued: @escaping @Sendable () -> Void) async throws {
+        guard !compressesWrites, !flags.contains(.fua) else {
+            try await write(at: offset, from: buffer, flags: flags)
+            issued()
+            return
+        }
+        try checkRange(offset, Int64(buffer.count))
+        guard buffer.count > 0 else { issued(); return }
+        try await beginChange()
+        try await writePlain(at: offset, from: buffer, mapped: issued)
+    }
+
     /// Writes uncompressed: maps every cluster under one lock, then writes the host runs
     /// (joined where they continue each other) outside it; clusters that need their old
     /// contents first go through `rewrite`.
-    private func writePlain(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws {
+    /// `mapped` is called once the clusters are mapped, or at the end when some cluster
+    /// needs a read-modify-write (its old contents must not race a later write).
+    private func writePlain(at offset: Int64, from buffer: UnsafeRawBufferPointer,
+                            mapped: (@Sendable () -> Void)? = nil) async throws {
         let end = offset + Int64(buffer.count)
         var runs: [(host: Int64, from: Int, count: Int)] = []
         var slowOnes: [(at: Int64, from: Int, count: Int)] = []
@@ -422,12 +440,14 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
                 pos += n
             }
         }
+        if slowOnes.isEmpty { mapped?() }
         for r in runs {
             try await writeHost(UnsafeRawBufferPointer(rebasing: buffer[r.from ..< r.from + r.count]), at: r.host)
         }
         for s in slowOnes {
             try await rewrite(at: s.at, with: UnsafeRawBufferPointer(rebasing: buffer[s.from ..< s.from + s.count]))
         }
+        if !slowOnes.isEmpty { mapped?() }
     }
 
     /// Read-modify-write of part of one cluster, one at a time.
