@@ -233,19 +233,24 @@ public final class ISCSIDevice: BlockDevice {
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws {
-        try await writeZeroes(at: offset, length: length, flags: flags, issued: {})
+        try await zero(at: offset, length: length, flags: flags, issued: nil)
     }
 
     /// Issued once the WRITE SAME commands are queued; otherwise (zero bytes written, or
     /// FUA by a following SYNCHRONIZE CACHE) when the call completes.
     public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags,
                             issued: @escaping @Sendable () -> Void) async throws {
+        try await zero(at: offset, length: length, flags: flags, issued: issued)
+    }
+
+    // One body for both (passing a no-op closure here crashed the Swift 6.3 optimizer).
+    private func zero(at offset: Int64, length: Int64, flags: ZeroFlags, issued: (@Sendable () -> Void)?) async throws {
         let (lba, n) = try blocks(offset, length)
         try checkWritable(offset)
         let fua = flags.contains(.fua)
         var early = false
         if info.writeSameUnmapSupported {
-            guard n > 0 else { issued(); return }
+            guard n > 0 else { issued?(); return }
             // The UNMAP bit only where unmapped blocks are sure to read as zeros.
             let unmap = flags.contains(.mayUnmap) && info.readsZeroWhenUnmapped
             early = !fua
@@ -272,7 +277,7 @@ public final class ISCSIDevice: BlockDevice {
             }
         }
         if fua { try await flush() }
-        if !early { issued() }
+        if !early { issued?() }
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
