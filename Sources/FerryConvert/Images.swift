@@ -187,6 +187,9 @@ public enum Images {
     public static func finish(_ image: OpenedImage, durable: Bool) async throws {
         if let c = image.device as? CommittingDevice {
             try await c.commit(durable: durable)
+            if !image.createdNewFile, c.usedFileSize > 0, let t = image.file as? TruncatableDevice {
+                try await t.truncateFile(to: c.usedFileSize)
+            }
         } else if durable {
             try await image.device.flush()
         }

@@ -83,6 +83,12 @@ public protocol BlockDevice: AnyObject, Sendable {
     func close() async throws
 }
 
+/// An endpoint whose file can be cut to a new length while open: a format that grows its
+/// file (qcow2) cuts a new one to what it used. (Local files are cut by path after close.)
+public protocol TruncatableDevice: BlockDevice {
+    func truncateFile(to length: Int64) async throws
+}
+
 /// Alignment and transfer limits of a device, in bytes.
 public struct BlockLimits: Sendable, Equatable {
     /// Offsets and lengths of reads and writes should be multiples of this (a power of two;

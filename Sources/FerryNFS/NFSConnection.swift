@@ -11,19 +11,21 @@ enum NFSOperation {
     case read(UnsafeMutableRawPointer, Int)
     case write(UnsafeRawPointer, Int)
     case fsync
+    case truncate(Int64)
 
     var verb: String {
         switch self {
         case .read: "read"
         case .write: "write"
         case .fsync: "commit"
+        case .truncate: "truncate"
         }
     }
 
     var count: Int {
         switch self {
         case .read(_, let n), .write(_, let n): n
-        case .fsync: 0
+        case .fsync, .truncate: 0
         }
     }
 }
@@ -401,6 +403,8 @@ final class NFSConnection: @unchecked Sendable {
             rc = nfs_pwrite_async(ctx, fh, at, UInt64(rest), buffer + p.done, Self.pieceCallback, token)
         case .fsync:
             rc = nfs_fsync_async(ctx, fh, Self.pieceCallback, token)
+        case .truncate(let length):
+            rc = nfs_ftruncate_async(ctx, fh, UInt64(length), Self.pieceCallback, token)
         }
         if rc != 0 {
             gauge.leave()
@@ -422,7 +426,7 @@ final class NFSConnection: @unchecked Sendable {
         }
         let rest = p.operation.count - p.done
         switch p.operation {
-        case .fsync:
+        case .fsync, .truncate:
             complete(p, error: nil)
         case .read(let buffer, _):
             let n = min(Int(status), rest)

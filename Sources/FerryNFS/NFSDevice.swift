@@ -20,7 +20,7 @@ import Glibc
 /// cheap zeroing or allocation map that libnfs 4.0 exposes: zeroes are written as zero
 /// bytes, and the whole file is one data extent. `flush` sends COMMIT (`nfs_fsync`) on every
 /// connection.
-public final class NFSDevice: BlockDevice {
+public final class NFSDevice: BlockDevice, TruncatableDevice {
     public let name: String
     public let size: Int64
     public let limits: BlockLimits
@@ -217,6 +217,15 @@ public final class NFSDevice: BlockDevice {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
             let call = PendingCall(pieces: connections.count, continuation: continuation)
             for c in connections { c.submit(NFSPiece(.fsync, at: 0, call: call)) }
+        }
+    }
+
+    /// Cuts (or extends) the file on the server to `length` bytes. For a format that knows,
+    /// once it is complete, how much of the file it used; `size` stays what it was.
+    public func truncateFile(to length: Int64) async throws {
+        try checkWritable(length)
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            connections[0].submit(NFSPiece(.truncate(length), at: 0, call: PendingCall(pieces: 1, continuation: continuation)))
         }
     }
 

@@ -96,6 +96,24 @@ final class NFSTests: XCTestCase {
         }
     }
 
+    /// A qcow2 written straight to the server: clean, identical, and its file cut to what
+    /// the image uses (not left at the upper bound it was created with).
+    func testQcow2WrittenToNFSIsCleanAndCutToSize() throws {
+        let src = try Self.image.build(in: dir)
+        for (name, extra) in [("plain.qcow2", [String]()), ("packed.qcow2", ["-c"])] {
+            try convert(extra + ["-f", "raw", "-O", "qcow2", src, server.v3(name)])
+            let file = "\(server.exportDir)/\(name)"
+            let check = try Tools.run(try Tools.require("qemu-img"), ["check", "--output=json", file], in: dir)
+            XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+            try compare(src, file, formats: ("raw", "qcow2"))
+            let report = try JSONSerialization.jsonObject(with: Data(check.stdout.utf8)) as? [String: Any]
+            let end = try XCTUnwrap(report?["image-end-offset"] as? Int, check.stdout)
+            var st = stat()
+            XCTAssertEqual(stat(file, &st), 0)
+            XCTAssertEqual(Int(st.st_size), end, "\(name): the file ends where the image does")
+        }
+    }
+
     func testDashNWritesIntoAnExistingFile() throws {
         let src = try Self.image.build(in: dir)
         // An existing file full of 0xff: -n must overwrite every byte, zeros included.

@@ -142,6 +142,23 @@ final class QCOW2WriteTests: XCTestCase {
         }
     }
 
+    /// An image whose size is not a whole number of clusters: its short last cluster is
+    /// compressed as qemu reads it (inflating to a whole cluster), in both compression types.
+    func testCompressedShortLastCluster() throws {
+        let size = (3 << 20) + 1536
+        let src = try TestImage(name: "odd.raw", size: Int64(size), writes: [
+            "write -P 0x11 0 64k", "write -P 0x5c \(3 << 20) 1536",
+        ]).build(in: dir)
+        for extra in [["-c"], ["-c", "-o", "compression_type=zstd"], ["-c", "-o", "cluster_size=4k"]] {
+            let out = path("odd.qcow2")
+            try? FileManager.default.removeItem(atPath: out)
+            let r = try Tools.ferry(["convert", "-q", "-f", "raw", "-O", "qcow2"] + extra + [src, out], in: dir)
+            XCTAssertEqual(r.status, 0, r.stderr)
+            try checkClean(out, "\(extra)")
+            try assertIdentical(src, out, "\(extra)")
+        }
+    }
+
     func testRoundTripThroughFerry() throws {
         let src = try rawSource()
         for extra in [[], ["-c"], ["-c", "-o", "compression_type=zstd"], ["-o", "compat=0.10"]] {

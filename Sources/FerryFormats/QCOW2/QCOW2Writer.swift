@@ -518,8 +518,17 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
             let input = UnsafeRawBufferPointer(rebasing: data[from ..< from + n])
             var done = false
             if n == Int(cs) || offset + Int64(from + n) == size {
+                // A short last cluster is compressed padded with zeros to a whole cluster:
+                // qemu wants every compressed cluster to inflate to exactly cluster_size.
+                var padded: AlignedBuffer?
+                if n < Int(cs) {
+                    let p = AlignedBuffer(count: Int(cs))
+                    p.mutableBytes.initializeMemory(as: UInt8.self, repeating: 0)
+                    UnsafeMutableRawBufferPointer(rebasing: p.mutableBytes[0 ..< n]).copyMemory(from: input)
+                    padded = p
+                }
                 // Must shrink by at least one byte to be worth storing compressed.
-                if let c = compressors.compress(input, into: UnsafeMutableRawBufferPointer(rebasing: output[to ..< to + n - 1])), c > 0 {
+                if let c = compressors.compress(padded?.bytes ?? input, into: UnsafeMutableRawBufferPointer(rebasing: output[to ..< to + n - 1])), c > 0 {
                     pieces.append(CompressedPiece(guestOffset: offset + Int64(from), start: to, length: c, guestLength: n, compressed: true))
                     to += c
                     done = true
