@@ -40,7 +40,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .executableTarget(name: "ferry-delay-proxy", dependencies: ["FerryCore"]),
+        .executableTarget(name: "ferry-delay-proxy", dependencies: ["FerryCore", "CFerryLinux"]),
         .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
         .testTarget(name: "FerryFileTests", dependencies: ["FerryFile", "FerryCore"]),
         .testTarget(name: "FerryNBDTests", dependencies: ["FerryNBD", "FerryCore"]),

@@ -223,3 +223,15 @@ unsigned ferry_ring_reap(ferry_ring *r, uint64_t *user_data, int32_t *result, un
     if (n) io_uring_cq_advance(&r->ring, n);
     return n;
 }
+
+int ferry_pipe(int fds[2], int size) {
+    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return -errno;
+    // Best effort: a smaller pipe still works, in more steps.
+    (void)fcntl(fds[1], F_SETPIPE_SZ, size);
+    return 0;
+}
+
+long ferry_splice(int from, int to, size_t count) {
+    ssize_t n = splice(from, NULL, to, NULL, count, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    return n < 0 ? -errno : (long)n;
+}

@@ -11,6 +11,7 @@
 // sockets; a direction stops reading while 64 MiB wait in its queue (backpressure).
 // Prints "ferry-delay-proxy: listening ..." once every port listens. Stop it with SIGTERM.
 
+import CFerryLinux
 import FerryCore
 
 #if canImport(Glibc)
@@ -93,6 +94,10 @@ func serve(client: Int32, target: [UInt8], delay: UInt64) {
     guard connected == 0 else { close(server); close(client); return }
     setNoDelay(client); setNoDelay(server)
     setNonBlocking(client); setNonBlocking(server)
+    if delay == 0 {
+        splicePair(client, server)
+        return
+    }
     let dirs = [Direction(from: client, to: server), Direction(from: server, to: client)]
     let scratch = UnsafeMutableRawPointer.allocate(byteCount: scratchSize, alignment: 64)
     defer {
@@ -185,6 +190,70 @@ func serve(client: Int32, target: [UInt8], delay: UInt64) {
         }
     }
 }
+
+/// The zero-delay route: bytes move socket -> pipe -> socket inside the kernel (splice), so
+/// the proxy copies nothing itself and costs the copy little CPU on a small machine.
+func splicePair(_ client: Int32, _ server: Int32) {
+    struct Half {
+        let from: Int32
+        let to: Int32
+        var pipe: (r: Int32, w: Int32)
+        /// Bytes in the pipe, not yet passed on.
+        var held = 0
+        var readClosed = false
+        var done = false
+    }
+    func makePipe() -> (Int32, Int32)? {
+        var p: [Int32] = [0, 0]
+        guard ferry_pipe(&p, Int32(pipeSize)) == 0 else { return nil }
+        return (p[0], p[1])
+    }
+    guard let a = makePipe() else { close(client); close(server); return }
+    guard let b = makePipe() else { close(a.0); close(a.1); close(client); close(server); return }
+    var halves = [Half(from: client, to: server, pipe: a), Half(from: server, to: client, pipe: b)]
+    defer {
+        for h in halves { close(h.pipe.r); close(h.pipe.w) }
+        close(client); close(server)
+    }
+    var fds = [pollfd(fd: client, events: 0, revents: 0), pollfd(fd: server, events: 0, revents: 0)]
+    while !(halves[0].done && halves[1].done) {
+        fds[0].events = 0; fds[1].events = 0
+        for (i, h) in halves.enumerated() where !h.done {
+            if !h.readClosed && h.held < pipeSize { fds[i].events |= Int16(POLLIN) }
+            if h.held > 0 { fds[1 - i].events |= Int16(POLLOUT) }
+        }
+        if poll(&fds, 2, -1) < 0 {
+            if errno == EINTR { continue }
+            return
+        }
+        for i in 0 ..< 2 where !halves[i].done {
+            var h = halves[i]
+            if !h.readClosed && fds[i].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
+                let n = ferry_splice(h.from, h.pipe.w, pipeSize - h.held)
+                if n > 0 {
+                    h.held += n
+                } else if n == 0 {
+                    h.readClosed = true
+                } else if n != -Int(EAGAIN) && n != -Int(EINTR) {
+                    return
+                }
+            }
+            while h.held > 0 {
+                let n = ferry_splice(h.pipe.r, h.to, h.held)
+                if n > 0 { h.held -= n; continue }
+                if n < 0 && n != -Int(EAGAIN) && n != -Int(EINTR) { return }
+                break
+            }
+            if h.readClosed && h.held == 0 {
+                shutdown(h.to, Int32(SHUT_WR))
+                h.done = true
+            }
+            halves[i] = h
+        }
+    }
+}
+
+let pipeSize = 1 << 20
 
 // MARK: main
 
