@@ -8,7 +8,7 @@
 # Lines, each at 0 ms and at +1 ms each way:
 #   raw on NFS     -> iSCSI LUN (raw)     a SIZE_MIB image of random bytes
 #   qcow2 on NFS   -> iSCSI LUN (raw)     the same size, half of its 64 KiB clusters allocated
-#   iSCSI LUN      -> NFS (raw)           the backup; qcow2 output is not written by Ferry yet
+#   iSCSI LUN      -> NFS (qcow2)         the backup
 # The +1 ms lines go through ferry-delay-proxy in front of ganesha's NFS and MOUNT ports and
 # tgtd's portal; qemu-img finds the proxied NFS ports through the portmapper, whose NFS and
 # MOUNT entries are re-pointed at the proxy for those lines (and back for the 0 ms ones).
@@ -112,7 +112,7 @@ ports() { case $1 in 0) echo "3260 2049 20048";; p0) echo "4360 4049 40048";; *)
 LINES=(
     "raw|raw on NFS -> iSCSI (raw)"
     "qcow2|qcow2 on NFS (half allocated) -> iSCSI (raw)"
-    "backup|iSCSI -> NFS (raw; qcow2 not yet)"
+    "backup|iSCSI -> NFS (qcow2)"
 )
 COLS=("ferry" "qemu -m 1" "qemu" "qemu -m 16 -W")
 
@@ -121,19 +121,19 @@ command_for() {
     local line=$1 col=$2 d=$3 ip np mp
     read -r ip np mp <<<"$(ports "$d")"
     local nfsF="nfs://127.0.0.1/export/FILE?nfsport=$np&mountport=$mp" nfsQ="nfs://127.0.0.1/export/FILE"
-    local src dst fmt
+    local src dst fmt out=raw
     case $line in
         raw) fmt=raw; src=${nfsF/FILE/src.raw}; qsrc=${nfsQ/FILE/src.raw}; dst=iscsi://127.0.0.1:$ip/$LUN/1; qdst=$dst ;;
         qcow2) fmt=qcow2; src=${nfsF/FILE/src.qcow2}; qsrc=${nfsQ/FILE/src.qcow2}; dst=iscsi://127.0.0.1:$ip/$LUN/1; qdst=$dst ;;
-        backup) fmt=raw; src=iscsi://127.0.0.1:$ip/$BACK/1; qsrc=$src; dst=${nfsF/FILE/backup.raw}; qdst=${nfsQ/FILE/backup.raw} ;;
+        backup) fmt=raw; out=qcow2; src=iscsi://127.0.0.1:$ip/$BACK/1; qsrc=$src; dst=${nfsF/FILE/backup.qcow2}; qdst=${nfsQ/FILE/backup.qcow2} ;;
     esac
     local n=-n
     [ "$line" = backup ] && n=
     case $col in
-        "ferry") echo "$FERRY convert -q -f $fmt -O raw '$src' '$dst'" ;;
-        "qemu -m 1") echo "qemu-img convert $n -f $fmt -O raw -m 1 '$qsrc' '$qdst'" ;;
-        "qemu") echo "qemu-img convert $n -f $fmt -O raw '$qsrc' '$qdst'" ;;
-        "qemu -m 16 -W") echo "qemu-img convert $n -f $fmt -O raw -m 16 -W '$qsrc' '$qdst'" ;;
+        "ferry") echo "$FERRY convert -q -f $fmt -O $out '$src' '$dst'" ;;
+        "qemu -m 1") echo "qemu-img convert $n -f $fmt -O $out -m 1 '$qsrc' '$qdst'" ;;
+        "qemu") echo "qemu-img convert $n -f $fmt -O $out '$qsrc' '$qdst'" ;;
+        "qemu -m 16 -W") echo "qemu-img convert $n -f $fmt -O $out -m 16 -W '$qsrc' '$qdst'" ;;
     esac
 }
 
@@ -141,7 +141,8 @@ check() {   # LINE
     case $1 in
         raw) qemu-img compare -q -f raw -F raw "$RAW" "$ISTATE/thin.img" ;;
         qcow2) qemu-img compare -q -f qcow2 -F raw "$QCOW" "$ISTATE/thin.img" ;;
-        backup) qemu-img compare -q -f raw -F raw "$ISTATE/thick.img" "$NFSSTATE/export/backup.raw" ;;
+        backup) qemu-img compare -q -f raw -F qcow2 "$ISTATE/thick.img" "$NFSSTATE/export/backup.qcow2" &&
+                qemu-img check -q "$NFSSTATE/export/backup.qcow2" ;;
     esac
 }
 
@@ -159,7 +160,7 @@ for (( run = 1; run <= RUNS; run++ )); do
                 cmd=$(command_for "$line" "$col" "$d")
                 # Emptied, not removed: ganesha keeps the files it served open, and removed
                 # ones would pile up in memory on the tmpfs.
-                [ -e "$NFSSTATE/export/backup.raw" ] && : >"$NFSSTATE/export/backup.raw"
+                [ -e "$NFSSTATE/export/backup.qcow2" ] && : >"$NFSSTATE/export/backup.qcow2"
                 sync
                 t0=$(now_ns)
                 if ! "${IN[@]}" bash -c "$cmd" >"$OUT/cmd.log" 2>&1; then

@@ -26,6 +26,9 @@ struct Opened: Sendable {
             if -fd == EISDIR { throw isDirectory(path) }
             throw FerryError.posix(-fd, "could not open", path: path)
         }
+        // A source is read front to back, several requests at once: without the hint the
+        // kernel's readahead loses track of it (a cold 512 MiB copy took 0.5-0.7 s, with it 0.4 s).
+        if options.readOnly { _ = posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL) }
         return try finish(fd: fd, path: path, flags: flags, options: options)
     }
 
