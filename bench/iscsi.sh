@@ -147,31 +147,34 @@ check() {   # LINE
 }
 
 declare -A TIMES
+measure() {   # LINE COLUMN DELAY
+    local line=$1 col=$2 d=$3 cmd t0 t1
+    cmd=$(command_for "$line" "$col" "$d")
+    # Emptied, not removed: ganesha keeps the files it served open, and removed ones would
+    # pile up in memory on the tmpfs.
+    [ -e "$NFSSTATE/export/backup.qcow2" ] && : >"$NFSSTATE/export/backup.qcow2"
+    sync
+    t0=$(now_ns)
+    if ! "${IN[@]}" bash -c "$cmd" >"$OUT/cmd.log" 2>&1; then
+        echo "bench: failed: $cmd" >&2; cat "$OUT/cmd.log" >&2; exit 1
+    fi
+    t1=$(now_ns)
+    TIMES["$line|$d|$col"]+="$(( (t1 - t0) / 1000 )) "
+    if (( run == 1 )); then
+        check "$line" || { echo "bench: $col ($line, $d) produced a different image" >&2; exit 1; }
+    fi
+}
 for (( run = 1; run <= RUNS; run++ )); do
-    for d in 0 1 p0; do
+    for d in 0 1; do
         if [ "$d" = 1 ]; then pmap 3049 30048; else pmap 2049 20048; fi
         for l in "${LINES[@]}"; do
             line=${l%%|*}
-            cols=("${COLS[@]}")
-            [ "$d" = p0 ] && { [ "$line" = raw ] || continue; cols=("ferry"); }
             # Each run starts one column later, so no command always follows the same one.
-            for (( c = 0; c < ${#cols[@]}; c++ )); do
-                col=${cols[$(( (c + run) % ${#cols[@]} ))]}
-                cmd=$(command_for "$line" "$col" "$d")
-                # Emptied, not removed: ganesha keeps the files it served open, and removed
-                # ones would pile up in memory on the tmpfs.
-                [ -e "$NFSSTATE/export/backup.qcow2" ] && : >"$NFSSTATE/export/backup.qcow2"
-                sync
-                t0=$(now_ns)
-                if ! "${IN[@]}" bash -c "$cmd" >"$OUT/cmd.log" 2>&1; then
-                    echo "bench: failed: $cmd" >&2; cat "$OUT/cmd.log" >&2; exit 1
-                fi
-                t1=$(now_ns)
-                TIMES["$line|$d|$col"]+="$(( (t1 - t0) / 1000 )) "
-                if (( run == 1 )); then
-                    check "$line" || { echo "bench: $col ($line, $d) produced a different image" >&2; exit 1; }
-                fi
+            for (( c = 0; c < ${#COLS[@]}; c++ )); do
+                measure "$line" "${COLS[$(( (c + run) % ${#COLS[@]} ))]}" "$d"
             done
+            # The proxy's own cost: Ferry through it at 0 ms, right after the direct runs.
+            if [ "$d" = 0 ] && [ "$line" = raw ]; then measure raw ferry p0; fi
         done
     done
     echo "bench: run $run of $RUNS done" >&2
