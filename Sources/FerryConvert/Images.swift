@@ -262,29 +262,32 @@ public enum Images {
     /// backing chain each run comes from and where it lies in its file, as qemu-img map says.
     public static func map(_ spec: ImageSpec) async throws -> ([MapEntry], probedAsRaw: Bool) {
         try await withImage(spec) { image in
-            var entries: [MapEntry] = []
-            let top = image.device
-            var pos: Int64 = 0
-            let cache = MappingCache()
-            while pos < top.size {
-                let e = try await mapStatus(top, isRaw: image.format == RawFormat.name, at: pos, end: top.size, depth: 0,
-                                            cache: cache)
-                guard e.length > 0 else {
-                    throw FerryError(.corrupt, "no allocation status at offset \(pos)", path: spec.location, offset: pos)
-                }
-                if var last = entries.last, last.depth == e.depth, last.data == e.data, last.zero == e.zero,
-                   last.present == e.present, last.start + last.length == e.start, last.file == e.file,
-                   (last.offset == nil && e.offset == nil)
-                    || (last.offset != nil && e.offset != nil && last.offset! + last.length == e.offset!) {
-                    last.length += e.length
-                    entries[entries.count - 1] = last
-                } else {
-                    entries.append(e)
-                }
-                pos += e.length
-            }
-            return (entries, image.probedAsRaw)
+            (try await mapEntries(image.device, isRaw: image.format == RawFormat.name), image.probedAsRaw)
         }
+    }
+
+    /// `map`'s entries for an opened image.
+    static func mapEntries(_ top: any BlockDevice, isRaw: Bool) async throws -> [MapEntry] {
+        var entries: [MapEntry] = []
+        var pos: Int64 = 0
+        let cache = MappingCache()
+        while pos < top.size {
+            let e = try await mapStatus(top, isRaw: isRaw, at: pos, end: top.size, depth: 0, cache: cache)
+            guard e.length > 0 else {
+                throw FerryError(.corrupt, "no allocation status at offset \(pos)", path: top.name, offset: pos)
+            }
+            if var last = entries.last, last.depth == e.depth, last.data == e.data, last.zero == e.zero,
+               last.present == e.present, last.start + last.length == e.start, last.file == e.file,
+               (last.offset == nil && e.offset == nil)
+                || (last.offset != nil && e.offset != nil && last.offset! + last.length == e.offset!) {
+                last.length += e.length
+                entries[entries.count - 1] = last
+            } else {
+                entries.append(e)
+            }
+            pos += e.length
+        }
+        return entries
     }
 
     /// The first run from `offset` of what a read of `device` returns and which layer it
@@ -315,7 +318,7 @@ public enum Images {
                                             depth: depth + 1, cache: cache)
             }
         }
-        guard let e = try await device.extents(in: offset ..< end).first, e.offset == offset, e.length > 0 else {
+        guard let e = try await cache.extent(device, at: offset, end: end), e.end > offset else {
             throw FerryError(.corrupt, "extents at offset \(offset) do not start where asked", path: device.name, offset: offset)
         }
         let length = min(e.end, end) - offset
@@ -337,6 +340,30 @@ final class MappingCache {
         let batch = try await layer.layerMapping(in: offset ..< end)
         batches[key] = batch
         return Self.find(batch, offset)
+    }
+
+    private var extentBatches: [ObjectIdentifier: [Extent]] = [:]
+
+    /// The extent of `device` holding `offset` (a raw file or endpoint), from the last batch
+    /// asked of it when it covers `offset`: walking a file extent by extent would otherwise
+    /// ask again, for the whole rest of the file, at every extent.
+    func extent(_ device: any BlockDevice, at offset: Int64, end: Int64) async throws -> Extent? {
+        let key = ObjectIdentifier(device)
+        if let batch = extentBatches[key], let hit = Self.find(batch, offset) { return hit }
+        let batch = try await device.extents(in: offset ..< end)
+        guard let first = batch.first, first.offset == offset else { return nil }
+        extentBatches[key] = batch
+        return Self.find(batch, offset)
+    }
+
+    private static func find(_ batch: [Extent], _ offset: Int64) -> Extent? {
+        var lo = 0, hi = batch.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if batch[mid].end <= offset { lo = mid + 1 } else { hi = mid }
+        }
+        guard lo < batch.count, batch[lo].offset <= offset else { return nil }
+        return batch[lo]
     }
 
     private static func find(_ batch: [LayerMapping], _ offset: Int64) -> LayerMapping? {
