@@ -13,6 +13,7 @@
 
 import CFerryLinux
 import FerryCore
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -93,11 +94,11 @@ func serve(client: Int32, target: [UInt8], delay: UInt64) {
     }
     guard connected == 0 else { close(server); close(client); return }
     setNoDelay(client); setNoDelay(server)
-    setNonBlocking(client); setNonBlocking(server)
     if delay == 0 {
         splicePair(client, server)
         return
     }
+    setNonBlocking(client); setNonBlocking(server)
     let dirs = [Direction(from: client, to: server), Direction(from: server, to: client)]
     let scratch = UnsafeMutableRawPointer.allocate(byteCount: scratchSize, alignment: 64)
     defer {
@@ -192,65 +193,47 @@ func serve(client: Int32, target: [UInt8], delay: UInt64) {
 }
 
 /// The zero-delay route: bytes move socket -> pipe -> socket inside the kernel (splice), so
-/// the proxy copies nothing itself and costs the copy little CPU on a small machine.
+/// the proxy copies nothing itself, one blocking thread per direction (no poll calls): on a
+/// small machine every cycle the proxy spends is taken from the copy it measures.
 func splicePair(_ client: Int32, _ server: Int32) {
-    struct Half {
-        let from: Int32
-        let to: Int32
-        var pipe: (r: Int32, w: Int32)
-        /// Bytes in the pipe, not yet passed on.
-        var held = 0
-        var readClosed = false
-        var done = false
-    }
-    func makePipe() -> (Int32, Int32)? {
-        var p: [Int32] = [0, 0]
-        guard ferry_pipe(&p, Int32(pipeSize)) == 0 else { return nil }
-        return (p[0], p[1])
-    }
-    guard let a = makePipe() else { close(client); close(server); return }
-    guard let b = makePipe() else { close(a.0); close(a.1); close(client); close(server); return }
-    var halves = [Half(from: client, to: server, pipe: a), Half(from: server, to: client, pipe: b)]
-    defer {
-        for h in halves { close(h.pipe.r); close(h.pipe.w) }
-        close(client); close(server)
-    }
-    var fds = [pollfd(fd: client, events: 0, revents: 0), pollfd(fd: server, events: 0, revents: 0)]
-    while !(halves[0].done && halves[1].done) {
-        fds[0].events = 0; fds[1].events = 0
-        for (i, h) in halves.enumerated() where !h.done {
-            if !h.readClosed && h.held < pipeSize { fds[i].events |= Int16(POLLIN) }
-            if h.held > 0 { fds[1 - i].events |= Int16(POLLOUT) }
+    /// Directions still running: the last one out closes both sockets.
+    final class Running: Sendable { let count = Atomic<Int>(2) }
+    let running = Running()
+    @Sendable func pump(_ from: Int32, _ to: Int32) {
+        defer {
+            if running.count.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 { close(client); close(server) }
         }
-        if poll(&fds, 2, -1) < 0 {
-            if errno == EINTR { continue }
+        var p: [Int32] = [0, 0]
+        guard ferry_pipe(&p, Int32(pipeSize), 0) == 0 else {
+            shutdown(client, Int32(SHUT_RDWR)); shutdown(server, Int32(SHUT_RDWR))
             return
         }
-        for i in 0 ..< 2 where !halves[i].done {
-            var h = halves[i]
-            if !h.readClosed && fds[i].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
-                let n = ferry_splice(h.from, h.pipe.w, pipeSize - h.held)
-                if n > 0 {
-                    h.held += n
-                } else if n == 0 {
-                    h.readClosed = true
-                } else if n != -Int(EAGAIN) && n != -Int(EINTR) {
+        defer { close(p[0]); close(p[1]) }
+        while true {
+            let n = ferry_splice(from, p[1], pipeSize, 0)
+            if n == -Int(EINTR) { continue }
+            if n <= 0 {
+                // End of stream: pass it on. An error: take the other direction down too.
+                if n == 0 { shutdown(to, Int32(SHUT_WR)) } else { shutdown(client, Int32(SHUT_RDWR)); shutdown(server, Int32(SHUT_RDWR)) }
+                return
+            }
+            var held = n
+            while held > 0 {
+                let m = ferry_splice(p[0], to, held, 0)
+                if m == -Int(EINTR) { continue }
+                if m <= 0 {
+                    shutdown(client, Int32(SHUT_RDWR)); shutdown(server, Int32(SHUT_RDWR))
                     return
                 }
+                held -= m
             }
-            while h.held > 0 {
-                let n = ferry_splice(h.pipe.r, h.to, h.held)
-                if n > 0 { h.held -= n; continue }
-                if n < 0 && n != -Int(EAGAIN) && n != -Int(EINTR) { return }
-                break
-            }
-            if h.readClosed && h.held == 0 {
-                shutdown(h.to, Int32(SHUT_WR))
-                h.done = true
-            }
-            halves[i] = h
         }
     }
+    if !startDetachedThread(name: "proxy-splice", { pump(server, client) }) {
+        running.count.store(1, ordering: .relaxed)
+        shutdown(client, Int32(SHUT_RDWR))
+    }
+    pump(client, server)
 }
 
 let pipeSize = 1 << 20
