@@ -356,17 +356,8 @@ final class MappingCache {
         return Self.find(batch, offset)
     }
 
-    private static func find(_ batch: [Extent], _ offset: Int64) -> Extent? {
-        var lo = 0, hi = batch.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if batch[mid].end <= offset { lo = mid + 1 } else { hi = mid }
-        }
-        guard lo < batch.count, batch[lo].offset <= offset else { return nil }
-        return batch[lo]
-    }
-
-    private static func find(_ batch: [LayerMapping], _ offset: Int64) -> LayerMapping? {
+    /// The run of an ascending batch that holds `offset`, by binary search.
+    private static func find<Run: OffsetRun>(_ batch: [Run], _ offset: Int64) -> Run? {
         var lo = 0, hi = batch.count
         while lo < hi {
             let mid = (lo + hi) / 2
@@ -376,3 +367,11 @@ final class MappingCache {
         return batch[lo]
     }
 }
+
+/// A run of a device, for `MappingCache.find`.
+protocol OffsetRun {
+    var offset: Int64 { get }
+    var end: Int64 { get }
+}
+extension Extent: OffsetRun {}
+extension LayerMapping: OffsetRun {}
