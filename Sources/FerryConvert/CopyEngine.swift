@@ -61,7 +61,8 @@ public enum CopyEngine {
             source: source, target: target, configuration: configuration,
             granularity: configuration.sparseSize == 0 ? 0 : roundUp(configuration.sparseSize, to: target.limits.alignment),
             planner: planner, sequencer: sequencer, tracker: tracker, pool: pool,
-            compressor: (target as? ClusterCompressingDevice).flatMap { $0.compressesWrites ? $0 : nil })
+            compressor: (target as? ClusterCompressingDevice).flatMap { $0.compressesWrites ? $0 : nil },
+            failure: FirstFailure())
 
         do {
             try await withThrowingTaskGroup(of: Void.self) { group in
@@ -80,6 +81,8 @@ public enum CopyEngine {
                 }
             }
         } catch {
+            // A zero write that failed behind its worker stopped the others with cancellation.
+            let error = context.failure.value ?? error
             // The counters as they stood, so a progress display ends where the copy did.
             let stats = tracker.finish()
             if error is CancellationError || (error as? FerryError)?.code == .cancelled || Task.isCancelled {
@@ -122,6 +125,11 @@ private struct WorkerContext: Sendable {
     /// The target when it compresses: clusters are compressed by each worker before its
     /// turn, and only appended in its turn.
     let compressor: (any ClusterCompressingDevice)?
+    /// The first error of a zero write running behind its worker.
+    let failure: FirstFailure
+
+    /// Zero writes each worker may leave running behind it.
+    static let zerosBehind = 4
 
     func run() async throws {
         let buffer = await pool.take()
@@ -129,17 +137,56 @@ private struct WorkerContext: Sendable {
         let compressed = compressor == nil ? nil : AlignedBuffer(count: buffer.count)
         /// True while the buffer is known to hold only zeros (for fully allocated copies).
         var bufferIsZero = false
-        while let request = try await planner.next() {
-            try Task.checkCancellation()
-            do {
-                try await handle(request, buffer: buffer, compressed: compressed, bufferIsZero: &bufferIsZero)
-            } catch let e as FerryError {
-                throw e
-            } catch is CancellationError {
-                throw CancellationError()
-            } catch {
-                throw FerryError(.io, "\(error)", path: target.name, offset: request.offset)
+        try await withThrowingTaskGroup(of: Void.self) { behind in
+            var running = 0
+            while let request = try await planner.next() {
+                try Task.checkCancellation()
+                if failure.value != nil { throw CancellationError() }
+                if writesZeroesBehind(request) {
+                    // A zero write needs no buffer: it waits for its turn and completes in a
+                    // task of its own while the worker goes on, so zero runs (half of a
+                    // sparse image) do not hold the requests in flight down to `-m`.
+                    behind.addTask { try await zeroBehind(request) }
+                    running += 1
+                    if running >= Self.zerosBehind {
+                        _ = try await behind.next()
+                        running -= 1
+                    }
+                    continue
+                }
+                do {
+                    try await handle(request, buffer: buffer, compressed: compressed, bufferIsZero: &bufferIsZero)
+                } catch let e as FerryError {
+                    throw e
+                } catch is CancellationError {
+                    throw CancellationError()
+                } catch {
+                    throw FerryError(.io, "\(error)", path: target.name, offset: request.offset)
+                }
             }
+            while try await behind.next() != nil {}
+        }
+    }
+
+    /// Zero runs that become `writeZeroes` calls (not skipped, not written as bytes).
+    private func writesZeroesBehind(_ r: CopyRequest) -> Bool {
+        guard compressor == nil, configuration.sparseSize != 0, !configuration.targetReadsZero else { return false }
+        return r.kind == .zero || (r.kind == .unallocated && !configuration.skipUnallocated)
+    }
+
+    private func zeroBehind(_ r: CopyRequest) async throws {
+        do {
+            try await turn(r) { issued in
+                try await target.writeZeroes(at: r.offset, length: r.length, flags: [.mayUnmap], issued: issued)
+                tracker.complete(r, zeroed: r.length)
+            }
+        } catch is CancellationError {
+            throw CancellationError()
+        } catch {
+            let e = (error as? FerryError) ?? FerryError(.io, "\(error)", path: target.name, offset: r.offset)
+            // Its turn will never pass: stop the workers waiting for theirs.
+            if failure.record(e) { sequencer?.fail() }
+            throw e
         }
     }
 
@@ -273,6 +320,22 @@ private final class TurnHandOver: Sendable {
     @Sendable func pass() {
         if !passed.exchange(true, ordering: .acquiringAndReleasing) { sequencer.finish(seq) }
     }
+}
+
+/// The first error recorded, for errors met where no caller is waiting to receive them.
+final class FirstFailure: Sendable {
+    private let error = Mutex<(any Error)?>(nil)
+
+    /// Records `e` unless an error was recorded before; true if it was the first.
+    func record(_ e: any Error) -> Bool {
+        error.withLock { stored in
+            guard stored == nil else { return false }
+            stored = e
+            return true
+        }
+    }
+
+    var value: (any Error)? { error.withLock { $0 } }
 }
 
 /// Counters and the completion watermark, shared by the workers.

@@ -13,16 +13,18 @@ final class Sequencer: Sendable {
         var waiters: [Int: CheckedContinuation<Void, any Error>] = [:]
         /// Sequence numbers whose waiting task was cancelled before it parked.
         var cancelled: Set<Int> = []
+        /// A turn will never pass (its write failed): every wait throws.
+        var failed = false
     }
     private let state = Mutex(State())
 
     func waitTurn(_ seq: Int) async throws {
-        if state.withLock({ $0.next == seq }) { return }
+        if state.withLock({ $0.next == seq && !$0.failed }) { return }
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
                 enum Now { case go, wait, cancelled }
                 let now: Now = state.withLock { s in
-                    if s.cancelled.remove(seq) != nil { return .cancelled }
+                    if s.cancelled.remove(seq) != nil || s.failed { return .cancelled }
                     if s.next == seq { return .go }
                     precondition(s.next < seq, "sequence \(seq) waited after its turn")
                     s.waiters[seq] = c
@@ -52,5 +54,16 @@ final class Sequencer: Sendable {
             return s.waiters.removeValue(forKey: seq + 1)
         }
         c?.resume()
+    }
+
+    /// Makes every waiting and later `waitTurn` throw `CancellationError`: for a turn that
+    /// will never pass because its write failed.
+    func fail() {
+        let waiting: [CheckedContinuation<Void, any Error>] = state.withLock { s in
+            s.failed = true
+            defer { s.waiters.removeAll() }
+            return Array(s.waiters.values)
+        }
+        for c in waiting { c.resume(throwing: CancellationError()) }
     }
 }

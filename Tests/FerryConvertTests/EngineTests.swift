@@ -238,6 +238,67 @@ final class EngineTests: XCTestCase {
         }
     }
 
+    /// Zero runs need no buffer: their writes complete behind the workers, so a slow target
+    /// gets more requests at once than there are workers, still issued in order.
+    func testZeroWritesRunBehindTheirWorkers() async throws {
+        let size: Int64 = 4 << 20
+        let src = MemoryDevice(name: "src", size: size, chunkSize: 65536)
+        for k in stride(from: Int64(0), to: size, by: 131072) {
+            try await src.write(at: k, bytes: [UInt8](repeating: UInt8(truncatingIfNeeded: k >> 17) | 1, count: 65536))
+        }
+        let dst = MemoryDevice(name: "dst", size: size, capabilities: [.write, .zero, .extents, .flush],
+                               latency: .milliseconds(3), jitter: .milliseconds(2))
+        try await dst.write(at: 0, bytes: [UInt8](repeating: 0xee, count: Int(size)))
+        let stats = try await copy(src, dst) { $0.workers = 2; $0.bufferSize = 65536 }
+        XCTAssertEqual(dst.contents(), src.contents())
+        XCTAssertEqual(stats.bytesZeroed, size / 2)
+        var last: Int64 = -1
+        for op in dst.operations {
+            guard let (o, l) = op.range, o >= 0 else { continue }
+            if case .write(let o, _) = op, o == 0, l == size { continue }   // the 0xee fill
+            XCTAssertGreaterThanOrEqual(o, last, "request at \(o) was issued after one ending at \(last)")
+            last = o + l
+        }
+        XCTAssertGreaterThan(dst.peakInFlight, 2, "two workers, more than two requests in flight")
+    }
+
+    /// A zero write that fails behind its worker stops the copy with its own error.
+    func testFailedZeroWriteStopsTheCopyWithItsError() async throws {
+        let size: Int64 = 4 << 20
+        let src = MemoryDevice(name: "src", size: size, chunkSize: 65536)
+        for k in stride(from: Int64(0), to: size, by: 131072) {
+            try await src.write(at: k, bytes: [UInt8](repeating: 7, count: 65536))
+        }
+        for outOfOrder in [false, true] {
+            let dst = MemoryDevice(name: "dst", size: size, capabilities: [.write, .zero, .extents, .flush],
+                                   latency: .microseconds(200))
+            // The hole at 1 MiB + 64 KiB fails.
+            dst.failure = .init(range: (1 << 20) + 65536 ..< (1 << 20) + 65537, onRead: false, onWrite: true)
+            do {
+                _ = try await copy(src, dst) { $0.workers = 4; $0.bufferSize = 65536; $0.outOfOrder = outOfOrder }
+                XCTFail("copy should fail")
+            } catch let e as FerryError {
+                XCTAssertEqual(e.code, .io, "\(e)")
+                XCTAssertEqual(e.path, "dst")
+                XCTAssertEqual(e.offset, (1 << 20) + 65536)
+            }
+        }
+        // Refused before it was issued (a read-only target), so its turn never passes: the
+        // workers waiting behind it must stop, not wait for ever.
+        let holeFirst = MemoryDevice(name: "src", size: size, chunkSize: 65536)
+        for k in stride(from: Int64(65536), to: size, by: 131072) {
+            try await holeFirst.write(at: k, bytes: [UInt8](repeating: 7, count: 65536))
+        }
+        let readOnly = MemoryDevice(name: "ro", size: size, capabilities: [.extents])
+        do {
+            _ = try await copy(holeFirst, readOnly) { $0.workers = 4; $0.bufferSize = 65536 }
+            XCTFail("copy should fail")
+        } catch let e as FerryError {
+            XCTAssertEqual(e.code, .readOnly, "\(e)")
+            XCTAssertEqual(e.path, "ro")
+        }
+    }
+
     func testCancellationStopsWorkersAndSaysWhere() async throws {
         let size: Int64 = 64 << 20
         // No extents: every byte is read, slowly.
