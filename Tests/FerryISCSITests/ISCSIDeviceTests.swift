@@ -45,6 +45,20 @@ final class ISCSIDeviceTests: ISCSITestCase {
         try await k4.close()
     }
 
+    /// Loopback is a fast link: writes go out as commands as large as the LUN takes. Behind
+    /// a slow one they are cut to 256 KiB, sent together, so R2T waits overlap.
+    func testWriteCommandSizeFollowsTheRoundTrip() async throws {
+        let d = try await ISCSIDevice.open(target.url("thick"), readOnly: false)
+        defer { Task { try? await d.close() } }
+        XCTAssertGreaterThan(d.roundTrip, 0)
+        XCTAssertLessThan(d.roundTrip, ISCSIDevice.slowRoundTrip, "loopback measured \(d.roundTrip) ns")
+        if getenv("FERRY_ISCSI_WRITE_PIECE") == nil { XCTAssertEqual(d.writePiece, d.transferMax) }
+        XCTAssertEqual(ISCSIDevice.writeCommandSize(roundTrip: 2_000_000, maximum: 1 << 20, blockSize: 512, override: nil), 256 << 10)
+        XCTAssertEqual(ISCSIDevice.writeCommandSize(roundTrip: 60_000, maximum: 1 << 20, blockSize: 512, override: nil), 1 << 20)
+        XCTAssertEqual(ISCSIDevice.writeCommandSize(roundTrip: 60_000, maximum: 1 << 20, blockSize: 4096, override: 5000), 4096)
+        XCTAssertEqual(ISCSIDevice.writeCommandSize(roundTrip: 2_000_000, maximum: 128 << 10, blockSize: 512, override: nil), 128 << 10)
+    }
+
     func testConcurrentWritesSplitAboveTheMaximumAndReadBack() async throws {
         for (lun, bs) in [("thin", 512), ("thin4k", 4096)] {
             let d = try await ISCSIDevice.open(target.url(lun), readOnly: false, connections: 3)
