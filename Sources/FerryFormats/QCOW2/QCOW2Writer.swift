@@ -210,12 +210,19 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
         try await writeHost(buffer.bytes, at: offset)
     }
 
-    private func writeHost(_ bytes: UnsafeRawBufferPointer, at offset: Int64) async throws {
+    /// `issued`, if given, is handed to the file with the last piece.
+    private func writeHost(_ bytes: UnsafeRawBufferPointer, at offset: Int64,
+                           issued: (@Sendable () -> Void)? = nil) async throws {
         let step = max(file.limits.alignment, file.limits.maximumTransfer / file.limits.alignment * file.limits.alignment)
         var done = 0
         while done < bytes.count {
             let n = min(step, bytes.count - done)
-            try await file.write(at: offset + Int64(done), from: UnsafeRawBufferPointer(rebasing: bytes[done ..< done + n]), flags: [])
+            let piece = UnsafeRawBufferPointer(rebasing: bytes[done ..< done + n])
+            if let issued, done + n == bytes.count {
+                try await file.write(at: offset + Int64(done), from: piece, flags: [], issued: issued)
+            } else {
+                try await file.write(at: offset + Int64(done), from: piece, flags: [])
+            }
             done += n
         }
     }
@@ -395,8 +402,9 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
         if flags.contains(.fua) { try await file.flush() }
     }
 
-    /// Issued once the clusters are mapped: a later write allocates after this one, so the
-    /// file keeps the guest order while the data writes of several requests overlap.
+    /// Issued once the clusters are mapped and their data handed to the file: a later write
+    /// allocates after this one and reaches the file after it, so the file keeps the guest
+    /// order while the data writes of several requests overlap.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
                       issued: @escaping @Sendable () -> Void) async throws {
         guard !compressesWrites, !flags.contains(.fua) else {
@@ -407,16 +415,16 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
         try checkRange(offset, Int64(buffer.count))
         guard buffer.count > 0 else { issued(); return }
         try await beginChange()
-        try await writePlain(at: offset, from: buffer, mapped: issued)
+        try await writePlain(at: offset, from: buffer, issued: issued)
     }
 
     /// Writes uncompressed: maps every cluster under one lock, then writes the host runs
     /// (joined where they continue each other) outside it; clusters that need their old
     /// contents first go through `rewrite`.
-    /// `mapped` is called once the clusters are mapped, or at the end when some cluster
-    /// needs a read-modify-write (its old contents must not race a later write).
+    /// `issued` is called once the last host run is handed to the file, or at the end when
+    /// some cluster needs a read-modify-write (its old contents must not race a later write).
     private func writePlain(at offset: Int64, from buffer: UnsafeRawBufferPointer,
-                            mapped: (@Sendable () -> Void)? = nil) async throws {
+                            issued: (@Sendable () -> Void)? = nil) async throws {
         let end = offset + Int64(buffer.count)
         var runs: [(host: Int64, from: Int, count: Int)] = []
         var slowOnes: [(at: Int64, from: Int, count: Int)] = []
@@ -440,40 +448,37 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
                 pos += n
             }
         }
-        if slowOnes.isEmpty { mapped?() }
-        for r in runs {
-            try await writeHost(UnsafeRawBufferPointer(rebasing: buffer[r.from ..< r.from + r.count]), at: r.host)
+        let handOver = slowOnes.isEmpty ? issued : nil
+        if runs.isEmpty { handOver?() }
+        for (i, r) in runs.enumerated() {
+            try await writeHost(UnsafeRawBufferPointer(rebasing: buffer[r.from ..< r.from + r.count]), at: r.host,
+                                issued: i == runs.count - 1 ? handOver : nil)
         }
         for s in slowOnes {
             try await rewrite(at: s.at, with: UnsafeRawBufferPointer(rebasing: buffer[s.from ..< s.from + s.count]))
         }
-        if !slowOnes.isEmpty { mapped?() }
+        if !slowOnes.isEmpty { issued?() }
     }
 
     /// Read-modify-write of part of one cluster, one at a time.
     private func rewrite(at offset: Int64, with bytes: UnsafeRawBufferPointer) async throws {
-        await slow.lock()
-        defer { slow.unlock() }
-        let c = offset >> clusterBits
-        let start = c << clusterBits
-        let count = Int(min(cs, size - start))
-        let buffer = AlignedBuffer(count: count)
-        try await read(at: start, into: buffer.mutableBytes)
-        let within = Int(offset - start)
-        UnsafeMutableRawBufferPointer(rebasing: buffer.mutableBytes[within ..< within + bytes.count]).copyMemory(from: bytes)
-        try await writePlain(at: start, from: buffer.bytes)
+        try await rewrite(at: offset, length: bytes.count) { $0.copyMemory(from: bytes) }
     }
 
     private func rewriteZeros(at offset: Int64, length: Int64) async throws {
+        try await rewrite(at: offset, length: Int(length)) { $0.initializeMemory(as: UInt8.self, repeating: 0) }
+    }
+
+    /// Reads the cluster holding `offset`, lets `change` fill `length` bytes from there, and
+    /// writes the cluster back.
+    private func rewrite(at offset: Int64, length: Int, _ change: (UnsafeMutableRawBufferPointer) -> Void) async throws {
         await slow.lock()
         defer { slow.unlock() }
-        let c = offset >> clusterBits
-        let start = c << clusterBits
-        let count = Int(min(cs, size - start))
-        let buffer = AlignedBuffer(count: count)
+        let start = (offset >> clusterBits) << clusterBits
+        let buffer = AlignedBuffer(count: Int(min(cs, size - start)))
         try await read(at: start, into: buffer.mutableBytes)
         let within = Int(offset - start)
-        UnsafeMutableRawBufferPointer(rebasing: buffer.mutableBytes[within ..< within + Int(length)]).initializeMemory(as: UInt8.self, repeating: 0)
+        change(UnsafeMutableRawBufferPointer(rebasing: buffer.mutableBytes[within ..< within + length]))
         try await writePlain(at: start, from: buffer.bytes)
     }
 
