@@ -174,12 +174,17 @@ private struct WorkerContext: Sendable {
         return r.kind == .zero || (r.kind == .unallocated && !configuration.skipUnallocated)
     }
 
+    /// A zero request written as `writeZeroes`, in its turn.
+    private func zeroRun(_ r: CopyRequest) async throws {
+        try await turn(r) { issued in
+            try await target.writeZeroes(at: r.offset, length: r.length, flags: [.mayUnmap], issued: issued)
+            tracker.complete(r, zeroed: r.length)
+        }
+    }
+
     private func zeroBehind(_ r: CopyRequest) async throws {
         do {
-            try await turn(r) { issued in
-                try await target.writeZeroes(at: r.offset, length: r.length, flags: [.mayUnmap], issued: issued)
-                tracker.complete(r, zeroed: r.length)
-            }
+            try await zeroRun(r)
         } catch is CancellationError {
             throw CancellationError()
         } catch {
@@ -219,10 +224,7 @@ private struct WorkerContext: Sendable {
             } else if configuration.targetReadsZero {
                 try await turn(r) { _ in tracker.complete(r, skipped: r.length) }
             } else {
-                try await turn(r) { issued in
-                    try await target.writeZeroes(at: r.offset, length: r.length, flags: [.mayUnmap], issued: issued)
-                    tracker.complete(r, zeroed: r.length)
-                }
+                try await zeroRun(r)
             }
             return
         }

@@ -74,28 +74,10 @@ public final class ISCSIDevice: BlockDevice {
         _ = signal(SIGPIPE, SIG_IGN)
         let name = displayName(url)
         let (c0, info) = try await ISCSIConnection.connect(url: url, name: name, index: 0)
-        var all = [c0]
-        if wanted > 1 {
-            do {
-                try await withThrowingTaskGroup(of: ISCSIConnection.self) { group in
-                    for i in 1 ..< wanted {
-                        group.addTask { try await ISCSIConnection.connect(url: url, name: name, index: i).0 }
-                    }
-                    var failure: (any Error)?
-                    while let result = await group.nextResult() {
-                        switch result {
-                        case .success(let c): all.append(c)
-                        case .failure(let e): failure = failure ?? e
-                        }
-                    }
-                    if let failure { throw failure }
-                }
-            } catch {
-                for c in all { await c.stop() }
-                throw error
-            }
-        }
-        return ISCSIDevice(name: name, info: info, readOnly: readOnly, connections: all.sorted { $0.index < $1.index })
+        let all = try await openSessions(beside: c0, count: wanted, open: { i in
+            try await ISCSIConnection.connect(url: url, name: name, index: i).0
+        }, stop: { await $0.stop() })
+        return ISCSIDevice(name: name, info: info, readOnly: readOnly, connections: all)
     }
 
     /// Opens the LUN for writing as the target of a copy of `size` bytes: a LUN smaller than
@@ -185,16 +167,13 @@ public final class ISCSIDevice: BlockDevice {
     private func perform(lba: UInt64, blocks: UInt64, step: UInt64, issued: (@Sendable () -> Void)? = nil,
                          _ make: (UInt64, UInt64, UInt32) -> ISCSIOperation) async throws {
         guard blocks > 0 else { issued?(); return }
-        let count = Int((blocks + step - 1) / step)
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            let call = PendingCall(pieces: count, continuation: continuation)
+        try await PendingCall.perform(pieces: Int((blocks + step - 1) / step), issued: issued) { call in
             var done: UInt64 = 0
             while done < blocks {
                 let n = min(step, blocks - done)
                 pick().submit(ISCSIPiece(make(done, lba + done, UInt32(n)), call: call))
                 done += n
             }
-            issued?()
         }
     }
 
@@ -322,8 +301,8 @@ public final class ISCSIDevice: BlockDevice {
         let bs = Int64(blockSize)
         let lba = UInt64(start / bs)
         var issued: ISCSIPiece?
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            let p = ISCSIPiece(.lbaStatus(lba: lba), call: PendingCall(pieces: 1, continuation: continuation))
+        try await PendingCall.perform(pieces: 1) { call in
+            let p = ISCSIPiece(.lbaStatus(lba: lba), call: call)
             issued = p
             pick().submit(p)
         }
@@ -351,8 +330,7 @@ public final class ISCSIDevice: BlockDevice {
         guard !readOnly else { return }
         // The cache is the LUN's, not the session's: one SYNCHRONIZE CACHE covers the writes
         // of every session (all completed before flush is called).
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            let call = PendingCall(pieces: 1, continuation: continuation)
+        try await PendingCall.perform(pieces: 1) { call in
             connections[0].submit(ISCSIPiece(.sync, call: call))
         }
     }

@@ -65,7 +65,6 @@ public final class NBDDevice: BlockDevice {
     /// `connections` is how many to open when the server allows several (multi-conn).
     public static func open(_ url: String, readOnly: Bool, connections wanted: Int = 4) async throws -> NBDDevice {
         let (first, info) = try await NBDConnection.connect(uri: url, name: url, index: 0)
-        var all = [first]
         do {
             if !readOnly && info.readOnly {
                 throw FerryError(.readOnly, "the NBD export is read-only", path: url)
@@ -73,27 +72,14 @@ public final class NBDDevice: BlockDevice {
             guard info.size >= 0 else {
                 throw FerryError(.io, "the server did not say the export's size", path: url)
             }
-            if info.canMultiConn && wanted > 1 {
-                try await withThrowingTaskGroup(of: NBDConnection.self) { group in
-                    for i in 1 ..< wanted {
-                        group.addTask { try await NBDConnection.connect(uri: url, name: url, index: i).0 }
-                    }
-                    // Keep every connection that opened, so all of them are closed on failure.
-                    var failure: (any Error)?
-                    while let result = await group.nextResult() {
-                        switch result {
-                        case .success(let c): all.append(c)
-                        case .failure(let e): failure = failure ?? e
-                        }
-                    }
-                    if let failure { throw failure }
-                }
-            }
         } catch {
-            for c in all { await c.stop() }
+            await first.stop()
             throw error
         }
-        return NBDDevice(name: url, info: info, readOnly: readOnly, connections: all.sorted { $0.index < $1.index })
+        let all = try await openSessions(beside: first, count: info.canMultiConn ? wanted : 1, open: { i in
+            try await NBDConnection.connect(uri: url, name: url, index: i).0
+        }, stop: { await $0.stop() })
+        return NBDDevice(name: url, info: info, readOnly: readOnly, connections: all)
     }
 
     init(name: String, info: ServerInfo, readOnly: Bool, connections: [NBDConnection]) {
@@ -165,17 +151,13 @@ public final class NBDDevice: BlockDevice {
     private func perform(offset: Int64, length: Int64, step: Int64, issued: (@Sendable () -> Void)? = nil,
                          _ make: (Int64, Int, Int64) -> NBDOperation) async throws {
         guard length > 0 else { issued?(); return }
-        let count = Int((length + step - 1) / step)
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            let call = PendingCall(pieces: count, continuation: continuation)
+        try await PendingCall.perform(pieces: Int((length + step - 1) / step), issued: issued) { call in
             var done: Int64 = 0
             while done < length {
                 let n = min(step, length - done)
-                let piece = Piece(make(offset + done, Int(done), n), at: offset + done, call: call)
-                pick().submit(piece)
+                pick().submit(Piece(make(offset + done, Int(done), n), at: offset + done, call: call))
                 done += n
             }
-            issued?()
         }
     }
 

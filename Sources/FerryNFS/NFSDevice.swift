@@ -61,27 +61,9 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
         ignoreSIGPIPE()
         let gauge = InFlightGauge()
         let (c0, info) = try await NFSConnection.connect(url: url, mode: first, index: 0, gauge: gauge)
-        var all = [c0]
-        if wanted > 1 {
-            do {
-                try await withThrowingTaskGroup(of: NFSConnection.self) { group in
-                    for i in 1 ..< wanted {
-                        group.addTask { try await NFSConnection.connect(url: url, mode: rest, index: i, gauge: gauge).0 }
-                    }
-                    var failure: (any Error)?
-                    while let result = await group.nextResult() {
-                        switch result {
-                        case .success(let c): all.append(c)
-                        case .failure(let e): failure = failure ?? e
-                        }
-                    }
-                    if let failure { throw failure }
-                }
-            } catch {
-                for c in all { await c.stop() }
-                throw error
-            }
-        }
+        let all = try await openSessions(beside: c0, count: wanted, open: { i in
+            try await NFSConnection.connect(url: url, mode: rest, index: i, gauge: gauge).0
+        }, stop: { await $0.stop() })
         let readOnly: Bool
         if case .readOnly = first { readOnly = true } else { readOnly = false }
         return NFSDevice(name: url, info: info, readOnly: readOnly, zeroInit: zeroInit, gauge: gauge,
@@ -131,16 +113,13 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
     private func perform(offset: Int64, length: Int, step: Int, issued: (@Sendable () -> Void)? = nil,
                          _ make: (Int, Int) -> NFSOperation) async throws {
         guard length > 0 else { issued?(); return }
-        let count = (length + step - 1) / step
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            let call = PendingCall(pieces: count, continuation: continuation)
+        try await PendingCall.perform(pieces: (length + step - 1) / step, issued: issued) { call in
             var done = 0
             while done < length {
                 let n = min(step, length - done)
                 pick().submit(NFSPiece(make(done, n), at: offset + Int64(done), call: call))
                 done += n
             }
-            issued?()
         }
     }
 
@@ -214,8 +193,7 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
     public func flush() async throws {
         guard !readOnly else { return }
         // COMMIT on every session: each one commits what the server holds unstable for the file.
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            let call = PendingCall(pieces: connections.count, continuation: continuation)
+        try await PendingCall.perform(pieces: connections.count) { call in
             for c in connections { c.submit(NFSPiece(.fsync, at: 0, call: call)) }
         }
     }
@@ -224,8 +202,8 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
     /// once it is complete, how much of the file it used; `size` stays what it was.
     public func truncateFile(to length: Int64) async throws {
         try checkWritable(length)
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            connections[0].submit(NFSPiece(.truncate(length), at: 0, call: PendingCall(pieces: 1, continuation: continuation)))
+        try await PendingCall.perform(pieces: 1) { call in
+            connections[0].submit(NFSPiece(.truncate(length), at: 0, call: call))
         }
     }
 
