@@ -37,14 +37,20 @@ public final class FileDevice: BlockDevice {
         /// O_DSYNC.
         public var sync: Bool
         public var engine: IOEngine
+        /// Read-only, not `direct`: use O_DIRECT anyway when the file is large and mostly not
+        /// in the page cache (see `Opened.shouldReadDirect`). Falls back to the page cache
+        /// silently where O_DIRECT is refused.
+        public var directIfCold: Bool = false
         /// Slots in the io_uring: requests in the kernel at once, plus one (the wakeup read).
         var ringEntries = 128
 
-        public init(readOnly: Bool = false, direct: Bool = false, sync: Bool = false, engine: IOEngine = .auto) {
+        public init(readOnly: Bool = false, direct: Bool = false, sync: Bool = false, engine: IOEngine = .auto,
+                    directIfCold: Bool = false) {
             self.readOnly = readOnly
             self.direct = direct
             self.sync = sync
             self.engine = engine
+            self.directIfCold = directIfCold
         }
     }
 
@@ -385,10 +391,17 @@ public final class FileDevice: BlockDevice {
 
     /// The SEEK_DATA/SEEK_HOLE walk, on an I/O thread.
     static func mapExtents(fd: Int32, from start: Int64, to end: Int64, size: Int64) -> Result<[Extent], MapFailure> {
+        mapExtents(fd: fd, from: start, to: end, size: size,
+                   seekData: { ferry_seek_data(fd, $0) }, seekHole: { ferry_seek_hole(fd, $0) })
+    }
+
+    /// The walk itself; the seeks are parameters so that a test can count them.
+    static func mapExtents(fd: Int32, from start: Int64, to end: Int64, size: Int64,
+                           seekData: (Int64) -> Int64, seekHole: (Int64) -> Int64) -> Result<[Extent], MapFailure> {
         var out: [Extent] = []
         var position = start
         while position < size && position < end && out.count < extentBatch {
-            let data = ferry_seek_data(fd, position)
+            let data = seekData(position)
             if data < 0 {
                 let err = Int32(-data)
                 if err == ENXIO {
@@ -417,9 +430,10 @@ public final class FileDevice: BlockDevice {
                 let holeEnd = min(data, size)
                 out.append(Extent(offset: position, length: holeEnd - position, kind: .zero))
                 position = holeEnd
-                continue
+                // Data starts here, so ask straight for its end (one lseek fewer per extent).
+                guard position < size, position < end, out.count < extentBatch else { break }
             }
-            let hole = ferry_seek_hole(fd, position)
+            let hole = seekHole(position)
             if hole < 0 { return .failure(MapFailure(errno: Int32(-hole), offset: position)) }
             // A file shrunk under us reports its own end; past that it reads short anyway.
             let dataEnd = hole > position ? min(hole, size) : size

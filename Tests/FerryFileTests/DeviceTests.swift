@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 import FerryCore
 @testable import FerryFile
+import CFerryLinux
 
 /// Creation, extents, zeroing and its fallbacks, errors, block devices.
 final class DeviceTests: FileTestCase {
@@ -85,6 +86,30 @@ final class DeviceTests: FileTestCase {
             XCTAssertEqual(e, Extent(offset: Int64(i) * 4096, length: 4096, kind: i % 2 == 0 ? .zero : .data))
             if e != Extent(offset: Int64(i) * 4096, length: 4096, kind: i % 2 == 0 ? .zero : .data) { break }
         }
+    }
+
+    /// Each hole-then-data pair costs two lseeks, not three: the end of a hole is where data
+    /// starts, so the walk asks SEEK_HOLE from there straight away. A copy maps its whole
+    /// source before it starts, so on a fragmented file this is time spent before any data moves.
+    func testExtentWalkSeeksTwicePerRun() async throws {
+        let p = path("runs.img")
+        let runs = 200
+        let size = Int64(runs * 8192)
+        let d = try await create(p, size: size, engine: .threads)
+        for i in 0 ..< runs { try await d.write([UInt8](repeating: 7, count: 4096), at: Int64(i) * 8192 + 4096) }
+        try await d.flush()
+        let fd = Glibc.open(p, O_RDONLY)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        defer { Glibc.close(fd) }
+        var seeks = 0
+        let result = FileDevice.mapExtents(fd: fd, from: 0, to: size, size: size,
+                                           seekData: { seeks += 1; return ferry_seek_data(fd, $0) },
+                                           seekHole: { seeks += 1; return ferry_seek_hole(fd, $0) })
+        guard case .success(let extents) = result else { return XCTFail("\(result)") }
+        XCTAssertEqual(extents.coalesced().count, 2 * runs)
+        XCTAssertEqual(extents.coalesced().last, Extent(offset: size - 4096, length: 4096, kind: .data))
+        XCTAssertLessThanOrEqual(seeks, 2 * runs + 1)
+        try await d.close()
     }
 
     func testWriteZeroesWithAndWithoutUnmap() async throws {
