@@ -12,6 +12,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -86,6 +87,17 @@ int64_t ferry_seek_data(int fd, int64_t offset) {
 int64_t ferry_seek_hole(int fd, int64_t offset) {
     off_t r = lseek(fd, (off_t)offset, SEEK_HOLE);
     return r < 0 ? -errno : (int64_t)r;
+}
+
+int64_t ferry_cached_bytes(int fd) {
+#ifndef __NR_cachestat
+#define __NR_cachestat 451 /* the same number on every architecture */
+#endif
+    struct { uint64_t off, len; } range = { 0, 0 }; /* len 0: to the end of the file */
+    struct { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; } cs;
+    if (syscall(__NR_cachestat, fd, &range, &cs, 0) < 0) return -errno;
+    long page = sysconf(_SC_PAGESIZE);
+    return (int64_t)cs.nr_cache * (page > 0 ? page : 4096);
 }
 
 int64_t ferry_pread(int fd, void *buffer, size_t length, int64_t offset) {

@@ -13,11 +13,16 @@ public struct EndpointOptions: Sendable {
     public var fileEngine: FileDevice.IOEngine
     /// Connections (sessions) to open to a network server that allows several.
     public var connections: Int
+    /// Read-only local files: read with O_DIRECT when large and mostly not in the page cache
+    /// (see `FileDevice.Options.directIfCold`), whatever `cache` says.
+    public var directIfCold: Bool
 
-    public init(cache: CacheMode = .writeback, fileEngine: FileDevice.IOEngine = .auto, connections: Int = 4) {
+    public init(cache: CacheMode = .writeback, fileEngine: FileDevice.IOEngine = .auto, connections: Int = 4,
+                directIfCold: Bool = false) {
         self.cache = cache
         self.fileEngine = fileEngine
         self.connections = connections
+        self.directIfCold = directIfCold
     }
 }
 
@@ -41,7 +46,8 @@ extension Images {
         }
         return try await FileDevice.open(
             path: location,
-            options: .init(readOnly: readOnly, direct: options.cache.direct, sync: options.cache.sync, engine: options.fileEngine))
+            options: .init(readOnly: readOnly, direct: options.cache.direct, sync: options.cache.sync, engine: options.fileEngine,
+                           directIfCold: readOnly && options.directIfCold))
     }
 
     /// Makes the storage for a new image of `size` host bytes: a new sparse file, or an existing

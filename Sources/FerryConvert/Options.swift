@@ -41,6 +41,9 @@ public struct ConvertOptions: Sendable {
     public var targetIsZero: Bool = false
     /// `-T`: cache mode of the sources.
     public var sourceCache: CacheMode = .writeback
+    /// Local source files that are large and mostly not in the page cache are read with
+    /// O_DIRECT even under `writeback`. The command line turns this off when `-T` is given.
+    public var directColdSources: Bool = true
     /// `-t`: cache mode of the target. Anything but `unsafe` flushes before success.
     public var targetCache: CacheMode = .writeback
     /// How I/O to local files is issued.
@@ -53,7 +56,8 @@ public struct ConvertOptions: Sendable {
 
     /// How the sources are opened.
     public var sourceEndpoint: EndpointOptions {
-        EndpointOptions(cache: sourceCache, fileEngine: fileEngine, connections: connections)
+        EndpointOptions(cache: sourceCache, fileEngine: fileEngine, connections: connections,
+                        directIfCold: directColdSources && sourceCache == .writeback)
     }
     /// How the target is opened.
     public var targetEndpoint: EndpointOptions {

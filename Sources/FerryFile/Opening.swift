@@ -101,6 +101,24 @@ struct Opened: Sendable {
             if ferry_blk_logical_block_size(fd, &ssz) == 0 && ssz > 0 { blockSize = Int(ssz) }
         }
         var memoryAlignment = blockSize
+        let optional = !options.direct && options.readOnly && options.directIfCold && !isBlock
+            && shouldReadDirect(fd: fd, allocated: st.blocks512 * 512)
+        if optional {
+            // Best effort: where O_DIRECT is refused or odd, reads go through the page cache.
+            let dfd = ferry_open(path, flags | ferry_O_DIRECT, 0)
+            var dst = ferry_stat()
+            var memAlign: UInt32 = 0
+            var offsetAlign: UInt32 = 0
+            if dfd >= 0, ferry_fstat(dfd, &dst) == 0, dst.dev == st.dev, dst.ino == st.ino,
+               ferry_dio_alignment(dfd, &memAlign, &offsetAlign) == 1, offsetAlign > 0,
+               offsetAlign & (offsetAlign - 1) == 0, memAlign & (memAlign &- 1) == 0 {
+                directFd = dfd
+                blockSize = Int(offsetAlign)
+                memoryAlignment = Int(max(memAlign, 1))
+            } else if dfd >= 0 {
+                _ = ferry_close(dfd)
+            }
+        }
         if options.direct {
             directFd = ferry_open(path, flags | ferry_O_DIRECT, 0)
             guard directFd >= 0 else {
@@ -134,6 +152,21 @@ struct Opened: Sendable {
         ok = true
         return Opened(fd: fd, directFd: directFd, size: size, isBlockDevice: isBlock, readOnly: options.readOnly,
                       blockSize: blockSize, memoryAlignment: memoryAlignment, executor: executor, engine: engine)
+    }
+
+    /// Files smaller than this are read through the page cache whatever is cached.
+    static let directReadMinimum: Int64 = 64 << 20
+
+    /// Whether a source is better read with O_DIRECT: it is large and less than half of what it
+    /// holds is in the page cache. Read through the cache, a cold source costs a copy into
+    /// the cache, readahead past the data, and memory the target's dirty pages then compete
+    /// for (a cold 1 GiB half-data copy to qcow2: about 0.1 s of 0.55 s saved). A source that
+    /// is cached already is quicker read from the cache, as is any file where the kernel
+    /// cannot say (no cachestat before Linux 6.5).
+    static func shouldReadDirect(fd: Int32, allocated: Int64) -> Bool {
+        guard allocated >= directReadMinimum else { return false }
+        let cached = ferry_cached_bytes(fd)
+        return cached >= 0 && cached < allocated / 2
     }
 
     /// io_uring unless told otherwise or refused by the kernel; then the thread pool.

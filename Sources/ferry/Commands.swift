@@ -88,7 +88,7 @@ struct Convert: FerryCommand {
     var targetCache: String?
 
     @Option(name: .customShort("T", allowingJoined: true),
-            help: ArgumentHelp("Source cache mode (same values; default: writeback).", valueName: "cache"))
+            help: ArgumentHelp("Source cache mode (same values; default: writeback, but a large local file mostly not in the page cache is read with O_DIRECT).", valueName: "cache"))
     var sourceCache: String?
 
     @Option(name: .customLong("buffer-size"),
@@ -146,7 +146,10 @@ struct Convert: FerryCommand {
         options.backingFile = backingFile
         options.backingFormat = backingFormat
         if let targetCache { options.targetCache = try Self.cache(targetCache, flag: "-t") }
-        if let sourceCache { options.sourceCache = try Self.cache(sourceCache, flag: "-T") }
+        if let sourceCache {
+            options.sourceCache = try Self.cache(sourceCache, flag: "-T")
+            options.directColdSources = false
+        }
         var jsonProgress = false
         if let progressFormat {
             guard progressFormat == "json" else {

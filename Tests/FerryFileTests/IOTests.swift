@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 import FerryCore
 @testable import FerryFile
+import CFerryLinux
 
 /// Reads and writes on both engines: data integrity, concurrency, O_DIRECT tails, short reads.
 final class IOTests: FileTestCase {
@@ -119,6 +120,58 @@ final class IOTests: FileTestCase {
             try await d.close()
             XCTAssertEqual(fileContents(p), expected, "\(engine): on disk")
         }
+    }
+
+    /// A large source mostly not in the page cache is read with O_DIRECT (and reads what is
+    /// on disk, aligned or not); the same file cached, or a small file, is read through the cache.
+    func testColdLargeSourceIsReadDirect() async throws {
+        guard ferry_cached_bytes(-1) != -Int64(ENOSYS) else { throw XCTSkip("no cachestat(2) (Linux before 6.5)") }
+        let p = path("cold.img")
+        let size = Opened.directReadMinimum + (1 << 20) + 777
+        var rng = Pattern(seed: 11)
+        let data = rng.bytes(Int(size))
+        XCTAssertTrue(FileManager.default.createFile(atPath: p, contents: Data(data)))
+        // Written back, then dropped from the cache: cold.
+        let fd = Glibc.open(p, O_RDONLY)
+        XCTAssertEqual(fsync(fd), 0)
+        XCTAssertEqual(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0)
+        XCTAssertLessThan(ferry_cached_bytes(fd), size / 2)
+        func openCold(_ engine: FileDevice.IOEngine) async throws -> FileDevice {
+            var o = FileDevice.Options(readOnly: true, engine: engine)
+            o.directIfCold = true
+            return track(try await FileDevice.open(path: p, options: o))
+        }
+        for engine in engines {
+            _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
+            let d = try await openCold(engine)
+            XCTAssertTrue(d.isDirect, "\(engine): cold and large")
+            let whole = try await d.read(Int(size), at: 0)
+            XCTAssertTrue(whole == data, "\(engine): whole file")
+            let odd = try await d.read(10_000, at: 4097)
+            XCTAssertEqual(odd, Array(data[4097 ..< 14097]), "\(engine): unaligned")
+            let tail = try await d.read(1777, at: size - 1777)
+            XCTAssertEqual(tail, Array(data[Int(size) - 1777 ..< Int(size)]), "\(engine): tail")
+            try await d.close()
+        }
+        // Now in the cache (read through it): not direct.
+        XCTAssertEqual(fileContents(p).count, Int(size))
+        XCTAssertGreaterThanOrEqual(ferry_cached_bytes(fd), size / 2)
+        let warm = try await openCold(.uring)
+        XCTAssertFalse(warm.isDirect, "cached")
+        try await warm.close()
+        close(fd)
+        // Small files are never worth it.
+        let small = path("small.img")
+        XCTAssertTrue(FileManager.default.createFile(atPath: small, contents: Data(data.prefix(1 << 20))))
+        let sfd = Glibc.open(small, O_RDONLY)
+        XCTAssertEqual(fsync(sfd), 0)
+        _ = posix_fadvise(sfd, 0, 0, POSIX_FADV_DONTNEED)
+        close(sfd)
+        var o = FileDevice.Options(readOnly: true, engine: .uring)
+        o.directIfCold = true
+        let s = track(try await FileDevice.open(path: small, options: o))
+        XCTAssertFalse(s.isDirect, "small")
+        try await s.close()
     }
 
     /// A file truncated under an open device reads short: `.shortRead` with the offset where it ended.

@@ -49,6 +49,10 @@ int ferry_fsync(int fd, int datasync);
 int64_t ferry_seek_data(int fd, int64_t offset);
 int64_t ferry_seek_hole(int fd, int64_t offset);
 
+/// cachestat(2) over the whole file: bytes of it in the page cache. -ENOSYS on kernels
+/// before 6.5.
+int64_t ferry_cached_bytes(int fd);
+
 /// pread(2)/pwritev2(2) of at most `length` bytes, retried on EINTR; returns bytes moved or -errno.
 /// `rw_flags` (RWF_DSYNC) selects pwritev2; 0 uses plain pwrite.
 int64_t ferry_pread(int fd, void *buffer, size_t length, int64_t offset);
