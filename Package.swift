@@ -23,12 +23,15 @@ let package = Package(
         ),
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
-        .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
+        // libnbd's declarations only; CFerryNBD defines the functions and loads libnbd on
+        // first use (it brings GnuTLS, libxml2 and ICU: most of a cold start's reading).
+        .systemLibrary(name: "CLibNBD"),
+        .target(name: "CFerryNBD", linkerSettings: [.linkedLibrary("dl")]),
         .systemLibrary(name: "CLibNFS", pkgConfig: "libnfs", providers: [.apt(["libnfs-dev"])]),
         .systemLibrary(name: "CLibISCSI", pkgConfig: "libiscsi", providers: [.apt(["libiscsi-dev"])]),
         .target(name: "FerryCore"),
         .target(name: "FerryFile", dependencies: ["FerryCore", "CFerryLinux"]),
-        .target(name: "FerryNBD", dependencies: ["FerryCore", "CLibNBD"]),
+        .target(name: "FerryNBD", dependencies: ["FerryCore", "CLibNBD", "CFerryNBD"]),
         .target(name: "FerryNFS", dependencies: ["FerryCore", "CLibNFS"]),
         .target(name: "FerryISCSI", dependencies: ["FerryCore", "CLibISCSI"]),
         .target(name: "FerryFormats", dependencies: ["FerryCore", "CZlib", "CZstd"]),

@@ -113,6 +113,25 @@ final class NBDTests: XCTestCase {
         XCTAssertLessThan(allocatedBytes(back), 8 << 20, "the copy of a sparse export is sparse")
     }
 
+    /// libnbd (and GnuTLS, libxml2 and ICU behind it) is loaded when an nbd:// image is
+    /// opened, not at every start: a local copy never reads it from disk.
+    func testLibnbdIsLoadedOnlyForNBD() throws {
+        let ferry = try Tools.require("ferry")
+        let src = try sourceImage()
+        var r = try Tools.run(ferry, ["convert", "-f", "raw", "-O", "raw", src, path("local.raw")], in: dir,
+                              environment: ["LD_DEBUG": "files"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stderr.contains("libc.so"), "LD_DEBUG reports the libraries it loads")
+        XCTAssertFalse(r.stderr.contains("libnbd"), "a local copy loaded libnbd")
+        XCTAssertFalse(r.stderr.contains("libgnutls"), "a local copy loaded GnuTLS")
+        let target = try nbdkit(["memory", "32M"], name: "mem")
+        r = try Tools.run(ferry, ["convert", "-f", "raw", "-O", "raw", src, target], in: dir,
+                          environment: ["LD_DEBUG": "files"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stderr.contains("libnbd.so.0"), "an NBD copy loads libnbd")
+        try compare(src, target)
+    }
+
     func testNBDOverTCPToNBD() throws {
         let src = try sourceImage()
         let source = try nbdkit(["-r", "file", src], name: "src", tcp: true)

@@ -1,0 +1,107 @@
+// See include/ferry_nbd.h.
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <libnbd.h>
+
+#include "ferry_nbd.h"
+
+// X(return type, name, (parameters), (arguments))
+#define FERRY_NBD_FUNCTIONS(X) \
+    X(int, nbd_add_meta_context, (struct nbd_handle *h, const char *name), (h, name)) \
+    X(int64_t, nbd_aio_block_status, (struct nbd_handle *h, uint64_t count, uint64_t offset, \
+        nbd_extent_callback extent_callback, nbd_completion_callback completion_callback, uint32_t flags), \
+        (h, count, offset, extent_callback, completion_callback, flags)) \
+    X(int64_t, nbd_aio_flush, (struct nbd_handle *h, nbd_completion_callback completion_callback, uint32_t flags), \
+        (h, completion_callback, flags)) \
+    X(unsigned, nbd_aio_get_direction, (struct nbd_handle *h), (h)) \
+    X(int, nbd_aio_get_fd, (struct nbd_handle *h), (h)) \
+    X(int, nbd_aio_is_closed, (struct nbd_handle *h), (h)) \
+    X(int, nbd_aio_is_dead, (struct nbd_handle *h), (h)) \
+    X(int, nbd_aio_notify_read, (struct nbd_handle *h), (h)) \
+    X(int, nbd_aio_notify_write, (struct nbd_handle *h), (h)) \
+    X(int64_t, nbd_aio_pread, (struct nbd_handle *h, void *buf, size_t count, uint64_t offset, \
+        nbd_completion_callback completion_callback, uint32_t flags), (h, buf, count, offset, completion_callback, flags)) \
+    X(int64_t, nbd_aio_pwrite, (struct nbd_handle *h, const void *buf, size_t count, uint64_t offset, \
+        nbd_completion_callback completion_callback, uint32_t flags), (h, buf, count, offset, completion_callback, flags)) \
+    X(int64_t, nbd_aio_trim, (struct nbd_handle *h, uint64_t count, uint64_t offset, \
+        nbd_completion_callback completion_callback, uint32_t flags), (h, count, offset, completion_callback, flags)) \
+    X(int64_t, nbd_aio_zero, (struct nbd_handle *h, uint64_t count, uint64_t offset, \
+        nbd_completion_callback completion_callback, uint32_t flags), (h, count, offset, completion_callback, flags)) \
+    X(int, nbd_can_fast_zero, (struct nbd_handle *h), (h)) \
+    X(int, nbd_can_flush, (struct nbd_handle *h), (h)) \
+    X(int, nbd_can_fua, (struct nbd_handle *h), (h)) \
+    X(int, nbd_can_meta_context, (struct nbd_handle *h, const char *metacontext), (h, metacontext)) \
+    X(int, nbd_can_multi_conn, (struct nbd_handle *h), (h)) \
+    X(int, nbd_can_trim, (struct nbd_handle *h), (h)) \
+    X(int, nbd_can_zero, (struct nbd_handle *h), (h)) \
+    X(int, nbd_connect_uri, (struct nbd_handle *h, const char *uri), (h, uri)) \
+    X(int64_t, nbd_get_block_size, (struct nbd_handle *h, int size_type), (h, size_type)) \
+    X(int64_t, nbd_get_size, (struct nbd_handle *h), (h)) \
+    X(int, nbd_is_read_only, (struct nbd_handle *h), (h)) \
+    X(int, nbd_set_handle_name, (struct nbd_handle *h, const char *handle_name), (h, handle_name)) \
+    X(int, nbd_set_pread_initialize, (struct nbd_handle *h, bool request), (h, request)) \
+    X(int, nbd_shutdown, (struct nbd_handle *h, uint32_t flags), (h, flags))
+
+static struct {
+#define FIELD(ret, name, params, args) ret (*name) params;
+    FERRY_NBD_FUNCTIONS(FIELD)
+#undef FIELD
+    struct nbd_handle *(*nbd_create)(void);
+    void (*nbd_close)(struct nbd_handle *);
+    const char *(*nbd_get_error)(void);
+    int (*nbd_get_errno)(void);
+} real;
+
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static char load_error[512];
+
+static void load(void) {
+    void *lib = dlopen("libnbd.so.0", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        snprintf(load_error, sizeof load_error, "cannot load libnbd (libnbd.so.0): %s", dlerror());
+        return;
+    }
+#define LOOKUP(ret, name, params, args) \
+    if (!(*(void **)&real.name = dlsym(lib, #name))) goto missing;
+    FERRY_NBD_FUNCTIONS(LOOKUP)
+    LOOKUP(_, nbd_create, _, _)
+    LOOKUP(_, nbd_close, _, _)
+    LOOKUP(_, nbd_get_error, _, _)
+    LOOKUP(_, nbd_get_errno, _, _)
+#undef LOOKUP
+    return;
+missing:
+    snprintf(load_error, sizeof load_error, "libnbd.so.0 lacks a function ferry needs: %s", dlerror());
+    real.nbd_create = NULL;
+}
+
+const char *ferry_nbd_load_error(void) {
+    pthread_once(&once, load);
+    return load_error[0] ? load_error : NULL;
+}
+
+// Every function but these four is only reached with a handle, so after nbd_create succeeded.
+#define FORWARD(ret, name, params, args) ret name params { return real.name args; }
+FERRY_NBD_FUNCTIONS(FORWARD)
+#undef FORWARD
+
+struct nbd_handle *nbd_create(void) {
+    if (ferry_nbd_load_error()) return NULL;
+    return real.nbd_create();
+}
+
+void nbd_close(struct nbd_handle *h) {
+    if (h && real.nbd_close) real.nbd_close(h);
+}
+
+const char *nbd_get_error(void) {
+    const char *why = ferry_nbd_load_error();
+    return why ? why : real.nbd_get_error();
+}
+
+int nbd_get_errno(void) {
+    return ferry_nbd_load_error() ? ENOSYS : real.nbd_get_errno();
+}
