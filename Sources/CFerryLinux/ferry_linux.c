@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
@@ -87,6 +88,12 @@ int64_t ferry_seek_data(int fd, int64_t offset) {
 int64_t ferry_seek_hole(int fd, int64_t offset) {
     off_t r = lseek(fd, (off_t)offset, SEEK_HOLE);
     return r < 0 ? -errno : (int64_t)r;
+}
+
+int ferry_poll_ns(void *fds, unsigned count, int64_t timeout_ns) {
+    struct timespec ts = { .tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000 };
+    int r = ppoll((struct pollfd *)fds, count, timeout_ns < 0 ? NULL : &ts, NULL);
+    return r < 0 ? -errno : r;
 }
 
 int64_t ferry_cached_bytes(int fd) {

@@ -49,6 +49,10 @@ int ferry_fsync(int fd, int datasync);
 int64_t ferry_seek_data(int fd, int64_t offset);
 int64_t ferry_seek_hole(int fd, int64_t offset);
 
+/// ppoll(2) on `count` struct pollfd at `fds`, waiting at most `timeout_ns` (forever if
+/// negative): poll(2) counts in whole milliseconds, too coarse for a 1 ms delay.
+int ferry_poll_ns(void *fds, unsigned count, int64_t timeout_ns);
+
 /// cachestat(2) over the whole file: bytes of it in the page cache. -ENOSYS on kernels
 /// before 6.5.
 int64_t ferry_cached_bytes(int fd);
