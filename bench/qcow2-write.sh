@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # raw -> qcow2 on the local filesystem: Ferry against qemu-img convert.
 #
-# A 1 GiB raw guest image, half data and half holes, of realistic and partly compressible
-# data (binaries from /usr/bin and /usr/lib and text from /usr/share and /usr/include, the
-# same corpus as bench/qcow2.sh) is converted to qcow2 three ways: plain, compressed with
-# zlib (-c) and compressed with zstd (-c -o compression_type=zstd), by Ferry and by qemu-img,
-# RUNS times each. Runs are interleaved (one of each command, then again) so that drift in
-# disk speed hits every command alike; before each run the page cache is written back and
-# dropped (when permitted). Prints the median time of each command, the size of what it
-# wrote, and its ratio to the qemu-img command that gives the same guarantee (both flush:
-# ferry's default against qemu-img -t writeback). Every output is checked with qemu-img check
-# and compare on the first run.
+# A 1 GiB raw guest image, half data and half holes, of realistic and partly compressible data
+# (binaries from /usr/bin and /usr/lib and text from /usr/share and /usr/include, the same
+# corpus as bench/qcow2.sh) is converted to qcow2 three ways: plain, compressed with zlib (-c)
+# and compressed with zstd (-c -o compression_type=zstd), by Ferry and by qemu-img, RUNS times
+# each. Runs are interleaved (one of each command, then again, each round starting one command
+# later) so that drift in disk speed hits every command alike; before each run the page cache
+# is written back and dropped (when permitted). Prints the median time of each command, the
+# size of what it wrote, and its ratio to the qemu-img command that gives the same guarantee
+# (both flush: ferry's default against qemu-img -t writeback). Every output is checked with
+# qemu-img check and compare on the first run.
 #
 #   FERRY=path/to/ferry RUNS=5 SIZE_MIB=1024 BENCH_DIR=/tmp bench/qcow2-write.sh
 set -euo pipefail
@@ -50,7 +50,8 @@ check_drop_caches
 
 declare -A TIMES SIZES
 for (( run = 1; run <= RUNS; run++ )); do
-    for row in "${ROWS[@]}"; do
+    mapfile -t ORDER < <(rotate "$run" "${ROWS[@]}")
+    for row in "${ORDER[@]}"; do
         IFS='|' read -r name cmd _ <<<"$row"
         cmd=${cmd//SRC/$SRC}
         cmd=${cmd//DST/$DST}
