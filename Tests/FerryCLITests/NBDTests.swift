@@ -132,6 +132,34 @@ final class NBDTests: XCTestCase {
         try compare(src, target)
     }
 
+    /// Without a usable libnbd an NBD copy fails with one clear line naming the library and the
+    /// URL, and a local copy still works. (libnbd is hidden by mounting /dev/null over it in a
+    /// private mount namespace: root only.)
+    func testMissingLibnbdIsAClearError() throws {
+        let ferry = try Tools.require("ferry")
+        guard getuid() == 0 else { throw XCTSkip("needs root for a private mount namespace") }
+        guard let lib = ["/usr/lib/x86_64-linux-gnu/libnbd.so.0", "/lib/x86_64-linux-gnu/libnbd.so.0", "/usr/lib64/libnbd.so.0"]
+            .first(where: { FileManager.default.fileExists(atPath: $0) }) else { throw XCTSkip("libnbd.so.0 not found") }
+        guard try Tools.run("/usr/bin/unshare", ["-m", "true"], in: dir).status == 0 else {
+            throw XCTSkip("unshare -m is not permitted here")
+        }
+        let src = try sourceImage()
+        let url = try nbdkit(["memory", "32M"], name: "mem")
+        func withoutLibnbd(_ args: [String]) throws -> ProcessResult {
+            let quoted = ([ferry] + args).map { "'" + $0 + "'" }.joined(separator: " ")
+            return try Tools.run("/usr/bin/unshare", ["-m", "sh", "-c", "mount --bind /dev/null \"$(readlink -f \(lib))\" && exec \(quoted)"], in: dir)
+        }
+        var r = try withoutLibnbd(["convert", "-f", "raw", "-O", "raw", src, url])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertFalse(r.signalled, r.stderr)
+        XCTAssertTrue(r.stderr.contains("libnbd"), r.stderr)
+        XCTAssertTrue(r.stderr.contains(url), r.stderr)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        r = try withoutLibnbd(["convert", "-f", "raw", "-O", "raw", src, path("local.raw")])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        try compare(src, path("local.raw"))
+    }
+
     func testNBDOverTCPToNBD() throws {
         let src = try sourceImage()
         let source = try nbdkit(["-r", "file", src], name: "src", tcp: true)
