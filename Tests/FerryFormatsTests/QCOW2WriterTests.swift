@@ -118,6 +118,46 @@ final class QCOW2WriterTests: XCTestCase {
         XCTAssertEqual(map.filter { ($0["data"] as? Bool) == true }.count, 2, "\(map)")
     }
 
+    /// A request larger than the file takes at once (NFS: 1 MiB) goes out as pieces all in
+    /// flight together, and the next request's pieces still come after all of them. Awaiting
+    /// each piece in turn held the write turn a round trip per piece.
+    func testPiecesOfOneRequestOverlapAndKeepOrder() async throws {
+        let size: Int64 = 4 << 20
+        let source = MemoryDevice(name: "src", size: size)
+        var rng = SplitMix(seed: 33)
+        let data = (0 ..< Int(size)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        try await put(source, data, at: 0)
+        let file = MemoryDevice(name: "small-max.qcow2", size: try QCOW2Format.initialFileSize(for: size, options: [:]),
+                                limits: BlockLimits(alignment: 1, preferredTransfer: 64 << 10, maximumTransfer: 64 << 10),
+                                latency: .milliseconds(2), jitter: .milliseconds(2))
+        let created = try await QCOW2Format.create(file: file, size: size, options: [:])
+        let w = try XCTUnwrap(created as? QCOW2Writer)
+        let before = file.operations.count
+        var c = CopyConfiguration()
+        c.workers = 1
+        c.bufferSize = 256 << 10
+        c.targetReadsZero = true
+        _ = try await CopyEngine.copy(from: source, to: w, configuration: c)
+        let dataWrites = file.operations[before...].compactMap { op -> Int64? in
+            if case .write(let o, let l) = op, l == 65536 { return o }
+            return nil
+        }
+        XCTAssertEqual(dataWrites.count, Int(size / 65536))
+        let first = try XCTUnwrap(dataWrites.min())
+        let requests = dataWrites.map { ($0 - first) / (256 << 10) }
+        XCTAssertEqual(requests, requests.sorted(), "every piece of a request before any of the next")
+        XCTAssertGreaterThanOrEqual(file.peakInFlight, 3, "one worker, yet its pieces overlapped")
+        try await w.commit(durable: true)
+        let name = path("small-max.qcow2")
+        try Data(file.contents().prefix(Int(w.usedFileSize))).write(to: URL(fileURLWithPath: name))
+        let check = try Oracle.run("qemu-img", ["check", name], in: dir)
+        XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+        let raw = path("small-max.raw")
+        try Data(data).write(to: URL(fileURLWithPath: raw))
+        let cmp = try Oracle.run("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", raw, name], in: dir)
+        XCTAssertEqual(cmp.status, 0, cmp.stdout + cmp.stderr)
+    }
+
     /// An in-order copy to qcow2 over a slow file: clusters are still laid out in guest
     /// order, yet several data writes are in flight on the file at once.
     func testInOrderCopyOverlapsDataWritesAndKeepsGuestOrder() async throws {
