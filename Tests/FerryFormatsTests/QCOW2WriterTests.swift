@@ -122,75 +122,77 @@ final class QCOW2WriterTests: XCTestCase {
     /// flight together, and the next request's pieces still come after all of them. Awaiting
     /// each piece in turn held the write turn a round trip per piece.
     func testPiecesOfOneRequestOverlapAndKeepOrder() async throws {
-        let size: Int64 = 4 << 20
-        let source = MemoryDevice(name: "src", size: size)
-        var rng = SplitMix(seed: 33)
-        let data = (0 ..< Int(size)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
-        try await put(source, data, at: 0)
-        let file = MemoryDevice(name: "small-max.qcow2", size: try QCOW2Format.initialFileSize(for: size, options: [:]),
-                                limits: BlockLimits(alignment: 1, preferredTransfer: 64 << 10, maximumTransfer: 64 << 10),
-                                latency: .milliseconds(2), jitter: .milliseconds(2))
-        let created = try await QCOW2Format.create(file: file, size: size, options: [:])
-        let w = try XCTUnwrap(created as? QCOW2Writer)
-        let before = file.operations.count
-        var c = CopyConfiguration()
-        c.workers = 1
-        c.bufferSize = 256 << 10
-        c.targetReadsZero = true
-        _ = try await CopyEngine.copy(from: source, to: w, configuration: c)
-        let dataWrites = file.operations[before...].compactMap { op -> Int64? in
-            if case .write(let o, let l) = op, l == 65536 { return o }
-            return nil
-        }
-        XCTAssertEqual(dataWrites.count, Int(size / 65536))
+        let run = try await copyOverSlowFile("small-max", seed: 33, size: 4 << 20, workers: 1, maximumTransfer: 64 << 10)
+        let dataWrites = run.dataWrites { $0 == 65536 }
+        XCTAssertEqual(dataWrites.count, Int(run.size / 65536))
         let first = try XCTUnwrap(dataWrites.min())
         let requests = dataWrites.map { ($0 - first) / (256 << 10) }
         XCTAssertEqual(requests, requests.sorted(), "every piece of a request before any of the next")
-        XCTAssertGreaterThanOrEqual(file.peakInFlight, 3, "one worker, yet its pieces overlapped")
-        try await w.commit(durable: true)
-        let name = path("small-max.qcow2")
-        try Data(file.contents().prefix(Int(w.usedFileSize))).write(to: URL(fileURLWithPath: name))
-        let check = try Oracle.run("qemu-img", ["check", name], in: dir)
-        XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
-        let raw = path("small-max.raw")
-        try Data(data).write(to: URL(fileURLWithPath: raw))
-        let cmp = try Oracle.run("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", raw, name], in: dir)
-        XCTAssertEqual(cmp.status, 0, cmp.stdout + cmp.stderr)
+        XCTAssertGreaterThanOrEqual(run.file.peakInFlight, 3, "one worker, yet its pieces overlapped")
+        try await checkWithQemu(run)
     }
 
     /// An in-order copy to qcow2 over a slow file: clusters are still laid out in guest
     /// order, yet several data writes are in flight on the file at once.
     func testInOrderCopyOverlapsDataWritesAndKeepsGuestOrder() async throws {
-        let size: Int64 = 8 << 20
+        let run = try await copyOverSlowFile("slow", seed: 21, size: 8 << 20, workers: 8, maximumTransfer: 32 << 20)
+        let dataWrites = run.dataWrites { $0 >= 65536 }
+        XCTAssertEqual(dataWrites.count, Int(run.size / (256 << 10)))
+        XCTAssertEqual(dataWrites, dataWrites.sorted(), "host clusters follow guest order")
+        XCTAssertGreaterThan(run.file.peakInFlight, 2, "data writes overlapped")
+        try await checkWithQemu(run)
+    }
+
+    /// What `copyOverSlowFile` copied and where.
+    struct SlowCopy {
+        var name: String
+        var size: Int64
+        var data: [UInt8]
+        var file: MemoryDevice
+        var writer: QCOW2Writer
+        /// Operations on the file before the copy started.
+        var before: Int
+
+        /// Offsets of the copy's writes whose length passes `keep`, in the order issued.
+        func dataWrites(_ keep: (Int64) -> Bool) -> [Int64] {
+            file.operations[before...].compactMap { op -> Int64? in
+                if case .write(let o, let l) = op, keep(l) { return o }
+                return nil
+            }
+        }
+    }
+
+    /// Random data copied in order (256 KiB requests) into a new qcow2 on a memory file that
+    /// answers in 1-3 ms and takes at most `maximumTransfer` bytes a request.
+    func copyOverSlowFile(_ name: String, seed: UInt64, size: Int64, workers: Int, maximumTransfer: Int) async throws -> SlowCopy {
         let source = MemoryDevice(name: "src", size: size)
-        var rng = SplitMix(seed: 21)
+        var rng = SplitMix(seed: seed)
         let data = (0 ..< Int(size)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
         try await put(source, data, at: 0)
-        let file = MemoryDevice(name: "slow.qcow2", size: try QCOW2Format.initialFileSize(for: size, options: [:]),
+        let file = MemoryDevice(name: name + ".qcow2", size: try QCOW2Format.initialFileSize(for: size, options: [:]),
+                                limits: BlockLimits(alignment: 1, preferredTransfer: 64 << 10, maximumTransfer: maximumTransfer),
                                 latency: .milliseconds(1), jitter: .milliseconds(2))
         let created = try await QCOW2Format.create(file: file, size: size, options: [:])
         let w = try XCTUnwrap(created as? QCOW2Writer)
         let before = file.operations.count
         var c = CopyConfiguration()
-        c.workers = 8
+        c.workers = workers
         c.bufferSize = 256 << 10
         c.targetReadsZero = true
         _ = try await CopyEngine.copy(from: source, to: w, configuration: c)
-        let dataWrites = file.operations[before...].compactMap { op -> Int64? in
-            if case .write(let o, let l) = op, l >= 65536 { return o }
-            return nil
-        }
-        XCTAssertEqual(dataWrites.count, Int(size / (256 << 10)))
-        XCTAssertEqual(dataWrites, dataWrites.sorted(), "host clusters follow guest order")
-        XCTAssertGreaterThan(file.peakInFlight, 2, "data writes overlapped")
-        try await w.commit(durable: true)
-        let name = path("slow.qcow2")
-        try Data(file.contents().prefix(Int(w.usedFileSize))).write(to: URL(fileURLWithPath: name))
-        let check = try Oracle.run("qemu-img", ["check", name], in: dir)
+        return SlowCopy(name: name, size: size, data: data, file: file, writer: w, before: before)
+    }
+
+    /// Commits the image and has qemu-img check it and compare it with the data.
+    func checkWithQemu(_ run: SlowCopy) async throws {
+        try await run.writer.commit(durable: true)
+        let image = path(run.name + ".qcow2")
+        try Data(run.file.contents().prefix(Int(run.writer.usedFileSize))).write(to: URL(fileURLWithPath: image))
+        let check = try Oracle.run("qemu-img", ["check", image], in: dir)
         XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
-        let ref = path("ref.raw")
-        try Data(data).write(to: URL(fileURLWithPath: ref))
-        let cmp = try Oracle.run("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", ref, name], in: dir)
+        let raw = path(run.name + ".raw")
+        try Data(run.data).write(to: URL(fileURLWithPath: raw))
+        let cmp = try Oracle.run("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", raw, image], in: dir)
         XCTAssertEqual(cmp.status, 0, cmp.stdout + cmp.stderr)
     }
 
