@@ -101,57 +101,67 @@ struct Opened: Sendable {
             if ferry_blk_logical_block_size(fd, &ssz) == 0 && ssz > 0 { blockSize = Int(ssz) }
         }
         var memoryAlignment = blockSize
-        let optional = !options.direct && options.readOnly && options.directIfCold && !isBlock
-            && shouldReadDirect(fd: fd, allocated: st.blocks512 * 512)
-        if optional {
-            // Best effort: where O_DIRECT is refused or odd, reads go through the page cache.
-            let dfd = ferry_open(path, flags | ferry_O_DIRECT, 0)
-            var dst = ferry_stat()
-            var memAlign: UInt32 = 0
-            var offsetAlign: UInt32 = 0
-            if dfd >= 0, ferry_fstat(dfd, &dst) == 0, dst.dev == st.dev, dst.ino == st.ino,
-               ferry_dio_alignment(dfd, &memAlign, &offsetAlign) == 1, offsetAlign > 0,
-               offsetAlign & (offsetAlign - 1) == 0, memAlign & (memAlign &- 1) == 0 {
-                directFd = dfd
-                blockSize = Int(offsetAlign)
-                memoryAlignment = Int(max(memAlign, 1))
-            } else if dfd >= 0 {
-                _ = ferry_close(dfd)
-            }
-        }
         if options.direct {
-            directFd = ferry_open(path, flags | ferry_O_DIRECT, 0)
-            guard directFd >= 0 else {
-                let err = -directFd
-                if err == EINVAL {
-                    throw FerryError(.notSupported, "direct I/O (O_DIRECT) is not supported on this file system",
-                                     path: path, errno: err)
+            let d = try openDirect(path: path, flags: flags, st: st, isBlock: isBlock, blockSize: blockSize)
+            (directFd, blockSize, memoryAlignment) = (d.fd, d.blockSize, d.memoryAlignment)
+        } else if options.readOnly && options.directIfCold && !isBlock
+                    && shouldReadDirect(fd: fd, allocated: st.blocks512 * 512) {
+            // Best effort, and only where the kernel reports the alignment: otherwise reads go
+            // through the page cache.
+            if let d = try? openDirect(path: path, flags: flags, st: st, isBlock: isBlock, blockSize: blockSize) {
+                if d.reported {
+                    (directFd, blockSize, memoryAlignment) = (d.fd, d.blockSize, d.memoryAlignment)
+                } else {
+                    _ = ferry_close(d.fd)
                 }
-                throw FerryError.posix(err, "could not open for direct I/O", path: path)
-            }
-            var dst = ferry_stat()
-            guard ferry_fstat(directFd, &dst) == 0, dst.dev == st.dev, dst.ino == st.ino else {
-                throw FerryError(.other, "the file changed while it was being opened", path: path)
-            }
-            var memAlign: UInt32 = 0
-            var offsetAlign: UInt32 = 0
-            if ferry_dio_alignment(directFd, &memAlign, &offsetAlign) == 1 {
-                guard offsetAlign > 0 else {
-                    throw FerryError(.notSupported, "direct I/O (O_DIRECT) is not supported on this file", path: path)
-                }
-                if !isBlock { blockSize = Int(offsetAlign) }
-                memoryAlignment = Int(max(memAlign, 1))
-            } else {
-                memoryAlignment = blockSize
-            }
-            guard blockSize & (blockSize - 1) == 0, memoryAlignment & (memoryAlignment - 1) == 0 else {
-                throw FerryError(.notSupported, "odd direct I/O alignment \(blockSize)", path: path)
             }
         }
         let (executor, engine) = makeExecutor(options)
         ok = true
         return Opened(fd: fd, directFd: directFd, size: size, isBlockDevice: isBlock, readOnly: options.readOnly,
                       blockSize: blockSize, memoryAlignment: memoryAlignment, executor: executor, engine: engine)
+    }
+
+    /// Opens `path` again with O_DIRECT, checks that it is the same file as `st`, and works out
+    /// the offset (`blockSize`) and memory alignment direct I/O needs; where the kernel does not
+    /// report them (`reported` false) the given `blockSize` stands for both. Closes the new
+    /// descriptor if it throws.
+    private static func openDirect(path: String, flags: Int32, st: ferry_stat, isBlock: Bool, blockSize: Int) throws
+        -> (fd: Int32, blockSize: Int, memoryAlignment: Int, reported: Bool) {
+        let dfd = ferry_open(path, flags | ferry_O_DIRECT, 0)
+        guard dfd >= 0 else {
+            let err = -dfd
+            if err == EINVAL {
+                throw FerryError(.notSupported, "direct I/O (O_DIRECT) is not supported on this file system",
+                                 path: path, errno: err)
+            }
+            throw FerryError.posix(err, "could not open for direct I/O", path: path)
+        }
+        var ok = false
+        defer { if !ok { _ = ferry_close(dfd) } }
+        var dst = ferry_stat()
+        guard ferry_fstat(dfd, &dst) == 0, dst.dev == st.dev, dst.ino == st.ino else {
+            throw FerryError(.other, "the file changed while it was being opened", path: path)
+        }
+        var blockSize = blockSize
+        let memoryAlignment: Int
+        var memAlign: UInt32 = 0
+        var offsetAlign: UInt32 = 0
+        let reported = ferry_dio_alignment(dfd, &memAlign, &offsetAlign) == 1
+        if reported {
+            guard offsetAlign > 0 else {
+                throw FerryError(.notSupported, "direct I/O (O_DIRECT) is not supported on this file", path: path)
+            }
+            if !isBlock { blockSize = Int(offsetAlign) }
+            memoryAlignment = Int(max(memAlign, 1))
+        } else {
+            memoryAlignment = blockSize
+        }
+        guard blockSize & (blockSize - 1) == 0, memoryAlignment & (memoryAlignment - 1) == 0 else {
+            throw FerryError(.notSupported, "odd direct I/O alignment \(blockSize)", path: path)
+        }
+        ok = true
+        return (dfd, blockSize, memoryAlignment, reported)
     }
 
     /// Files smaller than this are read through the page cache whatever is cached.
