@@ -363,11 +363,7 @@ final class Tracker: Sendable {
         self.progress = progress
     }
 
-    static func now() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-    }
+    static func now() -> Double { Double(monotonicNanoseconds()) / 1e9 }
 
     func setAllocated(_ n: Int64) {
         state.withLock { $0.stats.allocatedBytes = n }

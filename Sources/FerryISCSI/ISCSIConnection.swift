@@ -279,12 +279,6 @@ final class ISCSIConnection: @unchecked Sendable {
     /// The quickest set-up command so far, in nanoseconds.
     private var quickestRoundTrip: UInt64 = .max
 
-    private static func nanoseconds() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-    }
-
     /// Issues one SCSI task during setup and services the context until its callback has run.
     /// Nil for a check condition when `optional` (a page the target does not have).
     @discardableResult
@@ -293,13 +287,13 @@ final class ISCSIConnection: @unchecked Sendable {
                               _ issue: (iscsi_command_cb, UnsafeMutableRawPointer) -> UnsafeMutablePointer<scsi_task>?) throws -> Bool {
         let r = SetupCall(handler)
         let token = Unmanaged.passRetained(r).toOpaque()
-        let sent = Self.nanoseconds()
+        let sent = monotonicNanoseconds()
         guard issue(Self.setupCallback, token) != nil else {
             Unmanaged<SetupCall>.fromOpaque(token).release()
             throw FerryError(.io, "\(what) could not be sent: \(libiscsiError())", path: name)
         }
         try serviceUntil(what) { r.finished }
-        quickestRoundTrip = min(quickestRoundTrip, Self.nanoseconds() - sent)
+        quickestRoundTrip = min(quickestRoundTrip, monotonicNanoseconds() - sent)
         if r.status == SCSIStatus.good { return true }
         if r.status == SCSIStatus.checkCondition && optional { return false }
         if let sense = r.sense {
