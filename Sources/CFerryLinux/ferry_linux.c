@@ -243,14 +243,14 @@ unsigned ferry_ring_reap(ferry_ring *r, uint64_t *user_data, int32_t *result, un
     return n;
 }
 
-int ferry_pipe(int fds[2], int size, int nonblocking) {
-    if (pipe2(fds, (nonblocking ? O_NONBLOCK : 0) | O_CLOEXEC) != 0) return -errno;
+int ferry_pipe(int fds[2], int size) {
+    if (pipe2(fds, O_CLOEXEC) != 0) return -errno;
     // Best effort: a smaller pipe still works, in more steps.
     (void)fcntl(fds[1], F_SETPIPE_SZ, size);
     return 0;
 }
 
-long ferry_splice(int from, int to, size_t count, int nonblocking) {
-    ssize_t n = splice(from, NULL, to, NULL, count, SPLICE_F_MOVE | (nonblocking ? SPLICE_F_NONBLOCK : 0));
+long ferry_splice(int from, int to, size_t count) {
+    ssize_t n = splice(from, NULL, to, NULL, count, SPLICE_F_MOVE);
     return n < 0 ? -errno : (long)n;
 }

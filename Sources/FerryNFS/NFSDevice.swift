@@ -67,7 +67,7 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
         let readOnly: Bool
         if case .readOnly = first { readOnly = true } else { readOnly = false }
         return NFSDevice(name: url, info: info, readOnly: readOnly, zeroInit: zeroInit, gauge: gauge,
-                         connections: all.sorted { $0.index < $1.index })
+                         connections: all)
     }
 
     private init(name: String, info: NFSFileInfo, readOnly: Bool, zeroInit: Bool, gauge: InFlightGauge,

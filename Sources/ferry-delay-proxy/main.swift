@@ -31,12 +31,6 @@ enum FileHandleStderr {
     }
 }
 
-func nowNanos() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-}
-
 func setNoDelay(_ fd: Int32) {
     var one: Int32 = 1
     _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
@@ -107,7 +101,7 @@ func serve(client: Int32, target: [UInt8], delay: UInt64) {
     }
     var fds = [pollfd(fd: client, events: 0, revents: 0), pollfd(fd: server, events: 0, revents: 0)]
     while !(dirs[0].done && dirs[1].done) {
-        let now = nowNanos()
+        let now = monotonicNanoseconds()
         var timeout: Int64 = -1
         fds[0].events = 0; fds[1].events = 0
         for (i, d) in dirs.enumerated() {
@@ -134,38 +128,24 @@ func serve(client: Int32, target: [UInt8], delay: UInt64) {
             if d.wantsRead && inFd.revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
                 let n = read(d.from, scratch, scratchSize)
                 if n > 0 {
-                    var sent = 0
-                    if delay == 0 && d.head == d.queue.count {
-                        // Nothing waits and nothing is held back: straight through, and only
-                        // what the socket does not take now is queued.
-                        while sent < n {
-                            let w = write(d.to, scratch + sent, n - sent)
-                            if w <= 0 { break }
-                            sent += w
-                        }
+                    let bytes = [UInt8](unsafeUninitializedCapacity: n) { buf, count in
+                        buf.baseAddress!.update(from: scratch.assumingMemoryBound(to: UInt8.self), count: n)
+                        count = n
                     }
-                    if sent < n {
-                        let stamp = nowNanos() + delay
-                        let rest = n - sent
-                        let bytes = [UInt8](unsafeUninitializedCapacity: rest) { buf, count in
-                            buf.baseAddress!.update(from: scratch.assumingMemoryBound(to: UInt8.self) + sent, count: rest)
-                            count = rest
-                        }
-                        d.queue.append((stamp, bytes))
-                        d.queuedBytes += rest
-                    }
+                    d.queue.append((monotonicNanoseconds() + delay, bytes))
+                    d.queuedBytes += n
                 } else if n == 0 || (errno != EAGAIN && errno != EINTR) {
                     if n < 0 {
                         // A reset: the whole pair goes.
                         return
                     }
                     d.readClosed = true
-                    d.queue.append((nowNanos() + delay, []))
+                    d.queue.append((monotonicNanoseconds() + delay, []))
                 }
             }
             if outFd.revents & Int16(POLLERR) != 0 && outFd.revents & Int16(POLLIN) == 0 { return }
             // Write every due chunk that the socket takes now.
-            let t = nowNanos()
+            let t = monotonicNanoseconds()
             while d.head < d.queue.count && d.queue[d.head].due <= t {
                 let chunk = d.queue[d.head].bytes
                 if chunk.isEmpty {
@@ -205,13 +185,13 @@ func splicePair(_ client: Int32, _ server: Int32) {
             if running.count.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 { close(client); close(server) }
         }
         var p: [Int32] = [0, 0]
-        guard ferry_pipe(&p, Int32(pipeSize), 0) == 0 else {
+        guard ferry_pipe(&p, Int32(pipeSize)) == 0 else {
             shutdown(client, Int32(SHUT_RDWR)); shutdown(server, Int32(SHUT_RDWR))
             return
         }
         defer { close(p[0]); close(p[1]) }
         while true {
-            let n = ferry_splice(from, p[1], pipeSize, 0)
+            let n = ferry_splice(from, p[1], pipeSize)
             if n == -Int(EINTR) { continue }
             if n <= 0 {
                 // End of stream: pass it on. An error: take the other direction down too.
@@ -220,7 +200,7 @@ func splicePair(_ client: Int32, _ server: Int32) {
             }
             var held = n
             while held > 0 {
-                let m = ferry_splice(p[0], to, held, 0)
+                let m = ferry_splice(p[0], to, held)
                 if m == -Int(EINTR) { continue }
                 if m <= 0 {
                     shutdown(client, Int32(SHUT_RDWR)); shutdown(server, Int32(SHUT_RDWR))

@@ -99,11 +99,10 @@ int ferry_ring_submit_and_wait(ferry_ring *ring, unsigned wait_nr);
 /// Takes up to `max` ready completions (user_data and result) and marks them seen.
 unsigned ferry_ring_reap(ferry_ring *ring, uint64_t *user_data, int32_t *result, unsigned max);
 
-/// A pipe of about `size` bytes (O_CLOEXEC, and O_NONBLOCK if `nonblocking`); 0 or -errno.
-int ferry_pipe(int fds[2], int size, int nonblocking);
-/// splice(2) without offsets, SPLICE_F_MOVE (and SPLICE_F_NONBLOCK if `nonblocking`);
-/// bytes moved or -errno.
-long ferry_splice(int from, int to, size_t count, int nonblocking);
+/// A blocking pipe of about `size` bytes (O_CLOEXEC); 0 or -errno.
+int ferry_pipe(int fds[2], int size);
+/// Blocking splice(2) without offsets, SPLICE_F_MOVE; bytes moved or -errno.
+long ferry_splice(int from, int to, size_t count);
 
 #ifdef __cplusplus
 }
