@@ -33,7 +33,7 @@ let package = Package(
         .target(name: "FerryFile", dependencies: ["FerryCore", "CFerryLinux"]),
         .target(name: "FerryNBD", dependencies: ["FerryCore", "CLibNBD", "CFerryNBD"]),
         .target(name: "FerryNFS", dependencies: ["FerryCore", "CLibNFS"]),
-        .target(name: "FerryISCSI", dependencies: ["FerryCore", "CLibISCSI"]),
+        .target(name: "FerryISCSI", dependencies: ["FerryCore", "CFerryLinux", "CLibISCSI"]),
         .target(name: "FerryFormats", dependencies: ["FerryCore", "CZlib", "CZstd"]),
         .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryISCSI", "FerryFormats"]),
         .executableTarget(

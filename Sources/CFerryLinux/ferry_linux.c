@@ -7,11 +7,14 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <linux/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -253,4 +256,16 @@ int ferry_pipe(int fds[2], int size) {
 long ferry_splice(int from, int to, size_t count) {
     ssize_t n = splice(from, NULL, to, NULL, count, SPLICE_F_MOVE);
     return n < 0 ? -errno : (long)n;
+}
+
+int ferry_tcp_cork(int fd, int on) {
+    return setsockopt(fd, IPPROTO_TCP, TCP_CORK, &on, sizeof on) < 0 ? -errno : 0;
+}
+
+int64_t ferry_tcp_data_segments_sent(int fd) {
+    struct tcp_info info;
+    socklen_t len = sizeof info;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) < 0) return -errno;
+    if (len < offsetof(struct tcp_info, tcpi_data_segs_out) + sizeof info.tcpi_data_segs_out) return -ENOTSUP;
+    return info.tcpi_data_segs_out;
 }

@@ -1,3 +1,4 @@
+import CFerryLinux
 import CLibISCSI
 import FerryCore
 import Synchronization
@@ -144,6 +145,16 @@ final class ISCSIConnection: @unchecked Sendable {
     private let inbox: EventLoopQueue<ISCSIPiece>
     /// Pieces queued or in flight here: how busy this session is, for spreading requests.
     let load = Atomic<Int>(0)
+    /// The session's TCP socket once logged in, else -1.
+    private let socket = Atomic<Int32>(-1)
+
+    /// TCP segments with data this session has sent, or nil if the kernel does not say.
+    var dataSegmentsSent: Int? {
+        let fd = socket.load(ordering: .acquiring)
+        guard fd >= 0 else { return nil }
+        let n = ferry_tcp_data_segments_sent(fd)
+        return n < 0 ? nil : Int(n)
+    }
 
     // Loop thread only.
     private var context: OpaquePointer?
@@ -215,6 +226,7 @@ final class ISCSIConnection: @unchecked Sendable {
             opened(.failure(e))
             return
         }
+        if let ctx = context { socket.store(iscsi_get_fd(ctx), ordering: .releasing) }
         opened(.success(info))
         loop()
         teardown()
@@ -426,6 +438,7 @@ final class ISCSIConnection: @unchecked Sendable {
                 Unmanaged<Flag>.fromOpaque(token).release()
             }
         }
+        socket.store(-1, ordering: .releasing)
         // Closes the socket; libiscsi cancels whatever is still queued (their callbacks find
         // their pieces already finished and only drop their references).
         iscsi_destroy_context(ctx)
@@ -455,6 +468,13 @@ final class ISCSIConnection: @unchecked Sendable {
             timeout: { dead == nil && events == 0 ? 100 : 1000 },
             serviceOnTimeout: true,
             service: { revents in
+                // tgtd takes Data-Out PDUs of 8 KiB (its MaxRecvDataSegmentLength), and libiscsi
+                // sends each as two send() calls, a 48-byte header and the data: with
+                // TCP_NODELAY, two segments and two wake-ups at the target per 8 KiB. Corked
+                // while libiscsi writes, what one call sends leaves in full segments.
+                let writing = revents & Int16(POLLOUT) != 0
+                if writing { _ = ferry_tcp_cork(iscsi_get_fd(ctx), 1) }
+                defer { if writing { _ = ferry_tcp_cork(iscsi_get_fd(ctx), 0) } }
                 if iscsi_service(ctx, Int32(revents)) < 0 {
                     connectionLost(FerryError(.io, "the connection to the iSCSI target was lost: \(libiscsiError())", path: name))
                 }

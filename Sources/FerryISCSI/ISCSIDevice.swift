@@ -54,6 +54,10 @@ public final class ISCSIDevice: BlockDevice {
 
     /// Sessions in use.
     public var connectionCount: Int { connections.count }
+    /// TCP segments with data the sessions have sent so far (nil if the kernel does not say).
+    var dataSegmentsSent: Int? {
+        connections.reduce(0) { sum, c in sum.flatMap { s in c.dataSegmentsSent.map { s + $0 } } }
+    }
 
     /// True if `location` is an iSCSI URL.
     public static func handles(_ location: String) -> Bool { location.hasPrefix("iscsi://") }

@@ -1,5 +1,5 @@
 import FerryCore
-import FerryISCSI
+@testable import FerryISCSI
 import Foundation
 import XCTest
 import FerryTestServers
@@ -57,6 +57,28 @@ final class ISCSIDeviceTests: ISCSITestCase {
         XCTAssertEqual(ISCSIDevice.writeCommandSize(roundTrip: 60_000, maximum: 1 << 20, blockSize: 512, override: nil), 1 << 20)
         XCTAssertEqual(ISCSIDevice.writeCommandSize(roundTrip: 60_000, maximum: 1 << 20, blockSize: 4096, override: 5000), 4096)
         XCTAssertEqual(ISCSIDevice.writeCommandSize(roundTrip: 2_000_000, maximum: 128 << 10, blockSize: 512, override: nil), 128 << 10)
+    }
+
+    /// tgtd takes 8 KiB Data-Out PDUs, each sent by libiscsi as a header and its data. On a
+    /// link that keeps up, that was two segments per 8 KiB; corked, a write's PDUs leave
+    /// together.
+    func testWriteDataLeavesInFullSegments() async throws {
+        let d = try await ISCSIDevice.open(target.url("thick"), readOnly: false)
+        defer { Task { try? await d.close() } }
+        let chunk = 64 << 10, count = 64
+        let data = TestBuffer(count: chunk * count)
+        data.fillPattern(seed: 9)
+        let before = try XCTUnwrap(d.dataSegmentsSent, "the kernel reports TCP segments")
+        // One at a time, so nothing queues up behind a busy receiver.
+        for i in 0 ..< count {
+            try await d.write(at: Int64(i * chunk), from: UnsafeRawBufferPointer(data.slice(i * chunk, chunk)), flags: [])
+        }
+        let sent = try XCTUnwrap(d.dataSegmentsSent) - before
+        // Uncorked: 16 per write (header and data of each PDU); corked: about 2.
+        XCTAssertLessThan(sent, 8 * count, "\(count) writes of 64 KiB went out in \(sent) segments")
+        let back = TestBuffer(count: data.bytes.count, fill: 0)
+        try await d.read(at: 0, into: back.bytes)
+        XCTAssertTrue(memcmp(back.bytes.baseAddress!, data.bytes.baseAddress!, data.bytes.count) == 0)
     }
 
     func testConcurrentWritesSplitAboveTheMaximumAndReadBack() async throws {

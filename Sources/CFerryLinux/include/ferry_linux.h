@@ -104,6 +104,11 @@ int ferry_pipe(int fds[2], int size);
 /// Blocking splice(2) without offsets, SPLICE_F_MOVE; bytes moved or -errno.
 long ferry_splice(int from, int to, size_t count);
 
+/// TCP_CORK on or off: while on, the kernel sends only full segments; off sends what it holds.
+int ferry_tcp_cork(int fd, int on);
+/// Segments with data sent on a TCP socket so far (tcp_info.tcpi_data_segs_out), or -errno.
+int64_t ferry_tcp_data_segments_sent(int fd);
+
 #ifdef __cplusplus
 }
 #endif
