@@ -248,13 +248,13 @@ unsigned ferry_ring_reap(ferry_ring *r, uint64_t *user_data, int32_t *result, un
 
 int ferry_pipe(int fds[2], int size) {
     if (pipe2(fds, O_CLOEXEC) != 0) return -errno;
-    // Best effort: a smaller pipe still works, in more steps.
-    (void)fcntl(fds[1], F_SETPIPE_SZ, size);
+    // Best effort: the largest allowed up to `size` (a smaller pipe works, in more steps).
+    while (size > 65536 && fcntl(fds[1], F_SETPIPE_SZ, size) < 0) size /= 2;
     return 0;
 }
 
-long ferry_splice(int from, int to, size_t count) {
-    ssize_t n = splice(from, NULL, to, NULL, count, SPLICE_F_MOVE);
+long ferry_splice(int from, int to, size_t count, int nonblocking) {
+    ssize_t n = splice(from, NULL, to, NULL, count, SPLICE_F_MOVE | (nonblocking ? SPLICE_F_NONBLOCK : 0));
     return n < 0 ? -errno : (long)n;
 }
 

@@ -8,7 +8,9 @@
 // grows by 2 x DELAY_MS. Bytes are delayed, not serialized: each direction keeps a queue of
 // chunks stamped with the time they may leave, so a window full of requests crosses the link
 // together, as on a real long-latency network. One thread per connection pair polls both
-// sockets; a direction stops reading while 64 MiB wait in its queue (backpressure).
+// sockets; the bytes wait in a pipe (splice: the proxy never copies them), and a direction
+// stops reading while its pipe is full (16 MiB as root, else pipe-max-size: backpressure).
+// At 0 ms each direction is a blocking splice loop of its own.
 // Prints "ferry-delay-proxy: listening ..." once every port listens. Stop it with SIGTERM.
 
 import CFerryLinux
@@ -59,25 +61,88 @@ func resolve(_ host: String, _ port: UInt16) -> [UInt8] {
     return Array(UnsafeRawBufferPointer(start: a, count: Int(r.pointee.ai_addrlen)))
 }
 
-/// One direction of a connection pair: bytes read from `from`, due at their stamp, written to `to`.
+/// One delayed direction. Bytes go from `from` into a pipe at once, stamped with the time they
+/// may leave, and from the pipe to `to` when due: the pipe is the queue, so the bytes never
+/// enter the proxy (splice), and a full pipe stops the reading (backpressure).
 final class Direction {
     let from: Int32
     let to: Int32
-    /// Chunks waiting, each with the time it may leave; an empty chunk is the end of the stream.
-    var queue: [(due: UInt64, bytes: [UInt8])] = []
+    /// The pipe's write and read ends.
+    let pipeIn: Int32
+    let pipeOut: Int32
+    /// What entered the pipe, in order: when it may leave and how many bytes (0: the end of
+    /// the stream).
+    var stamps: [(due: UInt64, bytes: Int)] = []
     var head = 0
-    /// Bytes of the first chunk already written.
-    var written = 0
-    var queuedBytes = 0
+    /// Bytes of the first stamp already sent.
+    var sent = 0
     var readClosed = false
+    /// The pipe took nothing: wait until it has room (POLLOUT on its write end).
+    var pipeFull = false
     var done = false
 
-    init(from: Int32, to: Int32) { self.from = from; self.to = to }
+    init(from: Int32, to: Int32, pipe: [Int32]) {
+        self.from = from; self.to = to
+        pipeOut = pipe[0]; pipeIn = pipe[1]
+    }
 
-    var wantsRead: Bool { !readClosed && queuedBytes < 64 << 20 }
+    var hasQueued: Bool { head < stamps.count }
+
+    /// Reads what the socket has into the pipe. False: the connection is broken.
+    func fill(delay: UInt64) -> Bool {
+        let n = ferry_splice(from, pipeIn, 1 << 20, 1)
+        if n > 0 {
+            stamps.append((monotonicNanoseconds() + delay, n))
+        } else if n == 0 {
+            readClosed = true
+            stamps.append((monotonicNanoseconds() + delay, 0))
+        } else if n == -Int(EAGAIN) {
+            // Nothing to read, or no room in the pipe: with bytes queued, assume the latter and
+            // let poll on the pipe say when there is room (at once, if there was).
+            pipeFull = hasQueued
+        } else if n != -Int(EINTR) {
+            return false
+        }
+        return true
+    }
+
+    /// Sends every due byte the socket takes now. False: the connection is broken.
+    func drain(now: UInt64) -> Bool {
+        while hasQueued && stamps[head].due <= now {
+            if stamps[head].bytes == 0 {
+                shutdown(to, Int32(SHUT_WR))
+                done = true
+                head += 1
+                return true
+            }
+            // All that is due, up to the end of the stream, in one call.
+            var due = -sent
+            var k = head
+            while k < stamps.count && stamps[k].due <= now && stamps[k].bytes > 0 {
+                due += stamps[k].bytes
+                k += 1
+            }
+            let m = ferry_splice(pipeOut, to, due, 1)
+            if m == -Int(EAGAIN) || m == -Int(EINTR) { break }
+            if m <= 0 { return false }
+            pipeFull = false
+            var left = m
+            while left > 0 {
+                let rest = stamps[head].bytes - sent
+                if left < rest { sent += left; break }
+                left -= rest
+                sent = 0
+                head += 1
+            }
+            if m < due { break }
+        }
+        if head > 64 && head * 2 > stamps.count {
+            stamps.removeFirst(head)
+            head = 0
+        }
+        return true
+    }
 }
-
-let scratchSize = 1 << 20
 
 /// Pumps both directions of one client connection until both ends have closed.
 func serve(client: Int32, target: [UInt8], delay: UInt64) {
@@ -92,23 +157,32 @@ func serve(client: Int32, target: [UInt8], delay: UInt64) {
         splicePair(client, server)
         return
     }
-    setNonBlocking(client); setNonBlocking(server)
-    let dirs = [Direction(from: client, to: server), Direction(from: server, to: client)]
-    let scratch = UnsafeMutableRawPointer.allocate(byteCount: scratchSize, alignment: 64)
+    var pipes: [[Int32]] = []
     defer {
-        scratch.deallocate()
+        for p in pipes { close(p[0]); close(p[1]) }
         close(client); close(server)
     }
-    var fds = [pollfd(fd: client, events: 0, revents: 0), pollfd(fd: server, events: 0, revents: 0)]
+    for _ in 0 ..< 2 {
+        var p: [Int32] = [0, 0]
+        guard ferry_pipe(&p, Int32(delayPipeSize)) == 0 else { return }
+        pipes.append(p)
+    }
+    setNonBlocking(client); setNonBlocking(server)
+    let dirs = [Direction(from: client, to: server, pipe: pipes[0]), Direction(from: server, to: client, pipe: pipes[1])]
+    // The two sockets, then each direction's pipe (for room to read into).
+    let descriptors = [client, server, dirs[0].pipeIn, dirs[1].pipeIn]
+    var fds = descriptors.map { pollfd(fd: $0, events: 0, revents: 0) }
     while !(dirs[0].done && dirs[1].done) {
         let now = monotonicNanoseconds()
         var timeout: Int64 = -1
-        fds[0].events = 0; fds[1].events = 0
+        for i in fds.indices { fds[i] = pollfd(fd: descriptors[i], events: 0, revents: 0) }
         for (i, d) in dirs.enumerated() {
             // Reads come in on socket i, writes go out on the other one.
-            if d.wantsRead { fds[i].events |= Int16(POLLIN) }
-            if d.head < d.queue.count {
-                let due = d.queue[d.head].due
+            if !d.readClosed {
+                if d.pipeFull { fds[2 + i].events |= Int16(POLLOUT) } else { fds[i].events |= Int16(POLLIN) }
+            }
+            if d.hasQueued {
+                let due = d.stamps[d.head].due
                 if due <= now {
                     fds[1 - i].events |= Int16(POLLOUT)
                 } else {
@@ -117,58 +191,24 @@ func serve(client: Int32, target: [UInt8], delay: UInt64) {
                 }
             }
         }
+        // A socket that hung up reports it even when nothing is asked: leave out the quiet ones,
+        // or a closed end spins the loop until the other direction is done.
+        for i in fds.indices where fds[i].events == 0 { fds[i].fd = -1 }
         // To the nanosecond: poll(2)'s whole milliseconds held a chunk due in 0.2 ms for 1 ms.
-        let rc = fds.withUnsafeMutableBytes { ferry_poll_ns($0.baseAddress, 2, timeout) }
+        let rc = fds.withUnsafeMutableBytes { ferry_poll_ns($0.baseAddress, 4, timeout) }
         if rc < 0 {
             if rc == -EINTR { continue }
             return
         }
         for (i, d) in dirs.enumerated() {
-            let inFd = fds[i], outFd = fds[1 - i]
-            if d.wantsRead && inFd.revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
-                let n = read(d.from, scratch, scratchSize)
-                if n > 0 {
-                    let bytes = [UInt8](unsafeUninitializedCapacity: n) { buf, count in
-                        buf.baseAddress!.update(from: scratch.assumingMemoryBound(to: UInt8.self), count: n)
-                        count = n
-                    }
-                    d.queue.append((monotonicNanoseconds() + delay, bytes))
-                    d.queuedBytes += n
-                } else if n == 0 || (errno != EAGAIN && errno != EINTR) {
-                    if n < 0 {
-                        // A reset: the whole pair goes.
-                        return
-                    }
-                    d.readClosed = true
-                    d.queue.append((monotonicNanoseconds() + delay, []))
-                }
+            if d.pipeFull && fds[2 + i].revents != 0 { d.pipeFull = false }
+            if !d.readClosed && !d.pipeFull && fds[i].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
+                // A reset: the whole pair goes.
+                guard d.fill(delay: delay) else { return }
             }
-            if outFd.revents & Int16(POLLERR) != 0 && outFd.revents & Int16(POLLIN) == 0 { return }
-            // Write every due chunk that the socket takes now.
-            let t = monotonicNanoseconds()
-            while d.head < d.queue.count && d.queue[d.head].due <= t {
-                let chunk = d.queue[d.head].bytes
-                if chunk.isEmpty {
-                    shutdown(d.to, Int32(SHUT_WR))
-                    d.done = true
-                    d.head += 1
-                    break
-                }
-                let n = chunk.withUnsafeBytes { write(d.to, $0.baseAddress! + d.written, $0.count - d.written) }
-                if n < 0 {
-                    if errno == EAGAIN || errno == EINTR { break }
-                    return
-                }
-                d.written += n
-                if d.written < chunk.count { break }
-                d.queuedBytes -= chunk.count
-                d.written = 0
-                d.head += 1
-            }
-            if d.head > 64 && d.head * 2 > d.queue.count {
-                d.queue.removeFirst(d.head)
-                d.head = 0
-            }
+            let out = fds[1 - i].revents
+            if out & Int16(POLLERR) != 0 && out & Int16(POLLIN) == 0 { return }
+            guard d.drain(now: monotonicNanoseconds()) else { return }
         }
     }
 }
@@ -191,7 +231,7 @@ func splicePair(_ client: Int32, _ server: Int32) {
         }
         defer { close(p[0]); close(p[1]) }
         while true {
-            let n = ferry_splice(from, p[1], pipeSize)
+            let n = ferry_splice(from, p[1], pipeSize, 0)
             if n == -Int(EINTR) { continue }
             if n <= 0 {
                 // End of stream: pass it on. An error: take the other direction down too.
@@ -200,7 +240,7 @@ func splicePair(_ client: Int32, _ server: Int32) {
             }
             var held = n
             while held > 0 {
-                let m = ferry_splice(p[0], to, held)
+                let m = ferry_splice(p[0], to, held, 0)
                 if m == -Int(EINTR) { continue }
                 if m <= 0 {
                     shutdown(client, Int32(SHUT_RDWR)); shutdown(server, Int32(SHUT_RDWR))
@@ -218,6 +258,9 @@ func splicePair(_ client: Int32, _ server: Int32) {
 }
 
 let pipeSize = 1 << 20
+/// A delayed direction's queue: what one delay at several GB/s holds. Above pipe-max-size
+/// only with CAP_SYS_RESOURCE; `ferry_pipe` settles for the largest it is allowed.
+let delayPipeSize = 16 << 20
 
 // MARK: main
 

@@ -219,7 +219,13 @@ final class ISCSITests: XCTestCase {
         try echoThroughProxy(delayMs: 0, proxyPort: 3386)
     }
 
-    private func echoThroughProxy(delayMs: Int, proxyPort: Int) throws {
+    /// 40 MiB sent while the reader waits a second: the proxy's queues fill and it stops
+    /// reading (the sender blocks) rather than lose or reorder anything.
+    func testDelayProxyHoldsBackWhileTheReaderStalls() throws {
+        try echoThroughProxy(delayMs: 1, proxyPort: 3388, bytes: 40 << 20, stall: 1)
+    }
+
+    private func echoThroughProxy(delayMs: Int, proxyPort: Int, bytes count: Int = 8 << 20, stall: Double = 0) throws {
         // An echo server on loopback (a thread of this test), behind the proxy.
         let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var one: Int32 = 1
@@ -267,8 +273,7 @@ final class ISCSITests: XCTestCase {
         XCTAssertEqual(r, 42)
         XCTAssertGreaterThanOrEqual(rtt, 2 * Double(delayMs) / 1000, "the round trip took \(rtt) s")
         XCTAssertLessThan(rtt, 1.0)
-        // 8 MiB of random bytes come back exactly, and pipelined: far faster than one delay per chunk.
-        let count = 8 << 20
+        // Random bytes come back exactly, and pipelined: far faster than one delay per chunk.
         let data = [UInt8](unsafeUninitializedCapacity: count) { buf, n in
             var g = SystemRandomNumberGenerator()
             for i in stride(from: 0, to: count, by: 8) {
@@ -287,6 +292,7 @@ final class ISCSITests: XCTestCase {
             }
         }
         sender.start()
+        if stall > 0 { Thread.sleep(forTimeInterval: stall) }
         var got = [UInt8](repeating: 0, count: count)
         var have = 0
         while have < count {
@@ -296,7 +302,7 @@ final class ISCSITests: XCTestCase {
         }
         XCTAssertEqual(have, count)
         XCTAssertTrue(got == data, "the proxy changed the bytes")
-        XCTAssertLessThan(Date().timeIntervalSince(t1), 5.0, "bytes are delayed, not serialized")
+        XCTAssertLessThan(Date().timeIntervalSince(t1), 5.0 + stall, "bytes are delayed, not serialized")
     }
 
     func testTargetKilledMidCopyBehindTheProxy() throws {

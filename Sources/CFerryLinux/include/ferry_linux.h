@@ -99,10 +99,11 @@ int ferry_ring_submit_and_wait(ferry_ring *ring, unsigned wait_nr);
 /// Takes up to `max` ready completions (user_data and result) and marks them seen.
 unsigned ferry_ring_reap(ferry_ring *ring, uint64_t *user_data, int32_t *result, unsigned max);
 
-/// A blocking pipe of about `size` bytes (O_CLOEXEC); 0 or -errno.
+/// A blocking pipe of `size` bytes or the largest allowed below (O_CLOEXEC); 0 or -errno.
 int ferry_pipe(int fds[2], int size);
-/// Blocking splice(2) without offsets, SPLICE_F_MOVE; bytes moved or -errno.
-long ferry_splice(int from, int to, size_t count);
+/// splice(2) without offsets, SPLICE_F_MOVE, and SPLICE_F_NONBLOCK if `nonblocking`; bytes
+/// moved or -errno.
+long ferry_splice(int from, int to, size_t count, int nonblocking);
 
 /// TCP_CORK on or off: while on, the kernel sends only full segments; off sends what it holds.
 int ferry_tcp_cork(int fd, int on);
