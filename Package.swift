@@ -39,7 +39,7 @@ let package = Package(
         .executableTarget(
             name: "ferry",
             dependencies: [
-                "FerryConvert", "FerryFormats", "FerryCore",
+                "FerryConvert", "FerryFormats", "FerryCore", "CFerryLinux",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

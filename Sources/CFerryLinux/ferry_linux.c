@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <features.h>
 #include <liburing.h>
+#include <malloc.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -268,4 +269,9 @@ int64_t ferry_tcp_data_segments_sent(int fd) {
     if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) < 0) return -errno;
     if (len < offsetof(struct tcp_info, tcpi_data_segs_out) + sizeof info.tcpi_data_segs_out) return -ENOTSUP;
     return info.tcpi_data_segs_out;
+}
+
+void ferry_malloc_thresholds(int mmap_threshold, int trim_threshold) {
+    (void)mallopt(M_MMAP_THRESHOLD, mmap_threshold);
+    (void)mallopt(M_TRIM_THRESHOLD, trim_threshold);
 }

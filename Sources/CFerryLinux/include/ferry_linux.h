@@ -105,6 +105,9 @@ int ferry_pipe(int fds[2], int size);
 /// moved or -errno.
 long ferry_splice(int from, int to, size_t count, int nonblocking);
 
+/// Fixed malloc mmap and trim thresholds (mallopt), instead of glibc's adaptive ones.
+void ferry_malloc_thresholds(int mmap_threshold, int trim_threshold);
+
 /// TCP_CORK on or off: while on, the kernel sends only full segments; off sends what it holds.
 int ferry_tcp_cork(int fd, int on);
 /// Segments with data sent on a TCP socket so far (tcp_info.tcpi_data_segs_out), or -errno.
