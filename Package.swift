@@ -49,7 +49,7 @@ let package = Package(
         .testTarget(name: "FerryNBDTests", dependencies: ["FerryNBD", "FerryCore"]),
         // NFS and iSCSI test servers that several test targets start (not part of the library).
         .target(name: "FerryTestServers", path: "Tests/FerryTestServers"),
-        .testTarget(name: "FerryNFSTests", dependencies: ["FerryNFS", "FerryCore", "FerryTestServers"]),
+        .testTarget(name: "FerryNFSTests", dependencies: ["FerryNFS", "FerryConvert", "FerryCore", "FerryTestServers"]),
         .testTarget(name: "FerryISCSITests", dependencies: ["FerryISCSI", "FerryCore", "FerryTestServers"]),
         .testTarget(name: "FerryFormatsTests", dependencies: ["FerryFormats", "FerryConvert", "FerryFile", "FerryCore"]),
         .testTarget(name: "FerryConvertTests", dependencies: ["FerryConvert", "FerryFormats", "FerryFile", "FerryCore"]),

@@ -80,7 +80,9 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
         readMax = info.readMax
         writeMax = info.writeMax
         let maximum = readOnly ? readMax : min(readMax, writeMax)
-        limits = BlockLimits(alignment: 1, preferredTransfer: maximum, maximumTransfer: maximum)
+        // Larger calls are split into rsize/wsize pieces sent together (`perform`): a caller
+        // that split them itself would send one piece per round trip.
+        limits = BlockLimits(alignment: 1, preferredTransfer: maximum, maximumTransfer: max(maximum, 32 << 20))
         var caps: BlockCapabilities = [.flush]
         if !readOnly { caps.insert(.write) }
         if zeroInit { caps.insert(.zeroInit) }

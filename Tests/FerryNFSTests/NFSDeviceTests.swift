@@ -1,3 +1,4 @@
+import FerryConvert
 import FerryCore
 import FerryNFS
 import Foundation
@@ -14,7 +15,8 @@ final class NFSDeviceTests: NFSTestCase {
         XCTAssertTrue(d.capabilities.isSuperset(of: [.write, .flush, .zeroInit]))
         XCTAssertTrue(d.capabilities.isDisjoint(with: [.zero, .fastZero, .discard, .extents]),
                       "libnfs 4.0 has no ALLOCATE/DEALLOCATE or SEEK: no such capability")
-        XCTAssertEqual(d.limits.maximumTransfer, 1 << 20, "libnfs 4.0 caps READ and WRITE at 1 MiB")
+        XCTAssertEqual(d.limits.preferredTransfer, 1 << 20, "libnfs 4.0 caps READ and WRITE at 1 MiB")
+        XCTAssertEqual(d.limits.maximumTransfer, 32 << 20, "larger calls are split into pieces")
         let extents = try await d.extents(in: 4096 ..< 8192)
         XCTAssertEqual(extents, [Extent(offset: 4096, length: (1 << 30) - 4096, kind: .data)])
         try await d.close()
@@ -101,6 +103,26 @@ final class NFSDeviceTests: NFSTestCase {
         }
         XCTAssertTrue(buffer.bytes.allSatisfy { $0 == 0x5a })
         XCTAssertGreaterThanOrEqual(d.peakInFlight, 16, "512 concurrent reads on one session were not pipelined (peak \(d.peakInFlight))")
+        try await d.close()
+    }
+
+    /// The copy engine hands a request larger than wsize to the device in one call, which sends
+    /// its pieces together: one worker has them all in flight, not one per round trip.
+    func testOneRequestOfSeveralPiecesIsSentTogether() async throws {
+        let size = 8 << 20
+        let src = MemoryDevice(size: Int64(size))
+        var pattern = [UInt8](repeating: 0, count: size)
+        for i in pattern.indices { pattern[i] = UInt8(truncatingIfNeeded: i &* 31 &+ i >> 12) }
+        try await src.write(at: 0, from: pattern.withUnsafeBytes { $0 }, flags: [])
+        let d = try await NFSDevice.create(server.v3("pieces.raw"), size: Int64(size), connections: 1)
+        var c = CopyConfiguration()
+        c.workers = 1
+        c.bufferSize = 4 << 20
+        _ = try await CopyEngine.copy(from: src, to: d, configuration: c)
+        XCTAssertGreaterThanOrEqual(d.peakInFlight, 2, "4 MiB requests in \(d.limits.preferredTransfer)-byte pieces, one at a time")
+        let back = TestBuffer(count: size)
+        try await d.read(at: 0, into: back.bytes)
+        XCTAssertTrue(back.bytes.elementsEqual(pattern), "the copy reads back")
         try await d.close()
     }
 
