@@ -11,19 +11,23 @@ public struct EndpointOptions: Sendable {
     public var cache: CacheMode
     /// How local files issue I/O.
     public var fileEngine: FileDevice.IOEngine
-    /// Connections (sessions) to open to a network server that allows several.
-    public var connections: Int
+    /// Connections (sessions) to open to a network server that allows several; nil for the
+    /// endpoint's own default (`defaultConnections`, one session to read from iSCSI).
+    public var connections: Int?
     /// Read-only local files: read with O_DIRECT when large and mostly not in the page cache
     /// (see `FileDevice.Options.directIfCold`), whatever `cache` says.
     public var directIfCold: Bool
 
-    public init(cache: CacheMode = .writeback, fileEngine: FileDevice.IOEngine = .auto, connections: Int = 4,
+    public init(cache: CacheMode = .writeback, fileEngine: FileDevice.IOEngine = .auto, connections: Int? = nil,
                 directIfCold: Bool = false) {
         self.cache = cache
         self.fileEngine = fileEngine
         self.connections = connections
         self.directIfCold = directIfCold
     }
+
+    /// Sessions per server when `connections` is not given.
+    public static let defaultConnections = 4
 }
 
 extension Images {
@@ -32,7 +36,7 @@ extension Images {
     public static func openEndpoint(_ location: String, readOnly: Bool,
                                     options: EndpointOptions = EndpointOptions()) async throws -> any BlockDevice {
         if NBDDevice.handles(location) {
-            return try await NBDDevice.open(location, readOnly: readOnly, connections: options.connections)
+            return try await NBDDevice.open(location, readOnly: readOnly, connections: options.connections ?? EndpointOptions.defaultConnections)
         }
         switch urlScheme(location) {
         case nil:
@@ -57,7 +61,7 @@ extension Images {
         if NBDDevice.handles(location) {
             // An export cannot be created: open it for writing and check it is large enough.
             // A larger export is fine (the copy writes its first bytes).
-            let device = try await NBDDevice.open(location, readOnly: false, connections: options.connections)
+            let device = try await NBDDevice.open(location, readOnly: false, connections: options.connections ?? EndpointOptions.defaultConnections)
             if device.size < size {
                 try? await device.close()
                 throw FerryError(.tooSmall, "the NBD export is too small: \(device.size) bytes, but \(size) are needed", path: location)

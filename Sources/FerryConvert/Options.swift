@@ -49,8 +49,8 @@ public struct ConvertOptions: Sendable {
     /// How I/O to local files is issued.
     public var fileEngine: FileDevice.IOEngine = .auto
     /// Connections to a network server that allows several (NBD multi-conn); requests in
-    /// flight are spread over them.
-    public var connections: Int = 4
+    /// flight are spread over them. nil: each endpoint's default (see `EndpointOptions`).
+    public var connections: Int?
 
     public static let maxConnections = 64
 
@@ -80,7 +80,7 @@ public struct ConvertOptions: Sendable {
         guard sparseSize >= 0, sparseSize % 512 == 0, sparseSize <= bufferSize else {
             throw FerryError(.invalidArgument, "invalid sparse size \(sparseSize) (allowed: multiples of 512 up to the buffer size \(bufferSize); 0 disables sparse detection)")
         }
-        guard (1 ... Self.maxConnections).contains(connections) else {
+        if let connections, !(1 ... Self.maxConnections).contains(connections) {
             throw FerryError(.invalidArgument, "invalid number of connections \(connections) (allowed: 1 to \(Self.maxConnections))")
         }
         if compress && useExistingTarget {

@@ -96,7 +96,7 @@ struct Convert: FerryCommand {
     var bufferSize: String?
 
     @Option(name: .customLong("connections"),
-            help: ArgumentHelp("Connections to a network server that allows several, 1 to \(ConvertOptions.maxConnections) (default: 4).", valueName: "n"))
+            help: ArgumentHelp("Connections to a network server that allows several, 1 to \(ConvertOptions.maxConnections) (default: 4, and 1 to read from iSCSI).", valueName: "n"))
     var connections: Int?
 
     @Flag(name: .customShort("p"), help: "Show a progress bar on stderr (when it is a terminal).")

@@ -24,6 +24,22 @@ final class ConvertTests: XCTestCase {
         return path
     }
 
+    /// One iSCSI session to read, four to write, unless --connections says otherwise; NFS and
+    /// NBD take four either way.
+    func testSessionsPerEndpointByDefaultAndWhenGiven() {
+        var o = ConvertOptions()
+        XCTAssertEqual(Images.iscsiConnections(o.sourceEndpoint, reading: true), 1)
+        XCTAssertEqual(Images.iscsiConnections(o.targetEndpoint, reading: false), 4)
+        XCTAssertEqual(Images.nfsConnections(o.sourceEndpoint), 4)
+        XCTAssertEqual(Images.nfsConnections(o.targetEndpoint), 4)
+        o.connections = 3
+        XCTAssertEqual(Images.iscsiConnections(o.sourceEndpoint, reading: true), 3)
+        XCTAssertEqual(Images.iscsiConnections(o.targetEndpoint, reading: false), 3)
+        XCTAssertEqual(Images.nfsConnections(o.sourceEndpoint), 3)
+        o.connections = 0
+        XCTAssertThrowsError(try o.validate())
+    }
+
     func testSourceShorterThanItClaimsIsAnErrorWithImageAndOffset() async throws {
         let path = try makeFile("src.raw", size: 1 << 20) { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
         let source = try await FileDevice.open(path: path, options: .init(readOnly: true))
