@@ -4,11 +4,10 @@ import FerryISCSI
 // iscsi:// URLs: a LUN on an iSCSI target through libiscsi (FerryISCSI).
 extension Images {
     /// iSCSI sessions to open: the endpoint option (`--connections`), by default 4 to write and
-    /// one to read. Writes gain from several (tgtd overlaps their R2T waits across sessions),
-    /// reads pipeline on one as well: NFS -> iSCSI at +1 ms each way took 0.91 of the time with
-    /// four sessions than with one, while an iSCSI -> NFS qcow2 backup took 0.91 of the time
-    /// with one reading session than with four (0.95 at 0 ms). 1 GiB, tgtd and ganesha on
-    /// loopback behind ferry-delay-proxy, on 2 CPUs that every extra session's wake-ups share.
+    /// one to read. NFS -> iSCSI at +1 ms each way took 0.91 of the time with four sessions
+    /// than with one; an iSCSI -> NFS qcow2 backup took 0.91 of the time with one reading
+    /// session than with four (0.95 at 0 ms). 1 GiB, tgtd and ganesha on loopback behind
+    /// ferry-delay-proxy, on 2 CPUs that every extra session's wake-ups share.
     static func iscsiConnections(_ options: EndpointOptions, reading: Bool) -> Int {
         max(1, options.connections ?? (reading ? 1 : EndpointOptions.defaultConnections))
     }

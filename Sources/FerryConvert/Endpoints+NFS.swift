@@ -10,7 +10,7 @@ extension Images {
     /// sessions in parallel. Sessions to one file are coherent once COMMITted, and flush
     /// commits on every one of them.
     static func nfsConnections(_ options: EndpointOptions) -> Int {
-        max(1, options.connections ?? EndpointOptions.defaultConnections)
+        max(1, options.sessions)
     }
 
     static func openNFS(_ location: String, readOnly: Bool, options: EndpointOptions) async throws -> any BlockDevice {

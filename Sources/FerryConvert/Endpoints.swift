@@ -28,6 +28,9 @@ public struct EndpointOptions: Sendable {
 
     /// Sessions per server when `connections` is not given.
     public static let defaultConnections = 4
+
+    /// `connections`, or the default.
+    var sessions: Int { connections ?? Self.defaultConnections }
 }
 
 extension Images {
@@ -36,7 +39,7 @@ extension Images {
     public static func openEndpoint(_ location: String, readOnly: Bool,
                                     options: EndpointOptions = EndpointOptions()) async throws -> any BlockDevice {
         if NBDDevice.handles(location) {
-            return try await NBDDevice.open(location, readOnly: readOnly, connections: options.connections ?? EndpointOptions.defaultConnections)
+            return try await NBDDevice.open(location, readOnly: readOnly, connections: options.sessions)
         }
         switch urlScheme(location) {
         case nil:
@@ -61,7 +64,7 @@ extension Images {
         if NBDDevice.handles(location) {
             // An export cannot be created: open it for writing and check it is large enough.
             // A larger export is fine (the copy writes its first bytes).
-            let device = try await NBDDevice.open(location, readOnly: false, connections: options.connections ?? EndpointOptions.defaultConnections)
+            let device = try await NBDDevice.open(location, readOnly: false, connections: options.sessions)
             if device.size < size {
                 try? await device.close()
                 throw FerryError(.tooSmall, "the NBD export is too small: \(device.size) bytes, but \(size) are needed", path: location)
