@@ -21,12 +21,8 @@ set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-FERRY=${FERRY:-$(swift build -c release --show-bin-path)/ferry}
-RUNS=${RUNS:-3}
-SIZE_MIB=${SIZE_MIB:-1024}
+bench_defaults 3
 DELAY=${DELAY:-2ms}
-[ -x "$FERRY" ] || { echo "bench: no ferry binary at $FERRY (make release)" >&2; exit 1; }
-(( SIZE_MIB % 4 == 0 && SIZE_MIB >= 8 )) || { echo "bench: SIZE_MIB must be a multiple of 4, at least 8" >&2; exit 1; }
 for t in nbdkit nbdcopy qemu-img; do
     command -v $t >/dev/null || { echo "bench: $t is missing (scripts/install-deps.sh)" >&2; exit 1; }
 done
@@ -100,11 +96,7 @@ printf '| %-18s | %-30s | %8s | %7s | %13s |\n' "copy" "command" "median s" "MiB
 printf '|%s|%s|%s|%s|%s|\n' "--------------------" "--------------------------------" "----------" "---------" "---------------"
 for row in "${ROWS[@]}"; do
     IFS='|' read -r copy name _ <<<"$row"
-    m=$(median_us "${TIMES[$copy/$name]}")
-    f=$(median_us "${TIMES[$copy/ferry]}")
-    secs=$(awk -v m="$m" 'BEGIN { printf "%.3f", m / 1e6 }')
-    rate=$(awk -v m="$m" -v s="$SIZE_MIB" 'BEGIN { printf "%.0f", s / (m / 1e6) }')
-    ratio=$(awk -v m="$m" -v f="$f" 'BEGIN { printf "%.2f", m / f }')
+    read -r secs rate ratio <<<"$(row_figures "$(median_us "${TIMES[$copy/$name]}")" "$(median_us "${TIMES[$copy/ferry]}")")"
     printf '| %-18s | %-30s | %8s | %7s | %13s |\n' "$copy" "$name" "$secs" "$rate" "$ratio"
 done
 echo

@@ -16,12 +16,8 @@ set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-FERRY=${FERRY:-$(swift build -c release --show-bin-path)/ferry}
-RUNS=${RUNS:-5}
-SIZE_MIB=${SIZE_MIB:-1024}
+bench_defaults 5
 NETNS=${NETNS:-ferry-bench-nfs}
-[ -x "$FERRY" ] || { echo "bench: no ferry binary at $FERRY (make release)" >&2; exit 1; }
-(( SIZE_MIB % 4 == 0 && SIZE_MIB >= 8 )) || { echo "bench: SIZE_MIB must be a multiple of 4, at least 8" >&2; exit 1; }
 qemu-img --help | grep -qw nfs || { echo "bench: qemu-img has no nfs driver (install qemu-block-extra)" >&2; exit 1; }
 command -v nfs-cp >/dev/null || { echo "bench: nfs-cp is missing (libnfs-utils)" >&2; exit 1; }
 
@@ -89,15 +85,10 @@ printf '| %-32s | %8s | %7s | %6s | %-30s |\n' "command" "median s" "MiB/s" "rat
 printf '|%s|%s|%s|%s|%s|\n' "----------------------------------" "----------" "---------" "--------" "--------------------------------"
 for row in "${ROWS[@]}"; do
     IFS='|' read -r name _ ref <<<"$row"
-    m=$(median_us "${TIMES[$name]}")
-    secs=$(awk -v m="$m" 'BEGIN { printf "%.3f", m / 1e6 }')
-    rate=$(awk -v m="$m" -v s="$SIZE_MIB" 'BEGIN { printf "%.0f", s / (m / 1e6) }')
-    ratio="" against=""
-    if [ -n "$ref" ]; then
-        r=$(median_us "${TIMES[$ref]}")
-        ratio=$(awk -v m="$m" -v r="$r" 'BEGIN { printf "%.2f", m / r }')
-        against=$ref
-    fi
+    r=""
+    [ -n "$ref" ] && r=$(median_us "${TIMES[$ref]}")
+    read -r secs rate ratio <<<"$(row_figures "$(median_us "${TIMES[$name]}")" "$r")"
+    against=$ref
     printf '| %-32s | %8s | %7s | %6s | %-30s |\n' "$name" "$secs" "$rate" "$ratio" "$against"
 done
 echo

@@ -3,6 +3,23 @@
 
 now_ns() { date +%s%N; }
 
+# FERRY (default: the release build), RUNS (default: $1) and SIZE_MIB (default 1024; a
+# multiple of 4, at least 8, as fill_half_data needs), checked.
+bench_defaults() {
+    FERRY=${FERRY:-$(swift build -c release --show-bin-path)/ferry}
+    RUNS=${RUNS:-$1}
+    SIZE_MIB=${SIZE_MIB:-1024}
+    [ -x "$FERRY" ] || { echo "bench: no ferry binary at $FERRY (make release)" >&2; exit 1; }
+    (( SIZE_MIB % 4 == 0 && SIZE_MIB >= 8 )) || { echo "bench: SIZE_MIB must be a multiple of 4, at least 8" >&2; exit 1; }
+}
+
+# row_figures MEDIAN_US [REFERENCE_MEDIAN_US]: "seconds MiB/s ratio" of one table row, the
+# ratio (time over the reference's) only with a reference; MiB/s is SIZE_MIB over the time.
+row_figures() {
+    awk -v m="$1" -v r="${2:-}" -v s="$SIZE_MIB" \
+        'BEGIN { printf "%.3f %.0f %s\n", m / 1e6, s / (m / 1e6), r == "" ? "" : sprintf("%.2f", m / r) }'
+}
+
 # rotate RUN ROW...: the rows, starting one further along each run, so that no command always
 # follows the same one. (raw -> qcow2 once ran right after qemu-img's 4 s zstd run every time
 # and measured 1.08 times qemu-img's time; alone, interleaved only with qemu-img, 0.92.)
