@@ -80,9 +80,13 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
         readMax = info.readMax
         writeMax = info.writeMax
         let maximum = readOnly ? readMax : min(readMax, writeMax)
-        // Larger calls are split into rsize/wsize pieces sent together (`perform`): a caller
-        // that split them itself would send one piece per round trip.
-        limits = BlockLimits(alignment: 1, preferredTransfer: maximum, maximumTransfer: max(maximum, 32 << 20))
+        // Written to, the device takes calls larger than wsize and sends their pieces together
+        // (`perform`): a caller that split them itself sent one piece per round trip. Read from,
+        // it keeps to rsize, so the copy engine's requests are one READ each: 2 MiB requests
+        // split over sessions made ganesha read a cold file out of order (1 GiB NFS -> local,
+        // unflushed: 0.79 s against 0.59 s).
+        limits = BlockLimits(alignment: 1, preferredTransfer: maximum,
+                             maximumTransfer: readOnly ? maximum : max(maximum, 32 << 20))
         var caps: BlockCapabilities = [.flush]
         if !readOnly { caps.insert(.write) }
         if zeroInit { caps.insert(.zeroInit) }

@@ -16,7 +16,7 @@ final class NFSDeviceTests: NFSTestCase {
         XCTAssertTrue(d.capabilities.isDisjoint(with: [.zero, .fastZero, .discard, .extents]),
                       "libnfs 4.0 has no ALLOCATE/DEALLOCATE or SEEK: no such capability")
         XCTAssertEqual(d.limits.preferredTransfer, 1 << 20, "libnfs 4.0 caps READ and WRITE at 1 MiB")
-        XCTAssertEqual(d.limits.maximumTransfer, 32 << 20, "larger calls are split into pieces")
+        XCTAssertEqual(d.limits.maximumTransfer, 32 << 20, "larger writes are split into pieces")
         let extents = try await d.extents(in: 4096 ..< 8192)
         XCTAssertEqual(extents, [Extent(offset: 4096, length: (1 << 30) - 4096, kind: .data)])
         try await d.close()
@@ -92,6 +92,7 @@ final class NFSDeviceTests: NFSTestCase {
         try makeFile("\(server.exportDir)/pipe.raw", size: Int64(size), data: [(0, size, 0x5a)])
         let d = try await NFSDevice.open(server.v3("pipe.raw"), readOnly: true, connections: 1)
         XCTAssertEqual(d.connectionCount, 1)
+        XCTAssertEqual(d.limits.maximumTransfer, 1 << 20, "read from, the device keeps to rsize: one READ per request")
         let chunk = 64 << 10
         let buffer = TestBuffer(count: size)
         try await withThrowingTaskGroup(of: Void.self) { g in
