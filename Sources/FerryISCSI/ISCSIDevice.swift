@@ -56,7 +56,12 @@ public final class ISCSIDevice: BlockDevice {
     public var connectionCount: Int { connections.count }
     /// TCP segments with data the sessions have sent so far (nil if the kernel does not say).
     var dataSegmentsSent: Int? {
-        connections.reduce(0) { sum, c in sum.flatMap { s in c.dataSegmentsSent.map { s + $0 } } }
+        var total = 0
+        for c in connections {
+            guard let n = c.dataSegmentsSent else { return nil }
+            total += n
+        }
+        return total
     }
 
     /// True if `location` is an iSCSI URL.

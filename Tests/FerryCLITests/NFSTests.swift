@@ -115,7 +115,7 @@ final class NFSTests: XCTestCase {
     }
 
     /// libnfs copies each WRITE into a buffer of its own; ferry keeps glibc from giving those
-    /// back to the kernel and faulting them in again (about 28k page faults for 512 MiB
+    /// back to the kernel and faulting them in again (about 21k page faults for 512 MiB
     /// written as qcow2, 10k with the fix, whatever the size).
     func testWritingToNFSDoesNotFaultInEveryBuffer() throws {
         let src = path("512m.raw")
