@@ -84,6 +84,12 @@ int ferry_fsync(int fd, int datasync) {
     return r < 0 ? -errno : 0;
 }
 
+int ferry_sync_file_range_write(int fd, int64_t offset, int64_t length) {
+    int r;
+    do { r = sync_file_range(fd, (off_t)offset, (off_t)length, SYNC_FILE_RANGE_WRITE); } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+}
+
 int64_t ferry_seek_data(int fd, int64_t offset) {
     off_t r = lseek(fd, (off_t)offset, SEEK_DATA);
     return r < 0 ? -errno : (int64_t)r;

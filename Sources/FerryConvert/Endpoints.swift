@@ -31,6 +31,18 @@ public struct EndpointOptions: Sendable {
 
     /// `connections`, or the default.
     var sessions: Int { connections ?? Self.defaultConnections }
+
+    /// Local files written through the page cache and flushed at the end start write-back
+    /// after each this many bytes (`FileDevice.Options.writeBehind`). On a virtio disk, raw ->
+    /// qcow2 of 512 MiB of data took 0.86-0.88 of the time with 32 or 64 MiB, 0.95 with 128.
+    public static let writeBehind: Int64 = 64 << 20
+
+    /// The file options for this cache mode.
+    func fileOptions(readOnly: Bool) -> FileDevice.Options {
+        FileDevice.Options(readOnly: readOnly, direct: cache.direct, sync: cache.sync, engine: fileEngine,
+                           directIfCold: readOnly && directIfCold,
+                           writeBehind: !readOnly && cache == .writeback ? Self.writeBehind : 0)
+    }
 }
 
 extension Images {
@@ -51,10 +63,7 @@ extension Images {
         case let scheme?:
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }
-        return try await FileDevice.open(
-            path: location,
-            options: .init(readOnly: readOnly, direct: options.cache.direct, sync: options.cache.sync, engine: options.fileEngine,
-                           directIfCold: readOnly && options.directIfCold))
+        return try await FileDevice.open(path: location, options: options.fileOptions(readOnly: readOnly))
     }
 
     /// Makes the storage for a new image of `size` host bytes: a new sparse file, or an existing
@@ -81,9 +90,7 @@ extension Images {
         case let scheme?:
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }
-        return try await FileDevice.create(
-            path: location, size: size,
-            options: .init(readOnly: false, direct: options.cache.direct, sync: options.cache.sync, engine: options.fileEngine))
+        return try await FileDevice.create(path: location, size: size, options: options.fileOptions(readOnly: false))
     }
 
     /// The scheme of a URL location (`nbd`, `nbd+unix`, `nfs`, `iscsi`), or nil for a path.

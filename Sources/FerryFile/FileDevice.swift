@@ -41,12 +41,19 @@ public final class FileDevice: BlockDevice {
         /// in the page cache (see `Opened.shouldReadDirect`). Falls back to the page cache
         /// silently where O_DIRECT is refused.
         public var directIfCold: Bool = false
+        /// Buffered writes only (not `direct`, not `sync`): each time this many bytes have
+        /// been written, start writing the dirty pages back (sync_file_range(2), on a helper
+        /// thread, not waited for). A copy that flushes at the end then finds most of its data
+        /// on the disk already, written while it was still reading. 0 leaves write-back to
+        /// the kernel.
+        public var writeBehind: Int64 = 0
         /// Slots in the io_uring: requests in the kernel at once, plus one (the wakeup read).
         var ringEntries = 128
 
         public init(readOnly: Bool = false, direct: Bool = false, sync: Bool = false, engine: IOEngine = .auto,
-                    directIfCold: Bool = false) {
+                    directIfCold: Bool = false, writeBehind: Int64 = 0) {
             self.readOnly = readOnly
+            self.writeBehind = writeBehind
             self.direct = direct
             self.sync = sync
             self.engine = engine
@@ -76,6 +83,9 @@ public final class FileDevice: BlockDevice {
     public let engineInUse: IOEngine
     /// Whether aligned requests bypass the page cache (O_DIRECT).
     public let isDirect: Bool
+    /// Bytes written between starts of write-back; 0 when write-back is left to the kernel
+    /// (see `Options.writeBehind`).
+    public let writeBehind: Int64
 
     /// Buffered descriptor (any offset, any length).
     private let fd: Int32
@@ -98,11 +108,16 @@ public final class FileDevice: BlockDevice {
         var blockDiscard = true
         /// fallocate/ioctl calls that came back "not supported".
         var refusals = 0
+        /// Bytes written since write-back was last started (see `Options.writeBehind`).
+        var sinceWriteBack: Int64 = 0
+        var startingWriteBack = false
     }
     private let state = Locked(State())
 
-    private init(_ o: Opened, name: String, zeroInit: Bool) {
+    private init(_ o: Opened, name: String, zeroInit: Bool, options: Options) {
         self.name = name
+        // O_DIRECT and O_DSYNC writes leave nothing dirty to start on.
+        self.writeBehind = o.readOnly || o.directFd >= 0 || options.sync ? 0 : max(0, options.writeBehind)
         self.size = o.size
         self.isBlockDevice = o.isBlockDevice
         self.fd = o.fd
@@ -147,7 +162,7 @@ public final class FileDevice: BlockDevice {
     /// The open(2), fstat(2) and ioctl(BLKGETSIZE64) calls run on a thread of their own.
     public static func open(path: String, options: Options = Options()) async throws -> FileDevice {
         let opened = try await onOwnThread { try Opened.open(path: path, options: options) }
-        return FileDevice(opened, name: path, zeroInit: false)
+        return FileDevice(opened, name: path, zeroInit: false, options: options)
     }
 
     /// Creates (or truncates) a regular file of `size` bytes, sparse, reading as zeros
@@ -162,7 +177,7 @@ public final class FileDevice: BlockDevice {
         let (opened, created) = try await onOwnThread { [writable] in
             try Opened.create(path: path, size: size, options: writable)
         }
-        return FileDevice(opened, name: path, zeroInit: created)
+        return FileDevice(opened, name: path, zeroInit: created, options: writable)
     }
 
     /// Bytes the file takes on disk (st_blocks x 512); the device size for a block device.
@@ -203,6 +218,27 @@ public final class FileDevice: BlockDevice {
         let r = request(.write, buffer: UnsafeMutableRawPointer(mutating: base), length: Int64(buffer.count),
                         offset: offset, rwFlags: flags.contains(.fua) ? ferry_RWF_DSYNC : 0)
         try await run(r, "write failed", issued: issued)
+        if writeBehind > 0 { wrote(Int64(buffer.count)) }
+    }
+
+    /// Starts write-back of the whole file once `writeBehind` bytes have been written since
+    /// the last start, unless a start is still running (sync_file_range can block while the
+    /// disk's queue is full). Its outcome is not needed: `flush` reports any write error.
+    private func wrote(_ bytes: Int64) {
+        let start = state.withLock { s in
+            s.sinceWriteBack += bytes
+            guard s.sinceWriteBack >= writeBehind, !s.startingWriteBack else { return false }
+            s.sinceWriteBack = 0
+            s.startingWriteBack = true
+            return true
+        }
+        guard start else { return }
+        let fd = self.fd
+        let queued = executor.perform { [self] in
+            _ = ferry_sync_file_range_write(fd, 0, 0)
+            state.withLock { $0.startingWriteBack = false }
+        }
+        if !queued { state.withLock { $0.startingWriteBack = false } }
     }
 
     // MARK: Zeroing and discarding

@@ -40,6 +40,31 @@ final class ConvertTests: XCTestCase {
         XCTAssertThrowsError(try o.validate())
     }
 
+    /// Local targets written through the page cache and flushed at the end start write-back as
+    /// they go; unflushed, direct and synchronous targets, and sources, leave it to the kernel.
+    func testOnlyFlushedBufferedTargetsWriteBehind() async throws {
+        for cache in CacheMode.allCases {
+            var o = ConvertOptions()
+            o.targetCache = cache
+            o.sourceCache = cache
+            let path = dir + "/behind-\(cache).raw"
+            let c = try await Images.createEndpoint(path, size: 1 << 20, options: o.targetEndpoint)
+            let created = try XCTUnwrap(c as? FileDevice)
+            let expected = cache == .writeback ? EndpointOptions.writeBehind : 0
+            XCTAssertEqual(created.writeBehind, expected, "created, \(cache)")
+            try await created.close()
+            let r = try await Images.openEndpoint(path, readOnly: false, options: o.targetEndpoint)
+            let reopened = try XCTUnwrap(r as? FileDevice)
+            XCTAssertEqual(reopened.writeBehind, expected, "existing target (-n), \(cache)")
+            try await reopened.close()
+            let s = try await Images.openEndpoint(path, readOnly: true, options: o.sourceEndpoint)
+            let source = try XCTUnwrap(s as? FileDevice)
+            XCTAssertEqual(source.writeBehind, 0, "source, \(cache)")
+            try await source.close()
+        }
+        XCTAssertGreaterThan(EndpointOptions.writeBehind, 0)
+    }
+
     func testSourceShorterThanItClaimsIsAnErrorWithImageAndOffset() async throws {
         let path = try makeFile("src.raw", size: 1 << 20) { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
         let source = try await FileDevice.open(path: path, options: .init(readOnly: true))

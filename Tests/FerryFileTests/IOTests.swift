@@ -199,6 +199,87 @@ final class IOTests: FileTestCase {
         }
     }
 
+    /// With `writeBehind`, the dirty pages of a file being written go to the disk while the
+    /// writing goes on, not only at the flush. Judged by filefrag: on a filesystem with delayed
+    /// allocation, pages nobody has started writing back are still "delalloc" extents.
+    func testWriteBehindStartsWriteBackBeforeTheFlush() async throws {
+        let total = 32 << 20, piece = 1 << 20
+        let behind: Int64 = 4 << 20
+        var rng = Pattern(seed: 21)
+        let data = rng.bytes(piece)
+        for engine in engines {
+            for writeBehind in [0, behind] {
+                let p = path("behind-\(engine)-\(writeBehind).img")
+                var o = FileDevice.Options(engine: engine)
+                o.writeBehind = writeBehind
+                let d = track(try await FileDevice.create(path: p, size: Int64(total), options: o))
+                XCTAssertEqual(d.writeBehind, writeBehind)
+                for k in 0 ..< total / piece { try await d.write(data, at: Int64(k * piece)) }
+                var pending = try delallocBytes(p)
+                if writeBehind == 0 {
+                    guard pending > 0 else { throw XCTSkip("\(dir): the filesystem does not delay allocation") }
+                    try await Task.sleep(for: .seconds(1))
+                    pending = try delallocBytes(p)
+                    XCTAssertEqual(pending, Int64(total), "\(engine): without write-behind nothing is written back yet")
+                } else {
+                    // The last start may still be running: wait for it, not for the kernel's own.
+                    let deadline = ContinuousClock.now + .seconds(10)
+                    while pending > 2 * writeBehind && ContinuousClock.now < deadline {
+                        try await Task.sleep(for: .milliseconds(20))
+                        pending = try delallocBytes(p)
+                    }
+                    XCTAssertLessThanOrEqual(pending, 2 * writeBehind, "\(engine): written back while writing")
+                }
+                try await d.flush()
+                XCTAssertEqual(try delallocBytes(p), 0, "\(engine): all on disk after the flush")
+                try await d.close()
+                let back = fileContents(p)
+                XCTAssertEqual(back.count, total)
+                let same = back.withUnsafeBytes { b in
+                    data.withUnsafeBytes { d in
+                        stride(from: 0, to: total, by: piece).allSatisfy { memcmp(b.baseAddress! + $0, d.baseAddress!, piece) == 0 }
+                    }
+                }
+                XCTAssertTrue(same, "\(engine): contents")
+            }
+        }
+        // Nothing to start for O_DIRECT or O_DSYNC writes, nor for a read-only file.
+        for (direct, sync) in [(true, false), (false, true)] {
+            var o = FileDevice.Options(direct: direct, sync: sync)
+            o.writeBehind = behind
+            let d = track(try await FileDevice.create(path: path("no-behind-\(direct)-\(sync).img"), size: 1 << 20, options: o))
+            XCTAssertEqual(d.writeBehind, 0, "direct \(direct), sync \(sync)")
+            try await d.close()
+        }
+        var o = FileDevice.Options(readOnly: true)
+        o.writeBehind = behind
+        let r = track(try await FileDevice.open(path: path("no-behind-true-false.img"), options: o))
+        XCTAssertEqual(r.writeBehind, 0, "read-only")
+        try await r.close()
+    }
+
+    /// Bytes of `path` in delayed-allocation extents (dirty, write-back not started), from
+    /// `filefrag -v`: "ext: logical_offset: physical_offset: length: expected: flags:" rows.
+    private func delallocBytes(_ path: String) throws -> Int64 {
+        let r = run("/usr/sbin/filefrag", "-v", path)
+        guard r.status == 0 else { throw XCTSkip("filefrag (e2fsprogs) cannot map \(path)") }
+        var blockSize: Int64 = 0
+        var bytes: Int64 = 0
+        for line in r.output.split(separator: "\n") {
+            if line.hasPrefix("File size of"), let open = line.range(of: "blocks of ") {
+                blockSize = Int64(line[open.upperBound...].prefix { $0.isNumber }) ?? 0
+            }
+            guard line.contains("delalloc") else { continue }
+            // "   0:        0..    4095:          0..         0:      0:   last,unknown_loc,delalloc,eof"
+            let fields = line.split(separator: ":")
+            guard fields.count > 1 else { continue }
+            let range = fields[1].split(separator: ".").compactMap { Int64($0.trimmingCharacters(in: .whitespaces)) }
+            guard range.count == 2 else { continue }
+            bytes += (range[1] - range[0] + 1) * blockSize
+        }
+        return bytes
+    }
+
     func testFuaWriteAndFlush() async throws {
         for engine in engines {
             let p = path("fua-\(engine).img")
