@@ -52,14 +52,17 @@ public enum CopyEngine {
         let maxData = min(configuration.bufferSize, source.limits.maximumTransfer) / alignment * alignment
         precondition(maxData > 0, "buffer smaller than the devices' alignment")
         let pool = pool ?? BufferPool(bufferSize: configuration.bufferSize, capacity: configuration.workers)
-        let planner = Planner(source: source, alignment: alignment, maxData: maxData)
+        let granularity = configuration.sparseSize == 0 ? 0 : roundUp(configuration.sparseSize, to: target.limits.alignment)
+        let planner = Planner(source: source, alignment: alignment, maxData: maxData,
+                              bridge: granularity > 0 && source.capabilities.contains(.cheapZeroReads) ? bridge : 0,
+                              granule: max(granularity, 1), bridgeUnallocated: !configuration.skipUnallocated)
         let tracker = Tracker(virtualSize: source.size, interval: configuration.progressInterval, progress: progress)
         let allocated = try await countAllocated(source, skipUnallocated: configuration.skipUnallocated)
         tracker.setAllocated(allocated)
         let sequencer = configuration.outOfOrder ? nil : Sequencer()
         let context = WorkerContext(
             source: source, target: target, configuration: configuration,
-            granularity: configuration.sparseSize == 0 ? 0 : roundUp(configuration.sparseSize, to: target.limits.alignment),
+            granularity: granularity,
             planner: planner, sequencer: sequencer, tracker: tracker, pool: pool,
             compressor: (target as? ClusterCompressingDevice).flatMap { $0.compressesWrites ? $0 : nil },
             failure: FirstFailure())
@@ -104,6 +107,12 @@ public enum CopyEngine {
         }
         return total
     }
+
+    /// Longest hole read along with the data on both sides of it, where reading a hole costs
+    /// no I/O: a memset and a scan of at most this much, instead of a request of its own.
+    /// 1 GiB raw -> qcow2 with 1,024 data runs of 64 KiB between holes of 64 KiB read in 0.85
+    /// of the time (page cache dropped, 8 interleaved runs).
+    static let bridge: Int64 = 256 << 10
 
     static func roundUp(_ n: Int, to alignment: Int) -> Int { (n + alignment - 1) / alignment * alignment }
 }
@@ -275,7 +284,7 @@ private struct WorkerContext: Sendable {
                     zeroed += Int64(run.range.count)
                 }
             }
-            tracker.complete(r, read: r.length, written: written, zeroed: zeroed, skipped: skipped, data: r.length)
+            tracker.complete(r, read: r.length, written: written, zeroed: zeroed, skipped: skipped, data: r.length - r.bridged)
         }
     }
 

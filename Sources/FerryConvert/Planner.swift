@@ -14,6 +14,9 @@ struct CopyRequest: Sendable, Equatable {
     var offset: Int64
     var length: Int64
     var kind: Kind
+    /// Of a data request, the bytes of short holes read along with the data around them
+    /// (see `Planner.bridge`): not data of the source.
+    var bridged: Int64 = 0
     var end: Int64 { offset + length }
 }
 
@@ -24,6 +27,12 @@ struct CopyRequest: Sendable, Equatable {
 /// of requests are multiples of `alignment` (the larger of the two devices'), except at the
 /// end of the source. Where an extent boundary is not aligned, the block that straddles it is
 /// treated as data (reading zeros is harmless; skipping data is not).
+///
+/// On a source where reading a hole costs no I/O, a data request reaches across short zero
+/// runs (and unallocated ones, when the copy takes them for zeros) to the data after them
+/// (`bridge`): one read instead of several small ones, and the
+/// worker's zero scan still finds the hole, whole granules of it, so the target gets what
+/// it would have got from a zero request.
 actor Planner {
     let source: any BlockDevice
     let end: Int64
@@ -34,6 +43,12 @@ actor Planner {
     let maxZero: Int64
     /// How far ahead to ask the source for extents at a time.
     let window: Int64
+    /// Longest zero run a data request reads across; 0 never.
+    let bridge: Int64
+    /// Zero runs bridged start and end on multiples of this (the zero scan's granule).
+    let granule: Int64
+    /// Whether `.unallocated` runs are bridged too: only when the copy treats them as zeros.
+    let bridgeUnallocated: Bool
 
     private var cursor: Int64 = 0
     private var seq = 0
@@ -42,14 +57,22 @@ actor Planner {
     private var knownIndex = 0
     private var fetching: Task<Void, any Error>?
 
-    init(source: any BlockDevice, alignment: Int, maxData: Int, maxZero: Int64 = 1 << 30, window: Int64 = 1 << 30) {
+    init(source: any BlockDevice, alignment: Int, maxData: Int, maxZero: Int64 = 1 << 30, window: Int64 = 1 << 30,
+         bridge: Int64 = 0, granule: Int = 1, bridgeUnallocated: Bool = false) {
+        precondition(granule > 0)
         self.source = source
         self.end = source.size
         self.alignment = Int64(alignment)
         self.maxData = Int64(maxData)
         self.maxZero = max(maxZero, Int64(maxData))
         self.window = window
+        self.bridge = bridge
+        self.bridgeUnallocated = bridgeUnallocated
+        // Bridged runs keep to the alignment too, so rounding a request down never cuts one.
+        self.granule = Int64(granule) * Int64(alignment) / Int64(Self.gcd(granule, alignment))
     }
+
+    private static func gcd(_ a: Int, _ b: Int) -> Int { b == 0 ? a : gcd(b, a % b) }
 
     /// The next request, or nil when the whole source has been handed out.
     func next() async throws -> CopyRequest? {
@@ -113,7 +136,22 @@ actor Planner {
         case .zero: kind = .zero
         case .unallocated: kind = .unallocated
         }
-        if kind == .data && stop == first.end && stop < end && stop % alignment != 0 {
+        // End of the last data extent the request reaches into.
+        var dataEnd = first.end
+        var bridged: Int64 = 0
+        if kind == .data && bridge > 0 {
+            var i = knownIndex
+            while stop == dataEnd && i + 2 < known.count {
+                let gap = known[i + 1], next = known[i + 2]
+                guard gap.kind == .zero || (gap.kind == .unallocated && bridgeUnallocated), gap.length <= bridge, gap.offset % granule == 0, gap.length % granule == 0,
+                      next.kind == .data, cursor + limit > next.offset else { break }
+                stop = min(next.end, cursor + limit, end)
+                dataEnd = next.end
+                bridged += gap.length
+                i += 2
+            }
+        }
+        if kind == .data && stop == dataEnd && stop < end && stop % alignment != 0 {
             // Data wins: take the rest of the block the data ends in.
             let up = min(end, (stop / alignment + 1) * alignment)
             if knownEnd >= up { stop = up }
@@ -131,7 +169,7 @@ actor Planner {
                 stop = blockEnd
             }
         }
-        let r = CopyRequest(seq: seq, offset: cursor, length: stop - cursor, kind: kind)
+        let r = CopyRequest(seq: seq, offset: cursor, length: stop - cursor, kind: kind, bridged: bridged)
         seq += 1
         cursor = stop
         return r

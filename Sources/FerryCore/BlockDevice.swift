@@ -131,6 +131,10 @@ public struct BlockCapabilities: OptionSet, Sendable, Hashable {
     /// The whole device reads as zeros now: it was just created, or the user said so.
     /// A copy may skip zero runs on such a target.
     public static let zeroInit = BlockCapabilities(rawValue: 1 << 8)
+    /// Reading a range that `extents` calls `.zero` or `.unallocated` costs no I/O (a hole in
+    /// a local file, a zero or unallocated cluster of an image without a backing file): a
+    /// reader may read across a short one rather than split its request.
+    public static let cheapZeroReads = BlockCapabilities(rawValue: 1 << 9)
 }
 
 /// Flags for `BlockDevice.write`.

@@ -27,8 +27,8 @@ public final class ConcatDevice: BlockDevice {
             alignment: parts.map(\.limits.alignment).max()!,
             preferredTransfer: parts.map(\.limits.preferredTransfer).max()!,
             maximumTransfer: parts.map(\.limits.maximumTransfer).min()!)
-        var caps: BlockCapabilities = [.extents]
-        for p in parts where !p.capabilities.contains(.extents) { caps.remove(.extents) }
+        var caps: BlockCapabilities = [.extents, .cheapZeroReads]
+        for p in parts { caps.formIntersection(p.capabilities) }
         capabilities = caps
     }
 

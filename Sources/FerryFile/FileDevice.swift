@@ -136,7 +136,7 @@ public final class FileDevice: BlockDevice {
         }
         let alignment = o.directFd >= 0 ? o.blockSize : 1
         limits = BlockLimits(alignment: alignment, preferredTransfer: 1 << 20, maximumTransfer: 256 << 20)
-        var caps: BlockCapabilities = o.isBlockDevice ? [] : [.extents]
+        var caps: BlockCapabilities = o.isBlockDevice ? [] : [.extents, .cheapZeroReads]
         if !o.readOnly {
             caps.formUnion([.write, .zero, .fastZero, .discard, .flush, .fua])
             if zeroInit { caps.insert(.zeroInit) }

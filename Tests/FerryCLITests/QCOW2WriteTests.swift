@@ -218,6 +218,43 @@ final class QCOW2WriteTests: XCTestCase {
         }
     }
 
+    /// 64 KiB data runs between 64 KiB holes (Ferry reads across such holes, from a raw file
+    /// or from a qcow2 image's zero or unallocated clusters): the copies allocate what qemu-img's own copies
+    /// allocate, as qcow2 and as raw, and read the same.
+    func testFineGrainedHolesStayHoles() throws {
+        let writes = (0 ..< 32).map { "write -P \($0 + 1) \($0 * 128)k 64k" } + ["write -P 0x5a 5M 1M"]
+        let raw = try TestImage(name: "fine.raw", size: 8 << 20, writes: writes).build(in: dir)
+        // The same guest bytes as qcow2, its holes zero clusters this time.
+        try Tools.must("qemu-img", ["create", "-q", "-f", "qcow2", "fine.qcow2", "8M"], in: dir)
+        try Tools.must("qemu-io", ["-f", "qcow2", "-c", "write -P 0 0 4M"] + writes.flatMap { ["-c", $0] } + ["fine.qcow2"], in: dir)
+        try Tools.must("qemu-io", ["-f", "qcow2"] + (0 ..< 32).flatMap { ["-c", "write -z \($0 * 128 + 64)k 64k"] } + ["fine.qcow2"], in: dir)
+        let zeroClusters = try Tools.must("qemu-img", ["map", "--output=json", "fine.qcow2"], in: dir)
+        XCTAssertTrue(zeroClusters.contains(#""zero": true, "data": false"#), "the qcow2 source has zero clusters")
+        // And with unallocated clusters.
+        try Tools.must("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, "sparse.qcow2"], in: dir)
+        func runs(_ map: String) -> [String] {
+            map.split(separator: "\n").map { String($0.replacingOccurrences(of: #", "offset": [0-9]+"#, with: "", options: .regularExpression)) }
+        }
+        for (src, fmt) in [(raw, "raw"), (path("fine.qcow2"), "qcow2"), (path("sparse.qcow2"), "qcow2")] {
+            for out in ["qcow2", "raw"] {
+                let name = URL(fileURLWithPath: src).deletingPathExtension().lastPathComponent
+                let mine = "ferry-\(name).\(out)", theirs = "qemu-\(name).\(out)"
+                let r = try Tools.ferry(["convert", "-f", fmt, "-O", out, src, mine], in: dir)
+                XCTAssertEqual(r.status, 0, r.stderr)
+                try Tools.must("qemu-img", ["convert", "-f", fmt, "-O", out, src, theirs], in: dir)
+                try assertIdentical(src, path(mine), "\(fmt) -> \(out)")
+                XCTAssertEqual(runs(try Tools.must("qemu-img", ["map", "--output=json", "-f", out, mine], in: dir)),
+                               runs(try Tools.must("qemu-img", ["map", "--output=json", "-f", out, theirs], in: dir)),
+                               "\(fmt) -> \(out): what the copy allocates")
+                if out == "qcow2" { try checkClean(path(mine), "\(fmt) -> qcow2") }
+                // 3 MiB of data; the holes between the first 2 MiB of it were read along.
+                let read = r.stderr.range(of: #"read [0-9.]+ MiB"#, options: .regularExpression).map { String(r.stderr[$0]) }
+                let mib = Double(read?.dropFirst(5).dropLast(4) ?? "") ?? 0
+                XCTAssertGreaterThan(mib, 3.5, "\(fmt) -> \(out): \(r.stderr)")
+            }
+        }
+    }
+
     // MARK: - bad input
 
     func testBadInputFailsBeforeWriting() throws {

@@ -149,6 +149,77 @@ final class EngineTests: XCTestCase {
         XCTAssertEqual(fine.contents(), pattern)
     }
 
+    /// Where reading a hole costs nothing, data requests read across short holes: a source of
+    /// 64 KiB data runs between 64 KiB holes is read in whole buffers, not a request per run,
+    /// and the target still gets data only where the source has it. Long holes, holes the zero
+    /// scan could not find whole, unallocated ranges a copy leaves to a backing file, and
+    /// sources that don't say holes are cheap are left as they were.
+    func testShortHolesAreReadWithTheDataAroundThem() async throws {
+        let run: Int64 = 64 << 10
+        let size: Int64 = 4 << 20
+        func source(cheap: Bool, unallocated: Bool = false) async throws -> MemoryDevice {
+            var caps: BlockCapabilities = [.write, .extents]
+            if cheap { caps.insert(.cheapZeroReads) }
+            let d = MemoryDevice(name: "src", size: size, chunkSize: Int(run), capabilities: caps, holesAreUnallocated: unallocated)
+            // 2 MiB of data and hole by turns, a 1 MiB hole, then data and hole by turns again.
+            for k in stride(from: Int64(0), to: Int64(2 << 20), by: Int(2 * run)) {
+                try await d.write(at: k, bytes: [UInt8](repeating: UInt8(1 + k / run % 200), count: Int(run)))
+            }
+            for k in stride(from: Int64(3 << 20), to: size, by: Int(2 * run)) {
+                try await d.write(at: k, bytes: [UInt8](repeating: UInt8(7 + k / run % 200), count: Int(run)))
+            }
+            return d
+        }
+        let dataRuns = 16 + 8
+        func readsAcrossHoles(_ src: MemoryDevice) -> Int {
+            src.operations.filter { op in
+                guard case .read(let o, let l) = op else { return false }
+                return src.allocatedChunks.filter { $0 >= o && $0 < o + l }.count > 1
+            }.count
+        }
+        func reads(_ src: MemoryDevice) -> Int {
+            src.operations.filter { if case .read = $0 { true } else { false } }.count
+        }
+
+        for (targetReadsZero, unallocated) in [(true, false), (false, false), (true, true)] {
+            let src = try await source(cheap: true, unallocated: unallocated)
+            let dst = MemoryDevice(name: "dst", size: size, chunkSize: Int(run), capabilities: [.write, .zero, .extents, .flush])
+            if !targetReadsZero { try await dst.write(at: 0, bytes: [UInt8](repeating: 9, count: Int(size))) }
+            let stats = try await copy(src, dst) { $0.targetReadsZero = targetReadsZero }
+            XCTAssertEqual(dst.contents(), src.contents())
+            if targetReadsZero { XCTAssertEqual(dst.allocatedChunks, src.allocatedChunks, "holes stay holes") }
+            // 0 ..< 2 MiB in one read; the 1 MiB hole is too long; 3 ..< 4 MiB in one read.
+            XCTAssertEqual(reads(src), 2, "targetReadsZero \(targetReadsZero), unallocated \(unallocated)")
+            XCTAssertEqual(stats.allocatedBytes, Int64(dataRuns) * run)
+            XCTAssertEqual(stats.doneBytes, stats.allocatedBytes, "progress counts data, not the holes read with it")
+            XCTAssertEqual(stats.bytesWritten, Int64(dataRuns) * run)
+            XCTAssertGreaterThan(stats.bytesRead, stats.allocatedBytes)
+            if !targetReadsZero { XCTAssertEqual(stats.bytesZeroed, size - Int64(dataRuns) * run) }
+        }
+
+        // Each of these reads every data run on its own.
+        var cases: [(String, MemoryDevice, Int)] = []
+        cases.append(("holes not cheap", try await source(cheap: false), 4096))
+        cases.append(("holes smaller than the zero granule", try await source(cheap: true), 128 << 10))
+        cases.append(("unallocated, left to a backing file", try await source(cheap: true, unallocated: true), 4096))
+        for (what, src, sparse) in cases {
+            let dst = MemoryDevice(name: "dst", size: size, chunkSize: Int(run))
+            _ = try await copy(src, dst) {
+                $0.targetReadsZero = true
+                $0.sparseSize = sparse
+                $0.skipUnallocated = src.holesAreUnallocated
+            }
+            XCTAssertEqual(dst.contents(), src.contents(), what)
+            XCTAssertEqual(readsAcrossHoles(src), 0, what)
+        }
+        // -S 0 writes every byte: nothing to gain.
+        let src = try await source(cheap: true)
+        let dst = MemoryDevice(name: "dst", size: size, chunkSize: Int(run))
+        _ = try await copy(src, dst) { $0.sparseSize = 0 }
+        XCTAssertEqual(dst.contents(), src.contents())
+        XCTAssertEqual(readsAcrossHoles(src), 0, "-S 0")
+    }
+
     func testMemoryStaysBoundedByWorkersTimesBuffer() async throws {
         let size: Int64 = 16 << 20
         let src = try await makeSource(size: size, seed: 3, latency: .microseconds(100), jitter: .microseconds(500))

@@ -10,7 +10,7 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
     public let name: String
     public let size: Int64
     public let limits: BlockLimits
-    public let capabilities: BlockCapabilities = [.extents]
+    public let capabilities: BlockCapabilities
     public let backing: (any BlockDevice)?
     public let formatName = "qcow2"
     public let details: ImageDetails
@@ -40,6 +40,8 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
         self.externalData = externalData
         self.dataDevice = externalData ?? file
         self.backing = backing
+        // Zero clusters read as a memset; the backing image's zero runs cost what it says.
+        self.capabilities = backing.map { $0.capabilities.contains(.cheapZeroReads) } ?? true ? [.extents, .cheapZeroReads] : [.extents]
         self.l1 = l1
         self.details = details
         self.clusterSize = Int64(header.clusterSize)
