@@ -117,6 +117,17 @@ public enum CopyEngine {
     static func roundUp(_ n: Int, to alignment: Int) -> Int { (n + alignment - 1) / alignment * alignment }
 }
 
+/// One write of a data request: bytes of the worker's buffer, which outlives the request's
+/// writes, or a zero run.
+private struct TargetWrite: @unchecked Sendable {
+    enum Kind {
+        case data(UnsafeRawPointer, Int)
+        case zero(Int64)
+    }
+    var offset: Int64
+    var kind: Kind
+}
+
 /// For the writes of a request before its last: they pass no turn.
 private let noHandOver: @Sendable () -> Void = {}
 
@@ -262,40 +273,82 @@ private struct WorkerContext: Sendable {
                 pieces.append(p)
             }
         }
-        // The last run that reaches the target hands the turn over once it is issued.
-        let lastSent = runs.lastIndex { !$0.isZero || !configuration.targetReadsZero }
         try await turn(r) { issued in
             var written: Int64 = 0, zeroed: Int64 = 0, skipped: Int64 = 0
-            var dataRun = 0
-            for (i, run) in runs.enumerated() {
-                let at = r.offset + Int64(run.range.lowerBound)
-                let handOver = i == lastSent ? issued : noHandOver
-                if !run.isZero, let compressor, let compressed {
-                    try await compressor.writeCompressed(pieces[dataRun], from: compressed.bytes)
-                    dataRun += 1
-                    written += Int64(run.range.count)
-                } else if !run.isZero {
-                    try await writeAll(at: at, UnsafeRawBufferPointer(rebasing: bytes[run.range]), issued: handOver)
-                    written += Int64(run.range.count)
-                } else if configuration.targetReadsZero {
-                    skipped += Int64(run.range.count)
-                } else {
-                    try await target.writeZeroes(at: at, length: Int64(run.range.count), flags: [.mayUnmap], issued: handOver)
-                    zeroed += Int64(run.range.count)
+            if let compressor, let compressed {
+                // Compressed clusters are appended one after another: each completes before the next.
+                var dataRun = 0
+                for run in runs {
+                    if !run.isZero {
+                        try await compressor.writeCompressed(pieces[dataRun], from: compressed.bytes)
+                        dataRun += 1
+                        written += Int64(run.range.count)
+                    } else if configuration.targetReadsZero {
+                        skipped += Int64(run.range.count)
+                    } else {
+                        try await target.writeZeroes(at: r.offset + Int64(run.range.lowerBound), length: Int64(run.range.count),
+                                                     flags: [.mayUnmap], issued: noHandOver)
+                        zeroed += Int64(run.range.count)
+                    }
                 }
+            } else {
+                let step = target.limits.maximumTransfer
+                let base = UnsafeRawPointer(bytes.baseAddress!)
+                var sends: [TargetWrite] = []
+                for run in runs {
+                    let at = r.offset + Int64(run.range.lowerBound)
+                    if !run.isZero {
+                        var from = run.range.lowerBound
+                        while from < run.range.upperBound {
+                            let n = min(step, run.range.upperBound - from)
+                            sends.append(TargetWrite(offset: r.offset + Int64(from), kind: .data(base + from, n)))
+                            from += n
+                        }
+                        written += Int64(run.range.count)
+                    } else if configuration.targetReadsZero {
+                        skipped += Int64(run.range.count)
+                    } else {
+                        sends.append(TargetWrite(offset: at, kind: .zero(Int64(run.range.count))))
+                        zeroed += Int64(run.range.count)
+                    }
+                }
+                try await send(sends, issued: issued)
             }
             tracker.complete(r, read: r.length, written: written, zeroed: zeroed, skipped: skipped, data: r.length - r.bridged)
         }
     }
 
-    private func writeAll(at offset: Int64, _ bytes: UnsafeRawBufferPointer, issued: @escaping @Sendable () -> Void) async throws {
-        let step = target.limits.maximumTransfer
-        var done = 0
-        while done < bytes.count {
-            let n = min(step, bytes.count - done)
-            try await target.write(at: offset + Int64(done), from: UnsafeRawBufferPointer(rebasing: bytes[done ..< done + n]), flags: [],
-                                   issued: done + n == bytes.count ? issued : noHandOver)
-            done += n
+    /// Issues a request's writes in ascending order, each as soon as the one before it has been
+    /// issued, and waits for all of them. Awaiting each before sending the next cost a round
+    /// trip per write with the turn held, and a request read across holes has a write per
+    /// data run. The last write passes `issued` on.
+    private func send(_ writes: [TargetWrite], issued: @escaping @Sendable () -> Void) async throws {
+        guard writes.count > 1 else {
+            if let only = writes.first { try await send(only, issued: issued) }
+            return
+        }
+        let order = Sequencer()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (k, w) in writes.enumerated() {
+                let last = k == writes.count - 1
+                group.addTask {
+                    try await order.waitTurn(k)
+                    let next = TurnHandOver(sequencer: order, seq: k)
+                    try await send(w, issued: last ? issued : next.pass)
+                    // (A failed write passes nothing on: the group cancels the writes waiting after it.)
+                    next.pass()
+                }
+            }
+            try await group.waitForAll()
+        }
+    }
+
+    private func send(_ w: TargetWrite, issued: @escaping @Sendable () -> Void) async throws {
+        switch w.kind {
+        case .data(let pointer, let count):
+            try await target.write(at: w.offset, from: UnsafeRawBufferPointer(start: pointer, count: count), flags: [], issued: issued)
+        case .zero(let length):
+            try await target.writeZeroes(at: w.offset, length: length, flags: [.mayUnmap], issued: issued)
         }
     }
 

@@ -220,6 +220,35 @@ final class EngineTests: XCTestCase {
         XCTAssertEqual(readsAcrossHoles(src), 0, "-S 0")
     }
 
+    /// The writes of one request (one per data run, for a request read across holes) are in
+    /// flight together on a slow target, still issued in ascending order; one of them failing
+    /// fails the copy with its offset.
+    func testWritesOfOneRequestGoOutTogetherInOrder() async throws {
+        let run: Int64 = 64 << 10
+        let size: Int64 = 2 << 20
+        let src = MemoryDevice(name: "src", size: size, chunkSize: Int(run), capabilities: [.write, .extents, .cheapZeroReads])
+        for k in stride(from: Int64(0), to: size, by: Int(2 * run)) {
+            try await src.write(at: k, bytes: [UInt8](repeating: UInt8(1 + k / run), count: Int(run)))
+        }
+        let dst = MemoryDevice(name: "dst", size: size, chunkSize: Int(run), latency: .milliseconds(5))
+        _ = try await copy(src, dst) { $0.workers = 1; $0.targetReadsZero = true }
+        XCTAssertEqual(dst.contents(), src.contents())
+        XCTAssertEqual(src.operations.count { if case .read = $0 { true } else { false } }, 1, "one request")
+        let offsets = dst.operations.compactMap { $0.range?.0 }
+        XCTAssertEqual(offsets, stride(from: Int64(0), to: size, by: Int(2 * run)).map { $0 }, "every run, in order")
+        XCTAssertGreaterThan(dst.peakInFlight, 4, "one worker, several writes in flight")
+
+        let failing = MemoryDevice(name: "dst", size: size, chunkSize: Int(run), latency: .milliseconds(5))
+        failing.failure = .init(range: 10 * run ..< 10 * run + 1, onRead: false, onWrite: true)
+        do {
+            _ = try await copy(src, failing) { $0.workers = 1; $0.targetReadsZero = true }
+            XCTFail("copy should fail")
+        } catch let e as FerryError {
+            XCTAssertEqual(e.path, "dst")
+            XCTAssertEqual(e.offset, 10 * run)
+        }
+    }
+
     func testMemoryStaysBoundedByWorkersTimesBuffer() async throws {
         let size: Int64 = 16 << 20
         let src = try await makeSource(size: size, seed: 3, latency: .microseconds(100), jitter: .microseconds(500))
