@@ -358,6 +358,28 @@ final class QCOW2ReadTests: XCTestCase {
         }
     }
 
+    /// One read that spans several data runs between holes (a copy reads across short holes)
+    /// reads the runs together: on a file that answers in 2 ms, all at once, not in turn.
+    func testDataRunsOfOneReadAreReadTogether() async throws {
+        let writes = (0 ..< 16).map { "write -P \($0 + 1) \($0 * 128)k 64k" }
+        let path = try Oracle.qcow2("runs.qcow2", size: "2M", writes: writes, in: dir)
+        let reference = try Oracle.reference(path, in: dir)
+        let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        let file = MemoryDevice(name: path, size: Int64(bytes.count), latency: .milliseconds(2))
+        try await file.write(at: 0, bytes: bytes)
+        let context = FormatContext(location: path, readOnly: true, openBacking: { location, _, _ in
+            throw FerryError(.notSupported, "no backing file here", path: location)
+        })
+        let image = try await QCOW2Format.open(file: file, context: context)
+        XCTAssertTrue(image.capabilities.contains(.cheapZeroReads), "no backing file: holes cost nothing")
+        let before = file.operations.count
+        let got = try await image.read(at: 0, count: 2 << 20)
+        XCTAssertEqual(Data(got), reference)
+        let clusterReads = file.operations[before...].filter { if case .read(_, 65536) = $0 { true } else { false } }
+        XCTAssertEqual(clusterReads.count, 1 + 16, "the L2 table, then each run")
+        XCTAssertGreaterThanOrEqual(file.peakInFlight, 16, "the 16 runs were read at once")
+    }
+
     func testDirectIOSourceAndProbedFormat() async throws {
         let path = try Oracle.qcow2("direct.qcow2", size: "3M", options: "compression_type=zstd",
                                     writes: ["write -P 0x71 0 1M", "write -c -P 0x72 1M 64k", "write -P 0x73 2M 512"], in: dir)

@@ -208,6 +208,9 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
                 throw corrupt("mapping does not cover guest offset \(pos)", pos)
             }
             var i = 0
+            // Data runs are read together once the batch is walked: a request read across
+            // holes (see the copy planner) has several, and in turn they cost a round trip each.
+            var reads: [HostRead] = []
             while i < batch.count {
                 let r = batch[i]
                 func destination(_ r: Run) -> UnsafeMutableRawBufferPointer {
@@ -218,7 +221,7 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
                 let dst = destination(r)
                 switch r.kind {
                 case .data:
-                    try await readHost(dataDevice, at: r.host!, into: dst)
+                    reads.append(HostRead(host: r.host!, buffer: dst))
                 case .zero:
                     dst.initializeMemory(as: UInt8.self, repeating: 0)
                 case .unallocated:
@@ -241,6 +244,19 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
                 pos = batch[i].offset + Int64(destination(batch[i]).count)
                 i += 1
             }
+            try await readTogether(reads)
+        }
+    }
+
+    private func readTogether(_ reads: [HostRead]) async throws {
+        guard reads.count > 1 else {
+            if let only = reads.first { try await readHost(dataDevice, at: only.host, into: only.buffer) }
+            return
+        }
+        let device = dataDevice
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for r in reads { group.addTask { try await readHost(device, at: r.host, into: r.buffer) } }
+            try await group.waitForAll()
         }
     }
 
@@ -417,4 +433,11 @@ func readHost(_ device: any BlockDevice, at offset: Int64, into buffer: UnsafeMu
             .copyMemory(from: UnsafeRawBufferPointer(rebasing: bounce.bytes[from ..< from + take]))
         pos += Int64(take)
     }
+}
+
+/// A data run to read: its host offset and its part of the caller's buffer. The parts of one
+/// `read` are disjoint, and every read of them finishes before `read` returns.
+private struct HostRead: @unchecked Sendable {
+    let host: Int64
+    let buffer: UnsafeMutableRawBufferPointer
 }
