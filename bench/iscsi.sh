@@ -169,10 +169,8 @@ for (( run = 1; run <= RUNS; run++ )); do
         if [ "$d" = 1 ]; then pmap 3049 30048; else pmap 2049 20048; fi
         for l in "${LINES[@]}"; do
             line=${l%%|*}
-            # Each run starts one column later, so no command always follows the same one.
-            for (( c = 0; c < ${#COLS[@]}; c++ )); do
-                measure "$line" "${COLS[$(( (c + run) % ${#COLS[@]} ))]}" "$d"
-            done
+            mapfile -t ORDER < <(shuffle "$run" "${COLS[@]}")
+            for col in "${ORDER[@]}"; do measure "$line" "$col" "$d"; done
             # The proxy's own cost: Ferry through it at 0 ms, right after the direct runs.
             if [ "$d" = 0 ] && [ "$line" = raw ]; then measure raw ferry p0; fi
         done

@@ -12,7 +12,7 @@
 #
 # Every command flushes the target at the end (like with like): Ferry by default,
 # qemu-img with `-t writeback`, nbdcopy with `--flush`. Runs are interleaved (one of each
-# command, then again, each run starting one command later) so drift hits all alike; the
+# command, then again, in an order shuffled afresh each run) so drift hits all alike; the
 # table gives medians and each command's time over Ferry's default in the same copy
 # (ratio > 1: Ferry's default is faster).
 #
@@ -70,11 +70,9 @@ add_copy "nbd 256K -> local" "$S256" "$DST" no
 add_copy "nbd -> nbd" "$S" "$D" yes
 
 declare -A TIMES
-N=${#ROWS[@]}
 for (( run = 1; run <= RUNS; run++ )); do
-    # Each run starts one row later, so no command always follows the same one.
-    for (( i = 0; i < N; i++ )); do
-        row=${ROWS[$(( (i + run - 1) % N ))]}
+    mapfile -t ORDER < <(shuffle "$run" "${ROWS[@]}")
+    for row in "${ORDER[@]}"; do
         IFS='|' read -r copy name cmd <<<"$row"
         rm -f "$DST"
         t0=$(now_ns)

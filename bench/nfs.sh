@@ -6,7 +6,7 @@
 # inside a private network namespace with a portmapper on its port 111: qemu-img 7.2's nfs://
 # takes no port options, so every client (Ferry, qemu-img, nfs-cp) runs in that namespace
 # against the same server, with the same URL. Each command copies the image to a local raw
-# file RUNS times, interleaved (one of each, then again, each round starting one later), with the page cache written back and
+# file RUNS times, interleaved (one of each, then again, in an order shuffled afresh each round), with the page cache written back and
 # dropped before each run (when permitted). Prints the median time of each command and its
 # ratio to the qemu-img command that gives the same guarantee: Ferry's default (flushes the
 # target) against `qemu-img -t writeback`, Ferry `-t unsafe` against qemu-img's default.
@@ -59,7 +59,7 @@ if ! { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then
 fi
 declare -A TIMES
 for (( run = 1; run <= RUNS; run++ )); do
-    mapfile -t ORDER < <(rotate "$run" "${ROWS[@]}")
+    mapfile -t ORDER < <(shuffle "$run" "${ROWS[@]}")
     for row in "${ORDER[@]}"; do
         IFS='|' read -r name cmd _ <<<"$row"
         cmd=${cmd//URL/$URL}

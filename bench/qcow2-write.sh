@@ -5,8 +5,8 @@
 # (binaries from /usr/bin and /usr/lib and text from /usr/share and /usr/include, the same
 # corpus as bench/qcow2.sh) is converted to qcow2 three ways: plain, compressed with zlib (-c)
 # and compressed with zstd (-c -o compression_type=zstd), by Ferry and by qemu-img, RUNS times
-# each. Runs are interleaved (one of each command, then again, each round starting one command
-# later) so that drift in disk speed hits every command alike; before each run the page cache
+# each. Runs are interleaved (one of each command, then again, in an order shuffled afresh
+# each round) so that drift in disk speed hits every command alike; before each run the page cache
 # is written back and dropped (when permitted). Prints the median time of each command, the
 # size of what it wrote, and its ratio to the qemu-img command that gives the same guarantee
 # (both flush: ferry's default against qemu-img -t writeback). Every output is checked with
@@ -46,7 +46,7 @@ check_drop_caches
 
 declare -A TIMES SIZES
 for (( run = 1; run <= RUNS; run++ )); do
-    mapfile -t ORDER < <(rotate "$run" "${ROWS[@]}")
+    mapfile -t ORDER < <(shuffle "$run" "${ROWS[@]}")
     for row in "${ORDER[@]}"; do
         IFS='|' read -r name cmd _ <<<"$row"
         cmd=${cmd//SRC/$SRC}

@@ -6,7 +6,7 @@
 # compression_type=...`). The data is realistic and partly compressible: binaries from
 # /usr/bin and /usr/lib and text from /usr/share and /usr/include, not random bytes. Each
 # image is converted to raw by every command below RUNS times. The runs are interleaved (one
-# of each command, then again, each round starting one later) so that drift in disk speed
+# of each command, then again, in an order shuffled afresh each round) so that drift in disk speed
 # hits every command alike; before each run the page cache is written back and dropped (when
 # permitted). Prints the median
 # time of each command and its ratio to the qemu-img command that gives the same guarantee:
@@ -57,7 +57,7 @@ check_drop_caches
 declare -A TIMES
 for (( run = 1; run <= RUNS; run++ )); do
     for img in "${IMAGES[@]}"; do
-        mapfile -t ORDER < <(rotate "$run" "${ROWS[@]}")
+        mapfile -t ORDER < <(shuffle "$run" "${ROWS[@]}")
         for row in "${ORDER[@]}"; do
             IFS='|' read -r name cmd _ <<<"$row"
             cmd=${cmd//SRC/$OUT/$img.qcow2}

@@ -3,8 +3,8 @@
 #
 # A 1 GiB raw image, half random data and half holes, interleaved (runs of 2 MiB, and some
 # stretches of 64 KiB data / 64 KiB hole), is copied by every command below RUNS times. The
-# runs are interleaved (one of each command, then again, each round starting one command
-# later) so that drift in disk speed hits every command alike; before each run the page cache
+# runs are interleaved (one of each command, then again, in an order shuffled afresh each
+# round) so that drift in disk speed hits every command alike; before each run the page cache
 # is written back and dropped (when permitted). Prints the median time of each command and its
 # ratio to the qemu-img command that gives the same guarantee: flushing against flushing,
 # unflushed against unflushed.
@@ -43,7 +43,7 @@ check_drop_caches
 
 declare -A TIMES
 for (( run = 1; run <= RUNS; run++ )); do
-    mapfile -t ORDER < <(rotate "$run" "${ROWS[@]}")
+    mapfile -t ORDER < <(shuffle "$run" "${ROWS[@]}")
     for row in "${ORDER[@]}"; do
         IFS='|' read -r name cmd _ <<<"$row"
         cmd=${cmd//SRC/$SRC}

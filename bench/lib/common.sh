@@ -20,14 +20,14 @@ row_figures() {
         'BEGIN { printf "%.3f %.0f %s\n", m / 1e6, s / (m / 1e6), r == "" ? "" : sprintf("%.2f", m / r) }'
 }
 
-# rotate RUN ROW...: the rows, starting one further along each run, so that no command always
-# follows the same one. (raw -> qcow2 once ran right after qemu-img's 4 s zstd run every time
-# and measured 1.08 times qemu-img's time; alone, interleaved only with qemu-img, 0.92.)
-rotate() {
-    local run=$1 n i; shift
-    n=$#
-    local rows=("$@")
-    for (( i = 0; i < n; i++ )); do printf '%s\n' "${rows[$(( (i + run) % n ))]}"; done
+# shuffle RUN ROW...: the rows in an order of this run's own (shuffled with RUN as the seed,
+# so a run can be repeated), so that no command always follows the same one. Starting one row
+# later each run does not do that: it keeps every command right after the same neighbour.
+# (raw -> qcow2 ran right after qemu-img's 4 s zstd run every time and measured 1.04-1.08
+# times qemu-img's time; in shuffled runs, and alone with qemu-img, 0.9.)
+shuffle() {
+    local run=$1; shift
+    printf '%s\n' "$@" | awk -v seed="$run" 'BEGIN { srand(seed) } { printf "%.9f\t%s\n", rand(), $0 }' | sort -n | cut -f2-
 }
 
 # The median of a space-separated list of microsecond timings.
