@@ -110,8 +110,8 @@ public enum CopyEngine {
 
     /// Longest hole read along with the data on both sides of it, where reading a hole costs
     /// no I/O: a memset and a scan of at most this much, instead of a request of its own.
-    /// 1 GiB raw -> qcow2 with 1,024 data runs of 64 KiB between holes of 64 KiB read in 0.85
-    /// of the time (page cache dropped, 8 interleaved runs).
+    /// A 1 GiB raw -> qcow2 copy with 1,024 data runs of 64 KiB between holes of 64 KiB took
+    /// 0.93 of the time (page cache dropped, 8 interleaved runs).
     static let bridge: Int64 = 256 << 10
 
     static func roundUp(_ n: Int, to alignment: Int) -> Int { (n + alignment - 1) / alignment * alignment }
@@ -296,7 +296,6 @@ private struct WorkerContext: Sendable {
                 let base = UnsafeRawPointer(bytes.baseAddress!)
                 var sends: [TargetWrite] = []
                 for run in runs {
-                    let at = r.offset + Int64(run.range.lowerBound)
                     if !run.isZero {
                         var from = run.range.lowerBound
                         while from < run.range.upperBound {
@@ -308,7 +307,7 @@ private struct WorkerContext: Sendable {
                     } else if configuration.targetReadsZero {
                         skipped += Int64(run.range.count)
                     } else {
-                        sends.append(TargetWrite(offset: at, kind: .zero(Int64(run.range.count))))
+                        sends.append(TargetWrite(offset: r.offset + Int64(run.range.lowerBound), kind: .zero(Int64(run.range.count))))
                         zeroed += Int64(run.range.count)
                     }
                 }

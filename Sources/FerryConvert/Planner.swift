@@ -30,9 +30,8 @@ struct CopyRequest: Sendable, Equatable {
 ///
 /// On a source where reading a hole costs no I/O, a data request reaches across short zero
 /// runs (and unallocated ones, when the copy takes them for zeros) to the data after them
-/// (`bridge`): one read instead of several small ones, and the
-/// worker's zero scan still finds the hole, whole granules of it, so the target gets what
-/// it would have got from a zero request.
+/// (`bridge`): one read instead of several small ones. The worker's zero scan still finds
+/// each hole, in whole granules, so the target gets what a zero request would have given it.
 actor Planner {
     let source: any BlockDevice
     let end: Int64
@@ -143,7 +142,8 @@ actor Planner {
             var i = knownIndex
             while stop == dataEnd && i + 2 < known.count {
                 let gap = known[i + 1], next = known[i + 2]
-                guard gap.kind == .zero || (gap.kind == .unallocated && bridgeUnallocated), gap.length <= bridge, gap.offset % granule == 0, gap.length % granule == 0,
+                guard gap.kind == .zero || (gap.kind == .unallocated && bridgeUnallocated),
+                      gap.length <= bridge, gap.offset % granule == 0, gap.length % granule == 0,
                       next.kind == .data, cursor + limit > next.offset else { break }
                 stop = min(next.end, cursor + limit, end)
                 dataEnd = next.end

@@ -45,7 +45,7 @@ int ferry_ftruncate(int fd, int64_t size);
 int ferry_fallocate(int fd, int mode, int64_t offset, int64_t length);
 /// fdatasync(2) (fsync(2) if datasync is 0).
 int ferry_fsync(int fd, int datasync);
-/* sync_file_range(SYNC_FILE_RANGE_WRITE): starts write-back of the range; 0 or -errno. */
+/// sync_file_range(SYNC_FILE_RANGE_WRITE): starts write-back of the range (0, 0: the whole file); 0 or -errno.
 int ferry_sync_file_range_write(int fd, int64_t offset, int64_t length);
 /// lseek(fd, offset, SEEK_DATA / SEEK_HOLE); returns the new offset or -errno (-ENXIO past the last data).
 int64_t ferry_seek_data(int fd, int64_t offset);

@@ -41,7 +41,8 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
         self.dataDevice = externalData ?? file
         self.backing = backing
         // Zero clusters read as a memset; the backing image's zero runs cost what it says.
-        self.capabilities = backing.map { $0.capabilities.contains(.cheapZeroReads) } ?? true ? [.extents, .cheapZeroReads] : [.extents]
+        let cheapHoles = backing?.capabilities.contains(.cheapZeroReads) ?? true
+        self.capabilities = cheapHoles ? [.extents, .cheapZeroReads] : [.extents]
         self.l1 = l1
         self.details = details
         self.clusterSize = Int64(header.clusterSize)
