@@ -117,17 +117,6 @@ public enum CopyEngine {
     static func roundUp(_ n: Int, to alignment: Int) -> Int { (n + alignment - 1) / alignment * alignment }
 }
 
-/// One write of a data request: bytes of the worker's buffer, which outlives the request's
-/// writes, or a zero run.
-private struct TargetWrite: @unchecked Sendable {
-    enum Kind {
-        case data(UnsafeRawPointer, Int)
-        case zero(Int64)
-    }
-    var offset: Int64
-    var kind: Kind
-}
-
 /// For the writes of a request before its last: they pass no turn.
 private let noHandOver: @Sendable () -> Void = {}
 
@@ -292,62 +281,24 @@ private struct WorkerContext: Sendable {
                     }
                 }
             } else {
-                let step = target.limits.maximumTransfer
-                let base = UnsafeRawPointer(bytes.baseAddress!)
-                var sends: [TargetWrite] = []
+                // A request read across holes has a write per data run: sent together, in order.
+                var writes: [PendingWrite] = []
                 for run in runs {
+                    let at = r.offset + Int64(run.range.lowerBound)
                     if !run.isZero {
-                        var from = run.range.lowerBound
-                        while from < run.range.upperBound {
-                            let n = min(step, run.range.upperBound - from)
-                            sends.append(TargetWrite(offset: r.offset + Int64(from), kind: .data(base + from, n)))
-                            from += n
-                        }
+                        writes += PendingWrite.pieces(UnsafeRawBufferPointer(rebasing: bytes[run.range]), at: at,
+                                                      maximum: target.limits.maximumTransfer)
                         written += Int64(run.range.count)
                     } else if configuration.targetReadsZero {
                         skipped += Int64(run.range.count)
                     } else {
-                        sends.append(TargetWrite(offset: r.offset + Int64(run.range.lowerBound), kind: .zero(Int64(run.range.count))))
+                        writes.append(PendingWrite(offset: at, kind: .zero(Int64(run.range.count), [.mayUnmap])))
                         zeroed += Int64(run.range.count)
                     }
                 }
-                try await send(sends, issued: issued)
+                try await target.writeInOrder(writes, issued: issued)
             }
             tracker.complete(r, read: r.length, written: written, zeroed: zeroed, skipped: skipped, data: r.length - r.bridged)
-        }
-    }
-
-    /// Issues a request's writes in ascending order, each as soon as the one before it has been
-    /// issued, and waits for all of them. Awaiting each before sending the next cost a round
-    /// trip per write with the turn held, and a request read across holes has a write per
-    /// data run. The last write passes `issued` on.
-    private func send(_ writes: [TargetWrite], issued: @escaping @Sendable () -> Void) async throws {
-        guard writes.count > 1 else {
-            if let only = writes.first { try await send(only, issued: issued) }
-            return
-        }
-        let order = Sequencer()
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for (k, w) in writes.enumerated() {
-                let last = k == writes.count - 1
-                group.addTask {
-                    try await order.waitTurn(k)
-                    let next = TurnHandOver(sequencer: order, seq: k)
-                    try await send(w, issued: last ? issued : next.pass)
-                    // (A failed write passes nothing on: the group cancels the writes waiting after it.)
-                    next.pass()
-                }
-            }
-            try await group.waitForAll()
-        }
-    }
-
-    private func send(_ w: TargetWrite, issued: @escaping @Sendable () -> Void) async throws {
-        switch w.kind {
-        case .data(let pointer, let count):
-            try await target.write(at: w.offset, from: UnsafeRawBufferPointer(start: pointer, count: count), flags: [], issued: issued)
-        case .zero(let length):
-            try await target.writeZeroes(at: w.offset, length: length, flags: [.mayUnmap], issued: issued)
         }
     }
 
@@ -368,22 +319,6 @@ private struct WorkerContext: Sendable {
     }
 }
 
-/// Passes one request's turn to the next, once, from whichever comes first: the device
-/// saying the last write was issued, or the worker finishing the request.
-private final class TurnHandOver: Sendable {
-    let sequencer: Sequencer
-    let seq: Int
-    let passed = Atomic<Bool>(false)
-
-    init(sequencer: Sequencer, seq: Int) {
-        self.sequencer = sequencer
-        self.seq = seq
-    }
-
-    @Sendable func pass() {
-        if !passed.exchange(true, ordering: .acquiringAndReleasing) { sequencer.finish(seq) }
-    }
-}
 
 /// The first error recorded, for errors met where no caller is waiting to receive them.
 final class FirstFailure: Sendable {

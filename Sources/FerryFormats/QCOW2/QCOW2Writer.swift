@@ -1,5 +1,4 @@
 import FerryCore
-import Synchronization
 
 /// A target whose clusters can be compressed by the copy engine's workers (in parallel)
 /// and then appended to the image in order (`writeCompressed`, called in write order).
@@ -211,33 +210,13 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
         try await writeHost(buffer.bytes, at: offset)
     }
 
-    /// Writes a host run in pieces no larger than the file takes, all at once: on a file with a
-    /// small maximum (NFS: 1 MiB) awaiting each piece in turn held the write turn for a round
+    /// Writes a host run in pieces no larger than the file takes, sent together: on a file with
+    /// a small maximum (NFS: 1 MiB) awaiting each piece in turn held the write turn for a round
     /// trip per piece. `issued`, if given, is called once every piece has been handed to the file.
     private func writeHost(_ bytes: UnsafeRawBufferPointer, at offset: Int64,
                            issued: (@Sendable () -> Void)? = nil) async throws {
         let step = max(file.limits.alignment, file.limits.maximumTransfer / file.limits.alignment * file.limits.alignment)
-        guard bytes.count > step else {
-            try await file.write(at: offset, from: bytes, flags: [], issued: issued ?? {})
-            return
-        }
-        let pieces = (bytes.count + step - 1) / step
-        let handed = HandOverCount(pieces, then: issued)
-        let base = PieceSource(pointer: bytes.baseAddress!)
-        let (file, count) = (self.file, bytes.count)
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for k in 0 ..< pieces {
-                let from = k * step
-                let n = min(step, count - from)
-                group.addTask {
-                    let piece = UnsafeRawBufferPointer(start: base.pointer + from, count: n)
-                    try await file.write(at: offset + Int64(from), from: piece, flags: [], issued: {
-                        handed.one()
-                    })
-                }
-            }
-            try await group.waitForAll()
-        }
+        try await file.writeInOrder(PendingWrite.pieces(bytes, at: offset, maximum: step), issued: issued ?? {})
     }
 
     // MARK: - allocation (inside the lock)
@@ -837,17 +816,4 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
         }
         return w
     }
-}
-
-/// Calls `then` when the last of `count` pieces has been handed to the file.
-private final class HandOverCount: Sendable {
-    private let left: Atomic<Int>
-    private let then: (@Sendable () -> Void)?
-    init(_ count: Int, then: (@Sendable () -> Void)?) { left = Atomic(count); self.then = then }
-    func one() { if left.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 { then?() } }
-}
-
-/// The caller's buffer, read by the piece tasks, which all finish before `writeHost` returns.
-private struct PieceSource: @unchecked Sendable {
-    let pointer: UnsafeRawPointer
 }

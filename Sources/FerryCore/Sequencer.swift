@@ -1,4 +1,3 @@
-import FerryCore
 import Synchronization
 
 /// Hands out the write turn in request order: `waitTurn(n)` returns once every request
@@ -7,7 +6,7 @@ import Synchronization
 ///
 /// Invariant: `next` is the lowest sequence number not yet finished; at most one waiter per
 /// sequence number.
-final class Sequencer: Sendable {
+public final class Sequencer: Sendable {
     private struct State {
         var next = 0
         var waiters: [Int: CheckedContinuation<Void, any Error>] = [:]
@@ -18,7 +17,9 @@ final class Sequencer: Sendable {
     }
     private let state = Mutex(State())
 
-    func waitTurn(_ seq: Int) async throws {
+    public init() {}
+
+    public func waitTurn(_ seq: Int) async throws {
         if state.withLock({ $0.next == seq && !$0.failed }) { return }
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
@@ -47,7 +48,7 @@ final class Sequencer: Sendable {
     }
 
     /// Ends `seq`'s turn and wakes the worker holding `seq + 1`, if it is waiting.
-    func finish(_ seq: Int) {
+    public func finish(_ seq: Int) {
         let c: CheckedContinuation<Void, any Error>? = state.withLock { s in
             precondition(s.next == seq, "sequence \(seq) finished out of turn (next is \(s.next))")
             s.next = seq + 1
@@ -58,12 +59,29 @@ final class Sequencer: Sendable {
 
     /// Makes every waiting and later `waitTurn` throw `CancellationError`: for a turn that
     /// will never pass because its write failed.
-    func fail() {
+    public func fail() {
         let waiting: [CheckedContinuation<Void, any Error>] = state.withLock { s in
             s.failed = true
             defer { s.waiters.removeAll() }
             return Array(s.waiters.values)
         }
         for c in waiting { c.resume(throwing: CancellationError()) }
+    }
+}
+
+/// Passes one turn to the next, once, from whichever comes first: the device saying the last
+/// write was issued, or the writer finishing.
+public final class TurnHandOver: Sendable {
+    let sequencer: Sequencer
+    let seq: Int
+    let passed = Atomic<Bool>(false)
+
+    public init(sequencer: Sequencer, seq: Int) {
+        self.sequencer = sequencer
+        self.seq = seq
+    }
+
+    @Sendable public func pass() {
+        if !passed.exchange(true, ordering: .acquiringAndReleasing) { sequencer.finish(seq) }
     }
 }
