@@ -27,13 +27,11 @@ public func convert(
     guard !sources.isEmpty else { throw FerryError(.invalidArgument, "no source image given") }
     let targetFormat = try Formats.lookup(target.format ?? options.targetFormat, for: target.location, writing: true)
     var targetOptions = options.targetOptions
-    if options.compress && targetFormat != QCOW2Format.self {
-        throw FerryError(.notSupported, "-c (compression) needs a target format that can compress (qcow2), not \(targetFormat.name)", path: target.location)
+    if options.compress {
+        try Formats.require(.compression, of: targetFormat, options: targetOptions, for: "-c (compression)", path: target.location)
     }
     if let b = options.backingFile {
-        guard targetFormat == QCOW2Format.self else {
-            throw FerryError(.notSupported, "-B (a backing file) needs a target format that has backing files (qcow2), not \(targetFormat.name)", path: target.location)
-        }
+        try Formats.require(.backingFile, of: targetFormat, options: targetOptions, for: "-B (a backing file)", path: target.location)
         if let o = targetOptions["backing_file"], o != b {
             throw FerryError(.invalidArgument, "-B '\(b)' contradicts -o backing_file=\(o)", path: target.location)
         }
@@ -41,10 +39,7 @@ public func convert(
         if let f = options.backingFormat { targetOptions["backing_fmt"] = f }
     }
     if !options.useExistingTarget {
-        try Formats.validate(options: targetOptions.filter { $0.key != "size" }, for: targetFormat, path: target.location)
-        if targetFormat == QCOW2Format.self {
-            do { try QCOW2Format.checkOptions(targetOptions.filter { $0.key != "size" }) } catch let e as FerryError { throw e.at(path: target.location) }
-        }
+        try Formats.validate(options: targetOptions, for: targetFormat, path: target.location)
     }
     for s in sources where sameFile(s.location, target.location) {
         throw FerryError(.invalidArgument, "the target is the same file as the source '\(s.location)'", path: target.location)
@@ -94,11 +89,12 @@ public func convert(
     config.workers = options.workers
     config.bufferSize = options.bufferSize
     config.outOfOrder = options.outOfOrder
-    if options.compress, let c = out.device as? ClusterCompressingDevice {
+    if options.compress, let c = out.device as? ClusterCompressingDevice { c.enableCompression() }
+    if let c = out.device as? ClusterCompressingDevice, c.compressesWrites {
         // Compressed clusters are appended in write order: always in order.
-        c.enableCompression()
         config.outOfOrder = false
     }
+    if out.device.capabilities.contains(.sequentialWrites) { config.outOfOrder = false }
     // A buffer holds at least one of the target's aligned blocks (a whole qcow2 cluster).
     let targetAlignment = out.device.limits.alignment
     if config.bufferSize < targetAlignment { config.bufferSize = targetAlignment }
@@ -129,7 +125,7 @@ public func convert(
         await closeSources()
         var e = (error as? FerryError) ?? FerryError(.io, "\(error)", path: target.location)
         if created {
-            unlink(target.location)
+            out.removeCreatedFiles()
             // The place first, then the note, so the sentence reads in order.
             if let offset = e.offset, !e.message.contains("offset") { e.message += " at offset \(offset)" }
             e.message += "; the incomplete target was removed"

@@ -19,6 +19,22 @@ public struct OpenedImage: Sendable {
     public var createdNewFile: Bool = false
     /// One-line warnings found while opening (a backing file whose format was guessed).
     public var warnings: [String] = []
+    /// Further new local files `Images.create` made for the image (VMDK extents), removed
+    /// with it when a copy fails.
+    public var createdFiles: [String] = []
+
+    /// Removes the files `Images.create` made (after a failed copy).
+    public func removeCreatedFiles() {
+        if createdNewFile { unlink(location) }
+        for path in createdFiles { unlink(path) }
+    }
+}
+
+/// Paths of the extra files made while one image is created.
+final class CreatedFiles: Sendable {
+    private let paths = Locked<[String]>([])
+    func add(_ path: String) { paths.withLock { $0.append(path) } }
+    var all: [String] { paths.withLock { $0 } }
 }
 
 /// Warnings collected while a chain of images is opened.
@@ -124,11 +140,11 @@ public enum Images {
         try await create(location, format: format, size: Optional(size), options: options, endpoint: endpoint)
     }
 
-    /// Creates a new image in `format` at `location`. A qcow2 image with a `backing_file`
-    /// option gets that image (resolved against the new image's directory, as qemu does) as
-    /// its backing file: it must exist, its format is probed when `backing_fmt` is not given,
-    /// and its size is the new image's when `size` is nil. Everything is checked before the
-    /// file is created.
+    /// Creates a new image in `format` at `location`. An image of a format with backing files
+    /// and a `backing_file` option gets that image (resolved against the new image's
+    /// directory, as qemu does) as its backing file: it must exist, its format is probed when
+    /// `backing_fmt` is not given, and its size is the new image's when `size` is nil.
+    /// Everything is checked before the file is created.
     public static func create(_ location: String, format: String, size: Int64?, options: [String: String],
                               endpoint: EndpointOptions = EndpointOptions()) async throws -> OpenedImage {
         let f = try Formats.lookup(format, for: location)
@@ -139,11 +155,9 @@ public enum Images {
             }
         }
         try Formats.validate(options: options, for: f, path: location)
-        if f == QCOW2Format.self {
-            do { try QCOW2Format.checkOptions(opts) } catch let e as FerryError { throw e.at(path: location) }
-        }
         var backing: OpenedImage?
-        if f == QCOW2Format.self, let name = opts["backing_file"], !name.isEmpty {
+        if let name = opts["backing_file"], !name.isEmpty {
+            try Formats.require(.backingFile, of: f, options: opts, for: "a backing file", path: location)
             let full = resolveRelative(name, to: location)
             do {
                 backing = try await open(ImageSpec(full, format: opts["backing_fmt"]), readOnly: true)
@@ -164,19 +178,26 @@ public enum Images {
             if let backing { try? await backing.device.close() }
             throw error
         }
-        do {
-            let device: any BlockDevice
-            if f == QCOW2Format.self {
-                device = try await QCOW2Format.create(file: file, size: size, options: opts, backing: backing?.device)
-            } else {
-                device = try await f.create(file: file, size: size, options: opts)
+        let isNewFile = (file as? FileDevice).map { !$0.isBlockDevice } ?? false
+        let extra = CreatedFiles()
+        let context = CreateContext(location: location, backing: backing?.device, backingFormat: opts["backing_fmt"],
+                                    createFile: { path, size in
+            // Only next to a new local file: an extent is never made on a device or export.
+            guard isNewFile, urlScheme(path) == nil else {
+                throw FerryError(.notSupported, "an image of several files can only be created as a local file", path: location)
             }
-            let isNewFile = (file as? FileDevice).map { !$0.isBlockDevice } ?? false
+            let device = try await createEndpoint(path, size: size, options: endpoint)
+            extra.add(path)
+            return device
+        })
+        do {
+            let device = try await f.create(file: file, size: size, options: opts, context: context)
             return OpenedImage(device: device, file: file, format: f.name, location: location, probedAsRaw: false,
-                               createdNewFile: isNewFile, warnings: backing?.warnings ?? [])
+                               createdNewFile: isNewFile, warnings: backing?.warnings ?? [], createdFiles: extra.all)
         } catch let e as FerryError {
             try? await file.close()
             if let backing { try? await backing.device.close() }
+            for path in extra.all { unlink(path) }
             throw e.at(path: location)
         }
     }
@@ -301,17 +322,18 @@ public enum Images {
             }
             m.hostOffset = m.hostOffset.map { $0 + (offset - m.offset) }
             let length = min(m.end, end) - offset
+            let hostFile = m.hostOffset == nil ? nil : (m.hostFile ?? layer.hostFileName)
             switch m.kind {
             case .data:
                 return MapEntry(start: offset, length: length, depth: depth, present: true, zero: false, data: true, offset: m.hostOffset,
-                                file: m.hostOffset == nil ? nil : layer.hostFileName)
+                                file: hostFile)
             case .zero:
                 return MapEntry(start: offset, length: length, depth: depth, present: true, zero: true, data: false, offset: m.hostOffset,
-                                file: m.hostOffset == nil ? nil : layer.hostFileName)
+                                file: hostFile)
             case .unallocated:
                 guard let backing = layer.backing, offset < backing.size else {
                     return MapEntry(start: offset, length: length, depth: depth, present: false, zero: true, data: false, offset: m.hostOffset,
-                                    file: m.hostOffset == nil ? nil : layer.hostFileName)
+                                    file: hostFile)
                 }
                 let isRawBacking = !(backing is DescribedDevice)
                 return try await mapStatus(backing, isRaw: isRawBacking, at: offset, end: min(offset + length, backing.size),

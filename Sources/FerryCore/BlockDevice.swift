@@ -135,6 +135,10 @@ public struct BlockCapabilities: OptionSet, Sendable, Hashable {
     /// a local file, a zero or unallocated cluster of an image without a backing file): a
     /// reader may read across a short one rather than split its request.
     public static let cheapZeroReads = BlockCapabilities(rawValue: 1 << 9)
+    /// Writes must arrive in ascending offset order, each after the one before completed its
+    /// hand-over (a streamed image appended front to back). A copy into such a device writes
+    /// in order whatever it was asked (`-W` is ignored); zero runs may be skipped, not rewound.
+    public static let sequentialWrites = BlockCapabilities(rawValue: 1 << 10)
 }
 
 /// Flags for `BlockDevice.write`.

@@ -10,12 +10,16 @@ public struct LayerMapping: Sendable, Equatable {
     /// stored plainly there (not for compressed runs, nor for zero or unallocated runs without
     /// an allocation; an unallocated subcluster of an allocated cluster has one).
     public var hostOffset: Int64?
+    /// The file `hostOffset` points into, when it is not the layer's `hostFileName` (an
+    /// image of several extent files).
+    public var hostFile: String?
 
-    public init(offset: Int64, length: Int64, kind: ExtentKind, hostOffset: Int64?) {
+    public init(offset: Int64, length: Int64, kind: ExtentKind, hostOffset: Int64?, hostFile: String? = nil) {
         self.offset = offset
         self.length = length
         self.kind = kind
         self.hostOffset = hostOffset
+        self.hostFile = hostFile
     }
 
     public var end: Int64 { offset + length }

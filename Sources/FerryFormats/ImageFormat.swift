@@ -18,12 +18,43 @@ public enum CacheMode: String, Sendable, CaseIterable {
     public var flushes: Bool { self != .unsafe }
 }
 
+/// What a format can store, declared so that the engine and the CLI never name a format.
+public struct FormatFeatures: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// Compressed clusters or grains (`convert -c`, or a subformat that always compresses).
+    public static let compression = FormatFeatures(rawValue: 1 << 0)
+    /// A backing (parent) image that unallocated ranges fall through to (`-B`, `-b`,
+    /// `-o backing_file`).
+    public static let backingFile = FormatFeatures(rawValue: 1 << 1)
+    /// Zero runs are recorded without writing zero bytes (qcow2 zero clusters, VMDK zero grains).
+    public static let zeroRuns = FormatFeatures(rawValue: 1 << 2)
+    /// The image is written strictly front to back (streamOptimized VMDK): its devices say
+    /// `.sequentialWrites`, and the engine keeps to guest order.
+    public static let sequentialWrites = FormatFeatures(rawValue: 1 << 3)
+}
+
 /// A disk image format: a `BlockDevice` made over another `BlockDevice` (its file).
+///
+/// Adding a format: one folder under `Sources/FerryFormats/`, one entry in `Formats.all`,
+/// its tests. What the CLI and the engine need to know (compression, backing files, option
+/// checks, order of writes) is declared here or by the devices it opens, never asked by name.
 public protocol ImageFormat: Sendable {
     /// The name used with `-f` / `-O` and shown by `info` (`raw`, `qcow2`).
     static var name: String { get }
     /// Creation options accepted with `-o`, for `-o help` and for unknown-option errors.
     static var createOptions: [(name: String, help: String)] { get }
+    /// What images of this format can do with these creation options (for example
+    /// compression only for one subformat). The default is `features(options: [:])`'s
+    /// union over every subformat, which formats give by overriding this.
+    static func features(options: [String: String]) -> FormatFeatures
+    /// Every feature some choice of options gives (for messages listing which formats can).
+    static var allFeatures: FormatFeatures { get }
+    /// Subformats selectable with `-o subformat=` (empty if there is no such choice).
+    static var subformats: [String] { get }
+    /// Checks the values of `-o` options (names are checked against `createOptions` before);
+    /// throws a clear error before anything is created.
+    static func checkOptions(_ options: [String: String]) throws
     /// True if `header` (the first bytes of a file, up to 4 KiB, fewer if the file is
     /// shorter) is this format's. Raw never claims a file: it is only the fallback.
     static func probe(header: UnsafeRawBufferPointer) -> Bool
@@ -31,7 +62,8 @@ public protocol ImageFormat: Sendable {
     static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice
     /// Lays out a new image of `size` guest bytes in the empty `file`, then opens it.
     /// Unknown `options` are an error, reported before anything is written.
-    static func create(file: any BlockDevice, size: Int64, options: [String: String]) async throws -> any BlockDevice
+    static func create(file: any BlockDevice, size: Int64, options: [String: String],
+                       context: CreateContext) async throws -> any BlockDevice
     /// The size the host file must have for a new image of `size` guest bytes, before any
     /// data is written (raw: `size`; formats that grow: their metadata).
     static func initialFileSize(for size: Int64, options: [String: String]) throws -> Int64
@@ -41,6 +73,35 @@ public protocol ImageFormat: Sendable {
 
 extension ImageFormat {
     public static var writable: Bool { true }
+    public static var subformats: [String] { [] }
+    public static func checkOptions(_ options: [String: String]) throws {}
+    public static func features(options: [String: String]) -> FormatFeatures { [] }
+    public static var allFeatures: FormatFeatures { features(options: [:]) }
+}
+
+/// What a format needs to create an image beyond its first file.
+public struct CreateContext: Sendable {
+    /// Where the new image is, as the user gave it (for messages and sibling files).
+    public var location: String
+    /// The opened backing image, when the options name one and the format has
+    /// `.backingFile` (reads of partial clusters fall through to it).
+    public var backing: (any BlockDevice)?
+    /// The backing image's format name, when there is one.
+    public var backingFormat: String?
+    /// Creates another new file of `size` bytes for the image (a VMDK extent), at a
+    /// location already resolved against the image's directory, and opens it for writing.
+    /// A copy that fails removes it again, with the image.
+    public var createFile: @Sendable (_ location: String, _ size: Int64) async throws -> any BlockDevice
+
+    public init(location: String, backing: (any BlockDevice)? = nil, backingFormat: String? = nil,
+                createFile: @escaping @Sendable (_ location: String, _ size: Int64) async throws -> any BlockDevice = { location, _ in
+                    throw FerryError(.notSupported, "this image needs more than one file, which cannot be created here", path: location)
+                }) {
+        self.location = location
+        self.backing = backing
+        self.backingFormat = backingFormat
+        self.createFile = createFile
+    }
 }
 
 /// What a format needs to know beyond its file: where the image is (for messages and for
@@ -80,12 +141,11 @@ public struct FormatContext: Sendable {
 
 /// The formats Ferry knows, by name.
 public enum Formats {
-    public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self]
+    public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self, VMDKFormat.self]
 
     /// Formats that are recognised by their magic but cannot be read yet, so that such a file
     /// is never silently read as raw.
     public static let recognisedOnly: [(name: String, magic: [UInt8])] = [
-        ("vmdk", Array("KDMV".utf8)),
         ("vdi", Array("<<< ".utf8)),
         ("vhdx", Array("vhdxfile".utf8)),
         ("vpc", Array("conectix".utf8)),
@@ -121,12 +181,47 @@ public enum Formats {
         return nil
     }
 
-    /// Checks `-o` options against a format's list before anything is created.
+    /// Checks `-o` options against a format's list, then their values, before anything is
+    /// created. `size` is left to the caller.
     public static func validate(options: [String: String], for format: any ImageFormat.Type, path: String?) throws {
         let known = Set(format.createOptions.map(\.name))
         for key in options.keys.sorted() where !known.contains(key) {
             let list = format.createOptions.map(\.name).joined(separator: ", ")
             throw FerryError(.invalidArgument, "unknown option '\(key)' for format \(format.name) (valid: \(list.isEmpty ? "none" : list))", path: path)
+        }
+        do { try format.checkOptions(options.filter { $0.key != "size" }) } catch let e as FerryError { throw e.at(path: path) }
+    }
+
+    /// Checks that `format` with `options` can do what the command asks for (`-c`, `-B`),
+    /// with the formats that can in the error.
+    public static func require(_ feature: FormatFeatures, of format: any ImageFormat.Type, options: [String: String],
+                               for what: String, path: String?) throws {
+        guard !format.features(options: options).contains(feature) else { return }
+        var have = format.name
+        if let sub = options["subformat"] { have += " subformat=\(sub)" }
+        throw FerryError(.notSupported, "\(what) needs a target format that \(Self.phrase(feature)) (\(able(feature))), not \(have)", path: path)
+    }
+
+    /// The formats (and subformats) that have `feature`, for help and messages:
+    /// `qcow2, vmdk subformat=streamOptimized`.
+    public static func able(_ feature: FormatFeatures) -> String {
+        all.filter { $0.allFeatures.contains(feature) }.map { f -> String in
+            if f.features(options: [:]).contains(feature) && f.subformats.allSatisfy({ f.features(options: ["subformat": $0]).contains(feature) }) {
+                return f.name
+            }
+            let with = f.subformats.filter { f.features(options: ["subformat": $0]).contains(feature) }
+            let without = f.subformats.filter { !with.contains($0) }
+            return without.count < with.count ? f.name + " but not subformat=" + without.joined(separator: "|")
+                : f.name + " subformat=" + with.joined(separator: "|")
+        }.joined(separator: ", ")
+    }
+
+    private static func phrase(_ feature: FormatFeatures) -> String {
+        switch feature {
+        case .compression: return "can compress"
+        case .backingFile: return "has backing files"
+        case .zeroRuns: return "stores zero runs"
+        default: return "writes in order"
         }
     }
 }

@@ -17,7 +17,10 @@ public enum RawFormat: ImageFormat {
         return size
     }
 
-    public static func create(file: any BlockDevice, size: Int64, options: [String: String]) async throws -> any BlockDevice {
+    public static func checkOptions(_ options: [String: String]) throws { try checkPreallocation(options) }
+
+    public static func create(file: any BlockDevice, size: Int64, options: [String: String],
+                              context: CreateContext) async throws -> any BlockDevice {
         switch try checkPreallocation(options) {
         case "off":
             break

@@ -55,11 +55,11 @@ struct Convert: FerryCommand {
             help: ArgumentHelp("Target creation options, 'name=value,...'; '-o help' lists them.", valueName: "options"))
     var targetOptions: [String] = []
 
-    @Flag(name: .customShort("c"), help: "Compress the target's clusters (qcow2; zlib, or zstd with -o compression_type=zstd).")
+    @Flag(name: .customShort("c"), help: "Compress the target's clusters (\(Formats.able(.compression)); '-o help' lists a format's compression options).")
     var compress = false
 
     @Option(name: .customShort("B", allowingJoined: true),
-            help: ArgumentHelp("Make the target an overlay of this image (qcow2): only what the source holds above it is written.", valueName: "backing"))
+            help: ArgumentHelp("Make the target an overlay of this image (\(Formats.able(.backingFile))): only what the source holds above it is written.", valueName: "backing"))
     var backingFile: String?
 
     @Option(name: .customShort("F", allowingJoined: true),
@@ -164,10 +164,9 @@ struct Convert: FerryCommand {
         let targetType = try Formats.lookup(format, writing: true)
         if !noCreate {
             try Formats.validate(options: options.targetOptions, for: targetType, path: target.location)
-            if targetType == QCOW2Format.self { try QCOW2Format.checkOptions(options.targetOptions.filter { $0.key != "size" }) }
         }
-        if compress && targetType != QCOW2Format.self {
-            throw FerryError(.notSupported, "-c (compression) needs a target format that can compress (qcow2), not \(targetType.name)")
+        if compress {
+            try Formats.require(.compression, of: targetType, options: options.targetOptions, for: "-c (compression)", path: nil)
         }
 
         let reporter = ProgressReporter(bar: showProgress && !quiet && Terminal.stderrIsTerminal, json: jsonProgress)
@@ -282,7 +281,7 @@ struct Create: FerryCommand {
     var options: [String] = []
 
     @Option(name: .customShort("b", allowingJoined: true),
-            help: ArgumentHelp("Backing image (qcow2), relative to the new image's directory.", valueName: "backing"))
+            help: ArgumentHelp("Backing image (\(Formats.able(.backingFile))), relative to the new image's directory.", valueName: "backing"))
     var backingFile: String?
 
     @Option(name: .customShort("F", allowingJoined: true),
@@ -323,7 +322,6 @@ struct Create: FerryCommand {
         }
         opts.removeValue(forKey: "size")
         try Formats.validate(options: opts, for: f, path: image)
-        if f == QCOW2Format.self { try QCOW2Format.checkOptions(opts) }
         if bytes == nil && opts["backing_file"] == nil {
             throw FerryError(.invalidArgument, "expecting a size for the new image (a size may only be omitted with -b)")
         }

@@ -172,7 +172,7 @@ final class QCOW2WriterTests: XCTestCase {
         let file = MemoryDevice(name: name + ".qcow2", size: try QCOW2Format.initialFileSize(for: size, options: [:]),
                                 limits: BlockLimits(alignment: 1, preferredTransfer: 64 << 10, maximumTransfer: maximumTransfer),
                                 latency: .milliseconds(1), jitter: .milliseconds(2))
-        let created = try await QCOW2Format.create(file: file, size: size, options: [:])
+        let created = try await QCOW2Format.create(file: file, size: size, options: [:], context: CreateContext(location: file.name))
         let w = try XCTUnwrap(created as? QCOW2Writer)
         let before = file.operations.count
         var c = CopyConfiguration()

@@ -16,6 +16,7 @@ public enum QCOW2Format: ImageFormat {
         ("refcount_bits", "Width of a reference count entry in bits"),
     ]
     public static let writable = true
+    public static func features(options: [String: String]) -> FormatFeatures { [.compression, .backingFile, .zeroRuns] }
 
     public static func probe(header: UnsafeRawBufferPointer) -> Bool {
         header.count >= 4 && header.prefix(4).elementsEqual(QCOW2Header.magic)
@@ -36,16 +37,12 @@ public enum QCOW2Format: ImageFormat {
         _ = try QCOW2CreateOptions(options)
     }
 
-    public static func create(file: any BlockDevice, size: Int64, options: [String: String]) async throws -> any BlockDevice {
-        try await create(file: file, size: size, options: options, backing: nil)
-    }
-
-    /// Creates a new image in `file`; `backing` is the opened backing image named by the
+    /// Creates a new image in `file`; the context's backing image is the one named by the
     /// `backing_file` option (reads fall through to it, for partial-cluster writes).
     public static func create(file: any BlockDevice, size: Int64, options: [String: String],
-                              backing: (any BlockDevice)?) async throws -> any BlockDevice {
+                              context: CreateContext) async throws -> any BlockDevice {
         let opts = try QCOW2CreateOptions(options)
-        return try await QCOW2Writer.create(name: file.name, file: file, size: size, opts: opts, backing: backing)
+        return try await QCOW2Writer.create(name: file.name, file: file, size: size, opts: opts, backing: context.backing)
     }
 
     public static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice {
