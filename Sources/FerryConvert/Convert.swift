@@ -90,11 +90,6 @@ public func convert(
     config.bufferSize = options.bufferSize
     config.outOfOrder = options.outOfOrder
     if options.compress, let c = out.device as? ClusterCompressingDevice { c.enableCompression() }
-    if let c = out.device as? ClusterCompressingDevice, c.compressesWrites {
-        // Compressed clusters are appended in write order: always in order.
-        config.outOfOrder = false
-    }
-    if out.device.capabilities.contains(.sequentialWrites) { config.outOfOrder = false }
     // A buffer holds at least one of the target's aligned blocks (a whole qcow2 cluster).
     let targetAlignment = out.device.limits.alignment
     if config.bufferSize < targetAlignment { config.bufferSize = targetAlignment }

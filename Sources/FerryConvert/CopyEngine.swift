@@ -59,12 +59,16 @@ public enum CopyEngine {
         let tracker = Tracker(virtualSize: source.size, interval: configuration.progressInterval, progress: progress)
         let allocated = try await countAllocated(source, skipUnallocated: configuration.skipUnallocated)
         tracker.setAllocated(allocated)
-        let sequencer = configuration.outOfOrder ? nil : Sequencer()
+        let compressor = (target as? ClusterCompressingDevice).flatMap { $0.compressesWrites ? $0 : nil }
+        // Compressed clusters are appended, and a streamed target only grows: both in order,
+        // whatever `outOfOrder` asks.
+        let inOrder = !configuration.outOfOrder || compressor != nil || target.capabilities.contains(.sequentialWrites)
+        let sequencer = inOrder ? Sequencer() : nil
         let context = WorkerContext(
             source: source, target: target, configuration: configuration,
             granularity: granularity,
             planner: planner, sequencer: sequencer, tracker: tracker, pool: pool,
-            compressor: (target as? ClusterCompressingDevice).flatMap { $0.compressesWrites ? $0 : nil },
+            compressor: compressor,
             failure: FirstFailure())
 
         do {

@@ -106,7 +106,7 @@ public enum Images {
                 chosen = try await probe(file)
                 if chosen == nil { probed = true }
             }
-            let f = chosen ?? RawFormat.self
+            let f = chosen ?? Formats.fallback
             var context = FormatContext(location: spec.location, readOnly: readOnly, depth: depth, openBacking: { location, format, depth in
                 let backing = try await open(ImageSpec(location, format: format), readOnly: true, options: options, depth: depth,
                                              chain: chain, warnings: warnings, withBacking: true)
@@ -272,7 +272,7 @@ public enum Images {
                     details: described?.details))
                 guard backingChain, let layered = d as? LayeredDevice, let next = layered.backing else { break }
                 filename = described?.details.fullBackingFilename ?? next.name
-                format = (next as? DescribedDevice)?.formatName ?? RawFormat.name
+                format = (next as? DescribedDevice)?.formatName ?? Formats.fallback.name
                 device = next
             }
             return (chain, image.probedAsRaw, image.warnings)
@@ -283,7 +283,7 @@ public enum Images {
     /// backing chain each run comes from and where it lies in its file, as qemu-img map says.
     public static func map(_ spec: ImageSpec) async throws -> ([MapEntry], probedAsRaw: Bool) {
         try await withImage(spec) { image in
-            (try await mapEntries(image.device, isRaw: image.format == RawFormat.name), image.probedAsRaw)
+            (try await mapEntries(image.device, isRaw: image.format == Formats.fallback.name), image.probedAsRaw)
         }
     }
 

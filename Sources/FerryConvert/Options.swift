@@ -16,7 +16,7 @@ public struct ImageSpec: Sendable, Equatable {
 /// Everything `convert` can be told, with qemu-img's defaults.
 public struct ConvertOptions: Sendable {
     /// `-O`: the target's format.
-    public var targetFormat: String = "raw"
+    public var targetFormat: String = Formats.fallback.name
     /// `-o`: the target format's creation options.
     public var targetOptions: [String: String] = [:]
     /// `-c`: compress the target's clusters (qcow2).

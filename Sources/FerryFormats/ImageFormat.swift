@@ -151,6 +151,10 @@ public enum Formats {
         ("vpc", Array("conectix".utf8)),
     ]
 
+    /// What a file that no format claims is read as, and the default target format: the
+    /// bytes as they are.
+    public static let fallback: any ImageFormat.Type = RawFormat.self
+
     public static func named(_ name: String) -> (any ImageFormat.Type)? {
         all.first { $0.name == name }
     }

@@ -113,7 +113,7 @@ struct Convert: FerryCommand {
     var images: [String] = []
 
     func execute() async throws -> Int32 {
-        let format = targetFormat ?? "raw"
+        let format = targetFormat ?? Formats.fallback.name
         let optionText = targetOptions
         if optionText.contains(where: { $0 == "help" || $0 == "?" }) {
             Terminal.out(Self.optionHelp(for: try Formats.lookup(format)))
@@ -274,7 +274,7 @@ struct Create: FerryCommand {
 
     @Option(name: .customShort("f", allowingJoined: true),
             help: ArgumentHelp("Format of the new image (default: raw).", valueName: "fmt"))
-    var format: String = "raw"
+    var format: String = Formats.fallback.name
 
     @Option(name: .customShort("o", allowingJoined: true),
             help: ArgumentHelp("Creation options, 'name=value,...'; '-o help' lists them.", valueName: "options"))

@@ -106,6 +106,19 @@ final class EngineTests: XCTestCase {
         XCTAssertNotEqual(offsets, offsets.sorted(), "with jittery reads and -W, some writes overtake others")
     }
 
+    func testSequentialTargetIsWrittenInOrderEvenWhenAskedOtherwise() async throws {
+        // The same jittery source that -W reorders (above), into a target that only grows.
+        let size: Int64 = 4 << 20
+        let src = try await makeSource(size: size, seed: 7, latency: .microseconds(200), jitter: .milliseconds(3))
+        let dst = MemoryDevice(name: "dst", size: size, capabilities: [.write, .zero, .extents, .flush, .sequentialWrites])
+        _ = try await copy(src, dst) { $0.workers = 16; $0.bufferSize = 65536; $0.outOfOrder = true }
+        XCTAssertEqual(dst.contents(), src.contents())
+        let offsets = dst.operations.compactMap { $0.range?.0 }
+        XCTAssertGreaterThan(offsets.count, 20)
+        XCTAssertEqual(offsets, offsets.sorted(), "a .sequentialWrites target gets ascending writes even with -W")
+        XCTAssertGreaterThan(src.peakInFlight, 4, "reads still ran in parallel")
+    }
+
     func testZeroDetectionTurnsZeroDataIntoZeroRequestsOrNothing() async throws {
         let size: Int64 = 1 << 20
         let src = MemoryDevice(name: "src", size: size, capabilities: [.extents]) // reports all data
