@@ -64,6 +64,9 @@ extension Images {
         case let scheme?:
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }
+        if let (archive, member) = ArchiveLocation.split(location) {
+            return try await ArchiveLocation.openMember(archive: archive, member: member, location: location, readOnly: readOnly)
+        }
         return try await FileDevice.open(path: location, options: options.fileOptions(readOnly: readOnly))
     }
 
@@ -90,6 +93,9 @@ extension Images {
             return try await createISCSI(location, size: size, options: options)
         case let scheme?:
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
+        }
+        if let (archive, _) = ArchiveLocation.split(location) {
+            throw FerryError(.readOnly, "cannot write into '\(archive)': a disk inside an OVA or tar archive is read-only", path: location)
         }
         return try await FileDevice.create(path: location, size: size, options: options.fileOptions(readOnly: false))
     }
