@@ -271,7 +271,9 @@ public enum Images {
                     filename: filename,
                     format: format,
                     virtualSize: d.size,
-                    actualSize: try? FileDevice.allocatedSize(path: filename),
+                    // A disk inside an OVA takes what its member takes.
+                    actualSize: (try? FileDevice.allocatedSize(path: filename))
+                        ?? (chain.isEmpty ? (image.file as? SliceDevice)?.size : nil),
                     dirtyFlag: described?.details.dirty ?? false,
                     details: described?.details))
                 guard backingChain, let layered = d as? LayeredDevice, let next = layered.backing else { break }

@@ -196,7 +196,10 @@ struct Convert: FerryCommand {
         // The time the user waited: opening, copying, flushing and closing.
         let waited = ContinuousClock.now - started
         let seconds = Double(waited.components.seconds) + Double(waited.components.attoseconds) * 1e-18
-        if !quiet { Terminal.err(Self.summary(stats, seconds: seconds)) }
+        if !quiet {
+            Terminal.err(Self.summary(stats, seconds: seconds))
+            for note in stats.notes { Terminal.err("ferry: \(note)\n") }
+        }
         return 0
     }
 
@@ -361,6 +364,14 @@ struct Info: FerryCommand {
     var image: String
 
     func execute() async throws -> Int32 {
+        if format == nil, await ArchiveLocation.isArchive(image) {
+            // An OVA: its disks and the manifest's verdict on each member.
+            let archive = try await Images.describeArchive(image)
+            Terminal.out(output == .json ? Report.archiveJSON(archive) : Report.archiveHuman(archive))
+            let errors = archive.errors
+            for e in errors { Terminal.complain(e.description) }
+            return errors.isEmpty ? 0 : 1
+        }
         let (chain, probed, warnings) = try await Images.info(ImageSpec(image, format: format), backingChain: backingChain)
         if probed { warnProbedAsRaw(image) }
         for w in warnings { Terminal.warn(w) }
