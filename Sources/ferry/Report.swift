@@ -223,7 +223,7 @@ enum Report {
             if m.isFile {
                 s += "        digest: \(verdictHuman(m.verdict))\n"
             } else {
-                s += "        type: not a regular file\n"
+                s += "        type: \(m.type)\n"
             }
             switch m.disk {
             case .success(let info)?:
@@ -256,7 +256,7 @@ enum Report {
                 ("name", .string(m.name)),
                 ("offset", .int(m.offset)),
                 ("size", .int(m.size)),
-                ("type", .string(m.isFile ? "file" : "other")),
+                ("type", .string(m.type)),
             ]
             if m.isFile {
                 switch m.verdict {

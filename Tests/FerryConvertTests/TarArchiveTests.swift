@@ -157,6 +157,42 @@ final class OVATarArchiveTests: XCTestCase {
         }
     }
 
+    /// GNU tar's own sparse members (`-S`): with 30 data runs the sparse map needs extension
+    /// blocks after the header, which must be skipped to find the next member.
+    func testGNUSparseMembersAreListedAndSkipped() async throws {
+        let dir = NSTemporaryDirectory() + "ferry-tar-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let script = """
+        import os, sys
+        d = sys.argv[1]
+        with open(d + '/sparse.raw', 'wb') as f:
+            for i in range(30):
+                f.seek(i * 65536)
+                f.write(b'x' * 512)
+            f.truncate(30 * 65536)
+        with open(d + '/after.ovf', 'wb') as f:
+            f.write(b'after')
+        """
+        for (exe, args) in [("/usr/bin/python3", ["-c", script, dir]),
+                            ("/bin/tar", ["--format=gnu", "-S", "-C", dir, "-cf", dir + "/s.tar", "sparse.raw", "after.ovf"])] {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: exe)
+            p.arguments = args
+            try p.run()
+            p.waitUntilExit()
+            XCTAssertEqual(p.terminationStatus, 0, exe)
+        }
+        let bytes = Array(try Data(contentsOf: URL(fileURLWithPath: dir + "/s.tar")))
+        let dev = try await device(bytes)
+        let archive = try await TarArchive.read(dev)
+        XCTAssertEqual(archive.members.map(\.name), ["sparse.raw", "after.ovf"])
+        XCTAssertEqual(archive.members.first?.kind, .other(type: UInt8(ascii: "S")))
+        let m = try XCTUnwrap(archive.members.dropFirst().first)
+        let data = try await dev.read(at: m.dataOffset, count: Int(m.size))
+        XCTAssertEqual(data, Array("after".utf8))
+    }
+
     // MARK: - Broken archives
 
     func testBadChecksumIsRefusedWithItsOffset() async {

@@ -67,10 +67,11 @@ public struct OVAPackage: Sendable {
                 throw FerryError(.notSupported, "manifest '\(member.name)' line \(number + 1) uses the digest '\(algorithmName)' (supported: SHA1, SHA256, SHA512)",
                                  path: path, offset: member.dataOffset + Int64(lineStart))
             }
-            let name = String(text[text.index(after: open) ..< close])
+            var name = Substring(text[text.index(after: open) ..< close])
+            while name.hasPrefix("./") { name = name.dropFirst(2) }
             let hex = text[text.index(close, offsetBy: 2)...].trimmingSpaces.lowercased()
             guard hex.count == algorithm.length * 2, hex.allSatisfy({ $0.isHexDigit }) else { throw bad }
-            out.append((name, algorithm, hex))
+            out.append((String(name), algorithm, hex))
         }
         return out
     }
@@ -262,6 +263,16 @@ public enum ArchiveLocation {
 }
 
 extension TarMember {
+    /// What `info` calls the member's type.
+    public var typeName: String {
+        switch kind {
+        case .file: return "file"
+        case .directory: return "directory"
+        case .other(let t) where t == UInt8(ascii: "1") || t == UInt8(ascii: "2"): return "link"
+        case .other: return "other"
+        }
+    }
+
     /// The tar type letter, for messages.
     var kindLetter: String {
         switch kind {

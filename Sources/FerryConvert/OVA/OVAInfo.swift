@@ -10,6 +10,8 @@ public struct ArchiveInfo: Sendable {
         public var offset: Int64
         public var size: Int64
         public var isFile: Bool
+        /// `file`, `directory`, `link` or `other`.
+        public var type: String
         public var verdict: OVAPackage.Verdict
         /// For a disk: what `info` says of it, or why it could not be read.
         public var disk: Result<ImageInfo, FerryError>?
@@ -50,7 +52,7 @@ extension Images {
             var members: [ArchiveInfo.Member] = []
             for m in package.archive.members {
                 let isFile = m.kind == .file
-                var member = ArchiveInfo.Member(name: m.name, offset: m.dataOffset, size: m.size, isFile: isFile,
+                var member = ArchiveInfo.Member(name: m.name, offset: m.dataOffset, size: m.size, isFile: isFile, type: m.typeName,
                                                 verdict: isFile ? try await package.verify(m, in: file) : .notListed)
                 if disks.contains(m.name) {
                     do {

@@ -93,7 +93,18 @@ public struct TarArchive: Sendable {
             }
             let type = h[156]
             let headerSize = try number(h, 124, 12, field: "size", at: pos, path: path)
-            let dataOffset = pos + Int64(blockSize)
+            var dataOffset = pos + Int64(blockSize)
+            if type == UInt8(ascii: "S") && h[482] != 0 {
+                // Old GNU sparse: more sparse maps follow the header, each flagging the next.
+                var more = true
+                while more {
+                    guard fileSize - dataOffset >= Int64(blockSize) else {
+                        throw FerryError(.corrupt, "tar GNU sparse map at offset \(dataOffset) is truncated", path: path, offset: dataOffset)
+                    }
+                    more = try await readBytes(device, at: dataOffset, count: blockSize)[504] != 0
+                    dataOffset += Int64(blockSize)
+                }
+            }
             // PAX `size` overrides the header for the member it describes (files over 8 GiB).
             let isExtension = type == UInt8(ascii: "L") || type == UInt8(ascii: "K")
                 || type == UInt8(ascii: "x") || type == UInt8(ascii: "g")
