@@ -40,7 +40,8 @@ struct Convert: FerryCommand {
         discussion: """
         Several sources are copied back to back into <dst>. Zero runs are detected and left \
         unwritten (sparse), and the target is flushed before ferry reports success unless \
-        '-t unsafe' is given. A target that ferry created is removed if the copy fails.
+        '-t unsafe' is given. A target that ferry created is removed if the copy fails. \
+        A disk inside an OVA is read in place as X.ova/DISK and checked against the OVA's manifest.
         """)
 
     @Option(name: .customShort("f", allowingJoined: true),
@@ -348,7 +349,12 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
 
 struct Info: FerryCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show an image's format and sizes, as qemu-img info does.")
+        abstract: "Show an image's format and sizes, as qemu-img info does.",
+        discussion: """
+        Given an OVA (a tar archive named *.ova or *.tar), lists its members and disks and checks \
+        each member against the manifest's SHA-1/SHA-256 digests; a mismatch exits with status 1. \
+        A disk inside an OVA is named X.ova/DISK, here and in convert.
+        """)
 
     @Option(name: .customShort("f", allowingJoined: true),
             help: ArgumentHelp("Format of the image (probed if omitted).", valueName: "fmt"))
