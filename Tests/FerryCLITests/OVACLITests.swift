@@ -214,6 +214,17 @@ final class OVACLITests: XCTestCase {
         XCTAssertEqual(r.stderr, "ferry: sum.ova: tar header at offset 1024 has a bad checksum\n")
         XCTAssertEqual(r.stdout, "")
 
+        // The first header damaged: still reported as a damaged archive, not read as a raw disk.
+        bad = good
+        bad[5] ^= 0x01
+        try bad.write(to: dir.appendingPathComponent("first.ova"))
+        r = try Tools.ferry(["info", "first.ova"], in: dir)
+        XCTAssertEqual(r.status, 1)
+        XCTAssertEqual(r.stderr, "ferry: first.ova: tar header at offset 0 has a bad checksum\n")
+        r = try Tools.ferry(["convert", "first.ova", "x.raw"], in: dir)
+        XCTAssertEqual(r.status, 1)
+        XCTAssertEqual(r.stderr, "ferry: first.ova: tar header at offset 0 has a bad checksum\n")
+
         // Cut inside disk2.raw's data: its size now runs past the end of the file.
         let disk2Header = 1536 + Int(fileSize(path("disk1.qcow2")))
         try good.prefix(disk2Header + 512 + 4096).write(to: dir.appendingPathComponent("short.ova"))

@@ -214,16 +214,18 @@ public enum ArchiveLocation {
         return nil
     }
 
-    /// True if `location` is a local regular file named like an archive whose first block is a
-    /// tar header.
+    /// True if `location` is a local regular file to be read as an archive: any `*.ova` (so
+    /// that a damaged one is reported as a damaged archive, not read as a raw disk), and a
+    /// `*.tar` whose first block has the ustar magic.
     public static func isArchive(_ location: String) async -> Bool {
         guard Images.urlScheme(location) == nil, isArchiveName(location) else { return false }
         var st = stat()
-        guard stat(location, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, st.st_size >= 512 else { return false }
-        guard let file = try? await openArchiveFile(location) else { return false }
+        guard stat(location, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return false }
+        if location.lowercased().hasSuffix(".ova") { return true }
+        guard st.st_size >= 512, let file = try? await openArchiveFile(location) else { return false }
         let block = try? await TarArchive.readBytes(file, at: 0, count: TarArchive.blockSize)
         try? await file.close()
-        return block?.withUnsafeBytes { TarArchive.isHeader($0) } ?? false
+        return block.map { TarArchive.hasUstarMagic($0) } ?? false
     }
 
     /// The archive file, through the page cache: members start on 512-byte boundaries, which

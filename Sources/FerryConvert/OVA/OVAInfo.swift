@@ -80,11 +80,20 @@ extension Images {
     /// The error for an archive given where an image is expected: which disks to name instead.
     static func archiveGivenAsImage(_ location: String) async -> FerryError {
         var disks: [String] = []
-        if let file = try? await ArchiveLocation.openArchiveFile(location) {
-            if let package = try? await OVAPackage.read(file), let d = try? await package.diskMembers(in: file) {
-                disks = d.map(\.name)
+        do {
+            let file = try await ArchiveLocation.openArchiveFile(location)
+            do {
+                disks = try await OVAPackage.read(file).diskMembers(in: file).map(\.name)
+            } catch {
+                try? await file.close()
+                throw error
             }
             try? await file.close()
+        } catch let e as FerryError {
+            // A damaged archive: say what is wrong with it.
+            return e
+        } catch {
+            return FerryError(.io, "\(error)", path: location)
         }
         let example = disks.first ?? "disk1.vmdk"
         return FerryError(.invalidArgument, "this is an OVA (tar) archive, not a disk image; name a disk inside it, as '\(location)/\(example)' (disks: \(disks.isEmpty ? "none found" : disks.joined(separator: ", ")))",
