@@ -282,6 +282,7 @@ public struct TarArchive: Sendable {
             guard let space = data[i...].prefix(20).firstIndex(of: UInt8(ascii: " ")),
                   let length = decimal(Array(data[i ..< space])), length > 0, length <= Int64(data.count - i) else { throw bad }
             let end = i + Int(length)
+            guard space + 1 < end else { throw bad }
             guard data[end - 1] == UInt8(ascii: "\n"), let eq = data[(space + 1) ..< (end - 1)].firstIndex(of: UInt8(ascii: "=")) else { throw bad }
             out.append((String(decoding: data[(space + 1) ..< eq], as: UTF8.self), Array(data[(eq + 1) ..< (end - 1)])))
             i = end
