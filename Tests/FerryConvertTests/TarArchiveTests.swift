@@ -273,6 +273,52 @@ final class OVATarArchiveTests: XCTestCase {
         await assertRefused(bytes + Self.end, offset: Int64(TarArchive.maxMembers) * 512, "more than 10000 members")
     }
 
+    /// Random damage to every header field, with the checksum fixed up afterwards so the
+    /// parser sees it: every outcome is a table or a `FerryError`, never a trap, and every
+    /// member listed lies inside the file.
+    func testRandomlyDamagedHeadersNeverTrap() async throws {
+        let long = String(repeating: "l", count: 120)
+        var base = Self.header("././@LongLink", size: Int64(long.utf8.count), type: UInt8(ascii: "L"), gnu: true)
+            + Self.padded(Array(long.utf8))
+        base += Self.header("ignored", size: 700) + Self.padded([UInt8](repeating: 3, count: 700))
+        let records = Self.pax("path", "p/disk.raw") + Self.pax("size", "10")
+        base += Self.header("PaxHeaders/x", size: Int64(records.count), type: UInt8(ascii: "x")) + Self.padded(records)
+        base += Self.header("x", size: 0) + Self.padded([UInt8](repeating: 4, count: 10))
+        base += Self.member("a.ovf", [1, 2, 3]) + Self.end
+        let headers = stride(from: 0, to: base.count - 1024, by: 512).filter { base[$0 + 257] == UInt8(ascii: "u") }
+        var rng: UInt64 = 0x9e3779b97f4a7c15
+        func next() -> Int {
+            rng ^= rng << 13
+            rng ^= rng >> 7
+            rng ^= rng << 17
+            return Int(truncatingIfNeeded: rng >> 1)
+        }
+        var accepted = 0
+        for _ in 0 ..< 3000 {
+            var bytes = base
+            let h = headers[next() % headers.count]
+            for _ in 0 ... next() % 4 {
+                let at = next() % 2 == 0 ? h + next() % 512 : h + [124, 125, 134, 135, 156, 0, 99, 257][next() % 8]
+                bytes[at] = next() % 3 == 0 ? 0xff : UInt8(truncatingIfNeeded: next())
+            }
+            // A data byte of an extension header, sometimes.
+            if next() % 3 == 0 { bytes[512 + next() % 1024] = UInt8(truncatingIfNeeded: next()) }
+            for j in 148 ..< 156 { bytes[h + j] = UInt8(ascii: " ") }
+            let sum = bytes[h ..< h + 512].reduce(Int64(0)) { $0 + Int64($1) }
+            for (j, b) in (Self.octal(sum, 7) + [UInt8(ascii: " ")]).enumerated() { bytes[h + 148 + j] = b }
+            if next() % 5 == 0 { bytes.removeLast(next() % 2048) }
+            do {
+                let a = try await read(bytes)
+                accepted += 1
+                for m in a.members {
+                    XCTAssertTrue(m.dataOffset >= 0 && m.size >= 0 && m.dataOffset + m.size <= Int64(bytes.count), "\(m)")
+                }
+            } catch is FerryError {
+            }
+        }
+        XCTAssertGreaterThan(accepted, 0)
+    }
+
     // MARK: - Manifest, descriptor and digests
 
     func testManifestLinesAndDescriptorReferences() throws {
