@@ -58,7 +58,15 @@ extension Images {
         case nil:
             break
         case "nfs":
-            return try await openNFS(location, readOnly: readOnly, options: options)
+            do {
+                return try await openNFS(location, readOnly: readOnly, options: options)
+            } catch let e as FerryError where e.code == .notFound {
+                // Perhaps a disk inside an OVA on the server: nfs://host/export/app.ova/disk1.vmdk.
+                guard let (archive, member) = ArchiveLocation.splitURL(location) else { throw e }
+                guard readOnly else { throw ArchiveLocation.refuseWrite(archive: archive, location: location) }
+                guard let file = try? await openNFS(archive, readOnly: true, options: options) else { throw e }
+                return try await ArchiveLocation.openMember(of: file, archive: archive, member: member, location: location)
+            }
         case "iscsi":
             return try await openISCSI(location, readOnly: readOnly, options: options)
         case let scheme?:

@@ -60,19 +60,22 @@ final class Digest {
         return String(decoding: s, as: UTF8.self)
     }
 
-    /// Hashes `range` of `device`, front to back, a MiB at a time.
+    /// Hashes `range` of `device`, front to back, a MiB at a time (in the device's aligned
+    /// blocks and transfer limit).
     static func hash(_ device: any BlockDevice, range: Range<Int64>, algorithm: DigestAlgorithm) async throws -> String {
         let digest = try Digest(algorithm)
-        let chunk = 1 << 20
-        let buffer = AlignedBuffer(count: chunk)
-        var pos = range.lowerBound
+        let a = Int64(device.limits.alignment)
+        let chunk = max(a, min(Int64(1 << 20), Int64(device.limits.maximumTransfer)) / a * a)
+        let buffer = AlignedBuffer(count: Int(chunk))
+        let end = min(device.size, (range.upperBound + a - 1) / a * a)
+        var pos = range.lowerBound / a * a
         while pos < range.upperBound {
             try Task.checkCancellation()
-            let n = Int(min(Int64(chunk), range.upperBound - pos))
-            let slice = buffer.slice(0 ..< n)
-            try await device.read(at: pos, into: slice)
-            digest.update(UnsafeRawBufferPointer(slice))
-            pos += Int64(n)
+            let hi = min(pos + chunk, end)
+            try await device.read(at: pos, into: buffer.slice(0 ..< Int(hi - pos)))
+            let lo = max(pos, range.lowerBound), top = min(hi, range.upperBound)
+            digest.update(UnsafeRawBufferPointer(rebasing: buffer.bytes[Int(lo - pos) ..< Int(top - pos)]))
+            pos = hi
         }
         return digest.finish()
     }

@@ -214,6 +214,30 @@ public enum ArchiveLocation {
         return nil
     }
 
+    /// For a URL (`nfs://host/export/appliance.ova/disk1.vmdk?version=4`): the URL of the
+    /// archive (the path up to its last component named like an archive, with the query) and
+    /// the member's name.
+    public static func splitURL(_ location: String) -> (archive: String, member: String)? {
+        guard Images.urlScheme(location) != nil else { return nil }
+        let query = location.firstIndex(of: "?") ?? location.endIndex
+        let base = location[..<query]
+        // The path starts after `scheme://host`.
+        let chars = Array(base.utf8)
+        guard let colon = chars.firstIndex(of: UInt8(ascii: ":")), chars.count > colon + 3,
+              let hostEnd = chars[(colon + 3)...].firstIndex(of: UInt8(ascii: "/")) else { return nil }
+        let pathStart = base.utf8.index(base.startIndex, offsetBy: hostEnd)
+        var end = base.endIndex
+        while let slash = base[..<end].lastIndex(of: "/"), slash > pathStart {
+            let head = base[..<slash]
+            let tail = base[base.index(after: slash)...]
+            if !tail.isEmpty, isArchiveName(String(head)) {
+                return (String(head) + location[query...], String(tail))
+            }
+            end = slash
+        }
+        return nil
+    }
+
     /// True if `location` is a local regular file to be read as an archive: any `*.ova` (so
     /// that a damaged one is reported as a damaged archive, not read as a raw disk), and a
     /// `*.tar` whose first block has the ustar magic.
@@ -234,12 +258,18 @@ public enum ArchiveLocation {
         try await FileDevice.open(path: path, options: FileDevice.Options(readOnly: true))
     }
 
-    /// Opens `member` of the archive at `archive` as a read-only device named `location`.
+    static func refuseWrite(archive: String, location: String) -> FerryError {
+        FerryError(.readOnly, "cannot write into '\(archive)': a disk inside an OVA or tar archive is read-only", path: location)
+    }
+
+    /// Opens `member` of the local archive at `archive` as a read-only device named `location`.
     static func openMember(archive: String, member: String, location: String, readOnly: Bool) async throws -> SliceDevice {
-        guard readOnly else {
-            throw FerryError(.readOnly, "cannot write into '\(archive)': a disk inside an OVA or tar archive is read-only", path: location)
-        }
-        let file = try await openArchiveFile(archive)
+        guard readOnly else { throw refuseWrite(archive: archive, location: location) }
+        return try await openMember(of: try await openArchiveFile(archive), archive: archive, member: member, location: location)
+    }
+
+    /// Opens `member` of the archive in `file` (which the result then owns; closed on failure).
+    static func openMember(of file: any BlockDevice, archive: String, member: String, location: String) async throws -> SliceDevice {
         do {
             let package = try await OVAPackage.read(file)
             let name = try TarArchive.cleanName(member, at: 0, path: location)

@@ -118,13 +118,16 @@ final class MemberDigestCheck: Sendable {
         var tasks: [(String, Task<OVAPackage.Verdict, any Error>)] = []
         var archives: [String: String] = [:]
         for image in sources {
-            guard let slice = image.file as? SliceDevice, let (archive, member) = ArchiveLocation.split(image.location) else { continue }
-            archives[image.location] = archive
+            guard let slice = image.file as? SliceDevice else { continue }
+            archives[image.location] = slice.base.name
             let base = slice.base
+            let start = slice.start
             tasks.append((image.location, Task {
                 let package = try await OVAPackage.read(base)
-                let name = try TarArchive.cleanName(member, at: 0, path: image.location)
-                guard let m = package.archive.member(named: name) else { return .notListed }
+                // The member whose data the slice is (its name may have been written another way).
+                guard let m = package.archive.members.first(where: { $0.kind == .file && $0.dataOffset == start }) else {
+                    return .notListed
+                }
                 return try await package.verify(m, in: base)
             }))
         }

@@ -307,14 +307,21 @@ public struct TarArchive: Sendable {
         return parts.joined(separator: "/")
     }
 
-    /// Reads `count` bytes at `offset`, widening the request to the device's alignment.
+    /// Reads `count` bytes at `offset`, widening the request to the device's alignment and
+    /// splitting it at its transfer limit.
     static func readBytes(_ device: any BlockDevice, at offset: Int64, count: Int) async throws -> [UInt8] {
         guard count > 0 else { return [] }
         let a = Int64(device.limits.alignment)
         let lo = offset / a * a
         let hi = min(device.size, (offset + Int64(count) + a - 1) / a * a)
         let buffer = AlignedBuffer(count: Int(hi - lo))
-        try await device.read(at: lo, into: buffer.mutableBytes)
+        let most = max(a, Int64(device.limits.maximumTransfer) / a * a)
+        var pos = lo
+        while pos < hi {
+            let n = min(most, hi - pos)
+            try await device.read(at: pos, into: buffer.slice(Int(pos - lo) ..< Int(pos - lo + n)))
+            pos += n
+        }
         let skip = Int(offset - lo)
         return Array(buffer.bytes[skip ..< skip + count])
     }
