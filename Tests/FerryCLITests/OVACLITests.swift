@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import FerryTestServers
 
 /// `ferry` on OVA appliances read in place: `convert X.ova/DISK`, `info X.ova`, the manifest's
 /// digests, and broken archives.
@@ -264,5 +265,23 @@ final class OVACLITests: XCTestCase {
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertTrue(r.stderr.contains("SHA256 digest matches the manifest"), r.stderr)
         try compare("out.raw", "base.raw")
+    }
+
+    /// A disk inside an OVA on an NFS server (ganesha on loopback), named by URL.
+    func testDiskInsideAnOVAOnNFS() throws {
+        let server = try NFSServer(name: "cli-ova", nfsPort: 2074, mountPort: 20074)
+        defer { server.stop() }
+        try buildOVA()
+        try FileManager.default.copyItem(atPath: path("app.ova"), toPath: "\(server.exportDir)/app.ova")
+        var r = try Tools.ferry(["convert", "-O", "raw", server.v3("app.ova/disk1.qcow2"), "out.raw"], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stderr.contains("SHA256 digest matches the manifest"), r.stderr)
+        try compare("out.raw", "base.raw")
+        r = try Tools.ferry(["convert", "-O", "raw", server.v3("app.ova/nope.raw"), "out2.raw"], in: dir)
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.stderr.contains("no member 'nope.raw' in the archive (members: app.ovf, disk1.qcow2, disk2.raw, app.mf)"), r.stderr)
+        r = try Tools.ferry(["convert", "-f", "raw", "base.raw", server.v3("app.ova/new.raw")], in: dir)
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.stderr.contains("a disk inside an OVA or tar archive is read-only"), r.stderr)
     }
 }
