@@ -238,18 +238,36 @@ public enum ArchiveLocation {
         return nil
     }
 
-    /// True if `location` is a local regular file to be read as an archive: any `*.ova` (so
-    /// that a damaged one is reported as a damaged archive, not read as a raw disk), and a
-    /// `*.tar` whose first block has the ustar magic.
+    /// True if `location` is to be read as an archive: any `*.ova` (so that a damaged one is
+    /// reported as a damaged archive, not read as a raw disk), and a `*.tar` whose first block
+    /// has the ustar magic. Local regular files, and nfs:// URLs.
     public static func isArchive(_ location: String) async -> Bool {
-        guard Images.urlScheme(location) == nil, isArchiveName(location) else { return false }
-        var st = stat()
-        guard stat(location, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return false }
-        if location.lowercased().hasSuffix(".ova") { return true }
-        guard st.st_size >= 512, let file = try? await openArchiveFile(location) else { return false }
-        let block = try? await TarArchive.readBytes(file, at: 0, count: TarArchive.blockSize)
+        let scheme = Images.urlScheme(location)
+        guard scheme == nil || scheme == "nfs" else { return false }
+        let path = scheme == nil ? location : String(location[..<(location.firstIndex(of: "?") ?? location.endIndex)])
+        guard isArchiveName(path) else { return false }
+        if scheme == nil {
+            var st = stat()
+            guard stat(location, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return false }
+        }
+        if path.lowercased().hasSuffix(".ova") { return true }
+        guard let file = try? await openArchive(location) else { return false }
+        let block = file.size < 512 ? nil : try? await TarArchive.readBytes(file, at: 0, count: TarArchive.blockSize)
         try? await file.close()
         return block.map { TarArchive.hasUstarMagic($0) } ?? false
+    }
+
+    /// The location of `member` inside the archive at `archive` (inside a URL's path, before
+    /// its query).
+    public static func memberLocation(_ archive: String, _ member: String) -> String {
+        guard Images.urlScheme(archive) != nil, let q = archive.firstIndex(of: "?") else { return archive + "/" + member }
+        return archive[..<q] + "/" + member + archive[q...]
+    }
+
+    /// The archive at a local path or URL, read-only.
+    static func openArchive(_ location: String) async throws -> any BlockDevice {
+        Images.urlScheme(location) == nil ? try await openArchiveFile(location)
+            : try await Images.openEndpoint(location, readOnly: true)
     }
 
     /// The archive file, through the page cache: members start on 512-byte boundaries, which

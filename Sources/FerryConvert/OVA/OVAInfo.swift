@@ -43,9 +43,10 @@ public struct ArchiveInfo: Sendable {
 }
 
 extension Images {
-    /// Describes the OVA (or tar archive) at `location`, hashing every member the manifest lists.
+    /// Describes the OVA (or tar archive) at `location` (a path or nfs:// URL), hashing every
+    /// member the manifest lists.
     public static func describeArchive(_ location: String) async throws -> ArchiveInfo {
-        let file = try await ArchiveLocation.openArchiveFile(location)
+        let file = try await ArchiveLocation.openArchive(location)
         do {
             let package = try await OVAPackage.read(file)
             let disks = Set(try await package.diskMembers(in: file).map(\.name))
@@ -56,7 +57,7 @@ extension Images {
                                                 verdict: isFile ? try await package.verify(m, in: file) : .notListed)
                 if disks.contains(m.name) {
                     do {
-                        var info = try await Images.info(ImageSpec(location + "/" + m.name)).chain[0]
+                        var info = try await Images.info(ImageSpec(ArchiveLocation.memberLocation(location, m.name))).chain[0]
                         info.actualSize = m.size
                         member.disk = .success(info)
                     } catch let e as FerryError {
@@ -66,7 +67,8 @@ extension Images {
                 members.append(member)
             }
             let present = Set(package.archive.members.map(\.name))
-            let result = ArchiveInfo(filename: location, size: file.size, actualSize: try? FileDevice.allocatedSize(path: location),
+            let local = Images.urlScheme(location) == nil
+            let result = ArchiveInfo(filename: location, size: file.size, actualSize: local ? try? FileDevice.allocatedSize(path: location) : nil,
                                      descriptor: package.descriptor?.name, manifest: package.manifest?.name, members: members,
                                      missing: package.digests.map(\.name).filter { !present.contains($0) })
             try await file.close()
@@ -81,7 +83,7 @@ extension Images {
     static func archiveGivenAsImage(_ location: String) async -> FerryError {
         var disks: [String] = []
         do {
-            let file = try await ArchiveLocation.openArchiveFile(location)
+            let file = try await ArchiveLocation.openArchive(location)
             do {
                 disks = try await OVAPackage.read(file).diskMembers(in: file).map(\.name)
             } catch {
@@ -96,7 +98,7 @@ extension Images {
             return FerryError(.io, "\(error)", path: location)
         }
         let example = disks.first ?? "disk1.vmdk"
-        return FerryError(.invalidArgument, "this is an OVA (tar) archive, not a disk image; name a disk inside it, as '\(location)/\(example)' (disks: \(disks.isEmpty ? "none found" : disks.joined(separator: ", ")))",
+        return FerryError(.invalidArgument, "this is an OVA (tar) archive, not a disk image; name a disk inside it, as '\(ArchiveLocation.memberLocation(location, example))' (disks: \(disks.isEmpty ? "none found" : disks.joined(separator: ", ")))",
                           path: location)
     }
 }
