@@ -114,7 +114,7 @@ extension Images {
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }
         if let (archive, _) = ArchiveLocation.split(location) {
-            throw FerryError(.readOnly, "cannot write into '\(archive)': a disk inside an OVA or tar archive is read-only", path: location)
+            throw ArchiveLocation.refuseWrite(archive: archive, location: location)
         }
         return try await FileDevice.create(path: location, size: size, options: options.fileOptions(readOnly: false))
     }
