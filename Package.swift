@@ -29,13 +29,15 @@ let package = Package(
         .target(name: "CFerryNBD", linkerSettings: [.linkedLibrary("dl")]),
         .systemLibrary(name: "CLibNFS", pkgConfig: "libnfs", providers: [.apt(["libnfs-dev"])]),
         .systemLibrary(name: "CLibISCSI", pkgConfig: "libiscsi", providers: [.apt(["libiscsi-dev"])]),
+        // OpenSSL's digests, to check an OVA's manifest (SHA-1, SHA-256, SHA-512).
+        .systemLibrary(name: "CLibCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         .target(name: "FerryCore"),
         .target(name: "FerryFile", dependencies: ["FerryCore", "CFerryLinux"]),
         .target(name: "FerryNBD", dependencies: ["FerryCore", "CLibNBD", "CFerryNBD"]),
         .target(name: "FerryNFS", dependencies: ["FerryCore", "CLibNFS"]),
         .target(name: "FerryISCSI", dependencies: ["FerryCore", "CFerryLinux", "CLibISCSI"]),
         .target(name: "FerryFormats", dependencies: ["FerryCore", "CZlib", "CZstd"]),
-        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryISCSI", "FerryFormats"]),
+        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryISCSI", "FerryFormats", "CLibCrypto"]),
         .executableTarget(
             name: "ferry",
             dependencies: [

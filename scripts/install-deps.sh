@@ -17,6 +17,7 @@ PACKAGES=(
     pkg-config      # finds libnbd, libnfs, zlib and libzstd for the C modules
     libnfs-dev      # the NFS endpoint
     libiscsi-dev    # the iSCSI endpoint
+    libssl-dev      # libcrypto: SHA-1/SHA-256 digests of an OVA's manifest
     libiscsi-bin    # iscsi-ls, iscsi-inq, iscsi-readcapacity16: reference clients
     tgt             # tgtd: iSCSI test target (user space)
     libnfs-utils    # nfs-cp, nfs-ls: reference clients

@@ -103,8 +103,11 @@ public func convert(
     config.sparseSize = options.sparseSize
     config.targetReadsZero = options.useExistingTarget ? options.targetIsZero : out.device.capabilities.contains(.zeroInit)
 
+    // Sources inside an OVA are checked against its manifest while the copy runs.
+    let digestCheck = MemberDigestCheck.start(for: opened)
     do {
         var stats = try await CopyEngine.copy(from: copySource, to: out.device, configuration: config, progress: progress)
+        stats.notes = try await digestCheck.finish()
         if options.useExistingTarget {
             if options.targetCache.flushes { try await out.device.flush() }
             try await out.device.close()
@@ -116,6 +119,7 @@ public func convert(
         stats.elapsed = Tracker.now() - started
         return stats
     } catch {
+        await digestCheck.cancel()
         try? await out.device.close()
         await closeSources()
         var e = (error as? FerryError) ?? FerryError(.io, "\(error)", path: target.location)

@@ -58,11 +58,23 @@ extension Images {
         case nil:
             break
         case "nfs":
-            return try await openNFS(location, readOnly: readOnly, options: options)
+            do {
+                return try await openNFS(location, readOnly: readOnly, options: options)
+            } catch let e as FerryError {
+                // Perhaps a disk inside an OVA on the server: nfs://host/export/app.ova/disk1.vmdk
+                // (libnfs then fails to mount app.ova as a directory, so any error may mean it).
+                guard let (archive, member) = ArchiveLocation.splitURL(location) else { throw e }
+                guard readOnly else { throw ArchiveLocation.refuseWrite(archive: archive, location: location) }
+                guard let file = try? await openNFS(archive, readOnly: true, options: options) else { throw e }
+                return try await ArchiveLocation.openMember(of: file, archive: archive, member: member, location: location)
+            }
         case "iscsi":
             return try await openISCSI(location, readOnly: readOnly, options: options)
         case let scheme?:
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
+        }
+        if let (archive, member) = ArchiveLocation.split(location) {
+            return try await ArchiveLocation.openMember(archive: archive, member: member, location: location, readOnly: readOnly)
         }
         return try await FileDevice.open(path: location, options: options.fileOptions(readOnly: readOnly))
     }
@@ -85,11 +97,24 @@ extension Images {
         case nil:
             break
         case "nfs":
-            return try await createNFS(location, size: size, options: options)
+            do {
+                return try await createNFS(location, size: size, options: options)
+            } catch let e as FerryError {
+                // Inside an OVA on the server: say so rather than libnfs's mount error.
+                if let (archive, _) = ArchiveLocation.splitURL(location),
+                   let file = try? await openNFS(archive, readOnly: true, options: options) {
+                    try? await file.close()
+                    throw ArchiveLocation.refuseWrite(archive: archive, location: location)
+                }
+                throw e
+            }
         case "iscsi":
             return try await createISCSI(location, size: size, options: options)
         case let scheme?:
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
+        }
+        if let (archive, _) = ArchiveLocation.split(location) {
+            throw ArchiveLocation.refuseWrite(archive: archive, location: location)
         }
         return try await FileDevice.create(path: location, size: size, options: options.fileOptions(readOnly: false))
     }

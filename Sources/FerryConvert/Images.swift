@@ -98,6 +98,10 @@ public enum Images {
         }
         let chain = chain + (identity.map { [$0] } ?? [])
         let format: (any ImageFormat.Type)? = try spec.format.map { try Formats.lookup($0, for: spec.location) }
+        if format == nil, await ArchiveLocation.isArchive(spec.location) {
+            // Not to be read as a raw disk by accident: the user meant a disk inside it.
+            throw await archiveGivenAsImage(spec.location)
+        }
         let file = try await openEndpoint(spec.location, readOnly: readOnly, options: options)
         do {
             var probed = false
@@ -267,7 +271,9 @@ public enum Images {
                     filename: filename,
                     format: format,
                     virtualSize: d.size,
-                    actualSize: try? FileDevice.allocatedSize(path: filename),
+                    // A disk inside an OVA takes what its member takes.
+                    actualSize: (try? FileDevice.allocatedSize(path: filename))
+                        ?? (chain.isEmpty ? (image.file as? SliceDevice)?.size : nil),
                     dirtyFlag: described?.details.dirty ?? false,
                     details: described?.details))
                 guard backingChain, let layered = d as? LayeredDevice, let next = layered.backing else { break }

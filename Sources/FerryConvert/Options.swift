@@ -121,6 +121,8 @@ public struct CopyStats: Sendable, Equatable {
     public var completedThrough: Int64 = 0
     /// Time since the copy started, in seconds.
     public var elapsed: Double = 0
+    /// One-line notes for the user once the copy is done (a manifest digest that matched).
+    public var notes: [String] = []
 
     public init() {}
 

@@ -40,7 +40,8 @@ struct Convert: FerryCommand {
         discussion: """
         Several sources are copied back to back into <dst>. Zero runs are detected and left \
         unwritten (sparse), and the target is flushed before ferry reports success unless \
-        '-t unsafe' is given. A target that ferry created is removed if the copy fails.
+        '-t unsafe' is given. A target that ferry created is removed if the copy fails. \
+        A disk inside an OVA is read in place as X.ova/DISK and checked against the OVA's manifest.
         """)
 
     @Option(name: .customShort("f", allowingJoined: true),
@@ -196,7 +197,10 @@ struct Convert: FerryCommand {
         // The time the user waited: opening, copying, flushing and closing.
         let waited = ContinuousClock.now - started
         let seconds = Double(waited.components.seconds) + Double(waited.components.attoseconds) * 1e-18
-        if !quiet { Terminal.err(Self.summary(stats, seconds: seconds)) }
+        if !quiet {
+            Terminal.err(Self.summary(stats, seconds: seconds))
+            for note in stats.notes { Terminal.err("ferry: \(note)\n") }
+        }
         return 0
     }
 
@@ -345,7 +349,12 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
 
 struct Info: FerryCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show an image's format and sizes, as qemu-img info does.")
+        abstract: "Show an image's format and sizes, as qemu-img info does.",
+        discussion: """
+        Given an OVA (a tar archive named *.ova or *.tar), lists its members and disks and checks \
+        each member against the manifest's SHA-1/SHA-256 digests; a mismatch exits with status 1. \
+        A disk inside an OVA is named X.ova/DISK, here and in convert.
+        """)
 
     @Option(name: .customShort("f", allowingJoined: true),
             help: ArgumentHelp("Format of the image (probed if omitted).", valueName: "fmt"))
@@ -361,6 +370,14 @@ struct Info: FerryCommand {
     var image: String
 
     func execute() async throws -> Int32 {
+        if format == nil, await ArchiveLocation.isArchive(image) {
+            // An OVA: its disks and the manifest's verdict on each member.
+            let archive = try await Images.describeArchive(image)
+            Terminal.out(output == .json ? Report.archiveJSON(archive) : Report.archiveHuman(archive))
+            let errors = archive.errors
+            for e in errors { Terminal.complain(e.description) }
+            return errors.isEmpty ? 0 : 1
+        }
         let (chain, probed, warnings) = try await Images.info(ImageSpec(image, format: format), backingChain: backingChain)
         if probed { warnProbedAsRaw(image) }
         for w in warnings { Terminal.warn(w) }

@@ -192,4 +192,92 @@ enum Report {
         emit()
         return (s, nil)
     }
+
+    // MARK: - OVA
+
+    /// What the manifest said of a member, for people.
+    static func verdictHuman(_ v: OVAPackage.Verdict) -> String {
+        switch v {
+        case .matched(let a): return "matched (\(a.rawValue))"
+        case .mismatch(let a, _, _): return "MISMATCH (\(a.rawValue))"
+        case .noManifest: return "no manifest"
+        case .notListed: return "not in manifest"
+        case .isManifest: return "this is the manifest"
+        }
+    }
+
+    /// `ferry info` of an OVA: the archive, then each member with its digest verdict and, for
+    /// a disk, what `info` says of it (indented).
+    static func archiveHuman(_ a: ArchiveInfo) -> String {
+        var s = "archive: \(a.filename)\n"
+        s += "file format: ova\n"
+        s += "archive size: \(ByteSize.human(a.size)) (\(a.size) bytes)\n"
+        s += "disk size: \(a.actualSize.map(ByteSize.human) ?? "unavailable")\n"
+        s += "descriptor: \(a.descriptor ?? "none")\n"
+        s += "manifest: \(a.manifest ?? "none")\n"
+        s += "disks: \(a.members.filter { $0.disk != nil }.count)\n"
+        s += "Members:\n"
+        for (i, m) in a.members.enumerated() {
+            s += "    [\(i)] \(m.name)\n"
+            s += "        size: \(ByteSize.human(m.size)) (\(m.size) bytes) at offset \(m.offset)\n"
+            if m.isFile {
+                s += "        digest: \(verdictHuman(m.verdict))\n"
+            } else {
+                s += "        type: \(m.type)\n"
+            }
+            switch m.disk {
+            case .success(let info)?:
+                s += "        disk:\n"
+                for line in infoHuman(info).split(separator: "\n", omittingEmptySubsequences: false) where !line.isEmpty {
+                    s += "            \(line)\n"
+                }
+            case .failure(let e)?:
+                s += "        disk: unreadable: \(e.message)\n"
+            case nil:
+                break
+            }
+        }
+        for name in a.missing { s += "missing from the archive: \(name)\n" }
+        return s
+    }
+
+    /// `ferry info --output=json` of an OVA, in the layout of qemu-img's JSON.
+    static func archiveJSON(_ a: ArchiveInfo) -> String {
+        var fields: [(String, InfoValue)] = [
+            ("filename", .string(a.filename)),
+            ("format", .string("ova")),
+            ("size", .int(a.size)),
+        ]
+        if let actual = a.actualSize { fields.append(("actual-size", .int(actual))) }
+        if let d = a.descriptor { fields.append(("descriptor", .string(d))) }
+        if let m = a.manifest { fields.append(("manifest", .string(m))) }
+        fields.append(("members", .list(a.members.map { m in
+            var o: [(String, InfoValue)] = [
+                ("name", .string(m.name)),
+                ("offset", .int(m.offset)),
+                ("size", .int(m.size)),
+                ("type", .string(m.type)),
+            ]
+            if m.isFile {
+                switch m.verdict {
+                case .matched(let alg):
+                    o += [("digest", .string("matched")), ("digest-algorithm", .string(alg.rawValue))]
+                case .mismatch(let alg, let expected, let actual):
+                    o += [("digest", .string("mismatch")), ("digest-algorithm", .string(alg.rawValue)),
+                          ("expected-digest", .string(expected)), ("actual-digest", .string(actual))]
+                case .noManifest: o.append(("digest", .string("no-manifest")))
+                case .notListed: o.append(("digest", .string("not-listed")))
+                case .isManifest: o.append(("digest", .string("manifest")))
+                }
+            }
+            switch m.disk {
+            case .success(let info)?: o.append(("disk", infoValue(info)))
+            case .failure(let e)?: o.append(("disk-error", .string(e.message)))
+            case nil: break
+            }
+            return .object(o)
+        })))
+        if !a.missing.isEmpty { fields.append(("missing", .list(a.missing.map { .string($0) }))) }
+        return json(.object(fields), indent: 0) + "\n"
+    }
 }
