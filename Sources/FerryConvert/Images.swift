@@ -267,7 +267,9 @@ public enum Images {
                     filename: filename,
                     format: format,
                     virtualSize: d.size,
-                    actualSize: try? FileDevice.allocatedSize(path: filename),
+                    actualSize: try? described.map { $0.details.extraFiles }.map { files in
+                        try files.reduce(try FileDevice.allocatedSize(path: filename)) { try $0 + FileDevice.allocatedSize(path: $1) }
+                    } ?? FileDevice.allocatedSize(path: filename),
                     dirtyFlag: described?.details.dirty ?? false,
                     details: described?.details))
                 guard backingChain, let layered = d as? LayeredDevice, let next = layered.backing else { break }
@@ -325,8 +327,8 @@ public enum Images {
             let hostFile = m.hostOffset == nil ? nil : (m.hostFile ?? layer.hostFileName)
             switch m.kind {
             case .data:
-                return MapEntry(start: offset, length: length, depth: depth, present: true, zero: false, data: true, offset: m.hostOffset,
-                                file: hostFile)
+                return MapEntry(start: offset, length: length, depth: depth, present: true, zero: m.readsAsZero, data: true,
+                                offset: m.hostOffset, file: hostFile)
             case .zero:
                 return MapEntry(start: offset, length: length, depth: depth, present: true, zero: true, data: false, offset: m.hostOffset,
                                 file: hostFile)
