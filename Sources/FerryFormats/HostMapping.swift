@@ -65,6 +65,9 @@ public indirect enum InfoValue: Sendable, Equatable {
 public struct ImageDetails: Sendable, Equatable {
     public var clusterSize: Int?
     public var dirty: Bool = false
+    /// False when the image cannot say (qemu-img then prints neither dirty-flag nor
+    /// cluster-size): a VMDK whose extents are of different kinds.
+    public var dirtyKnown: Bool = true
     /// The backing file name as the header stores it.
     public var backingFilename: String?
     /// The backing file name resolved against the image's directory.

@@ -16,11 +16,16 @@ enum VMDKReader {
             var descriptor: VMDKParsedDescriptor
             if magic == VMDKSparseExtent.magic || magic == VMDKSparseExtent.cowMagic {
                 let sparse = try await VMDKSparseExtent.open(file, name: path, first: first)
-                if let text = sparse.descriptor {
+                if sparse.cow {
+                    // Text only by convention there: what does not parse says nothing.
+                    let empty = try VMDKParsedDescriptor([], path: path, at: 0)
+                    descriptor = (try? VMDKParsedDescriptor(sparse.descriptor ?? [], path: path, at: 512)) ?? empty
+                    descriptor.extents = []
+                } else if let text = sparse.descriptor {
                     descriptor = try VMDKParsedDescriptor(text, path: path, at: sparse.descriptorOffset)
                 } else {
                     descriptor = try VMDKParsedDescriptor([], path: path, at: 0)
-                    descriptor.createType = sparse.cow ? "vmfsSparse" : "monolithicSparse"
+                    descriptor.createType = "monolithicSparse"
                 }
                 extents.append(VMDKReadExtent(start: 0, length: sparse.capacity, kind: .sparse(sparse), typeName: "",
                                               fileName: path, device: file))
@@ -46,7 +51,19 @@ enum VMDKReader {
                 }
             }
             var details = ImageDetails()
-            if case .sparse(let s)? = extents.first?.kind { details.clusterSize = Int(s.grainBytes) }
+            // As qemu-img: a cluster size, and a dirty flag, only when every extent is alike.
+            func kind(_ e: VMDKReadExtent) -> String {
+                switch e.kind {
+                case .flat: return "flat"
+                case .zero: return "zero"
+                case .sparse(let s): return "sparse \(s.grainBytes) \(s.compressed)"
+                }
+            }
+            if extents.allSatisfy({ kind($0) == kind(extents[0]) }) {
+                if case .sparse(let s)? = extents.first?.kind { details.clusterSize = Int(s.grainBytes) }
+            } else {
+                details.dirtyKnown = false
+            }
             var backing: (any BlockDevice)?
             if let hint = descriptor.parentFileNameHint, descriptor.parentCID != 0xFFFF_FFFF {
                 let full = resolveRelative(hint, to: path)

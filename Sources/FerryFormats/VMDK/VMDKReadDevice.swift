@@ -134,7 +134,7 @@ public final class VMDKReadDevice: HostMappedDevice, DescribedDevice {
                 let coverage = s.grainBytes * s.tableEntries
                 while local < localEnd && out.count < maxRuns {
                     let tableEnd = min(localEnd, (local / coverage + 1) * coverage)
-                    guard let table = try await s.table(for: local) else {
+                    guard let table = try await s.table(for: local), !table.empty else {
                         append(Run(offset: ext.start + local, length: tableEnd - local, kind: .unallocated, extent: ei))
                         local = tableEnd
                         continue

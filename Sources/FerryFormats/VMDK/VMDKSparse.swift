@@ -1,5 +1,8 @@
 import CZlib
 import FerryCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Little-endian fields of a VMDK header.
 struct VMDKReadBytes {
@@ -22,7 +25,7 @@ func vmdkReadBytes(_ file: any BlockDevice, at offset: Int64, count: Int) async 
 /// or `COWD` (vmfsSparse, old Workstation).
 ///
 /// The grain directory is read whole at open (its size is checked against the file first);
-/// grain tables come through a bounded `L2Cache`.
+/// grain tables come through a bounded `VMDKReadTableCache`, read many at a time.
 final class VMDKSparseExtent: Sendable {
     let file: any BlockDevice
     let name: String
@@ -35,8 +38,9 @@ final class VMDKSparseExtent: Sendable {
     /// Grain table entry 1 means "reads as zeros" (VMDK 4 zeroed-grain GTEs).
     let zeroedGrains: Bool
     let cow: Bool
-    let cache: L2Cache
-    /// The embedded descriptor's text (KDMV only), at most `VMDKParsedDescriptor.maxBytes`.
+    let cache: VMDKReadTableCache
+    /// The embedded descriptor's text, at most `VMDKParsedDescriptor.maxBytes` (a COWD file
+    /// keeps its CIDs as text in the sector after the header, where qemu-img looks for them).
     let descriptor: [UInt8]?
     let descriptorOffset: Int64
 
@@ -64,16 +68,7 @@ final class VMDKSparseExtent: Sendable {
         self.cow = cow
         self.descriptor = descriptor
         self.descriptorOffset = descriptorOffset
-        let tableBytes = Int(tableEntries) * 4
-        // A grain table is at most 16 KiB: 1024 of them is at most 16 MiB.
-        self.cache = L2Cache(capacity: 1024) { [file] offset in
-            guard offset >= 0, offset <= file.size - Int64(tableBytes) else {
-                throw FerryError(.corrupt, "vmdk grain table at offset \(offset) lies past the end of the file (\(file.size) bytes)", path: name, offset: offset)
-            }
-            let raw = try await vmdkReadBytes(file, at: offset, count: tableBytes)
-            let r = VMDKReadBytes(bytes: raw)
-            return L2Table(words: (0 ..< Int(tableEntries)).map { UInt64(r.u32($0 * 4)) })
-        }
+        self.cache = VMDKReadTableCache(capacity: max(64, (16 << 20) / (Int(tableEntries) * 4)))
     }
 
     private static func corrupt(_ what: String, _ path: String, _ offset: Int64) -> FerryError {
@@ -98,7 +93,8 @@ final class VMDKSparseExtent: Sendable {
             headerAt = file.size - 1024
             let footer = VMDKReadBytes(bytes: try await vmdkReadBytes(file, at: headerAt, count: 512))
             let marker = VMDKReadBytes(bytes: try await vmdkReadBytes(file, at: headerAt - 512, count: 16))
-            guard footer.u32(0) == magic, marker.u32(8) == 0, marker.u32(12) == 3 else {
+            let eos = VMDKReadBytes(bytes: try await vmdkReadBytes(file, at: headerAt + 512, count: 16))
+            guard footer.u32(0) == magic, marker.u32(8) == 0, marker.u32(12) == 3, eos.u64(0) == 0, eos.u32(8) == 0, eos.u32(12) == 0 else {
                 throw corrupt("footer at offset \(headerAt) is missing or invalid (the header's grain directory is at the end of the stream)", name, headerAt)
             }
             guard footer.u64(56) != gdAtEnd else {
@@ -159,7 +155,8 @@ final class VMDKSparseExtent: Sendable {
                                                 tableEntries: 4096, gdSector: UInt64(h.u32(20)), entryField: 20, stated: count)
         return VMDKSparseExtent(file: file, name: name, capacity: Int64(capacitySectors) * 512, grainBytes: Int64(grainSectors) * 512,
                                 tableEntries: 4096, directory: directory, compressed: false, zeroedGrains: false, cow: true,
-                                descriptor: nil, descriptorOffset: 0)
+                                descriptor: try await vmdkReadBytes(file, at: 512, count: Int(min(file.size - 512, Int64(VMDKParsedDescriptor.maxBytes)))),
+                                descriptorOffset: 512)
     }
 
     private static func readDirectory(_ file: any BlockDevice, name: String, capacitySectors: UInt64, grainSectors: UInt64,
@@ -198,17 +195,65 @@ final class VMDKSparseExtent: Sendable {
     /// grain's start, or of its marker when compressed). Runs the whole grain table the grain
     /// is in through `body` would be faster; this is called a grain at a time from a loop
     /// that skips unallocated tables.
-    func table(for pos: Int64) async throws -> L2Table? {
+    func table(for pos: Int64) async throws -> VMDKReadTable? {
         let index = Int(pos / (grainBytes * tableEntries))
-        guard index < directory.count else { return nil }
-        let entry = directory[index]
-        guard entry != 0 else { return nil }
-        return try await cache.table(at: Int64(entry) * 512)
+        guard index < directory.count, directory[index] != 0 else { return nil }
+        if let t = cache.table(index) { return t }
+        return try await loadTables(from: index)
     }
 
-    func grain(_ table: L2Table, at pos: Int64) throws -> (GrainKind, Int64) {
+    /// Most grain tables read with one call: tables written one after another (qemu-img
+    /// writes them all at creation) are read together.
+    static let tablesPerRead = 256
+    /// The largest grain table, all zeros, to compare tables with.
+    private static let zeros: AlignedBuffer = {
+        let b = AlignedBuffer(count: Int(maxTableEntries) * 4)
+        b.mutableBytes.initializeMemory(as: UInt8.self, repeating: 0)
+        return b
+    }()
+
+    /// Reads the table of directory entry `first`, and the ones after it that follow it in
+    /// the file, into the cache.
+    private func loadTables(from first: Int) async throws -> VMDKReadTable {
+        let tableBytes = Int64(tableEntries) * 4
+        let sectorsPerTable = UInt32(tableBytes / 512)
+        var last = first
+        while last + 1 < directory.count, last + 1 - first < Self.tablesPerRead, tableBytes % 512 == 0,
+              directory[last + 1] != 0, directory[last + 1] == directory[last] &+ sectorsPerTable {
+            last += 1
+        }
+        let offset = Int64(directory[first]) * 512
+        let count = last - first + 1
+        guard offset <= file.size - tableBytes else {
+            throw FerryError(.corrupt, "vmdk grain table at offset \(offset) lies past the end of the file (\(file.size) bytes)", path: name, offset: offset)
+        }
+        // Tables past the end of the file are left to their own call, which reports them.
+        let whole = Int(min(Int64(count), (file.size - offset) / tableBytes))
+        let raw = AlignedBuffer(count: whole * Int(tableBytes))
+        try await readHost(file, at: offset, into: raw.mutableBytes)
+        var tables: [(Int, VMDKReadTable)] = []
+        tables.reserveCapacity(whole)
+        let n = Int(tableEntries)
+        for t in 0 ..< whole {
+            let bytes = UnsafeRawBufferPointer(rebasing: raw.bytes[t * Int(tableBytes) ..< (t + 1) * Int(tableBytes)])
+            // Most tables of a big image are empty: say so without decoding them.
+            if memcmp(bytes.baseAddress!, Self.zeros.bytes.baseAddress!, bytes.count) == 0 {
+                tables.append((first + t, VMDKReadTable(entries: [], empty: true)))
+                continue
+            }
+            let entries = [UInt32](unsafeUninitializedCapacity: n) { out, count in
+                for i in 0 ..< n { out[i] = UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self)) }
+                count = n
+            }
+            tables.append((first + t, VMDKReadTable(entries: entries, empty: false)))
+        }
+        cache.insert(tables)
+        return tables[0].1
+    }
+
+    func grain(_ table: VMDKReadTable, at pos: Int64) throws -> (GrainKind, Int64) {
         let index = Int((pos / grainBytes) % tableEntries)
-        let entry = table.words[index]
+        let entry = table.entries[index]
         if entry == 0 { return (.unallocated, 0) }
         if entry == 1 && (zeroedGrains || !cow) { return (.zero, 0) }
         let host = Int64(entry) * 512
@@ -290,5 +335,56 @@ final class VMDKReadInflaters: Sendable {
         let d = pool.withLock { $0.popLast() } ?? VMDKReadInflater()
         defer { pool.withLock { if $0.count < 16 { $0.append(d) } } }
         return d.inflate(input, into: output)
+    }
+}
+
+/// One grain table, decoded. `empty` when every entry is 0 (a table qemu-img wrote ahead).
+final class VMDKReadTable: Sendable {
+    let entries: [UInt32]
+    let empty: Bool
+    init(entries: [UInt32], empty: Bool) {
+        self.entries = entries
+        self.empty = empty
+    }
+}
+
+/// A bounded cache of grain tables by directory index. Tables are loaded outside the lock
+/// (two tasks missing the same table may both read it); when the cache is full the least
+/// recently used quarter goes.
+final class VMDKReadTableCache: Sendable {
+    private struct State {
+        var tables: [Int: (table: VMDKReadTable, lastUse: UInt64)] = [:]
+        var clock: UInt64 = 0
+        var loads = 0
+    }
+    private let state = Locked(State())
+    let capacity: Int
+
+    init(capacity: Int) { self.capacity = max(4, capacity) }
+
+    /// How many tables were read from the file (for tests).
+    var loads: Int { state.withLock { $0.loads } }
+
+    func table(_ index: Int) -> VMDKReadTable? {
+        state.withLock { s in
+            guard let hit = s.tables[index] else { return nil }
+            s.clock += 1
+            s.tables[index] = (hit.table, s.clock)
+            return hit.table
+        }
+    }
+
+    func insert(_ tables: [(Int, VMDKReadTable)]) {
+        state.withLock { s in
+            s.loads += tables.count
+            for (i, t) in tables.prefix(capacity / 2) {
+                s.clock += 1
+                s.tables[i] = (t, s.clock)
+            }
+            if s.tables.count > capacity {
+                let old = s.tables.sorted { $0.value.lastUse < $1.value.lastUse }.prefix(s.tables.count - capacity * 3 / 4)
+                for (k, _) in old { s.tables[k] = nil }
+            }
+        }
     }
 }
