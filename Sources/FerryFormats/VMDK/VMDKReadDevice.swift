@@ -122,6 +122,11 @@ public final class VMDKReadDevice: HostMappedDevice, DescribedDevice {
                         if h >= fileEnd || out.count >= maxRuns { break }
                     }
                 }
+                // A file that answers nothing useful is data, all of it.
+                if h == host && host < fileEnd {
+                    append(Run(offset: pos, length: fileEnd - host, kind: .data, extent: ei, host: host))
+                    h = fileEnd
+                }
                 // Past the end of a short file: reads as zeros.
                 if h >= fileEnd && fileEnd < hostEnd {
                     append(Run(offset: ext.start + (h - base), length: hostEnd - h, kind: .data, extent: ei, host: h, hole: true))
