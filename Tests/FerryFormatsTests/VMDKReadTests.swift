@@ -200,10 +200,10 @@ final class VMDKReadTests: XCTestCase {
         }
     }
 
-    /// A COWD (vmfsSparse) extent made by hand: 4 KiB grains, one grain table of 4096
-    /// entries, the CIDs as text in the sector after the header (where qemu-img wants them).
-    func testCOWDExtent() async throws {
-        let path = dir.appendingPathComponent("cowd.vmdk").path
+    /// A COWD (vmfsSparse) extent made by hand: 1 MiB, 4 KiB grains, one grain table of 4096
+    /// entries, grains 3 (0xC3) and 200 (0xC4), the CIDs as text in the sector after the
+    /// header (where qemu-img wants them).
+    static func makeCOWD(_ path: String) {
         var file = [UInt8](repeating: 0, count: 40 * 512 + 2 * 4096)
         func put(_ v: UInt32, _ at: Int) { for i in 0 ..< 4 { file[at + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt32(i))) } }
         put(0x4457_4F43, 0); put(1, 4); put(3, 8)
@@ -216,13 +216,31 @@ final class VMDKReadTests: XCTestCase {
         put(40, 8 * 512 + 3 * 4)    // grain 3 at sector 40
         put(48, 8 * 512 + 200 * 4)  // grain 200 at sector 48
         for i in 0 ..< 4096 { file[40 * 512 + i] = 0xC3; file[48 * 512 + i] = 0xC4 }
-        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data(file)))
+        _ = FileManager.default.createFile(atPath: path, contents: Data(file))
+    }
+
+    func testCOWDExtent() async throws {
+        let path = dir.appendingPathComponent("cowd.vmdk").path
+        Self.makeCOWD(path)
         try await checkAgainstQemu(path)
         try await withOpened(path) { image in
             let data = try await readAll(image.device)
             XCTAssertEqual(data[3 * 4096], 0xC3)
             XCTAssertEqual(data[200 * 4096 + 4095], 0xC4)
             XCTAssertEqual(data[4 * 4096], 0)
+        }
+    }
+
+    /// ESX descriptors: a VMFS (flat) extent, and a VMFSSPARSE (COWD) extent.
+    func testVMFSDescriptors() async throws {
+        Self.makeCOWD(dir.appendingPathComponent("disk-delta.vmdk").path)
+        let flat = dir.appendingPathComponent("disk-flat.vmdk").path
+        XCTAssertTrue(FileManager.default.createFile(atPath: flat, contents: Data(repeating: 0x6B, count: 1 << 20)))
+        for (name, type, extent) in [("vmfs.vmdk", "vmfs", "VMFS \"disk-flat.vmdk\""), ("delta.vmdk", "vmfsSparse", "VMFSSPARSE \"disk-delta.vmdk\"")] {
+            let path = dir.appendingPathComponent(name).path
+            try "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"\(type)\"\n\n# Extent description\nRW 2048 \(extent)\n\n# The Disk Data Base\n#DDB\n"
+                .write(toFile: path, atomically: true, encoding: .utf8)
+            try await checkAgainstQemu(path)
         }
     }
 
