@@ -53,6 +53,7 @@ final class VMDKSparseExtent: Sendable {
     /// Largest grain Ferry reads: a compressed grain is inflated into a buffer this big.
     static let maxGrainSectors: UInt64 = 1 << 16
     static let maxTableEntries: UInt64 = 4096
+    static let maxDirectoryEntries: UInt64 = 32 << 20
 
     private init(file: any BlockDevice, name: String, capacity: Int64, grainBytes: Int64, tableEntries: Int64,
                  directory: [UInt32], compressed: Bool, zeroedGrains: Bool, cow: Bool,
@@ -168,6 +169,10 @@ final class VMDKSparseExtent: Sendable {
             throw corrupt("grain directory has \(stated) entries, too few for a capacity of \(capacitySectors) sectors", name, entryField + 4)
         }
         guard needed > 0 else { return [] }
+        // As qemu: 32 Mi entries cover 8 TiB at the smallest grains, more than VMDK allows.
+        guard needed <= maxDirectoryEntries else {
+            throw FerryError(.notSupported, "vmdk grain directory of \(needed) entries is larger than Ferry reads (\(maxDirectoryEntries))", path: name, offset: entryField)
+        }
         let bytes = needed * 4
         guard gdSector != 0, gdSector < UInt64(file.size) / 512, bytes <= UInt64(file.size) - gdSector * 512 else {
             throw corrupt("grain directory at sector \(gdSector) (\(bytes) bytes) lies past the end of the file (\(file.size) bytes)", name,
@@ -191,10 +196,7 @@ final class VMDKSparseExtent: Sendable {
 
     enum GrainKind { case unallocated, zero, data, compressed }
 
-    /// What the grain holding extent offset `pos` is, and where it lives (host offset of the
-    /// grain's start, or of its marker when compressed). Runs the whole grain table the grain
-    /// is in through `body` would be faster; this is called a grain at a time from a loop
-    /// that skips unallocated tables.
+    /// The grain table covering extent offset `pos`, or nil where the directory has none.
     func table(for pos: Int64) async throws -> VMDKReadTable? {
         let index = Int(pos / (grainBytes * tableEntries))
         guard index < directory.count, directory[index] != 0 else { return nil }
@@ -251,6 +253,8 @@ final class VMDKSparseExtent: Sendable {
         return tables[0].1
     }
 
+    /// What the grain holding extent offset `pos` is, and where it lives: the host offset of
+    /// the grain's start, or of its marker when compressed.
     func grain(_ table: VMDKReadTable, at pos: Int64) throws -> (GrainKind, Int64) {
         let index = Int((pos / grainBytes) % tableEntries)
         let entry = table.entries[index]
