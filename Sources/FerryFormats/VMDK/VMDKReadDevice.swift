@@ -179,7 +179,9 @@ public final class VMDKReadDevice: HostMappedDevice, DescribedDevice {
                 throw FerryError(.corrupt, "vmdk mapping does not cover guest offset \(pos)", path: name, offset: pos)
             }
             var reads: [VMDKHostRead] = []
-            for r in batch {
+            var i = 0
+            while i < batch.count {
+                let r = batch[i]
                 let n = Int(min(r.end, end) - r.offset)
                 let start = Int(r.offset - offset)
                 let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[start ..< start + n])
@@ -193,19 +195,52 @@ public final class VMDKReadDevice: HostMappedDevice, DescribedDevice {
                     try await readBacking(at: r.offset, into: dst)
                 case .compressed:
                     guard case .sparse(let s) = ext.kind else { break }
-                    let g = grain ?? AlignedBuffer(count: Int(s.grainBytes))
-                    grain = g.count >= Int(s.grainBytes) ? g : AlignedBuffer(count: Int(s.grainBytes))
-                    let out = grain!.slice(0 ..< Int(s.grainBytes))
-                    let needed = Int(min(s.grainBytes, ext.length - r.grainStart))
-                    try await s.readCompressed(marker: r.host!, grainStart: r.grainStart, into: out, needed: needed, inflaters: inflaters)
-                    let within = Int(r.offset - ext.start - r.grainStart)
-                    dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: out[within ..< within + n]))
+                    // A stream's grains lie one after another: read the neighbours with one
+                    // call (up to the next grain's marker, 4 KiB past the last one), then
+                    // inflate each.
+                    var j = i + 1
+                    var last = r.host!
+                    while j < batch.count, batch[j].kind == .compressed, batch[j].extent == r.extent, batch[j].offset < end,
+                          let h = batch[j].host, h > last, h - last <= Int64(s.maxCompressedBytes) + 512,
+                          h + 4096 - r.host! <= Self.compressedSpan {
+                        last = h
+                        j += 1
+                    }
+                    let spanEnd = min(last + 4096, s.file.size)
+                    let span = AlignedBuffer(count: Int(spanEnd - r.host!))
+                    try await readHost(s.file, at: r.host!, into: span.mutableBytes)
+                    for k in i ..< j {
+                        let c = batch[k]
+                        let cn = Int(min(c.end, end) - c.offset)
+                        let cstart = Int(c.offset - offset)
+                        let cdst = UnsafeMutableRawBufferPointer(rebasing: buffer[cstart ..< cstart + cn])
+                        let ahead = UnsafeRawBufferPointer(rebasing: span.bytes[Int(c.host! - r.host!)...])
+                        let needed = Int(min(s.grainBytes, ext.length - c.grainStart))
+                        let within = Int(c.offset - ext.start - c.grainStart)
+                        if within == 0 && cn == Int(s.grainBytes) {
+                            try await s.readCompressed(marker: c.host!, grainStart: c.grainStart, ahead: ahead, into: cdst,
+                                                       needed: needed, inflaters: inflaters)
+                        } else {
+                            if grain == nil || grain!.count < Int(s.grainBytes) { grain = AlignedBuffer(count: Int(s.grainBytes)) }
+                            let out = grain!.slice(0 ..< Int(s.grainBytes))
+                            try await s.readCompressed(marker: c.host!, grainStart: c.grainStart, ahead: ahead, into: out,
+                                                       needed: needed, inflaters: inflaters)
+                            cdst.copyMemory(from: UnsafeRawBufferPointer(rebasing: out[within ..< within + cn]))
+                        }
+                        pos = c.offset + Int64(cn)
+                    }
+                    i = j
+                    continue
                 }
                 pos = r.offset + Int64(n)
+                i += 1
             }
             try await readTogether(reads)
         }
     }
+
+    /// Most bytes read at once for a run of neighbouring compressed grains.
+    static let compressedSpan: Int64 = 1 << 20
 
     private func readTogether(_ reads: [VMDKHostRead]) async throws {
         guard reads.count > 1 else {

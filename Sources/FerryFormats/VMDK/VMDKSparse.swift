@@ -272,26 +272,37 @@ final class VMDKSparseExtent: Sendable {
     var maxCompressedBytes: Int { Int(grainBytes + grainBytes / 1024 * 8 + 1024) }
 
     /// Inflates the compressed grain whose marker is at `host` (the grain starts at extent
-    /// offset `grainStart`) into `out` (one grain). Needs at least `needed` bytes of output.
-    func readCompressed(marker host: Int64, grainStart: Int64, into out: UnsafeMutableRawBufferPointer, needed: Int,
-                        inflaters: VMDKReadInflaters) async throws {
+    /// offset `grainStart`) into `out` (one grain, or the part of it that is wanted when
+    /// `needed` says less). `ahead` holds the file's bytes from `host` on, as far as the caller
+    /// read them; what the marker claims beyond them is read here.
+    func readCompressed(marker host: Int64, grainStart: Int64, ahead: UnsafeRawBufferPointer,
+                        into out: UnsafeMutableRawBufferPointer, needed: Int, inflaters: VMDKReadInflaters) async throws {
         func bad(_ why: String) -> FerryError {
             FerryError(.corrupt, "vmdk compressed grain at offset \(host) (extent offset \(grainStart)) " + why, path: name, offset: host)
         }
-        let first = Int(min(4096, file.size - host))
-        guard first >= 12 else { throw bad("is truncated") }
-        var input = try await vmdkReadBytes(file, at: host, count: first)
-        let r = VMDKReadBytes(bytes: input)
-        let lba = r.u64(0)
-        let size = Int(r.u32(8))
+        var input = ahead
+        var own: AlignedBuffer?
+        if input.count < 12 {
+            let n = Int(min(4096, file.size - host))
+            guard n >= 12 else { throw bad("is truncated") }
+            own = AlignedBuffer(count: n)
+            try await readHost(file, at: host, into: own!.mutableBytes)
+            input = own!.bytes
+        }
+        let lba = UInt64(littleEndian: input.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
+        let size = Int(UInt32(littleEndian: input.loadUnaligned(fromByteOffset: 8, as: UInt32.self)))
         guard lba == UInt64(grainStart / 512) else { throw bad("has a marker for sector \(lba), not \(grainStart / 512)") }
         guard size > 0, size <= maxCompressedBytes else { throw bad("claims \(size) compressed bytes (a grain is \(grainBytes) bytes)") }
         guard Int64(size) <= file.size - host - 12 else { throw bad("claims \(size) bytes, past the end of the file (\(file.size) bytes)") }
         if 12 + size > input.count {
-            input += try await vmdkReadBytes(file, at: host + Int64(input.count), count: 12 + size - input.count)
+            let whole = AlignedBuffer(count: 12 + size)
+            UnsafeMutableRawBufferPointer(rebasing: whole.mutableBytes[0 ..< input.count]).copyMemory(from: input)
+            try await readHost(file, at: host + Int64(input.count), into: whole.slice(input.count ..< 12 + size))
+            own = whole
+            input = whole.bytes
         }
-        let produced = input.withUnsafeBytes { p in
-            inflaters.inflate(UnsafeRawBufferPointer(rebasing: p[12 ..< 12 + size]), into: out)
+        let produced = withExtendedLifetime(own) {
+            inflaters.inflate(UnsafeRawBufferPointer(rebasing: input[12 ..< 12 + size]), into: out)
         }
         guard let produced, produced >= needed else { throw bad("of \(size) bytes does not inflate to a grain") }
         if produced < out.count {
