@@ -267,9 +267,8 @@ public enum Images {
                     filename: filename,
                     format: format,
                     virtualSize: d.size,
-                    actualSize: try? described.map { $0.details.extraFiles }.map { files in
-                        try files.reduce(try FileDevice.allocatedSize(path: filename)) { try $0 + FileDevice.allocatedSize(path: $1) }
-                    } ?? FileDevice.allocatedSize(path: filename),
+                    // With the image's other files (VMDK extents), as qemu-img counts them.
+                    actualSize: try? ([filename] + (described?.details.extraFiles ?? [])).reduce(0) { try $0 + FileDevice.allocatedSize(path: $1) },
                     dirtyFlag: described?.details.dirty ?? false,
                     details: described?.details))
                 guard backingChain, let layered = d as? LayeredDevice, let next = layered.backing else { break }
