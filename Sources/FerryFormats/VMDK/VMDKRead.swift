@@ -65,7 +65,9 @@ enum VMDKReader {
                 details.dirtyKnown = false
             }
             var backing: (any BlockDevice)?
-            if let hint = descriptor.parentFileNameHint, descriptor.parentCID != 0xFFFF_FFFF {
+            // qemu-img 7.2 follows the hint whatever parentCID says (ffffffff then fails
+            // reads through the parent, as any other CID that is not the parent's).
+            if let hint = descriptor.parentFileNameHint, !hint.isEmpty {
                 let full = resolveRelative(hint, to: path)
                 details.backingFilename = hint
                 details.fullBackingFilename = full
