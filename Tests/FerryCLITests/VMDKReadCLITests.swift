@@ -33,6 +33,18 @@ final class VMDKReadCLITests: XCTestCase {
         try Tools.must("qemu-img", ["create", "-q", "-f", "vmdk", "-b", "sub/base.vmdk", "-F", "vmdk", "top.vmdk"], in: dir)
         try Tools.must("qemu-io", ["-f", "vmdk", "-c", "write -P 9 1M 1M", "-c", "write -P 10 60M 64k", "top.vmdk"], in: dir)
         names.append("top.vmdk")
+        // ESX-style descriptors written by hand: a VMFS extent, and extents of two kinds
+        // (qemu-img then shows neither a cluster size nor a dirty flag).
+        try Tools.must("qemu-img", ["create", "-q", "-f", "raw", "esx-flat.vmdk", "2M"], in: dir)
+        try Tools.must("qemu-io", ["-f", "raw", "-c", "write -P 0x5a 512k 64k", "esx-flat.vmdk"], in: dir)
+        try Tools.must("qemu-img", ["create", "-q", "-f", "vmdk", "part-s.vmdk", "1M"], in: dir)
+        try Tools.must("qemu-io", ["-f", "vmdk", "-c", "write -P 0x5b 64k 64k", "part-s.vmdk"], in: dir)
+        for (name, type, extents) in [("esx.vmdk", "vmfs", "RW 4096 VMFS \"esx-flat.vmdk\""),
+                                      ("mixed.vmdk", "monolithicFlat", "RW 2048 FLAT \"esx-flat.vmdk\" 2048\nRW 2048 SPARSE \"part-s.vmdk\"")] {
+            let text = "# Disk DescriptorFile\nversion=1\nCID=0badcafe\nparentCID=ffffffff\ncreateType=\"\(type)\"\n\n# Extent description\n\(extents)\n\n# The Disk Data Base\n#DDB\n"
+            try text.write(to: dir.appendingPathComponent(name), atomically: true, encoding: .utf8)
+            names.append(name)
+        }
         return names
     }
 
@@ -69,7 +81,7 @@ final class VMDKReadCLITests: XCTestCase {
     /// libvmdk reads the same images and agrees on their size and their bytes.
     func testVmdkinfoAgrees() throws {
         let vmdkinfo = try Tools.require("vmdkinfo")
-        for image in try buildImages() where image != "top.vmdk" {
+        for image in try buildImages() where !["top.vmdk", "esx.vmdk", "mixed.vmdk"].contains(image) {
             let r = try Tools.run(vmdkinfo, [image], in: dir)
             XCTAssertEqual(r.status, 0, "vmdkinfo \(image): \(r.stderr)")
             guard let line = r.stdout.split(separator: "\n").first(where: { $0.contains("Media size:") }),
