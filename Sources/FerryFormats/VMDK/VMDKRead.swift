@@ -72,8 +72,9 @@ enum VMDKReader {
                 details.backingFilename = hint
                 details.fullBackingFilename = full
                 details.backingFormat = VMDKFormat.name
+                // A VMDK's parent is a VMDK (qemu-img opens it as one, never probes it).
                 if context.opensBacking {
-                    backing = try await context.openBacking(full, nil, context.depth + 1)
+                    backing = try await context.openBacking(full, VMDKFormat.name, context.depth + 1)
                 }
             }
             details.extraFiles = extents.compactMap { $0.device === file ? nil : $0.fileName }
