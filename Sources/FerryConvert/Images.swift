@@ -267,10 +267,13 @@ public enum Images {
                     filename: filename,
                     format: format,
                     virtualSize: d.size,
-                    // With the image's other files (VMDK extents), as qemu-img counts them.
-                    actualSize: try? ([filename] + (described?.details.extraFiles ?? [])).reduce(0) { try $0 + FileDevice.allocatedSize(path: $1) },
+                    actualSize: try? FileDevice.allocatedSize(path: filename),
                     dirtyFlag: described?.details.dirty ?? false,
                     details: described?.details))
+                // The image's other files (VMDK extents) count too, as qemu-img counts them.
+                if let extra = described?.details.extraFiles, !extra.isEmpty, let own = chain[chain.count - 1].actualSize {
+                    chain[chain.count - 1].actualSize = try? extra.reduce(own) { try $0 + FileDevice.allocatedSize(path: $1) }
+                }
                 guard backingChain, let layered = d as? LayeredDevice, let next = layered.backing else { break }
                 filename = described?.details.fullBackingFilename ?? next.name
                 format = (next as? DescribedDevice)?.formatName ?? RawFormat.name
