@@ -236,9 +236,11 @@ final class VMDKReadTests: XCTestCase {
         Self.makeCOWD(dir.appendingPathComponent("disk-delta.vmdk").path)
         let flat = dir.appendingPathComponent("disk-flat.vmdk").path
         XCTAssertTrue(FileManager.default.createFile(atPath: flat, contents: Data(repeating: 0x6B, count: 1 << 20)))
-        for (name, type, extent) in [("vmfs.vmdk", "vmfs", "VMFS \"disk-flat.vmdk\""), ("delta.vmdk", "vmfsSparse", "VMFSSPARSE \"disk-delta.vmdk\"")] {
+        for (name, type, extent) in [("vmfs.vmdk", "vmfs", "RW 2048 VMFS \"disk-flat.vmdk\""),
+                                     ("delta.vmdk", "vmfsSparse", "RW 2048 VMFSSPARSE \"disk-delta.vmdk\""),
+                                     ("tabs.vmdk", "vmfs", "RW\t2048\tVMFS \"disk-flat.vmdk\"")] {
             let path = dir.appendingPathComponent(name).path
-            try "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"\(type)\"\n\n# Extent description\nRW 2048 \(extent)\n\n# The Disk Data Base\n#DDB\n"
+            try "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"\(type)\"\n\n# Extent description\n\(extent)\n\n# The Disk Data Base\n#DDB\n"
                 .write(toFile: path, atomically: true, encoding: .utf8)
             try await checkAgainstQemu(path)
         }

@@ -36,7 +36,8 @@ struct VMDKParsedDescriptor: Sendable {
             while let c = line.last, c == "\r" || c == " " || c == "\t" { line = line.dropLast() }
             while let c = line.first, c == " " || c == "\t" { line = line.dropFirst() }
             if line.isEmpty || line.hasPrefix("#") { continue }
-            if line.hasPrefix("RW ") || line.hasPrefix("RDONLY ") || line.hasPrefix("NOACCESS ") {
+            let firstWord = line.prefix { $0 != " " && $0 != "\t" }
+            if firstWord.count < line.count, ["RW", "RDONLY", "NOACCESS"].contains(firstWord) {
                 guard extents.count < Self.maxExtents else {
                     throw FerryError(.corrupt, "vmdk descriptor has more than \(Self.maxExtents) extents", path: path, offset: lineStart)
                 }
