@@ -4,8 +4,9 @@ import FerryCore
 ///
 /// Grain directories are read whole at open; grain tables come through each sparse extent's
 /// bounded cache. Data reads run outside any lock, in the task that asked; grains that are
-/// contiguous in their file are read with one call; compressed grains are inflated one at a
-/// time into a buffer of one grain that the call owns.
+/// contiguous in their file are read with one call; neighbouring compressed grains are read
+/// with one call and inflated one at a time, a grain wanted in part through a buffer of one
+/// grain that the call owns (never more than the grain size, whatever a marker claims).
 public final class VMDKReadDevice: HostMappedDevice, DescribedDevice {
     public let name: String
     public let size: Int64
