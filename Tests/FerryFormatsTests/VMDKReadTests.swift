@@ -97,6 +97,13 @@ final class VMDKReadTests: XCTestCase {
             XCTAssertEqual(extents.coalesced(), expected, "\(path): extents differ from qemu-img map", file: file, line: line)
             XCTAssertTrue(image.device.capabilities.contains(.extents), file: file, line: line)
             XCTAssertFalse(image.device.capabilities.contains(.write), file: file, line: line)
+            let one = AlignedBuffer(count: 512)
+            do {
+                try await image.device.write(at: 0, from: one.bytes, flags: [])
+                XCTFail("\(path): a write was accepted", file: file, line: line)
+            } catch let e as FerryError {
+                XCTAssertEqual(e.code, .readOnly, file: file, line: line)
+            }
         }
     }
 
