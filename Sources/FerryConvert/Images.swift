@@ -276,6 +276,10 @@ public enum Images {
                         ?? (chain.isEmpty ? (image.file as? SliceDevice)?.size : nil),
                     dirtyFlag: described?.details.dirty ?? false,
                     details: described?.details))
+                // The image's other files (VMDK extents) count too, as qemu-img counts them.
+                if let extra = described?.details.extraFiles, !extra.isEmpty, let own = chain[chain.count - 1].actualSize {
+                    chain[chain.count - 1].actualSize = try? extra.reduce(own) { try $0 + FileDevice.allocatedSize(path: $1) }
+                }
                 guard backingChain, let layered = d as? LayeredDevice, let next = layered.backing else { break }
                 filename = described?.details.fullBackingFilename ?? next.name
                 format = (next as? DescribedDevice)?.formatName ?? Formats.fallback.name
@@ -331,8 +335,8 @@ public enum Images {
             let hostFile = m.hostOffset == nil ? nil : (m.hostFile ?? layer.hostFileName)
             switch m.kind {
             case .data:
-                return MapEntry(start: offset, length: length, depth: depth, present: true, zero: false, data: true, offset: m.hostOffset,
-                                file: hostFile)
+                return MapEntry(start: offset, length: length, depth: depth, present: true, zero: m.readsAsZero, data: true,
+                                offset: m.hostOffset, file: hostFile)
             case .zero:
                 return MapEntry(start: offset, length: length, depth: depth, present: true, zero: true, data: false, offset: m.hostOffset,
                                 file: hostFile)

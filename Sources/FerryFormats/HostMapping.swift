@@ -13,13 +13,18 @@ public struct LayerMapping: Sendable, Equatable {
     /// The file `hostOffset` points into, when it is not the layer's `hostFileName` (an
     /// image of several extent files).
     public var hostFile: String?
+    /// A `.data` run stored plainly whose bytes the host file knows to be zeros (a hole in a
+    /// VMDK flat extent file): qemu-img map calls it both data and zero.
+    public var readsAsZero: Bool
 
-    public init(offset: Int64, length: Int64, kind: ExtentKind, hostOffset: Int64?, hostFile: String? = nil) {
+    public init(offset: Int64, length: Int64, kind: ExtentKind, hostOffset: Int64?, hostFile: String? = nil,
+                readsAsZero: Bool = false) {
         self.offset = offset
         self.length = length
         self.kind = kind
         self.hostOffset = hostOffset
         self.hostFile = hostFile
+        self.readsAsZero = readsAsZero
     }
 
     public var end: Int64 { offset + length }
@@ -60,6 +65,9 @@ public indirect enum InfoValue: Sendable, Equatable {
 public struct ImageDetails: Sendable, Equatable {
     public var clusterSize: Int?
     public var dirty: Bool = false
+    /// False when the image cannot say (qemu-img then prints neither dirty-flag nor
+    /// cluster-size): a VMDK whose extents are of different kinds.
+    public var dirtyKnown: Bool = true
     /// The backing file name as the header stores it.
     public var backingFilename: String?
     /// The backing file name resolved against the image's directory.
@@ -69,6 +77,8 @@ public struct ImageDetails: Sendable, Equatable {
     public var snapshots: [QCOW2Snapshot] = []
     /// `{type, data}` as qemu-img's `format-specific`.
     public var formatSpecific: InfoValue?
+    /// The image's other files (VMDK extents), counted in its disk size as qemu-img does.
+    public var extraFiles: [String] = []
 
     public init() {}
 }

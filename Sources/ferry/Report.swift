@@ -130,7 +130,7 @@ enum Report {
             if let full = d.fullBackingFilename { fields.append(("full-backing-filename", .string(full))) }
             fields.append(("backing-filename", .string(b)))
         }
-        fields.append(("dirty-flag", .bool(info.dirtyFlag)))
+        if d?.dirtyKnown ?? true { fields.append(("dirty-flag", .bool(info.dirtyFlag))) }
         return .object(fields)
     }
 
