@@ -12,6 +12,7 @@ final class FormatLayerTests: XCTestCase {
         XCTAssertEqual(try probe(Array("KDMV".utf8) + [1, 0, 0, 0]), "vmdk")
         XCTAssertEqual(try probe(Array("COWD".utf8) + [1, 0, 0, 0]), "vmdk")
         XCTAssertEqual(try probe(Array("# Disk DescriptorFile\nversion=1\n".utf8)), "vmdk")
+        XCTAssertEqual(try probe([0xbe, 0xba, 0xfe, 0xca, 0, 0, 0, 0, 1]), "vmdk", "seSparse, to be refused by name")
         XCTAssertNil(try probe(Array("# Disk Descriptor".utf8)), "a prefix of the descriptor line is not a descriptor")
         XCTAssertNil(try probe([UInt8](repeating: 0, count: 512)))
         XCTAssertThrowsError(try probe(Array("conectix".utf8))) { e in

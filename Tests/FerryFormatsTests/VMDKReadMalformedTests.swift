@@ -42,6 +42,14 @@ final class VMDKReadMalformedTests: XCTestCase {
     func gdOffset(_ p: VMDKReadPatcher) throws -> Int64 { Int64(try p.readLE(at: 56, bytes: 8)) * 512 }
     func gtOffset(_ p: VMDKReadPatcher) throws -> Int64 { Int64(try p.readLE(at: try gdOffset(p), bytes: 4)) * 512 }
 
+    func testBareSeSparseFileIsRefusedByName() async throws {
+        let path = dir.appendingPathComponent("se.vmdk").path
+        var bytes: [UInt8] = [0xbe, 0xba, 0xfe, 0xca, 0, 0, 0, 0]
+        bytes += [UInt8](repeating: 0, count: 4096 - bytes.count)
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
+        await expectError(path, .notSupported, "seSparse is not supported")
+    }
+
     func testTruncatedFile() async throws {
         let (path, p) = try makeImage()
         try p.truncate(to: 300)

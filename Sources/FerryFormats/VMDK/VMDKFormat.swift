@@ -28,14 +28,19 @@ public enum VMDKFormat: ImageFormat {
 
     public static var allFeatures: FormatFeatures { [.compression, .sequentialWrites, .backingFile, .zeroRuns] }
 
-    /// A sparse extent (`KDMV`), a hosted sparse extent of old Workstation (`COWD`), or a
-    /// text descriptor.
+    /// The first 8 bytes of an seSparse extent (little-endian 0xcafebabe): claimed so that the
+    /// reader can say the subformat is not supported, rather than it being read as raw.
+    static let seSparseMagic: [UInt8] = [0xbe, 0xba, 0xfe, 0xca, 0, 0, 0, 0]
+
+    /// A sparse extent (`KDMV`), a hosted sparse extent of old Workstation (`COWD`), an
+    /// seSparse extent, or a text descriptor.
     public static func probe(header: UnsafeRawBufferPointer) -> Bool {
         func starts(_ s: String) -> Bool {
             let m = Array(s.utf8)
             return header.count >= m.count && header.prefix(m.count).elementsEqual(m)
         }
-        return starts("KDMV") || starts("COWD") || starts("# Disk DescriptorFile")
+        let se = header.count >= seSparseMagic.count && header.prefix(seSparseMagic.count).elementsEqual(seSparseMagic)
+        return starts("KDMV") || starts("COWD") || starts("# Disk DescriptorFile") || se
     }
 
     public static func checkOptions(_ options: [String: String]) throws {

@@ -10,6 +10,9 @@ enum VMDKReader {
         }
         let first = try await vmdkReadBytes(file, at: 0, count: Int(min(file.size, 512)))
         let magic = VMDKReadBytes(bytes: first).u32(0)
+        if first.starts(with: VMDKFormat.seSparseMagic) {
+            throw FerryError(.notSupported, "vmdk subformat seSparse is not supported", path: path)
+        }
         var opened: [any BlockDevice] = []
         do {
             var extents: [VMDKReadExtent] = []
