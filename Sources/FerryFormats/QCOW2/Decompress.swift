@@ -12,36 +12,6 @@ enum QCOW2Compression: UInt8, Sendable {
     var infoName: String { self == .deflate ? "zlib" : "zstd" }
 }
 
-/// An inflate stream kept between clusters (reset, not rebuilt, for each one).
-private final class Inflater: @unchecked Sendable {
-    let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
-    let ok: Bool
-
-    init() {
-        stream.initialize(to: z_stream())
-        // Raw deflate with the largest window: reads streams written with any window up to it.
-        ok = inflateInit2_(stream, -15, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK
-    }
-
-    deinit {
-        if ok { inflateEnd(stream) }
-        stream.deinitialize(count: 1)
-        stream.deallocate()
-    }
-
-    /// Inflates `input` until `output` is full. False if the data is not valid deflate or
-    /// ends before it has produced a whole cluster.
-    func inflate(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Bool {
-        guard ok, inflateReset(stream) == Z_OK else { return false }
-        stream.pointee.next_in = UnsafeMutablePointer(mutating: input.baseAddress?.assumingMemoryBound(to: Bytef.self))
-        stream.pointee.avail_in = uInt(input.count)
-        stream.pointee.next_out = output.baseAddress?.assumingMemoryBound(to: Bytef.self)
-        stream.pointee.avail_out = uInt(output.count)
-        let rc = CZlib.inflate(stream, Z_FINISH)
-        return (rc == Z_STREAM_END || rc == Z_BUF_ERROR || rc == Z_OK) && stream.pointee.avail_out == 0
-    }
-}
-
 /// A zstd decompression context kept between clusters.
 private final class ZstdDecoder: @unchecked Sendable {
     let ctx: OpaquePointer?
@@ -73,7 +43,8 @@ private final class ZstdDecoder: @unchecked Sendable {
 /// cluster it has just read, and gives it back, so clusters decompress in parallel.
 final class Decompressors: Sendable {
     let kind: QCOW2Compression
-    private let inflaters = Locked<[Inflater]>([])
+    // Raw deflate with the largest window.
+    private let inflaters = InflaterPool(windowBits: -15)
     private let zstds = Locked<[ZstdDecoder]>([])
 
     init(kind: QCOW2Compression) { self.kind = kind }
@@ -81,9 +52,8 @@ final class Decompressors: Sendable {
     func decompress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Bool {
         switch kind {
         case .deflate:
-            let d = inflaters.withLock { $0.popLast() } ?? Inflater()
-            defer { inflaters.withLock { if $0.count < 16 { $0.append(d) } } }
-            return d.inflate(input, into: output)
+            // A whole cluster, or the data is broken.
+            return inflaters.inflate(input, into: output) == output.count
         case .zstd:
             let d = zstds.withLock { $0.popLast() } ?? ZstdDecoder()
             defer { zstds.withLock { if $0.count < 16 { $0.append(d) } } }

@@ -334,20 +334,7 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
                     continue
                 }
                 let bEnd = min(r.end, backing.size)
-                var p = r.offset
-                while p < bEnd {
-                    let batch = try await backing.extents(in: p ..< bEnd)
-                    guard let f = batch.first, f.offset == p, f.length > 0 else {
-                        throw FerryError(.corrupt, "extents at offset \(p) do not start where asked", path: backing.name, offset: p)
-                    }
-                    for var e in batch {
-                        guard e.offset == p, e.length > 0 else { break }
-                        if e.end > bEnd { e.length = bEnd - e.offset }
-                        out.append(e)
-                        p = e.end
-                        if p >= bEnd { break }
-                    }
-                }
+                try await backing.forEachExtent(in: r.offset ..< bEnd) { out.append($0) }
                 if bEnd < r.end { out.append(Extent(offset: bEnd, length: r.end - bEnd, kind: .unallocated)) }
             }
         }

@@ -276,7 +276,7 @@ final class VMDKSparseExtent: Sendable {
     /// `needed` says less). `ahead` holds the file's bytes from `host` on, as far as the caller
     /// read them; what the marker claims beyond them is read here.
     func readCompressed(marker host: Int64, grainStart: Int64, ahead: UnsafeRawBufferPointer,
-                        into out: UnsafeMutableRawBufferPointer, needed: Int, inflaters: VMDKReadInflaters) async throws {
+                        into out: UnsafeMutableRawBufferPointer, needed: Int, inflaters: InflaterPool) async throws {
         func bad(_ why: String) -> FerryError {
             FerryError(.corrupt, "vmdk compressed grain at offset \(host) (extent offset \(grainStart)) " + why, path: name, offset: host)
         }
@@ -308,48 +308,6 @@ final class VMDKSparseExtent: Sendable {
         if produced < out.count {
             UnsafeMutableRawBufferPointer(rebasing: out[produced...]).initializeMemory(as: UInt8.self, repeating: 0)
         }
-    }
-}
-
-/// A zlib (RFC 1950, with header) inflate stream kept between grains.
-private final class VMDKReadInflater: @unchecked Sendable {
-    let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
-    let ok: Bool
-
-    init() {
-        stream.initialize(to: z_stream())
-        ok = inflateInit2_(stream, 15, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK
-    }
-
-    deinit {
-        if ok { inflateEnd(stream) }
-        stream.deinitialize(count: 1)
-        stream.deallocate()
-    }
-
-    /// The bytes produced, or nil if the data is not a valid zlib stream.
-    func inflate(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Int? {
-        guard ok, inflateReset(stream) == Z_OK else { return nil }
-        stream.pointee.next_in = UnsafeMutablePointer(mutating: input.baseAddress?.assumingMemoryBound(to: Bytef.self))
-        stream.pointee.avail_in = uInt(input.count)
-        stream.pointee.next_out = output.baseAddress?.assumingMemoryBound(to: Bytef.self)
-        stream.pointee.avail_out = uInt(output.count)
-        let rc = CZlib.inflate(stream, Z_FINISH)
-        guard rc == Z_STREAM_END || ((rc == Z_BUF_ERROR || rc == Z_OK) && stream.pointee.avail_out == 0) else { return nil }
-        return output.count - Int(stream.pointee.avail_out)
-    }
-}
-
-/// Inflaters shared by the tasks reading an image, so grains inflate in parallel.
-final class VMDKReadInflaters: Sendable {
-    private let pool = Locked<[VMDKReadInflater]>([])
-
-    init() {}
-
-    func inflate(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Int? {
-        let d = pool.withLock { $0.popLast() } ?? VMDKReadInflater()
-        defer { pool.withLock { if $0.count < 16 { $0.append(d) } } }
-        return d.inflate(input, into: output)
     }
 }
 
