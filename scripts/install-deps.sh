@@ -9,6 +9,7 @@ PACKAGES=(
     qemu-utils      # qemu-img, qemu-io: the oracle in tests and the baseline in benchmarks
     liburing-dev    # io_uring for files and block devices
     libzstd-dev     # zstd-compressed qcow2 clusters
+    libdeflate-dev  # zlib-compressed streamOptimized VMDK grains
     zlib1g-dev      # zlib-compressed qcow2 clusters
     nbdkit          # NBD test servers
     libnbd-bin      # nbdcopy, nbdinfo

@@ -1,3 +1,4 @@
+import CLibDeflate
 import CZlib
 #if canImport(Glibc)
 import Glibc
@@ -33,6 +34,19 @@ private final class GrainDeflater: @unchecked Sendable {
     }
 }
 
+/// A libdeflate compressor (zlib wrapper), kept between grains.
+private final class LibDeflater: @unchecked Sendable {
+    let compressor: OpaquePointer?
+    init(level: Int32) { compressor = libdeflate_alloc_compressor(level) }
+    deinit { libdeflate_free_compressor(compressor) }
+
+    func deflate(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Int? {
+        guard let compressor, let src = input.baseAddress, let dst = output.baseAddress else { return nil }
+        let n = libdeflate_zlib_compress(compressor, src, input.count, dst, output.count)
+        return n == 0 ? nil : n
+    }
+}
+
 /// Grain compressors shared by the engine's workers: each call takes one, so grains
 /// compress in parallel, one per worker.
 final class GrainCompressors: Sendable {
@@ -43,7 +57,13 @@ final class GrainCompressors: Sendable {
         return 6
     }()
 
+    /// FERRY_VMDK_DEFLATE=zlib or libdeflate chooses the library (for measuring them).
+    static let useLibDeflate: Bool = {
+        getenv("FERRY_VMDK_DEFLATE").map { String(cString: $0) != "zlib" } ?? true
+    }()
+
     private let pool = Locked<[GrainDeflater]>([])
+    private let libPool = Locked<[LibDeflater]>([])
     /// Level 0 (stored blocks) for grains that do not shrink: still a valid zlib stream.
     private let stored = Locked<[GrainDeflater]>([])
 
@@ -52,6 +72,11 @@ final class GrainCompressors: Sendable {
 
     /// Compresses `input` into `output`; nil if it does not fit.
     func compress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer, store: Bool = false) -> Int? {
+        if Self.useLibDeflate && !store {
+            let d = libPool.withLock { $0.popLast() } ?? LibDeflater(level: Self.level)
+            defer { libPool.withLock { if $0.count < 64 { $0.append(d) } } }
+            return d.deflate(input, into: output)
+        }
         let which = store ? stored : pool
         let d = which.withLock { $0.popLast() } ?? GrainDeflater(level: store ? 0 : Self.level)
         defer { which.withLock { if $0.count < 64 { $0.append(d) } } }
