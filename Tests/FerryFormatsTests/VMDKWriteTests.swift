@@ -72,7 +72,7 @@ final class VMDKWriteTests: XCTestCase {
     }
 
     func testDescriptorIsQemusButTheCID() throws {
-        for (options, size) in [("adapter_type=lsilogic,hwversion=10,toolsversion=1234", "5G"), ("compat6=on", "3M"), ("", "0")] {
+        for (options, size) in [("adapter_type=lsilogic,hwversion=10,toolsversion=1234", "5G"), ("compat6=on", "3M"), ("adapter_type=ide", "0")] {
             try Oracle.must("qemu-img", ["create", "-q", "-f", "vmdk", "-o", options, "q.vmdk", size], in: dir)
             var opts: [String: String] = [:]
             for kv in options.split(separator: ",") {
@@ -175,8 +175,8 @@ final class VMDKWriteTests: XCTestCase {
         let name = path("z.vmdk")
         let size: Int64 = 1 << 20
         let f = MemoryDevice(name: name, size: try VMDKFormat.initialFileSize(for: size, options: ["zeroed_grain": "on"]))
-        let w = try XCTUnwrap(try await VMDKFormat.create(file: f, size: size, options: ["zeroed_grain": "on"],
-                                                           context: CreateContext(location: name)) as? VMDKSparseWriter)
+        let made = try await VMDKFormat.create(file: f, size: size, options: ["zeroed_grain": "on"], context: CreateContext(location: name))
+        let w = try XCTUnwrap(made as? VMDKSparseWriter)
         XCTAssertTrue(w.capabilities.contains(.zero))
         try await put(w, [UInt8](repeating: 9, count: 65536), at: 0)
         try await w.writeZeroes(at: 0, length: 1 << 20, flags: [])
@@ -217,8 +217,8 @@ final class VMDKWriteTests: XCTestCase {
         let file = MemoryDevice(name: name, size: try VMDKFormat.initialFileSize(for: size, options: opts),
                                 limits: BlockLimits(alignment: 1, preferredTransfer: 64 << 10, maximumTransfer: 1 << 20),
                                 latency: .microseconds(200), jitter: .microseconds(500))
-        let w = try XCTUnwrap(try await VMDKFormat.create(file: file, size: size, options: opts,
-                                                           context: CreateContext(location: name)) as? VMDKStreamWriter)
+        let made = try await VMDKFormat.create(file: file, size: size, options: opts, context: CreateContext(location: name))
+        let w = try XCTUnwrap(made as? VMDKStreamWriter)
         XCTAssertTrue(w.capabilities.contains(.sequentialWrites))
         XCTAssertTrue(w.compressesWrites)
         var c = CopyConfiguration()
