@@ -273,6 +273,9 @@ final class VMDKStreamWriter: ClusterCompressingDevice, CommittingDevice, Layere
             }
             return
         }
+        if flags.contains(.fastOnly) {
+            throw FerryError(.notSupported, "zeroing stores zero grains in a streamOptimized image over a backing file", path: name, offset: offset)
+        }
         guard offset % Self.gs == 0, length % Self.gs == 0 || offset + length == size else {
             throw FerryError(.invalidArgument, "a streamOptimized image over a backing file zeroes whole grains of 64 KiB (\(length) bytes at \(offset) are not)",
                              path: name, offset: offset)

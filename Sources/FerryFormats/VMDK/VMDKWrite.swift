@@ -254,10 +254,11 @@ enum VMDKLayout {
 }
 
 extension BlockDevice {
-    /// Writes small metadata at `offset` (aligned), padded with zeros to the file's alignment
-    /// (O_DIRECT files and LUNs take whole blocks only).
+    /// Writes small metadata at `offset` (a sector boundary), padded with zeros to whole
+    /// sectors: every VMDK structure fills whole sectors, so the padding never reaches the
+    /// next one (padding to a larger block could wipe a neighbour).
     func writePadded(_ bytes: [UInt8], at offset: Int64) async throws {
-        let align = limits.alignment
+        let align = Int(VMDKLayout.sector)
         let buffer = AlignedBuffer(count: max(align, (bytes.count + align - 1) / align * align))
         buffer.mutableBytes.initializeMemory(as: UInt8.self, repeating: 0)
         bytes.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: buffer.mutableBytes[0 ..< bytes.count]).copyMemory(from: $0) }

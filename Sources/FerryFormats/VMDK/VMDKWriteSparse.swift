@@ -236,6 +236,9 @@ final class VMDKSparseWriter: CommittingDevice, LayeredDevice, @unchecked Sendab
     func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws {
         try checkRange(offset, length)
         guard length > 0 else { return }
+        if flags.contains(.fastOnly) && !opts.zeroedGrain {
+            throw FerryError(.notSupported, "zeroing writes zero bytes in this vmdk image (no zeroed_grain)", path: name, offset: offset)
+        }
         try await beginChange()
         let (runs, slowOnes) = try plan(offset, length) { s, at, n in try mapZero(&s, at: at, length: n) }
         for r in runs {
@@ -308,17 +311,29 @@ final class VMDKSparseWriter: CommittingDevice, LayeredDevice, @unchecked Sendab
             return
         }
         let tableBytes = Int(VMDKLayout.gtSectors * VMDKLayout.sector)
-        let table = AlignedBuffer(count: tableBytes)
         for (k, e) in extents.enumerated() {
+            // Consecutive tables lie next to each other: one write for each run of them.
+            var groups: [[Int]] = []
             for i in dirty[k].sorted() {
-                table.mutableBytes.initializeMemory(as: UInt8.self, repeating: 0)
-                let first = i * Int(VMDKLayout.gtEntries)
-                for j in first ..< min(first + Int(VMDKLayout.gtEntries), gt[k].count) {
-                    table.mutableBytes.storeBytes(of: gt[k][j].littleEndian, toByteOffset: (j - first) * 4, as: UInt32.self)
+                if let last = groups.last?.last, last + 1 == i, groups[groups.count - 1].count < 4096 {
+                    groups[groups.count - 1].append(i)
+                } else {
+                    groups.append([i])
                 }
-                // The redundant copy is the same table in its own place.
+            }
+            for group in groups {
+                let buffer = AlignedBuffer(count: group.count * tableBytes)
+                buffer.mutableBytes.initializeMemory(as: UInt8.self, repeating: 0)
+                for (n, i) in group.enumerated() {
+                    let first = i * Int(VMDKLayout.gtEntries)
+                    for j in first ..< min(first + Int(VMDKLayout.gtEntries), gt[k].count) {
+                        buffer.mutableBytes.storeBytes(of: gt[k][j].littleEndian, toByteOffset: n * tableBytes + (j - first) * 4, as: UInt32.self)
+                    }
+                }
+                // The redundant copy is the same tables in their own place.
                 for redundant in [true, false] {
-                    try await e.file.write(at: e.layout.table(i, redundant: redundant) * VMDKLayout.sector, from: table.bytes, flags: [])
+                    let at = e.layout.table(group[0], redundant: redundant) * VMDKLayout.sector
+                    try await e.file.writeInOrder(PendingWrite.pieces(buffer.bytes, at: at, maximum: e.file.limits.maximumTransfer), issued: {})
                 }
             }
             if marker {
