@@ -269,6 +269,37 @@ final class VMDKWriteTests: XCTestCase {
         XCTAssertEqual(cmp.status, 0, cmp.stdout + cmp.stderr)
     }
 
+    /// Over a backing file, zero runs become zero grains and what is not written shows the
+    /// backing file.
+    func testStreamOverBacking() async throws {
+        let size: Int64 = 1 << 20
+        try Oracle.must("qemu-img", ["create", "-q", "-f", "vmdk", "base.vmdk", "\(size)"], in: dir)
+        try Oracle.must("qemu-io", ["-f", "vmdk", "-c", "write -P 0x77 0 \(size)", "base.vmdk"], in: dir)
+        var reference = [UInt8](repeating: 0x77, count: Int(size))
+        let b = MemoryDevice(name: "base", size: size)
+        try await put(b, reference, at: 0)
+        let name = path("so.vmdk")
+        let opts = ["subformat": "streamOptimized", "backing_file": "base.vmdk", "backing_fmt": "vmdk"]
+        let file = MemoryDevice(name: name, size: try VMDKFormat.initialFileSize(for: size, options: opts))
+        let w = try await VMDKFormat.create(file: file, size: size, options: opts,
+                                            context: CreateContext(location: name, backing: b, backingFormat: "vmdk"))
+        XCTAssertFalse(w.capabilities.contains(.zeroInit))
+        let data = (0 ..< 131072).map { UInt8(truncatingIfNeeded: $0 * 31) }
+        try await put(w, data, at: 65536)
+        reference.replaceSubrange(65536 ..< 196608, with: data)
+        try await w.writeZeroes(at: 262144, length: 131072, flags: [])
+        reference.replaceSubrange(262144 ..< 393216, with: [UInt8](repeating: 0, count: 131072))
+        let c = try XCTUnwrap(w as? VMDKStreamWriter)
+        try await c.commit(durable: false)
+        try Data(file.contents().prefix(Int(c.usedFileSize))).write(to: URL(fileURLWithPath: name))
+        let check = try Oracle.run("qemu-img", ["check", name], in: dir)
+        XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+        let ref = path("ref.raw")
+        try Data(reference).write(to: URL(fileURLWithPath: ref))
+        let cmp = try Oracle.run("qemu-img", ["compare", "-f", "raw", "-F", "vmdk", ref, name], in: dir)
+        XCTAssertEqual(cmp.status, 0, cmp.stdout + cmp.stderr)
+    }
+
     func testStreamRefusesWritesOutOfOrder() async throws {
         let name = path("o.vmdk")
         let opts = ["subformat": "streamOptimized"]

@@ -57,7 +57,9 @@ final class GrainCompressors: Sendable {
         return 6
     }()
 
-    /// FERRY_VMDK_DEFLATE=zlib or libdeflate chooses the library (for measuring them).
+    /// libdeflate unless FERRY_VMDK_DEFLATE=zlib. At the same level (6) libdeflate took 0.62
+    /// of zlib's time for raw -> streamOptimized on bench/vmdk.sh's corpus (512 MiB, 2 cores:
+    /// 4.9 s against 8.0 s; qemu-img 20.5 s), with output 1% smaller; both are zlib streams.
     static let useLibDeflate: Bool = {
         getenv("FERRY_VMDK_DEFLATE").map { String(cString: $0) != "zlib" } ?? true
     }()
