@@ -72,7 +72,7 @@ final class VMDKWriteTests: XCTestCase {
     }
 
     func testDescriptorIsQemusButTheCID() throws {
-        for (options, size) in [("adapter_type=lsilogic,hwversion=10,toolsversion=1234", "5G"), ("compat6=on", "3M"), ("adapter_type=ide", "0")] {
+        for (options, size) in [("adapter_type=lsilogic,hwversion=10,toolsversion=1234", "5G"), ("compat6=on", "3M"), ("adapter_type=ide", "0"), ("adapter_type=ide", "100G"), ("adapter_type=buslogic", "1T")] {
             try Oracle.must("qemu-img", ["create", "-q", "-f", "vmdk", "-o", options, "q.vmdk", size], in: dir)
             var opts: [String: String] = [:]
             for kv in options.split(separator: ",") {

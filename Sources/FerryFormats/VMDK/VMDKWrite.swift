@@ -197,7 +197,8 @@ enum VMDKLayout {
     static func descriptor(cid: UInt32, parentCID: UInt32, createType: String, parentHint: String?,
                            extents: [String], sizeSectors: Int64, options o: VMDKCreateOptions) -> String {
         let heads: Int64 = o.adapterType == "ide" ? 16 : 255
-        let cylinders = min(sizeSectors / (heads * 63), 16383)
+        // qemu 7.2 does not cap the cylinders at 16383.
+        let cylinders = sizeSectors / (heads * 63)
         var s = "# Disk DescriptorFile\nversion=1\n"
         s += "CID=\(hex8(cid))\nparentCID=\(hex8(parentCID))\ncreateType=\"\(createType)\"\n"
         s += parentHint.map { "parentFileNameHint=\"\($0)\"\n" } ?? "\n"
