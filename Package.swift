@@ -23,6 +23,7 @@ let package = Package(
         ),
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CLibDeflate", pkgConfig: "libdeflate", providers: [.apt(["libdeflate-dev"])]),
         // libnbd's declarations only; CFerryNBD defines the functions and loads libnbd on
         // first use (it brings GnuTLS, libxml2 and ICU: most of a cold start's reading).
         .systemLibrary(name: "CLibNBD"),
@@ -36,7 +37,7 @@ let package = Package(
         .target(name: "FerryNBD", dependencies: ["FerryCore", "CLibNBD", "CFerryNBD"]),
         .target(name: "FerryNFS", dependencies: ["FerryCore", "CLibNFS"]),
         .target(name: "FerryISCSI", dependencies: ["FerryCore", "CFerryLinux", "CLibISCSI"]),
-        .target(name: "FerryFormats", dependencies: ["FerryCore", "CZlib", "CZstd"]),
+        .target(name: "FerryFormats", dependencies: ["FerryCore", "CZlib", "CZstd", "CLibDeflate"]),
         .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryISCSI", "FerryFormats", "CLibCrypto"]),
         .executableTarget(
             name: "ferry",

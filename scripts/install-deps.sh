@@ -9,6 +9,8 @@ PACKAGES=(
     qemu-utils      # qemu-img, qemu-io: the oracle in tests and the baseline in benchmarks
     liburing-dev    # io_uring for files and block devices
     libzstd-dev     # zstd-compressed qcow2 clusters
+    libdeflate-dev  # zlib-compressed streamOptimized VMDK grains
+    libvmdk-utils   # vmdkinfo: a second, independent VMDK reader in the tests
     zlib1g-dev      # zlib-compressed qcow2 clusters
     nbdkit          # NBD test servers
     libnbd-bin      # nbdcopy, nbdinfo
