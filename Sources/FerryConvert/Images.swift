@@ -201,6 +201,7 @@ public enum Images {
         } catch let e as FerryError {
             try? await file.close()
             if let backing { try? await backing.device.close() }
+            if isNewFile { unlink(location) }
             for path in extra.all { unlink(path) }
             throw e.at(path: location)
         }

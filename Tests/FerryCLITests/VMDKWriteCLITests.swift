@@ -240,6 +240,17 @@ final class VMDKWriteCLITests: XCTestCase {
         }
     }
 
+    /// An extent file that cannot be made (its name is taken by a folder) fails the create
+    /// and leaves nothing behind: not the descriptor file made before it either.
+    func testExtentThatCannotBeMadeLeavesNoFiles() throws {
+        try FileManager.default.createDirectory(atPath: path("x-flat.vmdk"), withIntermediateDirectories: true)
+        let before = try listing()
+        let r = try Tools.ferry(["create", "-f", "vmdk", "-o", "subformat=monolithicFlat", "x.vmdk", "1M"], in: dir)
+        XCTAssertEqual(r.status, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("x-flat.vmdk"), r.stderr)
+        XCTAssertEqual(try listing(), before, "files left behind")
+    }
+
     /// A conversion killed midway leaves a file that is no VMDK image (its header is written
     /// last), so nothing takes it for a finished one.
     func testKilledConversionIsNoImage() throws {

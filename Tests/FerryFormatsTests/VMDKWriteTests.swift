@@ -101,15 +101,13 @@ final class VMDKWriteTests: XCTestCase {
         var rng = SplitMix(seed: seed)
         var reference = [UInt8](repeating: 0, count: Int(size))
         var opts = options
-        var backingDevice: MemoryDevice?
+        var backingDevice: (any BlockDevice)?
         if backing {
             try Oracle.must("qemu-img", ["create", "-q", "-f", "vmdk", "base.vmdk", "\(size)"], in: dir)
             try Oracle.must("qemu-io", ["-f", "vmdk", "-c", "write -P 0x77 0 \(size)", "base.vmdk"], in: dir)
             reference = [UInt8](repeating: 0x77, count: Int(size))
-            // Ferry's VMDK reader is another branch: the backing device holds the same bytes.
-            let b = MemoryDevice(name: "base", size: size)
-            try await put(b, reference, at: 0)
-            backingDevice = b
+            // The backing image as Ferry reads it (the writer takes its CID from it).
+            backingDevice = try await Images.open(ImageSpec(path("base.vmdk"), format: "vmdk"), readOnly: true).device
             opts["backing_file"] = "base.vmdk"
             opts["backing_fmt"] = "vmdk"
         }
@@ -276,8 +274,7 @@ final class VMDKWriteTests: XCTestCase {
         try Oracle.must("qemu-img", ["create", "-q", "-f", "vmdk", "base.vmdk", "\(size)"], in: dir)
         try Oracle.must("qemu-io", ["-f", "vmdk", "-c", "write -P 0x77 0 \(size)", "base.vmdk"], in: dir)
         var reference = [UInt8](repeating: 0x77, count: Int(size))
-        let b = MemoryDevice(name: "base", size: size)
-        try await put(b, reference, at: 0)
+        let b = try await Images.open(ImageSpec(path("base.vmdk"), format: "vmdk"), readOnly: true).device
         let name = path("so.vmdk")
         let opts = ["subformat": "streamOptimized", "backing_file": "base.vmdk", "backing_fmt": "vmdk"]
         let file = MemoryDevice(name: name, size: try VMDKFormat.initialFileSize(for: size, options: opts))

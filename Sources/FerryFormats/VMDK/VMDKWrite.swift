@@ -225,33 +225,6 @@ enum VMDKLayout {
         if v == 0xFFFF_FFFF { v = 0xFFFF_FFFE }
         return v
     }
-
-    /// The `CID=` of the VMDK image at `path` (its descriptor file, or the descriptor
-    /// embedded in its sparse extent), or nil if it cannot be read. A small blocking read of
-    /// a local file, done once when an image with a backing file is created.
-    static func readCID(path: String) -> UInt32? {
-        let fd = open(path, O_RDONLY)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        func readAt(_ offset: Int64, _ count: Int) -> [UInt8] {
-            var b = [UInt8](repeating: 0, count: count)
-            let n = b.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }
-            return n > 0 ? Array(b[0 ..< n]) : []
-        }
-        var text = readAt(0, 64 << 10)
-        if text.starts(with: Array("KDMV".utf8)), text.count >= 44 {
-            let off = text.withUnsafeBytes { Int64(UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 28, as: UInt64.self))) }
-            let n = text.withUnsafeBytes { Int64(UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 36, as: UInt64.self))) }
-            guard off > 0, n > 0, n < 2048 else { return nil }
-            text = readAt(off * 512, Int(n * 512))
-        }
-        let s = String(decoding: text.prefix { $0 != 0 }, as: UTF8.self)
-        for line in s.split(whereSeparator: { $0 == "\n" || $0 == "\r" }) {
-            let t = line.trimmingPrefixSpaces()
-            if t.hasPrefix("CID=") { return UInt32(t.dropFirst(4).trimmingPrefixSpaces(), radix: 16) }
-        }
-        return nil
-    }
 }
 
 extension BlockDevice {
@@ -266,10 +239,6 @@ extension BlockDevice {
         let n = Int(min(Int64(buffer.count), size - offset))
         try await write(at: offset, from: UnsafeRawBufferPointer(rebasing: buffer.bytes[0 ..< n]), flags: [])
     }
-}
-
-extension Substring {
-    fileprivate func trimmingPrefixSpaces() -> Substring { drop { $0 == " " || $0 == "\t" } }
 }
 
 /// Writes new VMDK images: sparse extents (`VMDKSparseWriter`), flat extents
@@ -309,11 +278,10 @@ enum VMDKWriter {
         }
         var parentCID: UInt32 = 0xFFFF_FFFF
         if let b = o.backingFile {
-            // TODO: take the CID from the opened backing image once the reader describes it.
-            guard let cid = VMDKLayout.readCID(path: resolveRelative(b, to: context.location)) else {
+            guard let parent = context.backing as? VMDKReadDevice else {
                 throw FerryError(.invalidArgument, "could not read the CID of the backing file '\(b)'", path: context.location)
             }
-            parentCID = cid
+            parentCID = parent.cid
         }
         switch o.subformat {
         case .monolithicSparse, .twoGbMaxExtentSparse:
