@@ -113,6 +113,22 @@ final class NBDTests: XCTestCase {
         XCTAssertLessThan(allocatedBytes(back), 8 << 20, "the copy of a sparse export is sparse")
     }
 
+    /// A streamOptimized VMDK written into an export larger than the image (nothing can cut
+    /// it to size) reads back, by qemu-img and by Ferry: its header names the directory.
+    func testStreamOptimizedVMDKIntoALargerExport() throws {
+        let src = try sourceImage()
+        let target = try nbdkit(["memory", "128M"], name: "mem")
+        var r = try Tools.ferry(["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", src, target], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let byQemu = path("by-qemu.raw")
+        _ = try Tools.must("qemu-img", ["convert", "-f", "vmdk", "-O", "raw", target, byQemu], in: dir)
+        try compare(src, byQemu)
+        let byFerry = path("by-ferry.raw")
+        r = try Tools.ferry(["convert", "-f", "vmdk", "-O", "raw", target, byFerry], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        try compare(src, byFerry)
+    }
+
     /// libnbd (and GnuTLS, libxml2 and ICU behind it) is loaded when an nbd:// image is
     /// opened, not at every start: a local copy never reads it from disk.
     func testLibnbdIsLoadedOnlyForNBD() throws {

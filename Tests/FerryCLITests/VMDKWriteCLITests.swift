@@ -93,12 +93,17 @@ final class VMDKWriteCLITests: XCTestCase {
                 XCTAssertLessThan(used, 32 << 20, sub)
             }
         }
-        // The stream's header: version 3, compressed grains with markers, the directory at the end.
-        let h = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path("c-streamOptimized.vmdk"))).prefix(80))
+        // The stream's header: version 3, compressed grains with markers, the directory where
+        // the footer (the last sector but one) says, so a reader needs neither.
+        let whole = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path("c-streamOptimized.vmdk"))))
+        let h = Array(whole.prefix(80))
+        let footer = Array(whole[whole.count - 1024 ..< whole.count - 512])
         XCTAssertEqual(Array(h[0 ..< 4]), Array("KDMV".utf8))
         XCTAssertEqual(h[4], 3, "version 3")
         XCTAssertEqual(Array(h[8 ..< 12]), [1, 0, 3, 0], "flags: newline detection, compressed grains, markers")
-        XCTAssertEqual(Array(h[56 ..< 64]), [UInt8](repeating: 0xFF, count: 8), "gdOffset: at the end")
+        XCTAssertEqual(Array(footer[0 ..< 4]), Array("KDMV".utf8))
+        XCTAssertEqual(Array(h[56 ..< 64]), Array(footer[56 ..< 64]), "gdOffset as in the footer")
+        XCTAssertNotEqual(Array(h[56 ..< 64]), [UInt8](repeating: 0xFF, count: 8), "gdOffset given, not at the end")
         XCTAssertEqual(h[77], 1, "deflate")
     }
 

@@ -4,7 +4,7 @@ import FerryCore
 /// strictly front to back, so it can be read from a pipe.
 ///
 /// Layout (Virtual Disk Format 5.0, stream-optimized sparse extents): the header (version 3,
-/// compressed grains with markers, `gdOffset` "at end") and the embedded descriptor in the
+/// compressed grains with markers, the directory's offset as in the footer) and the embedded descriptor in the
 /// first grain; then each grain as a marker (its guest sector and compressed size) followed
 /// by the grain deflated with a zlib header, padded to a sector; after the last grain of each
 /// grain table, that table behind a GT marker; at the end the grain directory behind a GD
@@ -362,8 +362,11 @@ final class VMDKStreamWriter: ClusterCompressingDevice, CommittingDevice, Layere
         }
         try await file.writePadded(textBytes, at: VMDKLayout.descriptorOffset * Self.sector)
         if durable { try await file.flush() }
-        // The header last: before it nothing reads as a VMDK image.
-        try await file.writePadded(header(gdOffset: VMDKLayout.gdAtEnd).bytes(), at: 0)
+        // The header last: before it nothing reads as a VMDK image. It names the directory
+        // itself, as qemu-img's do, rather than leave it to the footer (GD_AT_END): on a target
+        // that cannot be cut to the image's size (an NBD export, a LUN) the footer is not at
+        // the device's end, where a reader looks for it.
+        try await file.writePadded(header(gdOffset: UInt64(gdSector)).bytes(), at: 0)
         if durable { try await file.flush() }
         state.withLock { s in
             s.markerOnDisk = false
