@@ -15,8 +15,9 @@ final class FormatLayerTests: XCTestCase {
         XCTAssertEqual(try probe([0xbe, 0xba, 0xfe, 0xca, 0, 0, 0, 0, 1]), "vmdk", "seSparse, to be refused by name")
         XCTAssertNil(try probe(Array("# Disk Descriptor".utf8)), "a prefix of the descriptor line is not a descriptor")
         XCTAssertNil(try probe([UInt8](repeating: 0, count: 512)))
-        XCTAssertThrowsError(try probe(Array("conectix".utf8))) { e in
-            XCTAssertTrue("\(e)".contains("vpc"), "\(e)")
+        XCTAssertEqual(try probe(Array("conectix".utf8) + [0, 0, 0, 2]), "vpc")
+        XCTAssertThrowsError(try probe(Array("vhdxfile".utf8))) { e in
+            XCTAssertTrue("\(e)".contains("vhdx"), "\(e)")
         }
     }
 
