@@ -1,7 +1,7 @@
 import FerryCore
 
 /// Microsoft's VHD (qemu's `vpc`): fixed, dynamic and differencing disks read by
-/// `VHDReader`; written in a later step.
+/// `VHDReader`; fixed and dynamic disks written by `VHDWriter`.
 public enum VHDFormat: ImageFormat {
     public static let name = "vpc"
     public static let createOptions: [(name: String, help: String)] = [
@@ -23,10 +23,13 @@ public enum VHDFormat: ImageFormat {
         _ = try VHDCreateOptions(options)
     }
 
-    public static var writable: Bool { false }
-
     public static func initialFileSize(for size: Int64, options: [String: String]) throws -> Int64 {
-        throw FerryError(.notSupported, "vpc images cannot be written yet")
+        let o = try VHDCreateOptions(options)
+        let (vsize, _, _) = try o.layout(for: size)
+        switch o.subformat {
+        case .fixed: return vsize + Int64(VHDLayout.footerSize)
+        case .dynamic: return VHDDynamicWriter.Layout(size: vsize).fileEnd + 4096
+        }
     }
 
     public static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice {
@@ -35,7 +38,16 @@ public enum VHDFormat: ImageFormat {
 
     public static func create(file: any BlockDevice, size: Int64, options: [String: String],
                               context: CreateContext) async throws -> any BlockDevice {
-        throw FerryError(.notSupported, "vpc images cannot be written yet", path: context.location)
+        let o = try VHDCreateOptions(options)
+        let (vsize, geometry, creator) = try o.layout(for: size)
+        switch o.subformat {
+        case .fixed:
+            return VHDFixedWriter(name: context.location, file: file, size: vsize,
+                                  footer: VHDLayout.Footer(dataOffset: UInt64.max, creatorApp: creator, size: vsize, geometry: geometry, type: .fixed))
+        case .dynamic:
+            return try await VHDDynamicWriter.create(name: context.location, file: file,
+                footer: VHDLayout.Footer(dataOffset: 512, creatorApp: creator, size: vsize, geometry: geometry, type: .dynamic))
+        }
     }
 }
 
