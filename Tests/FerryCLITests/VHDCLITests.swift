@@ -52,6 +52,20 @@ final class VHDCLITests: XCTestCase {
         }
     }
 
+    /// A 200 GiB dynamic disk with 2 MiB of data converts in time proportional to its data:
+    /// its unallocated blocks are holes, never read.
+    func testSparseDynamicDiskConvertsInTimeProportionalToItsData() throws {
+        try Tools.must("qemu-img", ["create", "-q", "-f", "vpc", "big.vhd", "200G"], in: dir)
+        try Tools.must("qemu-io", ["-f", "vpc", "-c", "write -P 1 0 1M", "-c", "write -P 2 150G 1M", "big.vhd"], in: dir)
+        let start = Date()
+        let r = try Tools.ferry(["convert", "-O", "qcow2", "big.vhd", "big.qcow2"], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertLessThan(Date().timeIntervalSince(start), 10)
+        XCTAssertLessThan(allocatedBytes(dir.appendingPathComponent("big.qcow2").path), 16 << 20)
+        let cmp = try Tools.run(try Tools.require("qemu-img"), ["compare", "big.vhd", "big.qcow2"], in: dir)
+        XCTAssertEqual(cmp.status, 0, cmp.stdout + cmp.stderr)
+    }
+
     /// A bad checksum is one line naming the file and the place.
     func testBadChecksumIsOneClearLine() throws {
         try Tools.must("qemu-img", ["create", "-q", "-f", "vpc", "bad.vhd", "64M"], in: dir)
