@@ -1,0 +1,79 @@
+import Foundation
+import XCTest
+
+/// `ferry` against `qemu-img` (and libvhdi's `vhdiinfo`) on VHDX images qemu-img made:
+/// `convert` copies what qemu-img copies, `info` and `map` print the same bytes.
+final class VHDXCLITests: XCTestCase {
+    var dir: URL!
+
+    override func setUpWithError() throws { dir = try makeScratchDirectory("vhdx") }
+    override func tearDownWithError() throws { if let dir { try? FileManager.default.removeItem(at: dir) } }
+
+    /// Dynamic images of several block sizes, a fixed one, one of an odd size. Names relative
+    /// to `dir`.
+    func buildImages() throws -> [String] {
+        let writes = ["write -P 0xab 0 4k", "write -P 0x11 1M 3M", "write -z 8M 1M", "write -P 0x22 300M 2M"]
+        var names: [String] = []
+        for (name, options, size) in [("dyn.vhdx", "", "1G"), ("dyn1m.vhdx", "block_size=1M", "1G"),
+                                      ("nozero.vhdx", "block_size=16M,block_state_zero=off", "1G"),
+                                      ("fixed.vhdx", "subformat=fixed,block_size=1M", "512M"),
+                                      ("odd.vhdx", "block_size=2M", "400000512")] {
+            var args = ["create", "-q", "-f", "vhdx"]
+            if !options.isEmpty { args += ["-o", options] }
+            try Tools.must("qemu-img", args + [name, size], in: dir)
+            try Tools.must("qemu-io", ["-f", "vhdx"] + writes.flatMap { ["-c", $0] } + [name], in: dir)
+            names.append(name)
+        }
+        return names
+    }
+
+    func testInfoAndMapMatchQemuImg() throws {
+        let qemu = try Tools.require("qemu-img")
+        var images = try buildImages()
+        images.append(dir.appendingPathComponent("dyn.vhdx").path)   // an absolute name too
+        for image in images {
+            for c in [["info"], ["info", "--output=json"], ["map", "--output=json"], ["map"]] {
+                let theirs = try Tools.run(qemu, c + [image], in: dir)
+                let ours = try Tools.ferry(c + [image], in: dir)
+                XCTAssertEqual(ours.stdout, theirs.stdout, "ferry \(c.joined(separator: " ")) \(image) differs from qemu-img")
+                XCTAssertEqual(ours.status == 0, theirs.status == 0, "ferry \(c.joined(separator: " ")) \(image): \(ours.stderr)")
+                if theirs.status == 0 { XCTAssertEqual(ours.stderr, "", "ferry \(c.joined(separator: " ")) \(image)") }
+            }
+        }
+    }
+
+    func testConvertToRawAndQcow2() throws {
+        let qemu = try Tools.require("qemu-img")
+        for image in try buildImages() {
+            for target in ["raw", "qcow2"] {
+                let out = "\(image).\(target)"
+                let r = try Tools.ferry(["convert", "-O", target, image, out], in: dir)
+                XCTAssertEqual(r.status, 0, "ferry convert \(image) -> \(target): \(r.stderr)")
+                let cmp = try Tools.run(qemu, ["compare", "-f", "vhdx", "-F", target, image, out], in: dir)
+                XCTAssertEqual(cmp.status, 0, "\(image) -> \(target): \(cmp.stdout) \(cmp.stderr)")
+            }
+            // Sparse in, sparse out: the data written, not the virtual size.
+            if image != "fixed.vhdx" {
+                XCTAssertLessThan(allocatedBytes(dir.appendingPathComponent("\(image).raw").path), 64 << 20, image)
+            }
+        }
+    }
+
+    /// A VHDX is probed by its signature (no -f), and libvhdi reads the same image.
+    func testProbedAndReadByVhdiinfo() throws {
+        _ = try buildImages()
+        let r = try Tools.ferry(["info", "--output=json", "dyn1m.vhdx"], in: dir)
+        XCTAssertTrue(r.stdout.contains("\"format\": \"vhdx\""), r.stdout)
+        let info = try Tools.must("vhdiinfo", ["dyn1m.vhdx"], in: dir)
+        XCTAssertTrue(info.contains("1073741824"), info)
+    }
+
+    /// Ferry cannot write VHDX yet: converting to it fails before anything is made.
+    func testWritingIsRefused() throws {
+        _ = try buildImages()
+        let r = try Tools.ferry(["convert", "-O", "vhdx", "dyn.vhdx", "out.vhdx"], in: dir)
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("can be read but not written"), r.stderr)
+        XCTAssertFalse(fileExists(dir.appendingPathComponent("out.vhdx").path))
+    }
+}
