@@ -1,7 +1,7 @@
 import FerryCore
 
 /// Microsoft's VHDX ([MS-VHDX] v2): dynamic, fixed and differencing images, read by
-/// `VHDXReader`.
+/// `VHDXReader`; new dynamic and fixed images written by `VHDXWriter`.
 public enum VHDXFormat: ImageFormat {
     public static let name = "vhdx"
     public static let createOptions: [(name: String, help: String)] = [
@@ -12,7 +12,10 @@ public enum VHDXFormat: ImageFormat {
         ("subformat", "VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'."),
     ]
     public static let subformats = ["dynamic", "fixed"]
-    public static var writable: Bool { false }
+
+    public static func checkOptions(_ options: [String: String]) throws {
+        _ = try VHDXCreateOptions(options)
+    }
 
     public static func probe(header: UnsafeRawBufferPointer) -> Bool {
         let m = Array("vhdxfile".utf8)
@@ -20,7 +23,7 @@ public enum VHDXFormat: ImageFormat {
     }
 
     public static func initialFileSize(for size: Int64, options: [String: String]) throws -> Int64 {
-        throw FerryError(.notSupported, "format 'vhdx' can be read but not written yet")
+        try VHDXWriter.initialFileSize(for: size, options: options)
     }
 
     public static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice {
@@ -29,6 +32,6 @@ public enum VHDXFormat: ImageFormat {
 
     public static func create(file: any BlockDevice, size: Int64, options: [String: String],
                               context: CreateContext) async throws -> any BlockDevice {
-        throw FerryError(.notSupported, "format 'vhdx' can be read but not written yet", path: context.location)
+        try await VHDXWriter.create(file: file, size: size, options: options, context: context)
     }
 }
