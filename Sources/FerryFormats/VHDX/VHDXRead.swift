@@ -88,6 +88,8 @@ struct VHDXParsed: Sendable {
     var hasParent: Bool
     var leaveBlocksAllocated: Bool
     var parentEntries: [(key: String, value: String)] = []
+    /// Where the parent locator item is in the file (for messages).
+    var parentLocatorOffset: Int64 = 0
     var chunkRatio: Int64 { (Int64(1) << 23) * logicalSector / blockSize }
     var payloadBlocks: Int64 { (virtualSize + blockSize - 1) / blockSize }
     /// BAT entries the image needs ([MS-VHDX] 2.5.1).
@@ -116,7 +118,7 @@ enum VHDXReader {
         details.clusterSize = Int(parsed.blockSize)
         var backing: (any BlockDevice)?
         if parsed.hasParent {
-            let (stored, location) = try parentLocation(parsed.parentEntries, path: path)
+            let (stored, location) = try parentLocation(parsed.parentEntries, path: path, at: parsed.parentLocatorOffset)
             details.backingFilename = stored
             details.fullBackingFilename = location
             details.backingFormat = VHDXFormat.name
@@ -303,6 +305,7 @@ enum VHDXReader {
         if p.hasParent {
             let loc = try item(VHDXLayout.parentLocator, "parent locator (the file parameters say it has a parent)")
             p.parentEntries = try parseLocator(loc.bytes, at: loc.offset, path: path)
+            p.parentLocatorOffset = loc.offset
         }
         return p
     }
@@ -335,16 +338,16 @@ enum VHDXReader {
     /// image's folder, and only when it stays in that folder or below (no `..`, no absolute
     /// or drive path). Absolute `absolute_win32_path` and `volume_path` entries name places on
     /// the Windows host that wrote the image; Ferry does not follow them.
-    static func parentLocation(_ entries: [(key: String, value: String)], path: String) throws -> (stored: String, location: String) {
+    static func parentLocation(_ entries: [(key: String, value: String)], path: String, at offset: Int64) throws -> (stored: String, location: String) {
         guard let rel = entries.first(where: { $0.key == "relative_path" })?.value, !rel.isEmpty else {
             let abs = entries.first { $0.key == "absolute_win32_path" || $0.key == "volume_path" }?.value
-            throw FerryError(.notSupported, "vhdx parent locator has no relative_path" + (abs.map { " (only '\($0.prefix(200))', an absolute path Ferry does not follow)" } ?? ""), path: path)
+            throw FerryError(.notSupported, "vhdx parent locator has no relative_path" + (abs.map { " (only '\($0.prefix(200))', an absolute path Ferry does not follow)" } ?? ""), path: path, offset: offset)
         }
         var name = String(rel.map { $0 == "\\" ? "/" : $0 })
         let parts = name.split(separator: "/", omittingEmptySubsequences: false)
         let drive = name.count >= 2 && Array(name.utf8)[1] == UInt8(ascii: ":")
         if name.hasPrefix("/") || drive || name.contains("://") || parts.contains("..") || name.contains("\0") {
-            throw corrupt("parent path '\(rel.prefix(200))' escapes the image's folder", path, 0)
+            throw corrupt("parent locator's relative_path '\(rel.prefix(200))' escapes the image's folder", path, offset)
         }
         while name.hasPrefix("./") { name.removeFirst(2) }
         return (rel, resolveRelative(name, to: path))
