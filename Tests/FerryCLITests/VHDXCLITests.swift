@@ -105,4 +105,26 @@ final class VHDXCLITests: XCTestCase {
         XCTAssertTrue(bad.stderr.contains("invalid block_size '3M'"), bad.stderr)
         XCTAssertFalse(fileExists(dir.appendingPathComponent("bad.vhdx").path))
     }
+
+    /// A copy that fails part way (a source whose BAT points past its end) leaves no VHDX
+    /// behind; with O_DIRECT (`-t none`) the image is written as well.
+    func testFailedCopyLeavesNoImageAndDirectIOWorks() throws {
+        let qemu = try Tools.require("qemu-img")
+        try Tools.must("qemu-img", ["create", "-q", "-f", "vhdx", "-o", "block_size=1M", "src.vhdx", "64M"], in: dir)
+        try Tools.must("qemu-io", ["-f", "vhdx", "-c", "write -P 9 0 64M", "src.vhdx"], in: dir)
+        let direct = try Tools.ferry(["convert", "-t", "none", "-O", "vhdx", "-o", "block_size=2M", "src.vhdx", "direct.vhdx"], in: dir)
+        XCTAssertEqual(direct.status, 0, direct.stderr)
+        try Tools.must("qemu-img", ["check", "direct.vhdx"], in: dir)
+        try Tools.must("qemu-img", ["compare", "src.vhdx", "direct.vhdx"], in: dir)
+        // Break block 40's BAT entry (the BAT is at 2 MiB in qemu-img's layout).
+        let h = try FileHandle(forUpdating: dir.appendingPathComponent("src.vhdx"))
+        try h.seek(toOffset: (2 << 20) + 40 * 8)
+        try h.write(contentsOf: Data([6, 0, 0, 0, 0, 0, 0, 1]))
+        try h.close()
+        let r = try Tools.ferry(["convert", "-O", "vhdx", "src.vhdx", "out.vhdx"], in: dir)
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("BAT entry 40"), r.stderr)
+        let info = try Tools.run(qemu, ["info", "out.vhdx"], in: dir)
+        XCTAssertNotEqual(info.status, 0, "a failed copy left an image: \(info.stdout)")
+    }
 }
