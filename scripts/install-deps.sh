@@ -11,7 +11,7 @@ PACKAGES=(
     libzstd-dev     # zstd-compressed qcow2 clusters
     libdeflate-dev  # zlib-compressed streamOptimized VMDK grains
     libvmdk-utils   # vmdkinfo: a second, independent VMDK reader in the tests
-    libvhdi-utils   # vhdiinfo: a second, independent VHD reader in the tests
+    libvhdi-utils   # vhdiinfo: a second, independent VHD and VHDX reader in the tests
     zlib1g-dev      # zlib-compressed qcow2 clusters
     nbdkit          # NBD test servers
     libnbd-bin      # nbdcopy, nbdinfo

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# VHDX on the local filesystem: Ferry against qemu-img convert.
+#
+# A raw guest image of SIZE_MIB, half data and half holes, of realistic data (binaries and
+# text, the corpus of bench/qcow2-write.sh), is converted raw -> vhdx (dynamic); and a dynamic
+# VHDX made from it by qemu-img is converted to raw and to qcow2 (those rows need Ferry's
+# VHDX reader). Each by Ferry and by qemu-img, RUNS times, interleaved in an order shuffled
+# afresh each round; the page cache is written back and dropped before each run (when
+# permitted). Prints the median time of each command, the size of what it wrote and its
+# ratio to the qemu-img command it is compared with (both flush: ferry's default against
+# qemu-img -t writeback). Every output is checked with qemu-img check and compare on the
+# first run.
+#
+# KIND=write (or read) keeps only the writing (reading) rows.
+#
+#   FERRY=path/to/ferry RUNS=5 SIZE_MIB=1024 KIND=write BENCH_DIR=/tmp bench/vhdx.sh
+set -euo pipefail
+. "$(dirname "$0")/lib/common.sh"
+
+bench_defaults 5
+
+OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench-vhdx.XXXXXX")
+trap 'rm -rf "$OUT"' EXIT
+SRC=$OUT/src.raw
+DYN=$OUT/src.vhdx
+DST=$OUT/dst
+
+# kind | name | command (SRC the source, DST the target) | target format | the qemu-img row it is compared with
+ALL_ROWS=(
+    "write|ferry raw -> vhdx dynamic|$FERRY convert -q -f raw -O vhdx SRC DST|vhdx|qemu-img raw -> vhdx dynamic"
+    "write|qemu-img raw -> vhdx dynamic|qemu-img convert -f raw -O vhdx -t writeback SRC DST|vhdx|"
+    "read|ferry vhdx -> raw|$FERRY convert -q -f vhdx -O raw $DYN DST|raw|qemu-img vhdx -> raw"
+    "read|qemu-img vhdx -> raw|qemu-img convert -f vhdx -O raw -t writeback $DYN DST|raw|"
+    "read|ferry vhdx -> qcow2|$FERRY convert -q -f vhdx -O qcow2 $DYN DST|qcow2|qemu-img vhdx -> qcow2"
+    "read|qemu-img vhdx -> qcow2|qemu-img convert -f vhdx -O qcow2 -t writeback $DYN DST|qcow2|"
+)
+KIND=${KIND:-}
+ROWS=()
+for row in "${ALL_ROWS[@]}"; do
+    [ -z "$KIND" ] || [ "$KIND" = "${row%%|*}" ] || continue
+    ROWS+=("${row#*|}")
+done
+
+CORPUS=$OUT/corpus
+make_corpus "$CORPUS"
+
+echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
+fill_half_data "$SRC" "$SIZE_MIB" "$CORPUS"
+rm -f "$CORPUS"
+if [ "$KIND" != write ]; then
+    qemu-img convert -f raw -O vhdx "$SRC" "$DYN"
+fi
+sync
+
+check_drop_caches
+
+declare -A TIMES SIZES
+for (( run = 1; run <= RUNS; run++ )); do
+    mapfile -t ORDER < <(shuffle "$run" "${ROWS[@]}")
+    for row in "${ORDER[@]}"; do
+        IFS='|' read -r name cmd fmt _ <<<"$row"
+        dst=$DST.$fmt
+        cmd=${cmd//SRC/$SRC}
+        cmd=${cmd//DST/$dst}
+        rm -f "$dst"
+        settle
+        t0=$(now_ns)
+        bash -c "$cmd"
+        t1=$(now_ns)
+        TIMES[$name]+="$(( (t1 - t0) / 1000 )) "
+        if (( run == 1 )); then
+            if [ "$fmt" != raw ]; then
+                qemu-img check -q "$dst" || { echo "bench: $name: qemu-img check failed" >&2; exit 1; }
+            fi
+            qemu-img compare -q -f raw -F "$fmt" "$SRC" "$dst" || { echo "bench: $name produced a different image" >&2; exit 1; }
+            SIZES[$name]=$(( $(stat -c %b "$dst") * 512 / 1048576 ))
+        fi
+        rm -f "$dst"
+    done
+    echo "bench: run $run of $RUNS done" >&2
+done
+
+echo
+echo "VHDX, ${SIZE_MIB} MiB guest image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs"
+echo
+printf '| %-40s | %8s | %7s | %8s | %6s | %-40s |\n' "command" "median s" "MiB/s" "out MiB" "ratio" "ratio is time against"
+printf '|%s|%s|%s|%s|%s|%s|\n' "------------------------------------------" "----------" "---------" "----------" "--------" "------------------------------------------"
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r name _ _ ref <<<"$row"
+    r=""
+    [ -n "$ref" ] && r=$(median_us "${TIMES[$ref]}")
+    read -r secs rate ratio <<<"$(row_figures "$(median_us "${TIMES[$name]}")" "$r")"
+    printf '| %-40s | %8s | %7s | %8s | %6s | %-40s |\n' "$name" "$secs" "$rate" "${SIZES[$name]}" "$ratio" "$ref"
+done
+echo
+echo "MiB/s is the image's virtual size over the time; out MiB is what the target takes on disk; ratio < 1 means faster than the qemu-img command it is compared with."
