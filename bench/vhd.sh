@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# VHD (vpc) on the local filesystem: Ferry against qemu-img convert.
+# VHD (vpc) and VHDX on the local filesystem: Ferry against qemu-img convert.
 #
 # A raw guest image of SIZE_MIB, half data and half holes (the corpus of
-# bench/qcow2-write.sh), is converted raw -> fixed VHD and raw -> dynamic VHD; and a dynamic
-# VHD made from it by qemu-img is converted to raw and to qcow2 (those rows need Ferry's VHD
-# reader). Each by Ferry and by qemu-img, RUNS times, interleaved in an order shuffled afresh
-# each round; the page cache is written back and dropped before each run (when permitted).
-# Prints the median time of each command, the size of what it wrote and its ratio to the
-# qemu-img command it is compared with (both flush: ferry's default against qemu-img -t
-# writeback). Every output is checked with qemu-img compare (and qcow2 with qemu-img check;
+# bench/qcow2-write.sh), and a qcow2 copy of it, are converted to fixed VHD, dynamic VHD and
+# VHDX; and those three, made from it by qemu-img, are converted back to raw and to qcow2.
+# Each by Ferry and by qemu-img, RUNS times, interleaved in an order shuffled afresh each
+# round; the page cache is written back and dropped before each run (when permitted). Prints
+# the median time of each command, the size of what it wrote and its ratio to the qemu-img
+# command it is compared with (both flush: ferry's default against qemu-img -t writeback).
+# Every output is checked with qemu-img compare (and qcow2 and vhdx with qemu-img check;
 # qemu-img cannot check vpc) on the first run.
 #
-# KIND=write (or read) keeps only the writing (reading) rows.
+# KIND=write (or read) keeps only the rows that write (read) VHD and VHDX.
 #
 #   FERRY=path/to/ferry RUNS=5 SIZE_MIB=1024 KIND=write BENCH_DIR=/tmp bench/vhd.sh
 set -euo pipefail
@@ -22,20 +22,31 @@ bench_defaults 5
 OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench-vhd.XXXXXX")
 trap 'rm -rf "$OUT"' EXIT
 SRC=$OUT/src.raw
+QSRC=$OUT/src.qcow2
+FIXED=$OUT/src-fixed.vhd
 DYN=$OUT/src-dynamic.vhd
+VX=$OUT/src.vhdx
 DST=$OUT/dst
 
-# kind | name | command (SRC the source, DST the target) | target format | the qemu-img row it is compared with
-ALL_ROWS=(
-    "write|ferry raw -> fixed vhd|$FERRY convert -q -f raw -O vpc -o subformat=fixed SRC DST|vpc|qemu-img raw -> fixed vhd"
-    "write|qemu-img raw -> fixed vhd|qemu-img convert -f raw -O vpc -o subformat=fixed -t writeback SRC DST|vpc|"
-    "write|ferry raw -> dynamic vhd|$FERRY convert -q -f raw -O vpc SRC DST|vpc|qemu-img raw -> dynamic vhd"
-    "write|qemu-img raw -> dynamic vhd|qemu-img convert -f raw -O vpc -t writeback SRC DST|vpc|"
-    "read|ferry dynamic vhd -> raw|$FERRY convert -q -f vpc -O raw $DYN DST|raw|qemu-img dynamic vhd -> raw"
-    "read|qemu-img dynamic vhd -> raw|qemu-img convert -f vpc -O raw -t writeback $DYN DST|raw|"
-    "read|ferry dynamic vhd -> qcow2|$FERRY convert -q -f vpc -O qcow2 $DYN DST|qcow2|qemu-img dynamic vhd -> qcow2"
-    "read|qemu-img dynamic vhd -> qcow2|qemu-img convert -f vpc -O qcow2 -t writeback $DYN DST|qcow2|"
-)
+# kind | name | command (SRC the raw image, DST the target) | target format | the qemu-img row it is compared with
+ALL_ROWS=()
+# name | -O and -o | target format
+TARGETS=("fixed vhd|-O vpc -o subformat=fixed|vpc" "dynamic vhd|-O vpc|vpc" "vhdx|-O vhdx|vhdx")
+for t in "${TARGETS[@]}"; do
+    IFS='|' read -r tname topts tfmt <<<"$t"
+    for s in "raw|-f raw SRC" "qcow2|-f qcow2 $QSRC"; do
+        IFS='|' read -r sname sargs <<<"$s"
+        ALL_ROWS+=("write|ferry $sname -> $tname|$FERRY convert -q $sargs $topts DST|$tfmt|qemu-img $sname -> $tname"
+                   "write|qemu-img $sname -> $tname|qemu-img convert $sargs $topts -t writeback DST|$tfmt|")
+    done
+done
+for s in "fixed vhd|-f vpc $FIXED" "dynamic vhd|-f vpc $DYN" "vhdx|-f vhdx $VX"; do
+    IFS='|' read -r sname sargs <<<"$s"
+    for f in raw qcow2; do
+        ALL_ROWS+=("read|ferry $sname -> $f|$FERRY convert -q $sargs -O $f DST|$f|qemu-img $sname -> $f"
+                   "read|qemu-img $sname -> $f|qemu-img convert $sargs -O $f -t writeback DST|$f|")
+    done
+done
 KIND=${KIND:-}
 ROWS=()
 for row in "${ALL_ROWS[@]}"; do
@@ -49,8 +60,11 @@ make_corpus "$CORPUS"
 echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
 fill_half_data "$SRC" "$SIZE_MIB" "$CORPUS"
 rm -f "$CORPUS"
+qemu-img convert -f raw -O qcow2 "$SRC" "$QSRC"
 if [ "$KIND" != write ]; then
+    qemu-img convert -f raw -O vpc -o subformat=fixed "$SRC" "$FIXED"
     qemu-img convert -f raw -O vpc "$SRC" "$DYN"
+    qemu-img convert -f raw -O vhdx "$SRC" "$VX"
 fi
 sync
 
@@ -71,7 +85,7 @@ for (( run = 1; run <= RUNS; run++ )); do
         t1=$(now_ns)
         TIMES[$name]+="$(( (t1 - t0) / 1000 )) "
         if (( run == 1 )); then
-            if [ "$fmt" = qcow2 ]; then
+            if [ "$fmt" = qcow2 ] || [ "$fmt" = vhdx ]; then
                 qemu-img check -q "$dst" || { echo "bench: $name: qemu-img check failed" >&2; exit 1; }
             fi
             qemu-img compare -q -f raw -F "$fmt" "$SRC" "$dst" || { echo "bench: $name produced a different image" >&2; exit 1; }
@@ -83,7 +97,7 @@ for (( run = 1; run <= RUNS; run++ )); do
 done
 
 echo
-echo "VHD, ${SIZE_MIB} MiB guest image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs"
+echo "VHD and VHDX, ${SIZE_MIB} MiB guest image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs"
 echo
 printf '| %-40s | %8s | %7s | %8s | %6s | %-40s |\n' "command" "median s" "MiB/s" "out MiB" "ratio" "ratio is time against"
 printf '|%s|%s|%s|%s|%s|%s|\n' "------------------------------------------" "----------" "---------" "----------" "--------" "------------------------------------------"

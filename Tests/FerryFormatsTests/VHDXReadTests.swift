@@ -262,25 +262,24 @@ final class VHDXReadTests: XCTestCase {
         await expectError(absolute, .corrupt, "escapes the image's folder")
     }
 
-    /// A log that holds an entry not yet replayed: Ferry refuses, and says what to run; once
-    /// qemu-img replayed it (which proves the entry valid), Ferry reads the replayed data.
-    func testLogNotReplayedIsRefused() async throws {
-        let path = try VHDXOracle.make("log.vhdx", size: "64M", options: "block_size=1M", writes: ["write -P 0x41 0 1M"], in: dir)
+    /// A 64 MiB image whose first MiB is 0x41 and whose log holds one entry: 4 KiB of 0x5c
+    /// over guest offset 4 KiB (block 0 is the first data block), stated `entryLength` long.
+    func imageWithLogEntry(_ name: String, entryLength: UInt32 = 8192) throws -> String {
+        let path = try VHDXOracle.make(name, size: "64M", options: "block_size=1M", writes: ["write -P 0x41 0 1M"], in: dir)
         let p = VHDXPatcher(path: path)
         let h = try p.activeHeader()
         let logOffset = Int64(try p.readU64(at: h + 72))
         let logGuid: [UInt8] = (0 ..< 16).map { UInt8(0x10 + $0) }
         try p.write(logGuid, at: h + 48)
         try p.reseal(h, length: 4096)
-        // One entry: a header sector with one data descriptor, and the data sector: 4 KiB of
-        // 0x5c written over guest offset 4 KiB (block 0 is the first data block).
+        // One entry: a header sector with one data descriptor, and the data sector.
         let block0 = Int64(try p.readU64(at: try p.bat) >> 20) << 20
         let target = block0 + 4096
         let size = UInt64(try FileManager.default.attributesOfItem(atPath: path)[.size] as! Int)
         var entry = [UInt8](repeating: 0, count: 8192)
         func put(_ b: [UInt8], _ at: Int) { for (i, x) in b.enumerated() { entry[at + i] = x } }
         put(Array("loge".utf8), 0)
-        put(p.le(8192, 4), 8)
+        put(p.le(UInt64(entryLength), 4), 8)
         put(p.le(0, 4), 12)
         put(p.le(1, 8), 16)
         put(p.le(1, 4), 24)
@@ -298,7 +297,13 @@ final class VHDXReadTests: XCTestCase {
         put(p.le(1, 4), 4096 + 4092)
         put(p.le(UInt64(VHDXCRC.checksum(entry)), 4), 4)
         try p.write(entry, at: logOffset)
+        return path
+    }
 
+    /// A log that holds an entry not yet replayed: Ferry refuses, and says what to run; once
+    /// qemu-img replayed it (which proves the entry valid), Ferry reads the replayed data.
+    func testLogNotReplayedIsRefused() async throws {
+        let path = try imageWithLogEntry("log.vhdx")
         await expectError(path, .notSupported, "run 'qemu-img check -r all'")
         // qemu-img agrees the log must be replayed...
         let info = try Oracle.run("qemu-img", ["info", path], in: dir)
@@ -310,6 +315,19 @@ final class VHDXReadTests: XCTestCase {
             try await image.device.read(at: 0, into: b.mutableBytes)
             XCTAssertTrue(b.bytes[0 ..< 4096].allSatisfy { $0 == 0x41 })
             XCTAssertTrue(b.bytes[4096 ..< 8192].allSatisfy { $0 == 0x5c })
+        }
+        try await checkAgainstQemu(path)
+    }
+
+    /// An entry whose length lies (1 GiB, in a 1 MiB log) is no entry: nothing is allocated
+    /// or read for it, the log counts as empty, and the image reads as qemu-img reads it,
+    /// without the entry's data.
+    func testLogEntryWhoseLengthLiesIsNotTakenForOne() async throws {
+        let path = try imageWithLogEntry("lie.vhdx", entryLength: 1 << 30)
+        try await withOpened(path, format: "vhdx") { image in
+            let b = AlignedBuffer(count: 8192)
+            try await image.device.read(at: 0, into: b.mutableBytes)
+            XCTAssertTrue(b.bytes.allSatisfy { $0 == 0x41 }, "the lying entry's data was read")
         }
         try await checkAgainstQemu(path)
     }
