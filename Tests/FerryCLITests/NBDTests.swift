@@ -129,6 +129,23 @@ final class NBDTests: XCTestCase {
         try compare(src, byFerry)
     }
 
+    /// Fixed VHD and VHDX written over an export that holds old data: the holes of the
+    /// source are written as zeros, since the export does not read as zeros the way a new
+    /// file does.
+    func testFixedImagesOverOldDataWriteTheirHoles() throws {
+        let src = try sourceImage()
+        for (fmt, opts, fileSize) in [("vpc", "subformat=fixed,force_size=on", (32 << 20) + 512), ("vhdx", "subformat=fixed", 40 << 20)] {
+            let old = path("old-\(fmt).img")
+            XCTAssertTrue(FileManager.default.createFile(atPath: old, contents: Data(repeating: 0xee, count: fileSize)))
+            let target = try nbdkit(["file", old], name: "old-\(fmt)")
+            let r = try Tools.ferry(["convert", "-f", "raw", "-O", fmt, "-o", opts, src, target], in: dir)
+            XCTAssertEqual(r.status, 0, "\(fmt): \(r.stderr)")
+            let back = path("back-\(fmt).raw")
+            _ = try Tools.must("qemu-img", ["convert", "-f", fmt, "-O", "raw", old, back], in: dir)
+            try compare(src, back)
+        }
+    }
+
     /// libnbd (and GnuTLS, libxml2 and ICU behind it) is loaded when an nbd:// image is
     /// opened, not at every start: a local copy never reads it from disk.
     func testLibnbdIsLoadedOnlyForNBD() throws {

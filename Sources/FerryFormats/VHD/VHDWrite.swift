@@ -22,8 +22,11 @@ final class VHDFixedWriter: CommittingDevice, @unchecked Sendable {
     }
 
     var capabilities: BlockCapabilities {
-        var c: BlockCapabilities = [.write, .flush, .zeroInit]
+        // The guest bytes are the file's: they read as zeros only if the file does (not an
+        // existing device or export).
+        var c: BlockCapabilities = [.write, .flush]
         if file.capabilities.contains(.zero) { c.insert(.zero) }
+        if file.capabilities.contains(.zeroInit) { c.insert(.zeroInit) }
         return c
     }
 

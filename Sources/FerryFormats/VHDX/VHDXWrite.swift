@@ -154,7 +154,11 @@ final class VHDXNewImage: CommittingDevice, @unchecked Sendable {
         BlockLimits(alignment: max(file.limits.alignment, Int(VHDXNewLayout.sector)), preferredTransfer: 1 << 20, maximumTransfer: 32 << 20)
     }
 
-    var capabilities: BlockCapabilities { [.write, .flush, .zeroInit] }
+    /// A fixed image's blocks are present from the start and hold what the file held: they
+    /// read as zeros only if the file does (not an existing device or export).
+    var capabilities: BlockCapabilities {
+        opts.fixed && !file.capabilities.contains(.zeroInit) ? [.write, .flush] : [.write, .flush, .zeroInit]
+    }
 
     var usedFileSize: Int64 { state.withLock { $0.used } }
 
