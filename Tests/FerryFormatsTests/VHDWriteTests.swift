@@ -75,6 +75,30 @@ final class VHDWriteTests: XCTestCase {
         try await exercise(["force_size": "on"], size: (40 << 20) + 1000, seed: 2)
     }
 
+    /// A fixed disk hands each write over as its file does: a copy in order keeps several
+    /// writes in flight on a slow file, as it does on the file alone.
+    func testFixedDiskOverlapsWritesInOrder() async throws {
+        let size: Int64 = 4 << 20
+        let options = ["subformat": "fixed", "force_size": "on"]
+        let src = MemoryDevice(name: "src", size: size)
+        try await src.write(at: 0, bytes: [UInt8](repeating: 0x3c, count: Int(size)))
+        let name = path("slow.vhd")
+        let f = MemoryDevice(name: name, size: try VHDFormat.initialFileSize(for: size, options: options),
+                             capabilities: [.write, .zero, .extents, .flush], latency: .milliseconds(2))
+        let w = try await VHDFormat.create(file: f, size: size, options: options, context: CreateContext(location: name))
+        var c = CopyConfiguration()
+        c.workers = 8
+        c.bufferSize = 65536
+        _ = try await CopyEngine.copy(from: src, to: w, configuration: c)
+        XCTAssertGreaterThan(f.peakInFlight, 2, "ordered writes overlapped on the file")
+        var last: Int64 = -1
+        for op in f.operations {
+            guard let (o, l) = op.range else { continue }
+            XCTAssertGreaterThanOrEqual(o, last, "write at \(o) reached the file after one ending at \(last)")
+            last = o + l
+        }
+    }
+
     func testFixedRandomWrites() async throws {
         try await exercise(["subformat": "fixed"], size: 20 << 20, seed: 3)
         try await exercise(["azure": "on"], size: (20 << 20) - 5, seed: 4)
