@@ -43,12 +43,7 @@ ALL_ROWS=(
     "read|ferry streamOptimized -> raw|$FERRY convert -q -f vmdk -O raw $STREAM DST|raw|qemu-img streamOptimized -> raw"
     "read|qemu-img streamOptimized -> raw|qemu-img convert -f vmdk -O raw -t writeback $STREAM DST|raw|"
 )
-KIND=${KIND:-}
-ROWS=()
-for row in "${ALL_ROWS[@]}"; do
-    [ -z "$KIND" ] || [ "$KIND" = "${row%%|*}" ] || continue
-    ROWS+=("${row#*|}")
-done
+select_rows
 
 CORPUS=$OUT/corpus
 make_corpus "$CORPUS"
@@ -64,43 +59,4 @@ sync
 
 check_drop_caches
 
-declare -A TIMES SIZES
-for (( run = 1; run <= RUNS; run++ )); do
-    mapfile -t ORDER < <(shuffle "$run" "${ROWS[@]}")
-    for row in "${ORDER[@]}"; do
-        IFS='|' read -r name cmd fmt _ <<<"$row"
-        dst=$DST.$fmt
-        cmd=${cmd//SRC/$SRC}
-        cmd=${cmd//DST/$dst}
-        rm -f "$dst"
-        settle
-        t0=$(now_ns)
-        bash -c "$cmd"
-        t1=$(now_ns)
-        TIMES[$name]+="$(( (t1 - t0) / 1000 )) "
-        if (( run == 1 )); then
-            if [ "$fmt" != raw ]; then
-                qemu-img check -q "$dst" || { echo "bench: $name: qemu-img check failed" >&2; exit 1; }
-            fi
-            qemu-img compare -q -f raw -F "$fmt" "$SRC" "$dst" || { echo "bench: $name produced a different image" >&2; exit 1; }
-            SIZES[$name]=$(( $(stat -c %b "$dst") * 512 / 1048576 ))
-        fi
-        rm -f "$dst"
-    done
-    echo "bench: run $run of $RUNS done" >&2
-done
-
-echo
-echo "VMDK, ${SIZE_MIB} MiB guest image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs"
-echo
-printf '| %-40s | %8s | %7s | %8s | %6s | %-40s |\n' "command" "median s" "MiB/s" "out MiB" "ratio" "ratio is time against"
-printf '|%s|%s|%s|%s|%s|%s|\n' "------------------------------------------" "----------" "---------" "----------" "--------" "------------------------------------------"
-for row in "${ROWS[@]}"; do
-    IFS='|' read -r name _ _ ref <<<"$row"
-    r=""
-    [ -n "$ref" ] && r=$(median_us "${TIMES[$ref]}")
-    read -r secs rate ratio <<<"$(row_figures "$(median_us "${TIMES[$name]}")" "$r")"
-    printf '| %-40s | %8s | %7s | %8s | %6s | %-40s |\n' "$name" "$secs" "$rate" "${SIZES[$name]}" "$ratio" "$ref"
-done
-echo
-echo "MiB/s is the image's virtual size over the time; out MiB is what the target takes on disk; ratio < 1 means faster than the qemu-img command it is compared with."
+format_table "VMDK" "vmdk qcow2"

@@ -87,3 +87,64 @@ fill_half_data() {
         fi
     done
 }
+
+# select_rows: ROWS from ALL_ROWS ("kind|name|command|target format|reference row"), only
+# those of KIND when it is set (write or read), without the kind.
+select_rows() {
+    KIND=${KIND:-}
+    ROWS=()
+    local row
+    for row in "${ALL_ROWS[@]}"; do
+        [ -z "$KIND" ] || [ "$KIND" = "${row%%|*}" ] || continue
+        ROWS+=("${row#*|}")
+    done
+}
+
+# format_table TITLE CHECKED: runs every row of ROWS ("name|command|target format|reference
+# row"; SRC and DST in the command stand for the raw image $SRC and the target $DST.FORMAT)
+# RUNS times, in an order shuffled afresh each round, the page cache settled before each run;
+# checks each output on the first run (qemu-img check for the formats in CHECKED, qemu-img
+# compare against $SRC for all); prints the table of medians and ratios under TITLE.
+format_table() {
+    local title=$1 checked=" $2 " run row name cmd fmt ref dst t0 t1 r secs rate ratio
+    declare -A TIMES SIZES
+    for (( run = 1; run <= RUNS; run++ )); do
+        mapfile -t ORDER < <(shuffle "$run" "${ROWS[@]}")
+        for row in "${ORDER[@]}"; do
+            IFS='|' read -r name cmd fmt _ <<<"$row"
+            dst=$DST.$fmt
+            cmd=${cmd//SRC/$SRC}
+            cmd=${cmd//DST/$dst}
+            rm -f "$dst"
+            settle
+            t0=$(now_ns)
+            bash -c "$cmd"
+            t1=$(now_ns)
+            TIMES[$name]+="$(( (t1 - t0) / 1000 )) "
+            if (( run == 1 )); then
+                if [[ $checked == *" $fmt "* ]]; then
+                    qemu-img check -q "$dst" || { echo "bench: $name: qemu-img check failed" >&2; exit 1; }
+                fi
+                qemu-img compare -q -f raw -F "$fmt" "$SRC" "$dst" || { echo "bench: $name produced a different image" >&2; exit 1; }
+                SIZES[$name]=$(( $(stat -c %b "$dst") * 512 / 1048576 ))
+            fi
+            rm -f "$dst"
+        done
+        echo "bench: run $run of $RUNS done" >&2
+    done
+
+    echo
+    echo "$title, ${SIZE_MIB} MiB guest image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs"
+    echo
+    printf '| %-40s | %8s | %7s | %8s | %6s | %-40s |\n' "command" "median s" "MiB/s" "out MiB" "ratio" "ratio is time against"
+    printf '|%s|%s|%s|%s|%s|%s|\n' "------------------------------------------" "----------" "---------" "----------" "--------" "------------------------------------------"
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r name _ _ ref <<<"$row"
+        r=""
+        [ -n "$ref" ] && r=$(median_us "${TIMES[$ref]}")
+        read -r secs rate ratio <<<"$(row_figures "$(median_us "${TIMES[$name]}")" "$r")"
+        printf '| %-40s | %8s | %7s | %8s | %6s | %-40s |\n' "$name" "$secs" "$rate" "${SIZES[$name]}" "$ratio" "$ref"
+    done
+    echo
+    echo "MiB/s is the image's virtual size over the time; out MiB is what the target takes on disk; ratio < 1 means faster than the qemu-img command it is compared with."
+}
