@@ -76,7 +76,7 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
     enum RunKind: Equatable { case unallocated, zero, data, compressed }
 
     /// A run of guest bytes of one kind in this layer.
-    struct Run {
+    struct Run: MappedRun {
         var offset: Int64
         var length: Int64
         var kind: RunKind
@@ -86,6 +86,8 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
         var compressedSize: Int = 0
         var clusterStart: Int64 = 0
         var end: Int64 { offset + length }
+        /// Compressed clusters stay apart: each is decompressed on its own.
+        func joins(_ next: Run) -> Bool { kind == next.kind && next.kind != .compressed }
     }
 
     private func corrupt(_ what: String, _ offset: Int64) -> FerryError {
@@ -96,19 +98,7 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
     /// the guest and, for stored runs, in the host file); at most about `maxRuns` of them.
     func runs(in range: Range<Int64>, maxRuns: Int = 2048) async throws -> [Run] {
         var out: [Run] = []
-        func append(_ r: Run) {
-            if var last = out.last, last.kind == r.kind, last.end == r.offset, r.kind != .compressed {
-                switch (last.host, r.host) {
-                case (nil, nil): break
-                case let (a?, b?) where a + last.length == b: break
-                default: out.append(r); return
-                }
-                last.length += r.length
-                out[out.count - 1] = last
-            } else {
-                out.append(r)
-            }
-        }
+        func append(_ r: Run) { out.appendJoining(r) }
         let coverage = header.l2Coverage
         let extended = header.extendedL2
         let version3 = header.version >= 3
@@ -222,7 +212,7 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
                 let dst = destination(r)
                 switch r.kind {
                 case .data:
-                    reads.append(HostRead(host: r.host!, buffer: dst))
+                    reads.append(HostRead(device: dataDevice, host: r.host!, buffer: dst))
                 case .zero:
                     dst.initializeMemory(as: UInt8.self, repeating: 0)
                 case .unallocated:
@@ -246,18 +236,6 @@ public final class QCOW2Device: HostMappedDevice, DescribedDevice {
                 i += 1
             }
             try await readTogether(reads)
-        }
-    }
-
-    private func readTogether(_ reads: [HostRead]) async throws {
-        guard reads.count > 1 else {
-            if let only = reads.first { try await readHost(dataDevice, at: only.host, into: only.buffer) }
-            return
-        }
-        let device = dataDevice
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for r in reads { group.addTask { try await readHost(device, at: r.host, into: r.buffer) } }
-            try await group.waitForAll()
         }
     }
 
@@ -421,11 +399,4 @@ func readHost(_ device: any BlockDevice, at offset: Int64, into buffer: UnsafeMu
             .copyMemory(from: UnsafeRawBufferPointer(rebasing: bounce.bytes[from ..< from + take]))
         pos += Int64(take)
     }
-}
-
-/// A data run to read: its host offset and its part of the caller's buffer. The parts of one
-/// `read` are disjoint, and every read of them finishes before `read` returns.
-private struct HostRead: @unchecked Sendable {
-    let host: Int64
-    let buffer: UnsafeMutableRawBufferPointer
 }

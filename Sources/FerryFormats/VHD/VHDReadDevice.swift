@@ -41,26 +41,19 @@ public final class VHDReadDevice: HostMappedDevice, DescribedDevice {
 
     /// A run of guest bytes: in this image's file at `host` (`hole`: a hole in a fixed
     /// image's file), or not in this image (`host` nil).
-    struct Run {
+    struct Run: MappedRun {
         var offset: Int64
         var length: Int64
         var host: Int64?
         var hole = false
         var end: Int64 { offset + length }
+        func joins(_ next: Run) -> Bool { hole == next.hole }
     }
 
     /// The runs from `range.lowerBound`, joined where they continue each other.
     func runs(in range: Range<Int64>, maxRuns: Int = 2048, fileHoles: Bool = false) async throws -> [Run] {
         var out: [Run] = []
-        func append(_ r: Run) {
-            guard r.length > 0 else { return }
-            if let last = out.last, last.end == r.offset, last.hole == r.hole,
-               (last.host == nil && r.host == nil) || (last.host != nil && r.host != nil && last.host! + last.length == r.host!) {
-                out[out.count - 1].length += r.length
-            } else {
-                out.append(r)
-            }
-        }
+        func append(_ r: Run) { out.appendJoining(r) }
         let end = min(range.upperBound, size)
         var pos = range.lowerBound
         if type == .fixed {
@@ -128,30 +121,23 @@ public final class VHDReadDevice: HostMappedDevice, DescribedDevice {
             guard let first = batch.first, first.offset == pos else {
                 throw FerryError(.corrupt, "vhd mapping does not cover guest offset \(pos)", path: name, offset: pos)
             }
-            var reads: [VHDHostRead] = []
+            var reads: [HostRead] = []
             for r in batch {
                 let n = Int(min(r.end, end) - r.offset)
                 let start = Int(r.offset - offset)
                 let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[start ..< start + n])
                 if let host = r.host {
-                    reads.append(VHDHostRead(device: file, host: host, buffer: dst))
+                    reads.append(HostRead(device: file, host: host, buffer: dst))
                 } else if let backing, r.offset < backing.size {
                     let m = Int(min(Int64(n), backing.size - r.offset))
-                    reads.append(VHDHostRead(device: backing, host: r.offset, buffer: UnsafeMutableRawBufferPointer(rebasing: dst[0 ..< m])))
+                    reads.append(HostRead(device: backing, host: r.offset, buffer: UnsafeMutableRawBufferPointer(rebasing: dst[0 ..< m])))
                     if m < n { UnsafeMutableRawBufferPointer(rebasing: dst[m...]).initializeMemory(as: UInt8.self, repeating: 0) }
                 } else {
                     dst.initializeMemory(as: UInt8.self, repeating: 0)
                 }
                 pos = r.offset + Int64(n)
             }
-            if reads.count == 1 {
-                try await readHost(reads[0].device, at: reads[0].host, into: reads[0].buffer)
-            } else if reads.count > 1 {
-                try await withThrowingTaskGroup(of: Void.self) { group in
-                    for r in reads { group.addTask { try await readHost(r.device, at: r.host, into: r.buffer) } }
-                    try await group.waitForAll()
-                }
-            }
+            try await readTogether(reads)
         }
     }
 
@@ -215,11 +201,4 @@ public final class VHDReadDevice: HostMappedDevice, DescribedDevice {
         if let backing { do { try await backing.close() } catch { firstError = firstError ?? error } }
         if let firstError { throw firstError }
     }
-}
-
-/// A piece of one `read`: disjoint from the others, done before `read` returns.
-private struct VHDHostRead: @unchecked Sendable {
-    let device: any BlockDevice
-    let host: Int64
-    let buffer: UnsafeMutableRawBufferPointer
 }

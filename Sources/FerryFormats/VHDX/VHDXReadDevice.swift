@@ -30,32 +30,20 @@ public final class VHDXReadDevice: HostMappedDevice, DescribedDevice {
     }
 
     enum Kind: Equatable { case data, zero, unallocated }
-    struct Run {
+    struct Run: MappedRun {
         var offset: Int64
         var length: Int64
         var kind: Kind
         var host: Int64?
         var end: Int64 { offset + length }
+        func joins(_ next: Run) -> Bool { kind == next.kind }
     }
 
     /// The runs from `range.lowerBound` (at most about `maxRuns`), joined where they continue
     /// each other.
     func runs(in range: Range<Int64>, maxRuns: Int = 4096) async throws -> [Run] {
         var out: [Run] = []
-        func append(_ r: Run) {
-            guard r.length > 0 else { return }
-            if var last = out.last, last.kind == r.kind, last.end == r.offset {
-                switch (last.host, r.host) {
-                case (nil, nil): break
-                case let (a?, b?) where a + last.length == b: break
-                default: out.append(r); return
-                }
-                last.length += r.length
-                out[out.count - 1] = last
-            } else {
-                out.append(r)
-            }
-        }
+        func append(_ r: Run) { out.appendJoining(r) }
         let bs = parsed.blockSize
         let cr = parsed.chunkRatio
         let end = min(range.upperBound, size)
@@ -131,36 +119,19 @@ public final class VHDXReadDevice: HostMappedDevice, DescribedDevice {
             guard let first = batch.first, first.offset == pos else {
                 throw FerryError(.corrupt, "vhdx mapping does not cover guest offset \(pos)", path: name, offset: pos)
             }
-            var reads: [VHDXHostRead] = []
+            var reads: [HostRead] = []
             for r in batch {
                 let start = Int(r.offset - offset)
                 let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[start ..< start + Int(min(r.end, end) - r.offset)])
                 switch r.kind {
-                case .data: reads.append(VHDXHostRead(device: file, host: r.host!, buffer: dst))
+                case .data: reads.append(HostRead(device: file, host: r.host!, buffer: dst))
                 case .zero: dst.initializeMemory(as: UInt8.self, repeating: 0)
-                case .unallocated: try await readBacking(at: r.offset, into: dst)
+                case .unallocated: try await readFromBacking(backing, at: r.offset, into: dst)
                 }
                 pos = min(r.end, end)
             }
-            if reads.count == 1 {
-                try await readHost(file, at: reads[0].host, into: reads[0].buffer)
-            } else if reads.count > 1 {
-                try await withThrowingTaskGroup(of: Void.self) { group in
-                    for r in reads { group.addTask { try await readHost(r.device, at: r.host, into: r.buffer) } }
-                    try await group.waitForAll()
-                }
-            }
+            try await readTogether(reads)
         }
-    }
-
-    private func readBacking(at offset: Int64, into dst: UnsafeMutableRawBufferPointer) async throws {
-        guard let backing, offset < backing.size else {
-            dst.initializeMemory(as: UInt8.self, repeating: 0)
-            return
-        }
-        let n = Int(min(Int64(dst.count), backing.size - offset))
-        try await readHost(backing, at: offset, into: UnsafeMutableRawBufferPointer(rebasing: dst[0 ..< n]))
-        if n < dst.count { UnsafeMutableRawBufferPointer(rebasing: dst[n...]).initializeMemory(as: UInt8.self, repeating: 0) }
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
@@ -216,12 +187,4 @@ public final class VHDXReadDevice: HostMappedDevice, DescribedDevice {
         if let backing { do { try await backing.close() } catch { firstError = firstError ?? error } }
         if let firstError { throw firstError }
     }
-}
-
-/// A data run to read into part of the caller's buffer; parts are disjoint and every read
-/// finishes before `read` returns.
-private struct VHDXHostRead: @unchecked Sendable {
-    let device: any BlockDevice
-    let host: Int64
-    let buffer: UnsafeMutableRawBufferPointer
 }

@@ -51,7 +51,7 @@ public final class VMDKReadDevice: HostMappedDevice, DescribedDevice {
     enum RunKind: Equatable { case unallocated, zero, data, compressed }
 
     /// A run of guest bytes of one kind, within one extent.
-    struct Run {
+    struct Run: MappedRun {
         var offset: Int64
         var length: Int64
         var kind: RunKind
@@ -63,6 +63,10 @@ public final class VMDKReadDevice: HostMappedDevice, DescribedDevice {
         /// A flat extent's range that is a hole in its file: stored, but reads as zeros.
         var hole = false
         var end: Int64 { offset + length }
+        /// Compressed grains stay apart: each is inflated on its own.
+        func joins(_ next: Run) -> Bool {
+            kind == next.kind && extent == next.extent && hole == next.hole && next.kind != .compressed
+        }
     }
 
     private func extentIndex(_ pos: Int64) -> Int {
@@ -79,21 +83,7 @@ public final class VMDKReadDevice: HostMappedDevice, DescribedDevice {
     /// ask their file where its holes are.
     func runs(in range: Range<Int64>, maxRuns: Int = 2048, fileHoles: Bool = false) async throws -> [Run] {
         var out: [Run] = []
-        func append(_ r: Run) {
-            guard r.length > 0 else { return }
-            if var last = out.last, last.kind == r.kind, last.extent == r.extent, last.end == r.offset,
-               last.hole == r.hole, r.kind != .compressed {
-                switch (last.host, r.host) {
-                case (nil, nil): break
-                case let (a?, b?) where a + last.length == b: break
-                default: out.append(r); return
-                }
-                last.length += r.length
-                out[out.count - 1] = last
-            } else {
-                out.append(r)
-            }
-        }
+        func append(_ r: Run) { out.appendJoining(r) }
         var pos = range.lowerBound
         let end = min(range.upperBound, size)
         var ei = extentIndex(pos)
@@ -180,7 +170,7 @@ public final class VMDKReadDevice: HostMappedDevice, DescribedDevice {
             guard let first = batch.first, first.offset == pos else {
                 throw FerryError(.corrupt, "vmdk mapping does not cover guest offset \(pos)", path: name, offset: pos)
             }
-            var reads: [VMDKHostRead] = []
+            var reads: [HostRead] = []
             var i = 0
             while i < batch.count {
                 let r = batch[i]
@@ -190,7 +180,7 @@ public final class VMDKReadDevice: HostMappedDevice, DescribedDevice {
                 let ext = extents[r.extent]
                 switch r.kind {
                 case .data:
-                    reads.append(VMDKHostRead(device: ext.device!, host: r.host!, buffer: dst))
+                    reads.append(HostRead(device: ext.device!, host: r.host!, buffer: dst))
                 case .zero:
                     dst.initializeMemory(as: UInt8.self, repeating: 0)
                 case .unallocated:
@@ -244,30 +234,13 @@ public final class VMDKReadDevice: HostMappedDevice, DescribedDevice {
     /// Most bytes read at once for a run of neighbouring compressed grains.
     static let compressedSpan: Int64 = 1 << 20
 
-    private func readTogether(_ reads: [VMDKHostRead]) async throws {
-        guard reads.count > 1 else {
-            if let only = reads.first { try await readHost(only.device, at: only.host, into: only.buffer) }
-            return
-        }
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for r in reads { group.addTask { try await readHost(r.device, at: r.host, into: r.buffer) } }
-            try await group.waitForAll()
-        }
-    }
-
     /// Reads from the parent, zeros where there is none or where it ends. As qemu-img does,
     /// a parent whose CID is not the one this image was made over cannot be read through.
     private func readBacking(at offset: Int64, into dst: UnsafeMutableRawBufferPointer) async throws {
-        guard let backing, offset < backing.size else {
-            dst.initializeMemory(as: UInt8.self, repeating: 0)
-            return
+        if let backing, offset < backing.size, let cidMismatch {
+            throw FerryError(.corrupt, cidMismatch, path: name, offset: offset)
         }
-        if let cidMismatch { throw FerryError(.corrupt, cidMismatch, path: name, offset: offset) }
-        let n = Int(min(Int64(dst.count), backing.size - offset))
-        try await readHost(backing, at: offset, into: UnsafeMutableRawBufferPointer(rebasing: dst[0 ..< n]))
-        if n < dst.count {
-            UnsafeMutableRawBufferPointer(rebasing: dst[n...]).initializeMemory(as: UInt8.self, repeating: 0)
-        }
+        try await readFromBacking(backing, at: offset, into: dst)
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
@@ -348,12 +321,4 @@ public final class VMDKReadDevice: HostMappedDevice, DescribedDevice {
         if let backing { do { try await backing.close() } catch { firstError = firstError ?? error } }
         if let firstError { throw firstError }
     }
-}
-
-/// A data run to read: its file, host offset and part of the caller's buffer. The parts of
-/// one `read` are disjoint, and every read of them finishes before `read` returns.
-private struct VMDKHostRead: @unchecked Sendable {
-    let device: any BlockDevice
-    let host: Int64
-    let buffer: UnsafeMutableRawBufferPointer
 }

@@ -1,0 +1,69 @@
+import FerryCore
+
+/// A run of a layer's mapping: guest `offset ..< offset + length`, stored at `host` in a file
+/// (or nowhere: zeros, unallocated, a hole).
+protocol MappedRun {
+    var offset: Int64 { get }
+    var length: Int64 { get set }
+    var host: Int64? { get }
+    /// True if `next`, starting where this run ends, is of the same kind: where their host
+    /// bytes continue each other too (or neither has any), the two are one run.
+    func joins(_ next: Self) -> Bool
+}
+
+extension Array where Element: MappedRun {
+    /// Appends `run`, or lengthens the last run when `run` continues it in the guest, is of a
+    /// kind that `joins` it, and continues it in the host file (or neither has host bytes).
+    /// Empty runs are dropped.
+    mutating func appendJoining(_ run: Element) {
+        guard run.length > 0 else { return }
+        if let last = self.last, last.offset + last.length == run.offset, last.joins(run) {
+            switch (last.host, run.host) {
+            case (nil, nil):
+                self[count - 1].length += run.length
+                return
+            case let (a?, b?) where a + last.length == b:
+                self[count - 1].length += run.length
+                return
+            default:
+                break
+            }
+        }
+        append(run)
+    }
+}
+
+/// A data run to read: the device it lies in, where, and its part of the caller's buffer.
+/// The parts of one `read` are disjoint, and every read of them finishes before `read` returns.
+struct HostRead: @unchecked Sendable {
+    let device: any BlockDevice
+    let host: Int64
+    let buffer: UnsafeMutableRawBufferPointer
+}
+
+/// Reads every run at once: a request read across holes (see the copy planner) has several,
+/// and in turn they would cost a round trip each.
+func readTogether(_ reads: [HostRead]) async throws {
+    guard reads.count > 1 else {
+        if let only = reads.first { try await readHost(only.device, at: only.host, into: only.buffer) }
+        return
+    }
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for r in reads { group.addTask { try await readHost(r.device, at: r.host, into: r.buffer) } }
+        try await group.waitForAll()
+    }
+}
+
+/// Reads `dst.count` bytes of a backing image from `offset`: zeros where there is none, or
+/// past its end.
+func readFromBacking(_ backing: (any BlockDevice)?, at offset: Int64, into dst: UnsafeMutableRawBufferPointer) async throws {
+    guard let backing, offset < backing.size else {
+        dst.initializeMemory(as: UInt8.self, repeating: 0)
+        return
+    }
+    let n = Int(min(Int64(dst.count), backing.size - offset))
+    try await readHost(backing, at: offset, into: UnsafeMutableRawBufferPointer(rebasing: dst[0 ..< n]))
+    if n < dst.count {
+        UnsafeMutableRawBufferPointer(rebasing: dst[n...]).initializeMemory(as: UInt8.self, repeating: 0)
+    }
+}
