@@ -1,39 +1,8 @@
-import CZlib
 #if canImport(Glibc)
 import Glibc
 #endif
 import CZstd
 import FerryCore
-
-/// A deflate stream kept between clusters: raw deflate (no zlib header) with a 4 KiB window
-/// (window bits -12), which is what qemu's reader expects.
-private final class Deflater: @unchecked Sendable {
-    let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
-    let ok: Bool
-
-    init(level: Int32) {
-        stream.initialize(to: z_stream())
-        ok = deflateInit2_(stream, level, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK
-    }
-
-    deinit {
-        if ok { deflateEnd(stream) }
-        stream.deinitialize(count: 1)
-        stream.deallocate()
-    }
-
-    /// Compressed length, or nil if the result would not fit in `output`.
-    func deflate(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Int? {
-        guard ok, deflateReset(stream) == Z_OK else { return nil }
-        stream.pointee.next_in = UnsafeMutablePointer(mutating: input.baseAddress?.assumingMemoryBound(to: Bytef.self))
-        stream.pointee.avail_in = uInt(input.count)
-        stream.pointee.next_out = output.baseAddress?.assumingMemoryBound(to: Bytef.self)
-        stream.pointee.avail_out = uInt(output.count)
-        let rc = CZlib.deflate(stream, Z_FINISH)
-        guard rc == Z_STREAM_END else { return nil }
-        return output.count - Int(stream.pointee.avail_out)
-    }
-}
 
 /// A zstd compression context kept between clusters.
 private final class ZstdEncoder: @unchecked Sendable {
@@ -61,7 +30,7 @@ final class Compressors: Sendable {
     }()
     /// zstd level: qemu's default (3).
     static let zstdLevel: Int32 = 3
-    private let deflaters = Locked<[Deflater]>([])
+    private let deflaters = Locked<[ZlibDeflater]>([])
     private let zstds = Locked<[ZstdEncoder]>([])
 
     init(kind: QCOW2Compression) { self.kind = kind }
@@ -70,7 +39,8 @@ final class Compressors: Sendable {
     func compress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Int? {
         switch kind {
         case .deflate:
-            let d = deflaters.withLock { $0.popLast() } ?? Deflater(level: Self.deflateLevel)
+            // Raw deflate (no zlib header) with a 4 KiB window: what qemu's reader expects.
+            let d = deflaters.withLock { $0.popLast() } ?? ZlibDeflater(level: Self.deflateLevel, windowBits: -12, memLevel: 9)
             defer { deflaters.withLock { if $0.count < 64 { $0.append(d) } } }
             return d.deflate(input, into: output)
         case .zstd:

@@ -5,35 +5,6 @@ import Glibc
 #endif
 import FerryCore
 
-/// A zlib stream (deflate WITH the zlib header and Adler-32 trailer, as streamOptimized
-/// grains are stored), kept between grains.
-private final class GrainDeflater: @unchecked Sendable {
-    let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
-    let ok: Bool
-
-    init(level: Int32) {
-        stream.initialize(to: z_stream())
-        ok = deflateInit2_(stream, level, Z_DEFLATED, 15, 8, Z_DEFAULT_STRATEGY, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK
-    }
-
-    deinit {
-        if ok { deflateEnd(stream) }
-        stream.deinitialize(count: 1)
-        stream.deallocate()
-    }
-
-    /// Compressed length, or nil if the result would not fit in `output`.
-    func deflate(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Int? {
-        guard ok, deflateReset(stream) == Z_OK else { return nil }
-        stream.pointee.next_in = UnsafeMutablePointer(mutating: input.baseAddress?.assumingMemoryBound(to: Bytef.self))
-        stream.pointee.avail_in = uInt(input.count)
-        stream.pointee.next_out = output.baseAddress?.assumingMemoryBound(to: Bytef.self)
-        stream.pointee.avail_out = uInt(output.count)
-        guard CZlib.deflate(stream, Z_FINISH) == Z_STREAM_END else { return nil }
-        return output.count - Int(stream.pointee.avail_out)
-    }
-}
-
 /// A libdeflate compressor (zlib wrapper), kept between grains.
 private final class LibDeflater: @unchecked Sendable {
     let compressor: OpaquePointer?
@@ -64,10 +35,10 @@ final class GrainCompressors: Sendable {
         getenv("FERRY_VMDK_DEFLATE").map { String(cString: $0) != "zlib" } ?? true
     }()
 
-    private let pool = Locked<[GrainDeflater]>([])
+    private let pool = Locked<[ZlibDeflater]>([])
     private let libPool = Locked<[LibDeflater]>([])
     /// Level 0 (stored blocks) for grains that do not shrink: still a valid zlib stream.
-    private let stored = Locked<[GrainDeflater]>([])
+    private let stored = Locked<[ZlibDeflater]>([])
 
     /// An upper bound of the compressed size of `count` bytes (stored blocks and headers).
     static func bound(_ count: Int) -> Int { Int(compressBound(uLong(count))) }
@@ -80,7 +51,8 @@ final class GrainCompressors: Sendable {
             return d.deflate(input, into: output)
         }
         let which = store ? stored : pool
-        let d = which.withLock { $0.popLast() } ?? GrainDeflater(level: store ? 0 : Self.level)
+        // A zlib stream (with header and Adler-32 trailer), as streamOptimized grains are stored.
+        let d = which.withLock { $0.popLast() } ?? ZlibDeflater(level: store ? 0 : Self.level, windowBits: 15, memLevel: 8)
         defer { which.withLock { if $0.count < 64 { $0.append(d) } } }
         return d.deflate(input, into: output)
     }

@@ -1,6 +1,37 @@
 import CZlib
 import FerryCore
 
+/// A deflate stream kept between clusters or grains (reset, not rebuilt, for each one).
+final class ZlibDeflater: @unchecked Sendable {
+    let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
+    let ok: Bool
+
+    /// `windowBits` and `memLevel` as zlib takes them: qcow2 wants raw deflate with a 4 KiB
+    /// window (-12), VMDK a zlib stream (15).
+    init(level: Int32, windowBits: Int32, memLevel: Int32) {
+        stream.initialize(to: z_stream())
+        ok = deflateInit2_(stream, level, Z_DEFLATED, windowBits, memLevel, Z_DEFAULT_STRATEGY, ZLIB_VERSION,
+                           Int32(MemoryLayout<z_stream>.size)) == Z_OK
+    }
+
+    deinit {
+        if ok { deflateEnd(stream) }
+        stream.deinitialize(count: 1)
+        stream.deallocate()
+    }
+
+    /// Compressed length, or nil if the result would not fit in `output`.
+    func deflate(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Int? {
+        guard ok, deflateReset(stream) == Z_OK else { return nil }
+        stream.pointee.next_in = UnsafeMutablePointer(mutating: input.baseAddress?.assumingMemoryBound(to: Bytef.self))
+        stream.pointee.avail_in = uInt(input.count)
+        stream.pointee.next_out = output.baseAddress?.assumingMemoryBound(to: Bytef.self)
+        stream.pointee.avail_out = uInt(output.count)
+        guard CZlib.deflate(stream, Z_FINISH) == Z_STREAM_END else { return nil }
+        return output.count - Int(stream.pointee.avail_out)
+    }
+}
+
 /// An inflate stream kept between clusters or grains (reset, not rebuilt, for each one).
 final class ZlibInflater: @unchecked Sendable {
     let stream = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
