@@ -56,7 +56,7 @@ let package = Package(
         .testTarget(name: "FerryISCSITests", dependencies: ["FerryISCSI", "FerryCore", "FerryTestServers"]),
         .testTarget(name: "FerryFormatsTests", dependencies: ["FerryFormats", "FerryConvert", "FerryFile", "FerryCore"]),
         .testTarget(name: "FerryConvertTests", dependencies: ["FerryConvert", "FerryFormats", "FerryFile", "FerryCore"]),
-        .testTarget(name: "FerryCLITests", dependencies: ["FerryCore", "FerryTestServers"], exclude: ["golden"]),
+        .testTarget(name: "FerryCLITests", dependencies: ["FerryCore", "CFerryLinux", "FerryTestServers"], exclude: ["golden"]),
     ],
     swiftLanguageModes: [.v6]
 )

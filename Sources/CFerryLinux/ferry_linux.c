@@ -106,7 +106,7 @@ int ferry_poll_ns(void *fds, unsigned count, int64_t timeout_ns) {
     return r < 0 ? -errno : r;
 }
 
-int64_t ferry_cached_bytes(int fd) {
+int ferry_cachestat(int fd, ferry_cache_state *out) {
 #ifndef __NR_cachestat
 #define __NR_cachestat 451 /* the same number on every architecture */
 #endif
@@ -114,7 +114,17 @@ int64_t ferry_cached_bytes(int fd) {
     struct { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; } cs;
     if (syscall(__NR_cachestat, fd, &range, &cs, 0) < 0) return -errno;
     long page = sysconf(_SC_PAGESIZE);
-    return (int64_t)cs.nr_cache * (page > 0 ? page : 4096);
+    int64_t p = page > 0 ? page : 4096;
+    out->cached = (int64_t)cs.nr_cache * p;
+    out->dirty = (int64_t)cs.nr_dirty * p;
+    out->writeback = (int64_t)cs.nr_writeback * p;
+    return 0;
+}
+
+int64_t ferry_cached_bytes(int fd) {
+    ferry_cache_state st;
+    int r = ferry_cachestat(fd, &st);
+    return r < 0 ? r : st.cached;
 }
 
 int64_t ferry_pread(int fd, void *buffer, size_t length, int64_t offset) {

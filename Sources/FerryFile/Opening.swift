@@ -49,9 +49,9 @@ struct Opened: Sendable {
         }
         var flags = O_RDWR
         if options.sync { flags |= ferry_O_DSYNC }
-        let fd = ferry_open(path, flags | O_CREAT | O_TRUNC, 0o644)
-        guard fd >= 0 else {
-            let err = -fd
+        let truncating = ferry_open(path, flags | O_CREAT | O_TRUNC, 0o644)
+        guard truncating >= 0 else {
+            let err = -truncating
             if err == EISDIR { throw isDirectory(path) }
             if err == ENOENT {
                 let dir = directory(of: path)
@@ -62,6 +62,14 @@ struct Opened: Sendable {
             }
             throw FerryError.posix(err, "cannot create", path: path)
         }
+        // ext4 (auto_da_alloc) marks a file truncated to zero and starts write-back of its data
+        // at the next close of a descriptor of it: 0.35 s for 512 MiB, even with -t unsafe.
+        // Closing the truncating descriptor before anything is written clears the mark; the
+        // data goes through a second descriptor on the same inode.
+        var fd = ferry_open("/proc/self/fd/\(truncating)", flags, 0)
+        if fd < 0 { fd = ferry_open(path, flags, 0) }
+        _ = ferry_close(truncating)
+        guard fd >= 0 else { throw FerryError.posix(-fd, "cannot open after creating", path: path) }
         let rc = ferry_ftruncate(fd, size)
         guard rc == 0 else {
             _ = ferry_close(fd)

@@ -58,6 +58,13 @@ int ferry_poll_ns(void *fds, unsigned count, int64_t timeout_ns);
 /// cachestat(2) over the whole file: bytes of it in the page cache. -ENOSYS on kernels
 /// before 6.5.
 int64_t ferry_cached_bytes(int fd);
+/// cachestat(2) over the whole file, in bytes: in the page cache, dirty, under write-back.
+typedef struct ferry_cache_state {
+    int64_t cached;
+    int64_t dirty;
+    int64_t writeback;
+} ferry_cache_state;
+int ferry_cachestat(int fd, ferry_cache_state *out);
 
 /// pread(2)/pwritev2(2) of at most `length` bytes, retried on EINTR; returns bytes moved or -errno.
 /// `rw_flags` (RWF_DSYNC) selects pwritev2; 0 uses plain pwrite.
