@@ -89,6 +89,7 @@ public func convert(
     config.workers = options.workers
     config.bufferSize = options.bufferSize
     config.outOfOrder = options.outOfOrder
+    config.maxInFlight = options.maxInFlight
     if options.compress, let c = out.device as? ClusterCompressingDevice { c.enableCompression() }
     // A buffer holds at least one of the target's aligned blocks (a whole qcow2 cluster).
     let targetAlignment = out.device.limits.alignment

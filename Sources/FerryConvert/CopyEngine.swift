@@ -8,12 +8,19 @@ import Glibc
 
 /// How the engine copies, once the devices are open.
 public struct CopyConfiguration: Sendable {
-    /// Requests in flight, each with its own buffer.
-    public var workers: Int = 8
+    /// Requests in flight, each with its own buffer (`-m`); nil finds the depth while
+    /// copying (see `DepthPlan`).
+    public var workers: Int? = nil
     /// Bytes per buffer: the largest data request.
     public var bufferSize: Int = 2 << 20
-    /// Let writes complete in any order (`-W`).
-    public var outOfOrder: Bool = false
+    /// Most bytes the buffers of requests in flight may hold (as nbdcopy's `--queue-size`):
+    /// caps the depth, given or found, so memory is known whatever `-m` says.
+    public var maxInFlight: Int = 128 << 20
+    /// Let writes complete in any order (`-W`: true), keep them in guest order (false), or
+    /// let the target decide (nil: in any order where it says `.anyWriteOrder`).
+    public var outOfOrder: Bool? = nil
+    /// Seconds over which an adaptive copy measures its throughput before changing depth.
+    public var depthWindow: Double = 0.2
     /// Zero-detection granularity; 0 writes every byte (fully allocated target).
     public var sparseSize: Int = 4096
     /// The target reads as zeros already, so zero runs need not be written.
@@ -44,14 +51,13 @@ public enum CopyEngine {
         pool: BufferPool? = nil,
         progress: (@Sendable (CopyStats) -> Void)? = nil
     ) async throws -> CopyStats {
-        precondition(configuration.workers > 0 && configuration.bufferSize > 0)
+        precondition((configuration.workers ?? 1) > 0 && configuration.bufferSize > 0 && configuration.maxInFlight > 0)
         guard target.size >= source.size else {
             throw FerryError(.tooSmall, "target is smaller (\(target.size) bytes) than the source (\(source.size) bytes)", path: target.name)
         }
         let alignment = max(source.limits.alignment, target.limits.alignment)
         let maxData = min(configuration.bufferSize, source.limits.maximumTransfer) / alignment * alignment
         precondition(maxData > 0, "buffer smaller than the devices' alignment")
-        let pool = pool ?? BufferPool(bufferSize: configuration.bufferSize, capacity: configuration.workers)
         let granularity = configuration.sparseSize == 0 ? 0 : roundUp(configuration.sparseSize, to: target.limits.alignment)
         let planner = Planner(source: source, alignment: alignment, maxData: maxData,
                               bridge: granularity > 0 && source.capabilities.contains(.cheapZeroReads) ? bridge : 0,
@@ -62,24 +68,39 @@ public enum CopyEngine {
         let compressor = (target as? ClusterCompressingDevice).flatMap { $0.compressesWrites ? $0 : nil }
         // Compressed clusters are appended, and a streamed target only grows: both in order,
         // whatever `outOfOrder` asks.
-        let inOrder = !configuration.outOfOrder || compressor != nil || target.capabilities.contains(.sequentialWrites)
+        let inOrder = compressor != nil || target.capabilities.contains(.sequentialWrites)
+            || !(configuration.outOfOrder ?? target.capabilities.contains(.anyWriteOrder))
         let sequencer = inOrder ? Sequencer() : nil
+        // A compressing worker holds a second buffer for what it compressed.
+        let plan = DepthPlan(workers: configuration.workers, bufferSize: configuration.bufferSize * (compressor == nil ? 1 : 2),
+                             maxInFlight: configuration.maxInFlight)
+        let gate = DepthGate(limit: plan.initial)
+        // Never more taken than the gate admits.
+        let pool = pool ?? BufferPool(bufferSize: configuration.bufferSize, capacity: plan.workers)
+        tracker.setDepth(plan.initial, maxInFlight: configuration.maxInFlight)
         let context = WorkerContext(
             source: source, target: target, configuration: configuration,
             granularity: granularity,
             planner: planner, sequencer: sequencer, tracker: tracker, pool: pool,
+            compressedPool: compressor == nil ? nil : BufferPool(bufferSize: pool.bufferSize, capacity: pool.capacity), gate: gate,
             compressor: compressor,
             failure: FirstFailure())
+        let climber = plan.adaptive ? Task {
+            await climb(gate: gate, tracker: tracker, start: plan.initial, maximum: plan.workers, window: configuration.depthWindow)
+        } : nil
+        defer { climber?.cancel() }
 
         do {
             try await withThrowingTaskGroup(of: Void.self) { group in
-                for _ in 0 ..< configuration.workers {
+                for _ in 0 ..< plan.workers {
                     group.addTask { try await context.run() }
                 }
                 do {
                     while try await group.next() != nil {}
                 } catch {
                     group.cancelAll()
+                    // Workers waiting for room would wait for ever.
+                    gate.close()
                     // Let every worker stop before reporting, keeping the first real error.
                     while true {
                         do { if try await group.next() == nil { break } } catch {}
@@ -99,6 +120,26 @@ public enum CopyEngine {
             throw FerryError(.io, "\(error)", path: source.name, offset: stats.completedThrough)
         }
         return tracker.finish()
+    }
+
+    /// Changes the depth every `window` seconds by what the copy achieved (see `DepthClimber`).
+    static func climb(gate: DepthGate, tracker: Tracker, start: Int, maximum: Int, window: Double) async {
+        var climber = DepthClimber(start: start, maximum: maximum)
+        var done = tracker.snapshot().doneBytes
+        var t = Tracker.now()
+        while !Task.isCancelled {
+            do { try await Task.sleep(nanoseconds: UInt64(window * 1e9)) } catch { return }
+            let now = Tracker.now()
+            let d = tracker.snapshot().doneBytes
+            // Nothing done yet (still planning, or one huge request): no rate to judge by.
+            guard d > done else { continue }
+            let depth = climber.next(rate: Double(d - done) / (now - t))
+            (done, t) = (d, now)
+            if depth != gate.limit {
+                gate.setLimit(depth)
+                tracker.setDepth(depth)
+            }
+        }
     }
 
     /// Data bytes of the source (what progress counts toward), walked extent by extent
@@ -135,6 +176,10 @@ private struct WorkerContext: Sendable {
     let sequencer: Sequencer?
     let tracker: Tracker
     let pool: BufferPool
+    /// The compressed twins of `pool`'s buffers, when the target compresses.
+    let compressedPool: BufferPool?
+    /// Admits workers to take requests, as many as the depth allows.
+    let gate: DepthGate
     /// The target when it compresses: clusters are compressed by each worker before its
     /// turn, and only appended in its turn.
     let compressor: (any ClusterCompressingDevice)?
@@ -145,40 +190,52 @@ private struct WorkerContext: Sendable {
     static let zerosBehind = 4
 
     func run() async throws {
-        let buffer = await pool.take()
-        defer { pool.give(buffer) }
-        let compressed = compressor == nil ? nil : AlignedBuffer(count: buffer.count)
-        /// True while the buffer is known to hold only zeros (for fully allocated copies).
-        var bufferIsZero = false
         try await withThrowingTaskGroup(of: Void.self) { behind in
             var running = 0
-            while let request = try await planner.next() {
-                try Task.checkCancellation()
-                if failure.value != nil { throw CancellationError() }
-                if writesZeroesBehind(request) {
-                    // A zero write needs no buffer: it waits for its turn and completes in a
-                    // task of its own while the worker goes on, so zero runs (half of a
-                    // sparse image) do not hold the requests in flight down to `-m`.
-                    behind.addTask { try await zeroBehind(request) }
-                    running += 1
-                    if running >= Self.zerosBehind {
-                        _ = try await behind.next()
-                        running -= 1
-                    }
-                    continue
-                }
-                do {
-                    try await handle(request, buffer: buffer, compressed: compressed, bufferIsZero: &bufferIsZero)
-                } catch let e as FerryError {
-                    throw e
-                } catch is CancellationError {
-                    throw CancellationError()
-                } catch {
-                    throw FerryError(.io, "\(error)", path: target.name, offset: request.offset)
-                }
+            while await gate.enter() {
+                // Inside the gate from taking a request to finishing it (a zero run: to
+                // handing it to a task of its own).
+                let request: CopyRequest?
+                do { request = try await step(behind: &behind, running: &running) } catch { gate.leave(); throw error }
+                gate.leave()
+                if request == nil { break }
             }
             while try await behind.next() != nil {}
         }
+    }
+
+    /// Takes the next request and does it: nil when there are no more.
+    private func step(behind: inout ThrowingTaskGroup<Void, any Error>, running: inout Int) async throws -> CopyRequest? {
+        guard let request = try await planner.next() else { return nil }
+        try Task.checkCancellation()
+        if failure.value != nil { throw CancellationError() }
+        if writesZeroesBehind(request) {
+            // A zero write needs no buffer: it waits for its turn and completes in a task of
+            // its own while the worker goes on, so zero runs (half of a sparse image) do not
+            // hold the requests in flight down to the depth.
+            behind.addTask { try await zeroBehind(request) }
+            running += 1
+            if running >= Self.zerosBehind {
+                _ = try await behind.next()
+                running -= 1
+            }
+            return request
+        }
+        // Buffers belong to requests, not workers: only what is in flight holds memory.
+        let buffer = await pool.take()
+        defer { pool.give(buffer) }
+        let compressed = await compressedPool?.take()
+        defer { if let compressed { compressedPool?.give(compressed) } }
+        do {
+            try await handle(request, buffer: buffer, compressed: compressed)
+        } catch let e as FerryError {
+            throw e
+        } catch is CancellationError {
+            throw CancellationError()
+        } catch {
+            throw FerryError(.io, "\(error)", path: target.name, offset: request.offset)
+        }
+        return request
     }
 
     /// Zero runs that become `writeZeroes` calls (not skipped, not written as bytes).
@@ -208,7 +265,7 @@ private struct WorkerContext: Sendable {
         }
     }
 
-    private func handle(_ r: CopyRequest, buffer: AlignedBuffer, compressed: AlignedBuffer?, bufferIsZero: inout Bool) async throws {
+    private func handle(_ r: CopyRequest, buffer: AlignedBuffer, compressed: AlignedBuffer?) async throws {
         var kind = r.kind
         if kind == .unallocated {
             if configuration.skipUnallocated {
@@ -220,10 +277,7 @@ private struct WorkerContext: Sendable {
         if kind == .zero {
             if configuration.sparseSize == 0 {
                 // Fully allocated: write real zeros.
-                if !bufferIsZero {
-                    buffer.mutableBytes.initializeMemory(as: UInt8.self, repeating: 0)
-                    bufferIsZero = true
-                }
+                buffer.mutableBytes.initializeMemory(as: UInt8.self, repeating: 0)
                 try await turn(r) { issued in
                     var pos = r.offset
                     while pos < r.end {
@@ -245,7 +299,6 @@ private struct WorkerContext: Sendable {
         // Data: read, find zeros, then write when it is our turn.
         let n = Int(r.length)
         let bytes = buffer.slice(0 ..< n)
-        bufferIsZero = false
         try await source.read(at: r.offset, into: bytes)
         let runs: [ZeroScan.Run]
         if granularity == 0 {
@@ -364,6 +417,15 @@ final class Tracker: Sendable {
     }
 
     static func now() -> Double { Double(monotonicNanoseconds()) / 1e9 }
+
+    /// The depth now, and the cap on bytes in flight (reported with the progress).
+    func setDepth(_ depth: Int, maxInFlight: Int? = nil) {
+        state.withLock { s in
+            s.stats.depth = depth
+            s.stats.peakDepth = max(s.stats.peakDepth, depth)
+            if let maxInFlight { s.stats.maxInFlight = maxInFlight }
+        }
+    }
 
     func setAllocated(_ n: Int64) {
         state.withLock { $0.stats.allocatedBytes = n }

@@ -26,12 +26,17 @@ public struct ConvertOptions: Sendable {
     public var backingFile: String?
     /// `-F`: the format of `backingFile` (probed if nil).
     public var backingFormat: String?
-    /// `-m`: requests in flight (workers), each with one buffer.
-    public var workers: Int = 8
+    /// `-m`: requests in flight (workers), each with one buffer; nil finds the depth while
+    /// copying, from what it measures.
+    public var workers: Int?
     /// Size of each worker's buffer: the largest single read or write.
     public var bufferSize: Int = 2 << 20
-    /// `-W`: writes may complete out of order.
-    public var outOfOrder: Bool = false
+    /// `-W` (true): writes may complete out of order; `--in-order` (false): they go out in
+    /// guest order; nil: the target decides (in any order on files, devices and exports,
+    /// in order into images that allocate as data arrives).
+    public var outOfOrder: Bool?
+    /// `--max-in-flight`: most bytes the buffers of requests in flight may hold.
+    public var maxInFlight: Int = 128 << 20
     /// `-S`: zero runs at least this long (and aligned to it) in data are not written;
     /// 0 writes every byte so the target is fully allocated.
     public var sparseSize: Int = 4096
@@ -71,8 +76,11 @@ public struct ConvertOptions: Sendable {
 
     /// Checks the options on their own, before any image is touched.
     public func validate() throws {
-        guard (1 ... Self.maxWorkers).contains(workers) else {
+        if let workers, !(1 ... Self.maxWorkers).contains(workers) {
             throw FerryError(.invalidArgument, "invalid number of parallel requests \(workers) (allowed: 1 to \(Self.maxWorkers))")
+        }
+        guard maxInFlight >= bufferSize else {
+            throw FerryError(.invalidArgument, "invalid bytes in flight \(maxInFlight) (allowed: at least the buffer size \(bufferSize))")
         }
         guard bufferSize >= 4096, bufferSize <= Self.maxBufferSize, bufferSize % 4096 == 0 else {
             throw FerryError(.invalidArgument, "invalid buffer size \(bufferSize) (allowed: multiples of 4096 up to \(Self.maxBufferSize))")
@@ -123,6 +131,11 @@ public struct CopyStats: Sendable, Equatable {
     public var elapsed: Double = 0
     /// One-line notes for the user once the copy is done (a manifest digest that matched).
     public var notes: [String] = []
+    /// Requests allowed in flight now, and the most allowed at any time of the copy.
+    public var depth: Int = 0
+    public var peakDepth: Int = 0
+    /// The cap on bytes held by the buffers of requests in flight.
+    public var maxInFlight: Int = 0
 
     public init() {}
 

@@ -139,6 +139,11 @@ public struct BlockCapabilities: OptionSet, Sendable, Hashable {
     /// hand-over (a streamed image appended front to back). A copy into such a device writes
     /// in order whatever it was asked (`-W` is ignored); zero runs may be skipped, not rewound.
     public static let sequentialWrites = BlockCapabilities(rawValue: 1 << 10)
+    /// Where a write lands does not depend on when it arrives (a file, a block device, an
+    /// export, a preallocated image): writes may complete in any order at no cost to the
+    /// layout, and a copy lets them unless told otherwise. Without it (an image that
+    /// allocates as data arrives) writes go out in guest order, as qemu-img's do without `-W`.
+    public static let anyWriteOrder = BlockCapabilities(rawValue: 1 << 11)
 }
 
 /// Flags for `BlockDevice.write`.

@@ -138,7 +138,7 @@ public final class FileDevice: BlockDevice {
         limits = BlockLimits(alignment: alignment, preferredTransfer: 1 << 20, maximumTransfer: 256 << 20)
         var caps: BlockCapabilities = o.isBlockDevice ? [] : [.extents, .cheapZeroReads]
         if !o.readOnly {
-            caps.formUnion([.write, .zero, .fastZero, .discard, .flush, .fua])
+            caps.formUnion([.write, .zero, .fastZero, .discard, .flush, .fua, .anyWriteOrder])
             if zeroInit { caps.insert(.zeroInit) }
         }
         capabilities = caps

@@ -146,7 +146,7 @@ public final class ISCSIDevice: BlockDevice {
         limits = BlockLimits(alignment: info.blockSize, preferredTransfer: preferred, maximumTransfer: max(maxBytes, 32 << 20))
         var caps: BlockCapabilities = [.flush, .fua, .multiConn]
         if !readOnly {
-            caps.insert(.write)
+            caps.formUnion([.write, .anyWriteOrder])
             if info.writeSameUnmapSupported { caps.formUnion([.zero, .fastZero]) }
             if info.unmapSupported { caps.insert(.discard) }
         }

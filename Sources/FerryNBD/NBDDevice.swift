@@ -109,7 +109,7 @@ public final class NBDDevice: BlockDevice {
         commandLimit = Int64((1 << 30) / alignment * alignment)
 
         var caps: BlockCapabilities = []
-        if !readOnly { caps.insert(.write) }
+        if !readOnly { caps.formUnion([.write, .anyWriteOrder]) }
         if info.canZero { caps.insert(.zero) }
         if info.canZero && info.canFastZero { caps.insert(.fastZero) }
         if info.canTrim { caps.insert(.discard) }

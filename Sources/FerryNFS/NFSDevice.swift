@@ -88,7 +88,7 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
         limits = BlockLimits(alignment: 1, preferredTransfer: maximum,
                              maximumTransfer: readOnly ? maximum : max(maximum, 32 << 20))
         var caps: BlockCapabilities = [.flush]
-        if !readOnly { caps.insert(.write) }
+        if !readOnly { caps.formUnion([.write, .anyWriteOrder]) }
         if zeroInit { caps.insert(.zeroInit) }
         capabilities = caps
     }

@@ -68,11 +68,18 @@ struct Convert: FerryCommand {
     var backingFormat: String?
 
     @Option(name: .customShort("m", allowingJoined: true),
-            help: ArgumentHelp("Requests in flight, 1 to \(ConvertOptions.maxWorkers) (default: 8).", valueName: "n"))
+            help: ArgumentHelp("Requests in flight, 1 to \(ConvertOptions.maxWorkers) (default: found while copying, from 8 up to 64, as throughput rises).", valueName: "n"))
     var workers: Int?
 
-    @Flag(name: .customShort("W"), help: "Allow writes to complete out of order.")
+    @Flag(name: .customShort("W"), help: "Allow writes to complete out of order (the default where the target does not care: files, devices, exports).")
     var outOfOrder = false
+
+    @Flag(name: .customLong("in-order"), help: "Write in guest order, as qemu-img does without -W (the default into images that allocate as data arrives).")
+    var inOrder = false
+
+    @Option(name: .customLong("max-in-flight"),
+            help: ArgumentHelp("Most bytes the buffers of requests in flight may hold, capping -m (default: 128M).", valueName: "size"))
+    var maxInFlight: String?
 
     @Option(name: .customShort("S", allowingJoined: true),
             help: ArgumentHelp("Minimum run of zeros left unwritten, e.g. 4k or 64k; 0 writes every byte (default: 4k).", valueName: "size"))
@@ -131,7 +138,10 @@ struct Convert: FerryCommand {
         options.targetOptions = try Self.parseOptions(optionText)
         if let workers { options.workers = workers }
         if let connections { options.connections = connections }
-        options.outOfOrder = outOfOrder
+        if outOfOrder && inOrder {
+            throw UsageError(message: "-W and --in-order cannot be used together", command: "convert")
+        }
+        options.outOfOrder = outOfOrder ? true : (inOrder ? false : nil)
         if let bufferSize { options.bufferSize = try Self.size(bufferSize, what: "buffer size") }
         if let sparseSize {
             options.sparseSize = try Self.size(sparseSize, what: "sparse size")
@@ -140,6 +150,12 @@ struct Convert: FerryCommand {
             if bufferSize == nil && options.sparseSize > options.bufferSize {
                 options.bufferSize = min(ConvertOptions.maxBufferSize, (options.sparseSize + 4095) / 4096 * 4096)
             }
+        }
+        if let maxInFlight {
+            options.maxInFlight = try Self.size(maxInFlight, what: "bytes in flight")
+        } else {
+            // One request of a larger --buffer-size (or -S) fits.
+            options.maxInFlight = max(options.maxInFlight, options.bufferSize)
         }
         options.useExistingTarget = noCreate
         options.targetIsZero = targetIsZero

@@ -125,7 +125,9 @@ final class ProgressReporter: Sendable {
     }
 
     /// One JSON object on one line:
-    /// `{"done":N,"total":N,"percent":P,"size":N,"elapsed":S,"rate":N,"read":N,"written":N,"zeroed":N,"skipped":N,"final":B}`
+    /// `{"done":N,"total":N,"percent":P,"size":N,"elapsed":S,"rate":N,"read":N,"written":N,"zeroed":N,"skipped":N,"depth":N,"max_in_flight":N,"final":B}`
+    /// (`depth`: requests allowed in flight now; `max_in_flight`: the cap on the bytes their
+    /// buffers hold)
     /// plus `"error"` on the final line of a failed copy.
     private func jsonLine(_ s: CopyStats, rate: Double, elapsed: Double, final: Bool, error: String?) -> String {
         var fields: [(String, String)] = [
@@ -139,6 +141,8 @@ final class ProgressReporter: Sendable {
             ("written", "\(s.bytesWritten)"),
             ("zeroed", "\(s.bytesZeroed)"),
             ("skipped", "\(s.bytesSkipped)"),
+            ("depth", "\(s.depth)"),
+            ("max_in_flight", "\(s.maxInFlight)"),
             ("final", final ? "true" : "false"),
         ]
         if let error { fields.append(("error", Format.jsonString(error))) }

@@ -27,6 +27,8 @@ final class VHDFixedWriter: CommittingDevice, @unchecked Sendable {
         var c: BlockCapabilities = [.write, .flush]
         if file.capabilities.contains(.zero) { c.insert(.zero) }
         if file.capabilities.contains(.zeroInit) { c.insert(.zeroInit) }
+        // Preallocated: a write lands where the file puts it, whenever it comes.
+        c.formUnion(file.capabilities.intersection(.anyWriteOrder))
         return c
     }
 

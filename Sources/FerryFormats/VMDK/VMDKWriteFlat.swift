@@ -62,6 +62,7 @@ final class VMDKFlatWriter: CommittingDevice, @unchecked Sendable {
     var capabilities: BlockCapabilities {
         var c: BlockCapabilities = [.write, .flush, .zeroInit]
         if extents.allSatisfy({ $0.file.capabilities.contains(.zero) }) { c.insert(.zero) }
+        if extents.allSatisfy({ $0.file.capabilities.contains(.anyWriteOrder) }) { c.insert(.anyWriteOrder) }
         return c
     }
 

@@ -1,0 +1,164 @@
+import FerryCore
+import Synchronization
+
+/// How many requests a copy keeps in flight: a number the user gave (`-m`), or found while
+/// copying (`workers` nil), under a cap on the bytes the buffers may hold.
+struct DepthPlan: Sendable {
+    /// Worker tasks started: each may hold one request and one buffer.
+    let workers: Int
+    /// Requests allowed in flight at the start.
+    let initial: Int
+    /// True when the limit follows the measured throughput.
+    let adaptive: Bool
+
+    /// Where an adaptive copy starts: as deep as the fixed default was (8 x 2 MiB), which
+    /// is enough for a local copy; a server far away earns more as the copy measures it.
+    static let adaptiveStart = 8
+    /// Deepest an adaptive copy goes: past this the servers here gained nothing.
+    static let adaptiveMaximum = 64
+
+    init(workers fixed: Int?, bufferSize: Int, maxInFlight: Int) {
+        // Buffers (and a compressed twin when compressing) are what a request in flight holds.
+        let byMemory = max(1, maxInFlight / max(bufferSize, 1))
+        if let fixed {
+            workers = fixed
+            initial = min(fixed, byMemory)
+            adaptive = false
+        } else {
+            workers = min(Self.adaptiveMaximum, byMemory)
+            initial = min(Self.adaptiveStart, workers)
+            adaptive = workers > initial
+        }
+    }
+}
+
+/// Lets at most `limit` workers hold a request at once; the limit may change while they run.
+///
+/// A worker calls `enter()` before it takes a request and `leave()` once it is done with it,
+/// so a request in flight always belongs to a worker inside the gate (ordered writes wait
+/// only for workers that can go on). `close()` lets every waiting worker through with
+/// `false`, for a copy that is stopping.
+final class DepthGate: Sendable {
+    private struct State {
+        var limit: Int
+        var inside = 0
+        var peak = 0
+        var closed = false
+        var waiters: [CheckedContinuation<Bool, Never>] = []
+    }
+    private let state: Mutex<State>
+
+    init(limit: Int) {
+        precondition(limit > 0)
+        state = Mutex(State(limit: limit))
+    }
+
+    var limit: Int { state.withLock { $0.limit } }
+    /// Most workers that were inside at once.
+    var peak: Int { state.withLock { $0.peak } }
+
+    /// Waits for room; false if the gate was closed.
+    func enter() async -> Bool {
+        let admitted: Bool? = state.withLock { s in
+            if s.closed { return false }
+            guard s.inside < s.limit else { return nil }
+            s.inside += 1
+            s.peak = max(s.peak, s.inside)
+            return true
+        }
+        if let admitted { return admitted }
+        return await withCheckedContinuation { c in
+            let now: Bool? = state.withLock { s in
+                if s.closed { return false }
+                if s.inside < s.limit {
+                    s.inside += 1
+                    s.peak = max(s.peak, s.inside)
+                    return true
+                }
+                s.waiters.append(c)
+                return nil
+            }
+            if let now { c.resume(returning: now) }
+        }
+    }
+
+    func leave() {
+        let wake: CheckedContinuation<Bool, Never>? = state.withLock { s in
+            s.inside -= 1
+            return Self.admitOne(&s)
+        }
+        wake?.resume(returning: true)
+    }
+
+    func setLimit(_ n: Int) {
+        precondition(n > 0)
+        var wake: [CheckedContinuation<Bool, Never>] = []
+        state.withLock { s in
+            s.limit = n
+            while let c = Self.admitOne(&s) { wake.append(c) }
+        }
+        for c in wake { c.resume(returning: true) }
+    }
+
+    func close() {
+        let waiting: [CheckedContinuation<Bool, Never>] = state.withLock { s in
+            s.closed = true
+            defer { s.waiters.removeAll() }
+            return s.waiters
+        }
+        for c in waiting { c.resume(returning: false) }
+    }
+
+    private static func admitOne(_ s: inout State) -> CheckedContinuation<Bool, Never>? {
+        guard !s.closed, s.inside < s.limit, !s.waiters.isEmpty else { return nil }
+        s.inside += 1
+        s.peak = max(s.peak, s.inside)
+        return s.waiters.removeFirst()
+    }
+}
+
+/// Finds the depth by climbing: every `window` it compares the bytes done with the window
+/// before; a doubling that gained at least `gain` is kept and the next one tried, one that
+/// did not is undone, and the climb is tried again after `holdWindows`. More depth than a
+/// path needs costs memory, not time, so only the way up is searched.
+struct DepthClimber: Sendable {
+    let maximum: Int
+    let gain: Double
+    let holdWindows: Int
+    private(set) var depth: Int
+    private var previousDepth: Int
+    private var previousRate: Double?
+    private var probing = false
+    private var hold = 0
+
+    init(start: Int, maximum: Int, gain: Double = 1.10, holdWindows: Int = 8) {
+        self.depth = start
+        self.previousDepth = start
+        self.maximum = maximum
+        self.gain = gain
+        self.holdWindows = holdWindows
+    }
+
+    /// The depth for the next window, given the rate (bytes per second) of the one that ended.
+    mutating func next(rate: Double) -> Int {
+        if probing {
+            probing = false
+            if let before = previousRate, rate < before * gain {
+                depth = previousDepth
+                hold = holdWindows
+                previousRate = nil
+                return depth
+            }
+        }
+        if hold > 0 {
+            hold -= 1
+            return depth
+        }
+        guard depth < maximum else { return depth }
+        previousDepth = depth
+        previousRate = rate
+        depth = min(maximum, depth * 2)
+        probing = true
+        return depth
+    }
+}
