@@ -17,6 +17,7 @@ PACKAGES=(
     libnbd-bin      # nbdcopy, nbdinfo
     libnbd-dev      # the NBD endpoint
     util-linux      # losetup, fallocate
+    strace          # tests see convert -C's copy_file_range calls
     pkg-config      # finds libnbd, libnfs, zlib and libzstd for the C modules
     libnfs-dev      # the NFS endpoint
     libiscsi-dev    # the iSCSI endpoint

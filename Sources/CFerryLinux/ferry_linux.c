@@ -106,6 +106,26 @@ int ferry_poll_ns(void *fds, unsigned count, int64_t timeout_ns) {
     return r < 0 ? -errno : r;
 }
 
+int ferry_copy_file_range(int in_fd, int64_t in_offset, int out_fd, int64_t out_offset, int64_t length) {
+    loff_t in = in_offset, out = out_offset;
+    while (length > 0) {
+        ssize_t n = copy_file_range(in_fd, &in, out_fd, &out, (size_t)length, 0);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        if (n == 0) return -EIO; /* the source ended early */
+        length -= n;
+    }
+    return 0;
+}
+
+int ferry_ofd_lock_held(int fd, int64_t offset) {
+    struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = offset, .l_len = 1, .l_pid = 0 };
+    if (fcntl(fd, F_OFD_GETLK, &fl) < 0) return -errno;
+    return fl.l_type == F_UNLCK ? 0 : 1;
+}
+
 int ferry_cachestat(int fd, ferry_cache_state *out) {
 #ifndef __NR_cachestat
 #define __NR_cachestat 451 /* the same number on every architecture */

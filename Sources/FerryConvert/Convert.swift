@@ -90,6 +90,9 @@ public func convert(
     config.bufferSize = options.bufferSize
     config.outOfOrder = options.outOfOrder
     config.maxInFlight = options.maxInFlight
+    config.rateLimit = options.rateLimit
+    config.salvage = options.salvage
+    config.copyOffload = options.copyOffload
     if options.compress, let c = out.device as? ClusterCompressingDevice { c.enableCompression() }
     // A buffer holds at least one of the target's aligned blocks (a whole qcow2 cluster).
     let targetAlignment = out.device.limits.alignment

@@ -19,6 +19,16 @@ public struct CopyConfiguration: Sendable {
     /// Let writes complete in any order (`-W`: true), keep them in guest order (false), or
     /// let the target decide (nil: in any order where it says `.anyWriteOrder`).
     public var outOfOrder: Bool? = nil
+    /// Data runs are copied by the kernel where source and target allow it (`-C`:
+    /// `copy_file_range` between local files), without zero detection; elsewhere, or once
+    /// the kernel refuses, the bytes are read and written.
+    public var copyOffload: Bool = false
+    /// Read errors of the source become zeros (`--salvage`), recorded in `CopyStats.salvaged`;
+    /// otherwise the first one stops the copy.
+    public var salvage: Bool = false
+    /// Most data bytes read per second (`-r`), evenly spaced; nil for no limit. Zero runs
+    /// move no data and are not counted.
+    public var rateLimit: Int? = nil
     /// Seconds over which an adaptive copy measures its throughput before changing depth.
     public var depthWindow: Double = 0.2
     /// Zero-detection granularity; 0 writes every byte (fully allocated target).
@@ -83,6 +93,8 @@ public enum CopyEngine {
             granularity: granularity,
             planner: planner, sequencer: sequencer, tracker: tracker, pool: pool,
             compressedPool: compressor == nil ? nil : BufferPool(bufferSize: pool.bufferSize, capacity: pool.capacity), gate: gate,
+            pacer: configuration.rateLimit.map { Pacer(bytesPerSecond: $0) },
+            offload: configuration.copyOffload && compressor == nil ? (source as? any RangeCopyingDevice).map { OffloadState($0) } : nil,
             compressor: compressor,
             failure: FirstFailure())
         let climber = plan.adaptive ? Task {
@@ -180,6 +192,10 @@ private struct WorkerContext: Sendable {
     let compressedPool: BufferPool?
     /// Admits workers to take requests, as many as the depth allows.
     let gate: DepthGate
+    /// Holds data requests to the rate limit, if there is one.
+    let pacer: Pacer?
+    /// The source's copy offload, while it works (`-C`).
+    let offload: OffloadState?
     /// The target when it compresses: clusters are compressed by each worker before its
     /// turn, and only appended in its turn.
     let compressor: (any ClusterCompressingDevice)?
@@ -299,7 +315,13 @@ private struct WorkerContext: Sendable {
         // Data: read, find zeros, then write when it is our turn.
         let n = Int(r.length)
         let bytes = buffer.slice(0 ..< n)
-        try await source.read(at: r.offset, into: bytes)
+        try await pacer?.wait(for: r.length - r.bridged)
+        if let offload, offload.works, try await offloaded(r, offload: offload, buffer: bytes) { return }
+        do {
+            try await source.read(at: r.offset, into: bytes)
+        } catch let e as FerryError where configuration.salvage && e.code != .cancelled {
+            try await salvage(r.offset, into: bytes)
+        }
         let runs: [ZeroScan.Run]
         if granularity == 0 {
             runs = [ZeroScan.Run(range: 0 ..< n, isZero: false)]
@@ -359,6 +381,55 @@ private struct WorkerContext: Sendable {
         }
     }
 
+    /// Has the kernel copy `r` in its turn; true when done. If it cannot, the request is read
+    /// and written here (its turn is already taken) and offload is not tried again.
+    private func offloaded(_ r: CopyRequest, offload: OffloadState, buffer: UnsafeMutableRawBufferPointer) async throws -> Bool {
+        try await turn(r) { issued in
+            if try await offload.device.copyRange(at: r.offset, length: r.length, to: target, at: r.offset) {
+                issued()
+            } else {
+                offload.refused()
+                try await source.read(at: r.offset, into: buffer)
+                try await target.writeInOrder(PendingWrite.pieces(UnsafeRawBufferPointer(buffer), at: r.offset, maximum: target.limits.maximumTransfer),
+                                              issued: issued)
+            }
+            tracker.complete(r, read: r.length, written: r.length, data: r.length - r.bridged)
+        }
+        return true
+    }
+
+    /// Reads what can be read of a request whose read failed: in pieces of 64 KiB, and a
+    /// piece that fails in blocks of 4 KiB (or the source's alignment); a block that fails
+    /// reads as zeros and is recorded.
+    private func salvage(_ offset: Int64, into bytes: UnsafeMutableRawBufferPointer) async throws {
+        let block = max(4096, source.limits.alignment)
+        let piece = max(64 << 10, block)
+        func tryRead(_ at: Int, _ n: Int) async throws -> Bool {
+            do {
+                try await source.read(at: offset + Int64(at), into: UnsafeMutableRawBufferPointer(rebasing: bytes[at ..< at + n]))
+                return true
+            } catch let e as FerryError where e.code != .cancelled {
+                return false
+            }
+        }
+        var at = 0
+        while at < bytes.count {
+            let n = min(piece, bytes.count - at)
+            if try await !tryRead(at, n) {
+                var b = at
+                while b < at + n {
+                    let m = min(block, at + n - b)
+                    if try await !tryRead(b, m) {
+                        UnsafeMutableRawBufferPointer(rebasing: bytes[b ..< b + m]).initializeMemory(as: UInt8.self, repeating: 0)
+                        tracker.salvaged(offset + Int64(b), Int64(m))
+                    }
+                    b += m
+                }
+            }
+            at += n
+        }
+    }
+
     /// Runs `body` when it is `r`'s turn to write (at once when out of order). The body
     /// passes the closure it gets to its last write, so the next request's turn starts as
     /// soon as that write is issued rather than when it completes: ordered writes still
@@ -376,6 +447,15 @@ private struct WorkerContext: Sendable {
     }
 }
 
+
+/// A source's copy offload and whether the kernel still accepts it.
+final class OffloadState: Sendable {
+    let device: any RangeCopyingDevice
+    private let ok = Atomic<Bool>(true)
+    init(_ device: any RangeCopyingDevice) { self.device = device }
+    var works: Bool { ok.load(ordering: .relaxed) }
+    func refused() { ok.store(false, ordering: .relaxed) }
+}
 
 /// The first error recorded, for errors met where no caller is waiting to receive them.
 final class FirstFailure: Sendable {
@@ -417,6 +497,17 @@ final class Tracker: Sendable {
     }
 
     static func now() -> Double { Double(monotonicNanoseconds()) / 1e9 }
+
+    /// A range of the source that could not be read and was written as zeros.
+    func salvaged(_ offset: Int64, _ length: Int64) {
+        state.withLock { s in
+            if let last = s.stats.salvaged.last, last.upperBound == offset {
+                s.stats.salvaged[s.stats.salvaged.count - 1] = last.lowerBound ..< offset + length
+            } else {
+                s.stats.salvaged.append(offset ..< offset + length)
+            }
+        }
+    }
 
     /// The depth now, and the cap on bytes in flight (reported with the progress).
     func setDepth(_ depth: Int, maxInFlight: Int? = nil) {

@@ -162,3 +162,27 @@ struct DepthClimber: Sendable {
         return depth
     }
 }
+
+/// Spaces data requests so the copy moves at most `bytesPerSecond` (`-r`): each request
+/// waits for the moment the ones before it have earned, so the rate is even, not bursts
+/// at the start of each second.
+final class Pacer: Sendable {
+    private let nanosPerByte: Double
+    private let next = Mutex<UInt64>(0)
+
+    init(bytesPerSecond: Int) {
+        precondition(bytesPerSecond > 0)
+        nanosPerByte = 1e9 / Double(bytesPerSecond)
+    }
+
+    /// Waits until `bytes` more may go.
+    func wait(for bytes: Int64) async throws {
+        let now = monotonicNanoseconds()
+        let start: UInt64 = next.withLock { n in
+            let s = max(n, now)
+            n = s + UInt64(Double(bytes) * nanosPerByte)
+            return s
+        }
+        if start > now { try await Task.sleep(nanoseconds: start - now) }
+    }
+}

@@ -17,13 +17,17 @@ public struct EndpointOptions: Sendable {
     /// Read-only local files: read with O_DIRECT when large and mostly not in the page cache
     /// (see `FileDevice.Options.directIfCold`), whatever `cache` says.
     public var directIfCold: Bool
+    /// `-U`: open a local image even while another process (a running VM) holds it for
+    /// writing; otherwise that is an error, as with qemu-img.
+    public var forceShare: Bool
 
     public init(cache: CacheMode = .writeback, fileEngine: FileDevice.IOEngine = .auto, connections: Int? = nil,
-                directIfCold: Bool = false) {
+                directIfCold: Bool = false, forceShare: Bool = false) {
         self.cache = cache
         self.fileEngine = fileEngine
         self.connections = connections
         self.directIfCold = directIfCold
+        self.forceShare = forceShare
     }
 
     /// Sessions per server when `connections` is not given.
@@ -76,7 +80,13 @@ extension Images {
         if let (archive, member) = ArchiveLocation.split(location) {
             return try await ArchiveLocation.openMember(archive: archive, member: member, location: location, readOnly: readOnly)
         }
-        return try await FileDevice.open(path: location, options: options.fileOptions(readOnly: readOnly))
+        let file = try await FileDevice.open(path: location, options: options.fileOptions(readOnly: readOnly))
+        if !options.forceShare && file.heldForWritingElsewhere {
+            try? await file.close()
+            throw FerryError(.busy, "another process (a running VM?) has the image open for writing, so it may change while it is read; use -U to \(readOnly ? "read" : "open") it anyway",
+                             path: location)
+        }
+        return file
     }
 
     /// Makes the storage for a new image of `size` host bytes: a new sparse file, or an existing

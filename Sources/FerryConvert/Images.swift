@@ -240,10 +240,10 @@ public enum Images {
 
     /// Opens `spec` read-only, runs `body`, and closes the image whatever happens. Without
     /// `withBacking` the image's backing chain is not opened (only described).
-    public static func withImage<T>(_ spec: ImageSpec, withBacking: Bool = true,
+    public static func withImage<T>(_ spec: ImageSpec, withBacking: Bool = true, forceShare: Bool = false,
                                     _ body: (OpenedImage) async throws -> T) async throws -> T {
         let warnings = WarningLog()
-        var image = try await open(spec, readOnly: true, options: EndpointOptions(), depth: 0, chain: [], warnings: warnings,
+        var image = try await open(spec, readOnly: true, options: EndpointOptions(forceShare: forceShare), depth: 0, chain: [], warnings: warnings,
                                    withBacking: withBacking)
         image.warnings = warnings.all
         let result: T
@@ -258,10 +258,10 @@ public enum Images {
     }
 
     /// `ferry info`: the image, and with `backingChain` every image under it, top first.
-    public static func info(_ spec: ImageSpec, backingChain: Bool = false) async throws
+    public static func info(_ spec: ImageSpec, backingChain: Bool = false, forceShare: Bool = false) async throws
         -> (chain: [ImageInfo], probedAsRaw: Bool, warnings: [String]) {
         // Like qemu-img, describing one image does not need its backing file to exist.
-        try await withImage(spec, withBacking: backingChain) { image in
+        try await withImage(spec, withBacking: backingChain, forceShare: forceShare) { image in
             var chain: [ImageInfo] = []
             var device: (any BlockDevice)? = image.device
             var filename = spec.location
@@ -292,8 +292,8 @@ public enum Images {
 
     /// `ferry map`: the image's extents, joined into the fewest runs, with the depth in the
     /// backing chain each run comes from and where it lies in its file, as qemu-img map says.
-    public static func map(_ spec: ImageSpec) async throws -> ([MapEntry], probedAsRaw: Bool) {
-        try await withImage(spec) { image in
+    public static func map(_ spec: ImageSpec, forceShare: Bool = false) async throws -> ([MapEntry], probedAsRaw: Bool) {
+        try await withImage(spec, forceShare: forceShare) { image in
             (try await mapEntries(image.device, isRaw: image.format == Formats.fallback.name), image.probedAsRaw)
         }
     }

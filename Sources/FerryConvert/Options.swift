@@ -58,11 +58,20 @@ public struct ConvertOptions: Sendable {
     public var connections: Int?
 
     public static let maxConnections = 64
+    /// `-C`: copy data runs with `copy_file_range` between local raw files where the
+    /// kernel can (no zero detection there).
+    public var copyOffload: Bool = false
+    /// `--salvage`: read errors of the sources become zeros, reported, and the copy goes on.
+    public var salvage: Bool = false
+    /// `-r`: most data bytes per second, evenly spaced; nil for no limit.
+    public var rateLimit: Int?
+    /// `-U`: read sources that another process holds open for writing.
+    public var forceShare: Bool = false
 
     /// How the sources are opened.
     public var sourceEndpoint: EndpointOptions {
         EndpointOptions(cache: sourceCache, fileEngine: fileEngine, connections: connections,
-                        directIfCold: directColdSources && sourceCache == .writeback)
+                        directIfCold: directColdSources && sourceCache == .writeback, forceShare: forceShare)
     }
     /// How the target is opened.
     public var targetEndpoint: EndpointOptions {
@@ -131,6 +140,9 @@ public struct CopyStats: Sendable, Equatable {
     public var elapsed: Double = 0
     /// One-line notes for the user once the copy is done (a manifest digest that matched).
     public var notes: [String] = []
+    /// Ranges of the sources (in guest offsets of the whole copy) that could not be read and
+    /// were written as zeros (`--salvage`), in the order they were met.
+    public var salvaged: [Range<Int64>] = []
     /// Requests allowed in flight now, and the most allowed at any time of the copy.
     public var depth: Int = 0
     public var peakDepth: Int = 0

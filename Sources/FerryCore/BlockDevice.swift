@@ -107,6 +107,15 @@ public struct BlockLimits: Sendable, Equatable {
     }
 }
 
+/// A device that can have the kernel copy a range of it into another device without the
+/// bytes passing through the caller (`copy_file_range` between local files: `convert -C`).
+public protocol RangeCopyingDevice: BlockDevice {
+    /// Copies `length` bytes at `offset` to `target` at `targetOffset`. False, with nothing
+    /// written, when it cannot for this pair (another kind of device, another filesystem, a
+    /// kernel that refuses): the caller then copies the bytes itself.
+    func copyRange(at offset: Int64, length: Int64, to target: any BlockDevice, at targetOffset: Int64) async throws -> Bool
+}
+
 /// What a device can do cheaply. Absent capabilities are emulated or ignored as each call says.
 public struct BlockCapabilities: OptionSet, Sendable, Hashable {
     public let rawValue: UInt32

@@ -26,6 +26,8 @@ public struct FerryError: Error, Sendable, CustomStringConvertible, Equatable {
         case corrupt
         /// The user or a signal stopped the operation.
         case cancelled
+        /// Another process holds the image (a running VM).
+        case busy
         case other
     }
 

@@ -17,7 +17,7 @@ import FerryCore
 ///
 /// A request is never abandoned half way, not even when its task is cancelled: the kernel may
 /// be reading or writing the caller's buffer until the completion arrives.
-public final class FileDevice: BlockDevice {
+public final class FileDevice: RangeCopyingDevice {
     /// How I/O is issued.
     public enum IOEngine: String, Sendable {
         /// io_uring if the kernel allows it, else the thread pool. `FERRY_IO=threads` in the
@@ -79,6 +79,11 @@ public final class FileDevice: BlockDevice {
     public let capabilities: BlockCapabilities
     /// True for a block device, false for a regular file.
     public let isBlockDevice: Bool
+
+    /// True if another process has the file open for writing as QEMU marks it: a lock on
+    /// byte 101 of the file, the "write" permission of its image locking (seen on every
+    /// image a running VM or `qemu-io` holds). qemu-img refuses such an image unless `-U`.
+    public var heldForWritingElsewhere: Bool { ferry_ofd_lock_held(fd, 101) == 1 }
     /// The engine actually in use (`uring` or `threads`).
     public let engineInUse: IOEngine
     /// Whether aligned requests bypass the page cache (O_DIRECT).
@@ -561,6 +566,23 @@ public final class FileDevice: BlockDevice {
     }
 
     /// Runs a blocking call on an I/O thread and suspends until it is done.
+    /// Data between two descriptors in the page cache, by `copy_file_range(2)`. Not into a
+    /// target written with O_DIRECT (its cache would go stale behind the copy).
+    public func copyRange(at offset: Int64, length: Int64, to target: any BlockDevice, at targetOffset: Int64) async throws -> Bool {
+        try checkOpen()
+        guard let t = target as? FileDevice, !t.readOnly, !t.isDirect else { return false }
+        guard let (start, count) = clamp(offset, length), count == length else {
+            throw FerryError(.invalidArgument, "copy of \(length) bytes at offset \(offset) runs past the end (\(size) bytes)", path: name, offset: offset)
+        }
+        let (src, dst) = (fd, t.fd)
+        let rc = try await blocking { ferry_copy_file_range(src, start, dst, targetOffset, count) }
+        if rc < 0 {
+            if Self.isUnsupported(-rc) || -rc == EXDEV || -rc == EINVAL { return false }
+            throw FerryError.posix(-rc, "copy offload (copy_file_range) to \(t.name) failed", path: name, offset: start)
+        }
+        return true
+    }
+
     private func blocking<T: Sendable>(_ body: @escaping @Sendable () -> T) async throws -> T {
         let result: T? = await withCheckedContinuation { c in
             if !executor.perform({ c.resume(returning: body()) }) { c.resume(returning: nil) }

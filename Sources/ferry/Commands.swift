@@ -44,34 +44,34 @@ struct Convert: FerryCommand {
         A disk inside an OVA is read in place as X.ova/DISK and checked against the OVA's manifest.
         """)
 
-    @Option(name: .customShort("f", allowingJoined: true),
+    @Option(name: [.customShort("f", allowingJoined: true), .customLong("source-format")],
             help: ArgumentHelp("Format of the sources (probed if omitted).", valueName: "fmt"))
     var sourceFormat: String?
 
-    @Option(name: .customShort("O", allowingJoined: true),
+    @Option(name: [.customShort("O", allowingJoined: true), .customLong("target-format")],
             help: ArgumentHelp("Format of the target (default: raw).", valueName: "fmt"))
     var targetFormat: String?
 
-    @Option(name: .customShort("o", allowingJoined: true),
+    @Option(name: [.customShort("o", allowingJoined: true), .customLong("target-format-options")],
             help: ArgumentHelp("Target creation options, 'name=value,...'; '-o help' lists them.", valueName: "options"))
     var targetOptions: [String] = []
 
-    @Flag(name: .customShort("c"), help: "Compress the target's clusters (\(Formats.able(.compression)); '-o help' lists a format's compression options).")
+    @Flag(name: [.customShort("c"), .customLong("compress")], help: "Compress the target's clusters (\(Formats.able(.compression)); '-o help' lists a format's compression options).")
     var compress = false
 
-    @Option(name: .customShort("B", allowingJoined: true),
+    @Option(name: [.customShort("B", allowingJoined: true), .customShort("b", allowingJoined: true), .customLong("backing")],
             help: ArgumentHelp("Make the target an overlay of this image (\(Formats.able(.backingFile))): only what the source holds above it is written.", valueName: "backing"))
     var backingFile: String?
 
-    @Option(name: .customShort("F", allowingJoined: true),
+    @Option(name: [.customShort("F", allowingJoined: true), .customLong("backing-format")],
             help: ArgumentHelp("Format of the -B image (probed if omitted).", valueName: "fmt"))
     var backingFormat: String?
 
-    @Option(name: .customShort("m", allowingJoined: true),
+    @Option(name: [.customShort("m", allowingJoined: true), .customLong("parallel")],
             help: ArgumentHelp("Requests in flight, 1 to \(ConvertOptions.maxWorkers) (default: found while copying, from 8 up to 64, as throughput rises).", valueName: "n"))
     var workers: Int?
 
-    @Flag(name: .customShort("W"), help: "Allow writes to complete out of order (the default where the target does not care: files, devices, exports).")
+    @Flag(name: [.customShort("W"), .customLong("oob-writes")], help: "Allow writes to complete out of order (the default where the target does not care: files, devices, exports).")
     var outOfOrder = false
 
     @Flag(name: .customLong("in-order"), help: "Write in guest order, as qemu-img does without -W (the default into images that allocate as data arrives).")
@@ -81,21 +81,21 @@ struct Convert: FerryCommand {
             help: ArgumentHelp("Most bytes the buffers of requests in flight may hold, capping -m (default: 128M).", valueName: "size"))
     var maxInFlight: String?
 
-    @Option(name: .customShort("S", allowingJoined: true),
+    @Option(name: [.customShort("S", allowingJoined: true), .customLong("sparse-size")],
             help: ArgumentHelp("Minimum run of zeros left unwritten, e.g. 4k or 64k; 0 writes every byte (default: 4k).", valueName: "size"))
     var sparseSize: String?
 
-    @Flag(name: .customShort("n"), help: "The target exists already; don't create it.")
+    @Flag(name: [.customShort("n"), .customLong("no-create")], help: "The target exists already; don't create it.")
     var noCreate = false
 
     @Flag(name: .customLong("target-is-zero"), help: "With -n: the target reads as zeros already, so zero runs are skipped.")
     var targetIsZero = false
 
-    @Option(name: .customShort("t", allowingJoined: true),
+    @Option(name: [.customShort("t", allowingJoined: true), .customLong("target-cache")],
             help: ArgumentHelp("Target cache mode: none, writeback, unsafe, writethrough, directsync (default: writeback).", valueName: "cache"))
     var targetCache: String?
 
-    @Option(name: .customShort("T", allowingJoined: true),
+    @Option(name: [.customShort("T", allowingJoined: true), .customLong("source-cache")],
             help: ArgumentHelp("Source cache mode (same values; default: writeback, but a large local file mostly not in the page cache is read with O_DIRECT).", valueName: "cache"))
     var sourceCache: String?
 
@@ -111,10 +111,24 @@ struct Convert: FerryCommand {
     var showProgress = false
 
     @Option(name: .customLong("progress"),
-            help: ArgumentHelp("'json': print progress as one JSON object per line on stdout.", valueName: "json"))
+            help: ArgumentHelp("'json': progress as one JSON object per line on stdout; 'fd:N': the same lines on descriptor N. A bare --progress is -p (qemu-img 10).", valueName: "json|fd:N"))
     var progressFormat: String?
 
-    @Flag(name: .customShort("q"), help: "Quiet: no progress bar, summary or warnings.")
+    @Option(name: [.customShort("r", allowingJoined: true), .customLong("rate-limit")],
+            help: ArgumentHelp("Most data bytes copied per second, e.g. 100M, spread evenly (zero runs are free).", valueName: "rate"))
+    var rateLimit: String?
+
+    @Flag(name: [.customShort("C"), .customLong("copy-range-offloading")],
+          help: "Have the kernel copy the data (copy_file_range) between local raw files where it can; zeros in data are then copied, not detected.")
+    var copyOffload = false
+
+    @Flag(name: .customLong("salvage"), help: "Read errors of the sources become zeros, each reported with its offset, and the copy goes on.")
+    var salvage = false
+
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Read sources even while another process (a running VM) holds them open for writing.")
+    var forceShare = false
+
+    @Flag(name: [.customShort("q"), .customLong("quiet")], help: "Quiet: no progress bar, summary or warnings.")
     var quiet = false
 
     @Argument(help: ArgumentHelp("Source images, then the target.", valueName: "image"))
@@ -157,6 +171,14 @@ struct Convert: FerryCommand {
             // One request of a larger --buffer-size (or -S) fits.
             options.maxInFlight = max(options.maxInFlight, options.bufferSize)
         }
+        options.forceShare = forceShare
+        options.salvage = salvage
+        options.copyOffload = copyOffload
+        if let rateLimit {
+            let r = try Self.size(rateLimit, what: "rate limit")
+            guard r > 0 else { throw FerryError(.invalidArgument, "invalid rate limit '\(rateLimit)' (a number of bytes per second above 0)") }
+            options.rateLimit = r
+        }
         options.useExistingTarget = noCreate
         options.targetIsZero = targetIsZero
         options.compress = compress
@@ -168,9 +190,15 @@ struct Convert: FerryCommand {
             options.directColdSources = false
         }
         var jsonProgress = false
+        var jsonFD = STDOUT_FILENO
         if let progressFormat {
-            guard progressFormat == "json" else {
-                throw FerryError(.invalidArgument, "invalid progress format '\(progressFormat)' (allowed: json)")
+            if progressFormat.hasPrefix("fd:"), let fd = Int32(progressFormat.dropFirst(3)), fd >= 0 {
+                guard fcntl(fd, F_GETFD) >= 0 else {
+                    throw FerryError(.invalidArgument, "--progress=fd:\(fd): descriptor \(fd) is not open")
+                }
+                jsonFD = fd
+            } else if progressFormat != "json" {
+                throw FerryError(.invalidArgument, "invalid progress format '\(progressFormat)' (allowed: json, fd:N)")
             }
             jsonProgress = true
         }
@@ -186,17 +214,17 @@ struct Convert: FerryCommand {
             try Formats.require(.compression, of: targetType, options: options.targetOptions, for: "-c (compression)", path: nil)
         }
 
-        let reporter = ProgressReporter(bar: showProgress && !quiet && Terminal.stderrIsTerminal, json: jsonProgress)
+        let reporter = ProgressReporter(bar: showProgress && !quiet && Terminal.stderrIsTerminal, json: jsonProgress, jsonFD: jsonFD)
         let quiet = quiet
         let ticker = reporter.active ? Task { await reporter.run() } : nil
         let started = ContinuousClock.now
         let stats: CopyStats
         do {
             let opts = options
-            let onProgress: (@Sendable (CopyStats) -> Void)? =
-                reporter.active ? { @Sendable (stats: CopyStats) -> Void in reporter.update(stats) } : nil
+            // Always kept: SIGUSR1 asks for it whether or not anything is shown.
+            let onProgress: (@Sendable (CopyStats) -> Void)? = { @Sendable (stats: CopyStats) -> Void in reporter.update(stats) }
             let onWarning: @Sendable (String) -> Void = { if !quiet { Terminal.warn($0) } }
-            stats = try await SignalCancellation.run { () async throws -> CopyStats in
+            stats = try await SignalCancellation.run(onUSR1: { reporter.printPercent() }) { () async throws -> CopyStats in
                 try await FerryConvert.convert(
                     sources: sources, target: target, options: opts,
                     progress: onProgress, warning: onWarning)
@@ -213,6 +241,10 @@ struct Convert: FerryCommand {
         // The time the user waited: opening, copying, flushing and closing.
         let waited = ContinuousClock.now - started
         let seconds = Double(waited.components.seconds) + Double(waited.components.attoseconds) * 1e-18
+        // Lost data is said even with -q.
+        for r in stats.salvaged {
+            Terminal.warn("could not read \(r.count) bytes of the source at offset \(r.lowerBound); wrote zeros there (--salvage)")
+        }
         if !quiet {
             Terminal.err(Self.summary(stats, seconds: seconds))
             for note in stats.notes { Terminal.err("ferry: \(note)\n") }
@@ -372,9 +404,12 @@ struct Info: FerryCommand {
         A disk inside an OVA is named X.ova/DISK, here and in convert.
         """)
 
-    @Option(name: .customShort("f", allowingJoined: true),
+    @Option(name: [.customShort("f", allowingJoined: true), .customLong("format")],
             help: ArgumentHelp("Format of the image (probed if omitted).", valueName: "fmt"))
     var format: String?
+
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the image even while another process (a running VM) holds it open for writing.")
+    var forceShare = false
 
     @Option(name: .customLong("output"), help: ArgumentHelp("Output format.", valueName: "human|json"))
     var output: OutputFormat = .human
@@ -394,7 +429,7 @@ struct Info: FerryCommand {
             for e in errors { Terminal.complain(e.description) }
             return errors.isEmpty ? 0 : 1
         }
-        let (chain, probed, warnings) = try await Images.info(ImageSpec(image, format: format), backingChain: backingChain)
+        let (chain, probed, warnings) = try await Images.info(ImageSpec(image, format: format), backingChain: backingChain, forceShare: forceShare)
         if probed { warnProbedAsRaw(image) }
         for w in warnings { Terminal.warn(w) }
         if backingChain {
@@ -410,9 +445,12 @@ struct Map: FerryCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show where an image holds data and where it reads as zeros, as qemu-img map does.")
 
-    @Option(name: .customShort("f", allowingJoined: true),
+    @Option(name: [.customShort("f", allowingJoined: true), .customLong("format")],
             help: ArgumentHelp("Format of the image (probed if omitted).", valueName: "fmt"))
     var format: String?
+
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the image even while another process (a running VM) holds it open for writing.")
+    var forceShare = false
 
     @Option(name: .customLong("output"), help: ArgumentHelp("Output format.", valueName: "human|json"))
     var output: OutputFormat = .human
@@ -421,7 +459,7 @@ struct Map: FerryCommand {
     var image: String
 
     func execute() async throws -> Int32 {
-        let (entries, probed) = try await Images.map(ImageSpec(image, format: format))
+        let (entries, probed) = try await Images.map(ImageSpec(image, format: format), forceShare: forceShare)
         if probed { warnProbedAsRaw(image) }
         if output == .json {
             Terminal.out(Report.mapJSON(entries))

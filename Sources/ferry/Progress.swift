@@ -11,6 +11,8 @@ import Synchronization
 final class ProgressReporter: Sendable {
     let bar: Bool
     let json: Bool
+    /// Where the JSON lines go: stdout, or the descriptor of `--progress=fd:N`.
+    let jsonFD: Int32
     private let started = ContinuousClock.now
     private let state = Mutex(State())
 
@@ -23,9 +25,17 @@ final class ProgressReporter: Sendable {
         var finished = false
     }
 
-    init(bar: Bool, json: Bool) {
+    init(bar: Bool, json: Bool, jsonFD: Int32 = 1) {
         self.bar = bar
         self.json = json
+        self.jsonFD = jsonFD
+    }
+
+    /// qemu-img's answer to SIGUSR1, which Incus and LXD send to read how far a copy is:
+    /// `    (45.20/100%)` and a newline, on stderr.
+    func printPercent() {
+        let s = state.withLock { $0.latest } ?? CopyStats()
+        Terminal.err("    (" + Format.fixed(s.fraction * 100, 2) + "/100%)\n")
     }
 
     var active: Bool { bar || json }
@@ -68,7 +78,7 @@ final class ProgressReporter: Sendable {
         }
         guard let snapshot else { return }
         if bar { Terminal.err(barLine(snapshot.stats, rate: snapshot.rate)) }
-        if snapshot.emitJSON { Terminal.out(jsonLine(snapshot.stats, rate: snapshot.rate, elapsed: t, final: false, error: nil)) }
+        if snapshot.emitJSON { Terminal.write(jsonLine(snapshot.stats, rate: snapshot.rate, elapsed: t, final: false, error: nil), to: jsonFD) }
     }
 
     /// Ends the display: on success the bar at its final state and a newline, and the final
@@ -92,7 +102,7 @@ final class ProgressReporter: Sendable {
                 Terminal.err("\r\u{1B}[K")
             }
         }
-        if json { Terminal.out(jsonLine(stats, rate: rate, elapsed: elapsed, final: true, error: error)) }
+        if json { Terminal.write(jsonLine(stats, rate: rate, elapsed: elapsed, final: true, error: error), to: jsonFD) }
     }
 
     /// ` 45.2% [=========>          ] 231 MiB / 512 MiB  443 MiB/s  ETA 0:03`, redrawn in

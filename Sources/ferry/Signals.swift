@@ -20,11 +20,20 @@ enum SignalCancellation {
         return s == 0 ? nil : s
     }
 
-    /// Runs `operation` in a task that SIGINT / SIGTERM cancel.
-    static func run<T: Sendable>(_ operation: @escaping @Sendable () async throws -> T) async throws -> T {
+    /// Runs `operation` in a task that SIGINT / SIGTERM cancel; SIGUSR1 calls `onUSR1`
+    /// meanwhile (when given).
+    static func run<T: Sendable>(onUSR1: (@Sendable () -> Void)? = nil,
+                                 _ operation: @escaping @Sendable () async throws -> T) async throws -> T {
         let task = Task { try await operation() }
         let queue = DispatchQueue(label: "ferry.signals")
         var sources: [any DispatchSourceSignal] = []
+        if let onUSR1 {
+            signal(SIGUSR1, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: SIGUSR1, queue: queue)
+            source.setEventHandler { onUSR1() }
+            source.resume()
+            sources.append(source)
+        }
         for sig in [SIGINT, SIGTERM] {
             // The dispatch source sees the signal only while its default action is off.
             signal(sig, SIG_IGN)
@@ -48,6 +57,8 @@ enum SignalCancellation {
             for s in sources { s.cancel() }
             signal(SIGINT, SIG_DFL)
             signal(SIGTERM, SIG_DFL)
+            // Ignored, not default (which kills): a signal sent just after the copy must not.
+            if onUSR1 != nil { signal(SIGUSR1, SIG_IGN) }
         }
         return try await task.value
     }

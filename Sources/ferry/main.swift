@@ -18,7 +18,20 @@ import FerryCore
 ferry_malloc_thresholds(32 << 20, 256 << 20)
 #endif
 
-let arguments = Array(CommandLine.arguments.dropFirst())
+/// The command line, with qemu-img 10's bare `--progress` (its `-p`) told apart from
+/// Ferry's `--progress=json` / `--progress json`.
+// qemu-img prints its progress on SIGUSR1 (Incus and LXD send it); until a copy installs
+// its handler the signal must not kill the process.
+signal(SIGUSR1, SIG_IGN)
+
+let arguments: [String] = {
+    var args = Array(CommandLine.arguments.dropFirst())
+    for i in args.indices where args[i] == "--progress" {
+        let next = i + 1 < args.count ? args[i + 1] : nil
+        if next != "json" && !(next?.hasPrefix("fd:") ?? false) { args[i] = "-p" }
+    }
+    return args
+}()
 let subcommands = ["convert", "create", "info", "map"]
 
 /// `Try 'ferry convert --help' ...` for the subcommand being used, if any.

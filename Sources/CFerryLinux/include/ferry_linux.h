@@ -55,6 +55,13 @@ int64_t ferry_seek_hole(int fd, int64_t offset);
 /// negative): poll(2) counts in whole milliseconds, too coarse for a 1 ms delay.
 int ferry_poll_ns(void *fds, unsigned count, int64_t timeout_ns);
 
+/// copy_file_range(2) of all `length` bytes (looping over short copies); 0 or -errno
+/// (-EXDEV, -EOPNOTSUPP, -EINVAL: the kernel cannot here, nothing needs undoing).
+int ferry_copy_file_range(int in_fd, int64_t in_offset, int out_fd, int64_t out_offset, int64_t length);
+/// 1 if another open file description holds an OFD lock on byte `offset` that a write lock
+/// would conflict with (QEMU marks the permissions an open image holds this way), 0 if not,
+/// or -errno.
+int ferry_ofd_lock_held(int fd, int64_t offset);
 /// cachestat(2) over the whole file: bytes of it in the page cache. -ENOSYS on kernels
 /// before 6.5.
 int64_t ferry_cached_bytes(int fd);
