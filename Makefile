@@ -3,6 +3,7 @@
 #   make demo    install what is missing, build, convert a sample sparse image with progress
 #   make test    install what is missing, build, run every test (unit, oracle, CLI)
 #   make bench   every bench/*.sh table, against qemu-img, nbdcopy and cp (RUNS=5 by default)
+#   make install PREFIX=dir   the binary, its man page and shell completions under dir
 #
 # SCRATCH=dir builds in another scratch directory (several people building in one checkout).
 
@@ -14,7 +15,9 @@ DEMO_DIR ?= /tmp/ferry-demo
 SCRATCH_FLAG := $(if $(SCRATCH),--scratch-path $(SCRATCH))
 RELEASE_BIN   = $(shell $(SWIFT) build -c release $(SCRATCH_FLAG) --show-bin-path)/ferry
 
-.PHONY: all deps build release test demo bench clean
+PREFIX   ?= /usr/local
+
+.PHONY: all deps build release test demo bench clean install
 
 all: build
 
@@ -34,6 +37,10 @@ release: deps
 test: deps
 	$(SWIFT) build $(SCRATCH_FLAG)
 	$(SWIFT) test --disable-swift-testing $(SCRATCH_FLAG)
+
+# The binary, the man page and bash/zsh/fish completions, generated from the commands.
+install: release
+	@scripts/install.sh "$(RELEASE_BIN)" "$(PREFIX)"
 
 demo: release
 	@scripts/demo.sh "$(RELEASE_BIN)" "$(DEMO_DIR)"

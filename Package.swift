@@ -47,6 +47,8 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "ferry-delay-proxy", dependencies: ["FerryCore", "CFerryLinux"]),
+        // The library's example (Embedding Ferry, in the DocC catalog); the tests run it.
+        .executableTarget(name: "ferry-example", dependencies: ["FerryConvert"], path: "Examples/ConvertWithProgress"),
         .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
         .testTarget(name: "FerryFileTests", dependencies: ["FerryFile", "FerryCore"]),
         .testTarget(name: "FerryNBDTests", dependencies: ["FerryNBD", "FerryCore"]),

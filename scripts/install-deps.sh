@@ -18,6 +18,7 @@ PACKAGES=(
     libnbd-dev      # the NBD endpoint
     util-linux      # losetup, fallocate
     strace          # tests see convert -C's copy_file_range calls
+    groff-base      # renders the generated man page in the tests
     pkg-config      # finds libnbd, libnfs, zlib and libzstd for the C modules
     libnfs-dev      # the NFS endpoint
     libiscsi-dev    # the iSCSI endpoint

@@ -39,6 +39,12 @@ func tryHelp(_ command: String?) -> String {
     "Try 'ferry\(command.map { " " + $0 } ?? "") --help' for more information.\n"
 }
 
+// The man page, from the command definitions (`make install` writes it).
+if arguments == ["--generate-manual"] {
+    Terminal.out(Manual.page())
+    exit(0)
+}
+
 if let first = arguments.first, !first.hasPrefix("-"), !subcommands.contains(first), first != "help" {
     Terminal.complain("unknown command '\(first)' (commands: \(subcommands.joined(separator: ", ")))")
     Terminal.err(tryHelp(nil))
