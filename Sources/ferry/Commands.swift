@@ -42,7 +42,18 @@ struct Convert: FerryCommand {
         unwritten (sparse), and the target is flushed before ferry reports success unless \
         '-t unsafe' is given. A target that ferry created is removed if the copy fails. \
         A disk inside an OVA is read in place as X.ova/DISK and checked against the OVA's manifest.
+
+        Not supported, and refused rather than ignored: --object (qemu objects such as \
+        secrets), --bitmaps and --skip-broken-bitmaps (persistent bitmaps are not copied).
         """)
+
+    /// qemu-img options Ferry does not have: refused with a reason (see the discussion).
+    @Option(name: .customLong("object"), help: .hidden)
+    var object: String?
+    @Flag(name: .customLong("bitmaps"), help: .hidden)
+    var bitmaps = false
+    @Flag(name: .customLong("skip-broken-bitmaps"), help: .hidden)
+    var skipBrokenBitmaps = false
 
     @Option(name: [.customShort("f", allowingJoined: true), .customLong("source-format")],
             help: ArgumentHelp("Format of the sources (probed if omitted).", valueName: "fmt"))
@@ -122,6 +133,12 @@ struct Convert: FerryCommand {
           help: "Have the kernel copy the data (copy_file_range) between local raw files where it can; zeros in data are then copied, not detected.")
     var copyOffload = false
 
+    @Flag(name: .customLong("image-opts"), help: "The sources are qemu option strings, e.g. driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=SOCK (not with -f).")
+    var imageOpts = false
+
+    @Flag(name: .customLong("target-image-opts"), help: "The target is a qemu option string (needs -n).")
+    var targetImageOpts = false
+
     @Flag(name: .customLong("salvage"), help: "Read errors of the sources become zeros, each reported with its offset, and the copy goes on.")
     var salvage = false
 
@@ -144,8 +161,23 @@ struct Convert: FerryCommand {
         guard images.count >= 2 else {
             throw UsageError(message: images.isEmpty ? "expecting source and target image names" : "expecting a target image name after the source", command: "convert")
         }
-        let sources = images.dropLast().map { ImageSpec($0, format: sourceFormat) }
-        let target = ImageSpec(images.last!, format: format)
+        if object != nil {
+            throw FerryError(.notSupported, "--object is not supported: ferry creates no qemu objects (no secrets, no encrypted targets)")
+        }
+        if bitmaps || skipBrokenBitmaps {
+            throw FerryError(.notSupported, "--\(bitmaps ? "bitmaps" : "skip-broken-bitmaps") is not supported: ferry does not copy persistent bitmaps")
+        }
+        if imageOpts && sourceFormat != nil {
+            throw UsageError(message: "--image-opts and -f cannot be used together (the option string names the driver)", command: "convert")
+        }
+        if targetImageOpts && !noCreate {
+            throw UsageError(message: "--target-image-opts needs -n (the target must exist)", command: "convert")
+        }
+        if targetImageOpts && targetFormat != nil {
+            throw UsageError(message: "--target-image-opts and -O cannot be used together (the option string names the driver)", command: "convert")
+        }
+        let sources = try images.dropLast().map { imageOpts ? try ImageOpts.parse($0) : ImageSpec($0, format: sourceFormat) }
+        let target = targetImageOpts ? try ImageOpts.parse(images.last!) : ImageSpec(images.last!, format: format)
 
         var options = ConvertOptions()
         options.targetFormat = format
@@ -417,11 +449,23 @@ struct Info: FerryCommand {
     @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain, top first.")
     var backingChain = false
 
+    @Flag(name: .customLong("image-opts"), help: "The image is a qemu option string, e.g. driver=qcow2,file.filename=disk.qcow2 (not with -f).")
+    var imageOpts = false
+
     @Argument(help: ArgumentHelp("The image.", valueName: "image"))
     var image: String
 
+    /// The image as given: a location and -f, or (`--image-opts`) an option string.
+    static func spec(_ image: String, format: String?, imageOpts: Bool, command: String) throws -> ImageSpec {
+        guard imageOpts else { return ImageSpec(image, format: format) }
+        guard format == nil else {
+            throw UsageError(message: "--image-opts and -f cannot be used together (the option string names the driver)", command: command)
+        }
+        return try ImageOpts.parse(image)
+    }
+
     func execute() async throws -> Int32 {
-        if format == nil, await ArchiveLocation.isArchive(image) {
+        if format == nil, !imageOpts, await ArchiveLocation.isArchive(image) {
             // An OVA: its disks and the manifest's verdict on each member.
             let archive = try await Images.describeArchive(image)
             Terminal.out(output == .json ? Report.archiveJSON(archive) : Report.archiveHuman(archive))
@@ -429,7 +473,8 @@ struct Info: FerryCommand {
             for e in errors { Terminal.complain(e.description) }
             return errors.isEmpty ? 0 : 1
         }
-        let (chain, probed, warnings) = try await Images.info(ImageSpec(image, format: format), backingChain: backingChain, forceShare: forceShare)
+        let spec = try Self.spec(image, format: format, imageOpts: imageOpts, command: "info")
+        let (chain, probed, warnings) = try await Images.info(spec, backingChain: backingChain, forceShare: forceShare)
         if probed { warnProbedAsRaw(image) }
         for w in warnings { Terminal.warn(w) }
         if backingChain {
@@ -455,11 +500,14 @@ struct Map: FerryCommand {
     @Option(name: .customLong("output"), help: ArgumentHelp("Output format.", valueName: "human|json"))
     var output: OutputFormat = .human
 
+    @Flag(name: .customLong("image-opts"), help: "The image is a qemu option string, e.g. driver=qcow2,file.filename=disk.qcow2 (not with -f).")
+    var imageOpts = false
+
     @Argument(help: ArgumentHelp("The image.", valueName: "image"))
     var image: String
 
     func execute() async throws -> Int32 {
-        let (entries, probed) = try await Images.map(ImageSpec(image, format: format), forceShare: forceShare)
+        let (entries, probed) = try await Images.map(try Info.spec(image, format: format, imageOpts: imageOpts, command: "map"), forceShare: forceShare)
         if probed { warnProbedAsRaw(image) }
         if output == .json {
             Terminal.out(Report.mapJSON(entries))

@@ -122,6 +122,21 @@ final class ConvertFlagsCLITests: XCTestCase {
         XCTAssertEqual(differs.status, 1, "some data was lost")
     }
 
+    /// What Ferry lacks is refused by name and listed in the help, never accepted and ignored.
+    func testUnsupportedQemuImgOptionsAreRefused() throws {
+        let src = try source()
+        for (flags, message) in [(["--object", "secret,id=s0,data=x"], "--object is not supported"),
+                                 (["--bitmaps"], "--bitmaps is not supported"),
+                                 (["--skip-broken-bitmaps"], "--skip-broken-bitmaps is not supported")] {
+            let r = try Tools.ferry(["convert"] + flags + ["-f", "raw", src, path("no.raw")], in: dir)
+            XCTAssertEqual(r.status, 1, "\(flags)")
+            XCTAssertTrue(r.stderr.contains(message), r.stderr)
+            XCTAssertFalse(FileManager.default.fileExists(atPath: path("no.raw")))
+        }
+        let help = try Tools.ferry(["convert", "--help"], in: dir).stdout
+        XCTAssertTrue(help.contains("Not supported, and refused rather than ignored: --object"), help)
+    }
+
     /// -C: the data goes through copy_file_range(2) (seen by strace), and arrives exact.
     func testCopyOffloadUsesCopyFileRange() throws {
         let src = try source()
@@ -177,5 +192,71 @@ final class ConvertFlagsCLITests: XCTestCase {
         let closed = try Tools.ferry(["convert", "--progress=fd:97", "-f", "raw", src, path("fd2.raw")], in: dir)
         XCTAssertNotEqual(closed.status, 0)
         XCTAssertTrue(closed.stderr.contains("descriptor 97 is not open"), closed.stderr)
+    }
+}
+
+/// `--image-opts`: qemu's option strings name the same images as locations and -f do.
+final class ImageOptsCLITests: XCTestCase {
+    var dir: URL!
+    var nbdkit: RunningProcess?
+
+    override func setUpWithError() throws { dir = try makeScratchDirectory("imageopts") }
+    override func tearDownWithError() throws {
+        nbdkit?.signal(SIGTERM)
+        _ = try? nbdkit?.wait(timeout: 5)
+        if let dir { try? FileManager.default.removeItem(at: dir) }
+    }
+
+    func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+
+    func testOptionStringsOpenFilesAndExports() throws {
+        let raw = try TestImage(name: "a,b.raw", size: 4 << 20, writes: ["write -P 0x31 0 1M", "write -P 0x32 3M 1M"]).build(in: dir)
+        let img = path("img.qcow2")
+        try Tools.must("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, img], in: dir)
+
+        // info and map: the same answers as with a path and -f.
+        for (opts, plain) in [("driver=qcow2,file.filename=\(img)", ["-f", "qcow2", img]),
+                              ("driver=qcow2,file.driver=file,file.filename=\(img)", ["-f", "qcow2", img]),
+                              ("driver=file,filename=\(raw.replacingOccurrences(of: ",", with: ",,"))", ["-f", "raw", raw])] {
+            for cmd in ["info", "map"] {
+                let a = try Tools.ferry([cmd, "--output", "json", "--image-opts", opts], in: dir)
+                XCTAssertEqual(a.status, 0, "\(opts): \(a.stderr)")
+                let b = try Tools.ferry([cmd, "--output", "json"] + plain, in: dir)
+                XCTAssertEqual(a.stdout, b.stdout, "\(cmd) \(opts)")
+            }
+        }
+
+        // A qcow2 image served by nbdkit, read as driver=qcow2 over file.driver=nbd.
+        let sock = path("nbd.sock")
+        nbdkit = try Tools.start(try Tools.require("nbdkit"), ["-f", "-U", sock, "file", img], in: dir)
+        for _ in 0 ..< 200 where !FileManager.default.fileExists(atPath: sock) { usleep(20_000) }
+        for (i, opts) in ["driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=\(sock)",
+                          "driver=qcow2,file.filename=nbd+unix:///?socket=\(sock)"].enumerated() {
+            let out = path("from-nbd-\(i).raw")
+            let r = try Tools.ferry(["convert", "-q", "--image-opts", opts, out], in: dir)
+            XCTAssertEqual(r.status, 0, "\(opts): \(r.stderr)")
+            try Tools.must("qemu-img", ["compare", "-q", "-f", "raw", "-F", "raw", raw, out], in: dir)
+        }
+
+        // The target as an option string, into an existing image.
+        try Tools.must("qemu-img", ["create", "-q", "-f", "qcow2", path("t.qcow2"), "4M"], in: dir)
+        try Tools.must("qemu-img", ["create", "-q", "-f", "raw", path("t.raw"), "4M"], in: dir)
+        let t = try Tools.ferry(["convert", "-q", "-n", "--target-image-opts", "-f", "qcow2", img, "driver=raw,file.filename=\(path("t.raw"))"], in: dir)
+        XCTAssertEqual(t.status, 0, t.stderr)
+        try Tools.must("qemu-img", ["compare", "-q", "-f", "raw", "-F", "raw", raw, path("t.raw")], in: dir)
+
+        // What is not understood is refused by name.
+        for (args, message) in [
+            (["info", "--image-opts", "driver=qcow2,file.filename=\(img),cache.direct=on"], "option 'cache.direct' is not supported"),
+            (["info", "--image-opts", "driver=gluster,filename=x"], "driver 'gluster' is not supported"),
+            (["info", "--image-opts", "file.filename=\(img)"], "names no driver"),
+            (["info", "--image-opts", "driver=qcow2"], "needs filename"),
+            (["info", "--image-opts", "-f", "qcow2", "driver=qcow2,file.filename=\(img)"], "--image-opts and -f cannot be used together"),
+            (["convert", "--target-image-opts", "-f", "qcow2", img, "driver=raw,file.filename=\(path("t.raw"))"], "--target-image-opts needs -n"),
+        ] {
+            let r = try Tools.ferry(args, in: dir)
+            XCTAssertEqual(r.status, 1, "\(args)")
+            XCTAssertTrue(r.stderr.contains(message), "\(args): \(r.stderr)")
+        }
     }
 }
