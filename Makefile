@@ -4,6 +4,7 @@
 #   make test    install what is missing, build, run every test (unit, oracle, CLI)
 #   make bench   every bench/*.sh table, against qemu-img, nbdcopy and cp (RUNS=5 by default)
 #   make install PREFIX=dir   the binary, its man page and shell completions under dir
+#   make fuzz    libFuzzer over every format reader (FUZZ_SECONDS each), corpus kept in Fuzz/
 #
 # SCRATCH=dir builds in another scratch directory (several people building in one checkout).
 
@@ -17,7 +18,7 @@ RELEASE_BIN   = $(shell $(SWIFT) build -c release $(SCRATCH_FLAG) --show-bin-pat
 
 PREFIX   ?= /usr/local
 
-.PHONY: all deps build release test demo bench clean install
+.PHONY: all deps build release test demo bench clean install fuzz
 
 all: build
 
@@ -37,6 +38,11 @@ release: deps
 test: deps
 	$(SWIFT) build $(SCRATCH_FLAG)
 	$(SWIFT) test --disable-swift-testing $(SCRATCH_FLAG)
+
+# libFuzzer over every format reader, FUZZ_SECONDS (60) each; the corpus and crashes are kept
+# under Fuzz/ and replayed by `make test`.
+fuzz: deps
+	@scripts/fuzz.sh
 
 # The binary, the man page and bash/zsh/fish completions, generated from the commands.
 install: release

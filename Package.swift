@@ -47,6 +47,10 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "ferry-delay-proxy", dependencies: ["FerryCore", "CFerryLinux"]),
+        // Every format reader under hostile input: the harness, and its libFuzzer target
+        // (a replayer when built normally; `make fuzz` builds it with --sanitize=fuzzer).
+        .target(name: "FerryFuzz", dependencies: ["FerryFormats", "FerryCore"]),
+        .executableTarget(name: "ferry-fuzz", dependencies: ["FerryFuzz"], path: "Fuzz/Entry"),
         // The library's example (Embedding Ferry, in the DocC catalog); the tests run it.
         .executableTarget(name: "ferry-example", dependencies: ["FerryConvert"], path: "Examples/ConvertWithProgress"),
         .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
@@ -57,6 +61,7 @@ let package = Package(
         .testTarget(name: "FerryNFSTests", dependencies: ["FerryNFS", "FerryConvert", "FerryCore", "FerryTestServers"]),
         .testTarget(name: "FerryISCSITests", dependencies: ["FerryISCSI", "FerryCore", "FerryTestServers"]),
         .testTarget(name: "FerryFormatsTests", dependencies: ["FerryFormats", "FerryConvert", "FerryFile", "FerryCore"]),
+        .testTarget(name: "FerryFuzzTests", dependencies: ["FerryFuzz"]),
         .testTarget(name: "FerryConvertTests", dependencies: ["FerryConvert", "FerryFormats", "FerryFile", "FerryCore"]),
         .testTarget(name: "FerryCLITests", dependencies: ["FerryCore", "CFerryLinux", "FerryTestServers"], exclude: ["golden"]),
     ],
