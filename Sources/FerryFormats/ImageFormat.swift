@@ -141,12 +141,16 @@ public struct FormatContext: Sendable {
 
 /// The formats Ferry knows, by name.
 public enum Formats {
-    public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self, VMDKFormat.self, VHDFormat.self, VHDXFormat.self]
+    public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self, VMDKFormat.self, VHDFormat.self, VHDXFormat.self,
+                                                  ParallelsFormat.self]
 
-    /// Formats that are recognised by their magic but cannot be read yet, so that such a file
-    /// is never silently read as raw.
+    /// Formats that are recognised by the magic at their start but that Ferry does not read,
+    /// so that such a file is never silently read as raw.
     public static let recognisedOnly: [(name: String, magic: [UInt8])] = [
         ("vdi", Array("<<< ".utf8)),
+        // qcow version 1 (the qcow2 probe leaves it alone): "QFI\xfb", then version 1.
+        ("qcow", [0x51, 0x46, 0x49, 0xFB, 0, 0, 0, 1]),
+        ("luks", Array("LUKS".utf8) + [0xBA, 0xBE]),
     ]
 
     /// What a file that no format claims is read as, and the default target format: the
@@ -160,27 +164,55 @@ public enum Formats {
     /// Checks a format name given by the user, with the list of names in the error. With
     /// `writing`, the format must also be one Ferry can write.
     public static func lookup(_ name: String, for path: String? = nil, writing: Bool = false) throws -> any ImageFormat.Type {
+        let writable = all.filter { $0.writable }.map { $0.name }.joined(separator: ", ")
         if let f = named(name) {
             if writing && !f.writable {
-                let list = all.filter { $0.writable }.map { $0.name }.joined(separator: ", ")
-                throw FerryError(.notSupported, "format '\(name)' can be read but not written yet (writable: \(list))", path: path)
+                throw FerryError(.notSupported, "format '\(name)' can be read but cannot be written (writable formats: \(writable))", path: path)
             }
             return f
         }
-        if recognisedOnly.contains(where: { $0.name == name }) {
-            throw FerryError(.notSupported, "format '\(name)' is not supported yet (supported: \(all.map { $0.name }.joined(separator: ", ")))", path: path)
+        if recognisedOnly.contains(where: { $0.name == name }) || recognisedByTrailer.contains(where: { $0.name == name }) {
+            if writing {
+                throw FerryError(.notSupported, "format '\(name)' cannot be written (writable formats: \(writable))", path: path)
+            }
+            throw FerryError(.notSupported, "Ferry does not read format '\(name)' (readable formats: \(all.map { $0.name }.joined(separator: ", ")))", path: path)
         }
         throw FerryError(.invalidArgument, "unknown format '\(name)' (supported: \(all.map { $0.name }.joined(separator: ", ")))", path: path)
     }
 
     /// What a file's first bytes say it is: a known format, or nil for "nothing recognised".
-    /// Throws for a format that is recognised but not supported.
+    /// Throws for a format that is recognised but not read.
     public static func probe(header: UnsafeRawBufferPointer, path: String) throws -> (any ImageFormat.Type)? {
         for f in all where f.probe(header: header) { return f }
         for (name, magic) in recognisedOnly where header.count >= magic.count && header.prefix(magic.count).elementsEqual(magic) {
-            throw FerryError(.notSupported, "image is in \(name) format, which is not supported yet", path: path)
+            throw notRead(name, path: path)
         }
         return nil
+    }
+
+    /// Formats recognised by a magic near the end of the file rather than at its start (a
+    /// dmg's "koly" trailer): the magic, `fromEnd` bytes before the end of the file. They are
+    /// not read; `probe(trailer:path:)` names them.
+    public static let recognisedByTrailer: [(name: String, magic: [UInt8], fromEnd: Int)] = [
+        ("dmg", Array("koly".utf8), 512),
+    ]
+
+    /// How many bytes at the end of a file `probe(trailer:path:)` needs.
+    public static var trailerBytes: Int { recognisedByTrailer.map(\.fromEnd).max() ?? 0 }
+
+    /// For a file whose first bytes no format claims: throws if its last bytes (`trailer`,
+    /// up to `trailerBytes`, ending at the end of the file) name a format Ferry does not read.
+    public static func probe(trailer: UnsafeRawBufferPointer, path: String) throws {
+        for (name, magic, fromEnd) in recognisedByTrailer where trailer.count >= fromEnd {
+            let at = trailer.count - fromEnd
+            if UnsafeRawBufferPointer(rebasing: trailer[at ..< at + magic.count]).elementsEqual(magic) {
+                throw notRead(name, path: path)
+            }
+        }
+    }
+
+    private static func notRead(_ name: String, path: String) -> FerryError {
+        FerryError(.notSupported, "image is in \(name) format, which Ferry does not read", path: path)
     }
 
     /// Checks `-o` options against a format's list, then their values, before anything is
