@@ -6,7 +6,8 @@ import FerryCore
 /// count) and "WithouFreSpacExt" (BAT entries in clusters). The format extension cluster
 /// (`ext_off`: checksums and dirty bitmaps, nothing that changes the guest's bytes) is not
 /// read. An image left open for writing (`in_use` set) is read as its BAT says, as qemu-img
-/// reads it, with a warning; the "empty image" flag makes every cluster read as zeros.
+/// reads it, with a warning. The "Empty Image" flag is not honoured (qemu-img 7.2 does not
+/// honour it either): the BAT alone says which clusters hold data.
 public enum ParallelsFormat: ReadOnlyImageFormat {
     public static let name = "parallels"
 
@@ -25,8 +26,8 @@ public enum ParallelsFormat: ReadOnlyImageFormat {
             context.warning("\(path): parallels image was not closed cleanly (in_use is set); reading it as its BAT says")
         }
         let used = Int((h.sectors + h.clusterSectors - 1) / h.clusterSectors)
-        var hosts = [Int64](repeating: 0, count: h.empty ? 0 : used)
-        if !h.empty && used > 0 {
+        var hosts = [Int64](repeating: 0, count: used)
+        if used > 0 {
             let bat = try await vhdxReadBytes(file, at: Int64(ParallelsHeader.size), count: used * 4)
             let b = VHDXBytes(bat)
             for i in 0 ..< used {

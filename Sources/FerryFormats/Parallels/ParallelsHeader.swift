@@ -23,7 +23,8 @@ struct ParallelsHeader: Sendable {
     var inUse: UInt32
     /// Where the data area starts, in bytes.
     var dataOffset: Int64
-    /// Flag bit 0: the image is to be taken as empty whatever its BAT says.
+    /// Flag bit 0, "Empty Image". Not honoured: qemu-img 7.2 reads the clusters the BAT
+    /// names whatever it says, and so does Ferry (a stale flag then loses no data).
     var empty: Bool
 
     var clusterSize: Int64 { clusterSectors * Self.sector }
@@ -76,6 +77,9 @@ struct ParallelsHeader: Sendable {
             throw corrupt("in_use field holds the invalid value 0x\(String(inUse, radix: 16))", 44)
         }
         let batEnd = Int64(Self.size) + Int64(batEntries) * 4
+        guard batEnd <= fileSize else {
+            throw corrupt("BAT of \(batEntries) entries ends at offset \(batEnd), past the end of the file (\(fileSize) bytes)", 32)
+        }
         let dataOff = Int64(b.u32(48))
         if dataOff == 0 {
             guard !ext else { throw corrupt("data_off is 0 in a 'WithouFreSpacExt' image", 48) }
@@ -85,9 +89,6 @@ struct ParallelsHeader: Sendable {
             guard dataOffset >= batEnd else {
                 throw corrupt("data area at offset \(dataOffset) (data_off \(dataOff)) overlaps the BAT, which ends at \(batEnd)", 48)
             }
-        }
-        guard batEnd <= fileSize else {
-            throw corrupt("BAT of \(batEntries) entries ends at offset \(batEnd), past the end of the file (\(fileSize) bytes)", 32)
         }
         empty = b.u32(52) & 1 != 0
     }

@@ -1,0 +1,141 @@
+import Foundation
+import XCTest
+
+/// `ferry` on formats it reads but does not write (Parallels), and on formats it only names
+/// (qcow version 1, LUKS, dmg): `info` and `map` print what qemu-img 7.2 prints, `convert`
+/// copies what qemu-img copies, `-O` with them is refused, and broken images give one line.
+final class ReadOnlyFormatsCLITests: XCTestCase {
+    var dir: URL!
+
+    override func setUpWithError() throws { dir = try makeScratchDirectory("roformats") }
+    override func tearDownWithError() throws { if let dir { try? FileManager.default.removeItem(at: dir) } }
+
+    func parallels(_ name: String, clusterSize: String = "", size: String = "64M") throws -> String {
+        var args = ["create", "-q", "-f", "parallels"]
+        if !clusterSize.isEmpty { args += ["-o", "cluster_size=\(clusterSize)"] }
+        try Tools.must("qemu-img", args + [name, size], in: dir)
+        try Tools.must("qemu-io", ["-f", "parallels", "-c", "write -P 0xab 0 4k", "-c", "write -P 0x11 3M 5M",
+                                   "-c", "write -P 0 20M 1M", "-c", "write -P 0x22 40M 512"] + [name], in: dir)
+        return name
+    }
+
+    func testInfoAndMapMatchQemuImg() throws {
+        let qemu = try Tools.require("qemu-img")
+        let images = [try parallels("default.img"), try parallels("c64k.img", clusterSize: "64k"),
+                      try parallels("odd.img", size: "45000192"), dir.appendingPathComponent("default.img").path]
+        for image in images {
+            for c in [["info"], ["info", "--output=json"], ["map", "--output=json"], ["map"]] {
+                let theirs = try Tools.run(qemu, c + [image], in: dir)
+                let ours = try Tools.ferry(c + [image], in: dir)
+                XCTAssertEqual(ours.stdout, theirs.stdout, "ferry \(c.joined(separator: " ")) \(image) differs from qemu-img")
+                XCTAssertEqual(ours.status, 0, "ferry \(c.joined(separator: " ")) \(image): \(ours.stderr)")
+                XCTAssertEqual(ours.stderr, "", "ferry \(c.joined(separator: " ")) \(image)")
+            }
+        }
+    }
+
+    func testConvertMatchesQemuImg() throws {
+        let qemu = try Tools.require("qemu-img")
+        for image in [try parallels("default.img"), try parallels("c4k.img", clusterSize: "4k")] {
+            for target in ["raw", "qcow2"] {
+                let out = "\(image).\(target)"
+                let r = try Tools.ferry(["convert", "-O", target, image, out], in: dir)
+                XCTAssertEqual(r.status, 0, "ferry convert \(image) -> \(target): \(r.stderr)")
+                let cmp = try Tools.run(qemu, ["compare", "-f", "parallels", "-F", target, image, out], in: dir)
+                XCTAssertEqual(cmp.status, 0, "\(image) -> \(target): \(cmp.stdout) \(cmp.stderr)")
+            }
+            // Holes stay holes.
+            XCTAssertLessThan(allocatedBytes(dir.appendingPathComponent("\(image).raw").path), 16 << 20, image)
+        }
+    }
+
+    func testWritingReadOnlyFormatsIsRefused() throws {
+        let src = dir.appendingPathComponent("src.raw").path
+        XCTAssertTrue(FileManager.default.createFile(atPath: src, contents: Data(repeating: 1, count: 1 << 20)))
+        for (format, text) in [("parallels", "format 'parallels' can be read but cannot be written (writable formats: raw, qcow2"),
+                               ("dmg", "format 'dmg' cannot be written (writable formats: raw, qcow2"),
+                               ("luks", "format 'luks' cannot be written (writable formats: raw, qcow2")] {
+            let out = dir.appendingPathComponent("out.\(format)").path
+            let r = try Tools.ferry(["convert", "-O", format, src, out], in: dir)
+            XCTAssertNotEqual(r.status, 0, format)
+            XCTAssertTrue(r.stderr.contains(text), r.stderr)
+            XCTAssertEqual(r.stderr.filter { $0 == "\n" }.count, 1, r.stderr)
+            XCTAssertFalse(fileExists(out), "\(format): nothing is created")
+        }
+        // Reading a format Ferry only names, by name.
+        let r = try Tools.ferry(["info", "-f", "dmg", src], in: dir)
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("Ferry does not read format 'dmg' (readable formats: raw, qcow2"), r.stderr)
+        XCTAssertFalse(r.stderr.contains("not supported yet"), r.stderr)
+    }
+
+    /// Files of formats Ferry does not read are named, never read as raw.
+    func testProbingNamesFormatsFerryDoesNotRead() throws {
+        try Tools.must("qemu-img", ["create", "-q", "-f", "qcow", "old.qcow", "1M"], in: dir)
+        // A LUKS header's start (qemu-img's own create benchmarks the key derivation, which
+        // fails on a busy machine): the magic and version 1.
+        let luks = Data("LUKS".utf8) + Data([0xBA, 0xBE, 0, 1]) + Data("aes".utf8) + Data(repeating: 0, count: 8192)
+        XCTAssertTrue(FileManager.default.createFile(atPath: dir.appendingPathComponent("disk.luks").path, contents: luks))
+        // A dmg: any data, then the 512-byte "koly" trailer at the very end.
+        var dmg = Data(repeating: 0x41, count: 8192)
+        var koly = Data("koly".utf8) + Data([0, 0, 0, 4, 0, 0, 2, 0])
+        koly += Data(repeating: 0, count: 512 - koly.count)
+        dmg += koly
+        XCTAssertTrue(FileManager.default.createFile(atPath: dir.appendingPathComponent("disk.dmg").path, contents: dmg))
+        for (file, name) in [("old.qcow", "qcow"), ("disk.luks", "luks"), ("disk.dmg", "dmg")] {
+            for c in [["info"], ["map"], ["convert", "-O", "raw"]] {
+                var args = c + [file]
+                if c[0] == "convert" { args.append("\(file).raw") }
+                let r = try Tools.ferry(args, in: dir)
+                XCTAssertNotEqual(r.status, 0, "ferry \(args.joined(separator: " "))")
+                XCTAssertEqual(r.stderr, "ferry: \(file): image is in \(name) format, which Ferry does not read\n",
+                               "ferry \(args.joined(separator: " "))")
+            }
+            // qemu-img agrees on the name.
+            let q = try Tools.run(try Tools.require("qemu-img"), ["info", "--output=json", file], in: dir)
+            if q.status == 0 { XCTAssertTrue(q.stdout.contains("\"format\": \"\(name)\""), "\(file): \(q.stdout)") }
+        }
+        // "koly" anywhere else, or a file too short for the trailer, is still raw.
+        var notDmg = Data(repeating: 0, count: 4096)
+        notDmg.replaceSubrange(1000 ..< 1004, with: Data("koly".utf8))
+        XCTAssertTrue(FileManager.default.createFile(atPath: dir.appendingPathComponent("plain.raw").path, contents: notDmg))
+        XCTAssertTrue(FileManager.default.createFile(atPath: dir.appendingPathComponent("tiny.raw").path, contents: Data("koly".utf8)))
+        for file in ["plain.raw", "tiny.raw"] {
+            let r = try Tools.ferry(["info", "--output=json", file], in: dir)
+            XCTAssertEqual(r.status, 0, "\(file): \(r.stderr)")
+            XCTAssertTrue(r.stdout.contains("\"format\": \"raw\""), r.stdout)
+        }
+    }
+
+    func testBrokenParallelsImagesGiveOneLine() throws {
+        func patched(_ name: String, _ offset: UInt64, _ bytes: [UInt8]) throws -> String {
+            let file = try parallels(name, clusterSize: "64k")
+            let h = try FileHandle(forUpdating: dir.appendingPathComponent(file))
+            defer { try? h.close() }
+            try h.seek(toOffset: offset)
+            try h.write(contentsOf: Data(bytes))
+            return file
+        }
+        let cases: [(String, String)] = [
+            (try patched("cluster0.img", 28, [0, 0, 0, 0]), "parallels cluster size of 0 sectors is out of range"),
+            (try patched("bat.img", 64, [0xFF, 0xFF, 0xFF, 0]), "parallels BAT entry 0 points to file offset"),
+            (try patched("sectors.img", 36, [0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0]), "parallels disk size of 4294967295 sectors needs"),
+        ]
+        for (file, text) in cases {
+            for c in [["info"], ["map"], ["convert", "-O", "raw"]] {
+                var args = c + [file]
+                if c[0] == "convert" { args.append("\(file).raw") }
+                let r = try Tools.ferry(args, in: dir)
+                XCTAssertEqual(r.status, 1, "ferry \(args.joined(separator: " ")): \(r.stderr)")
+                XCTAssertTrue(r.stderr.hasPrefix("ferry: \(file): \(text)"), r.stderr)
+                XCTAssertEqual(r.stderr.filter { $0 == "\n" }.count, 1, r.stderr)
+            }
+        }
+        // A file that ends inside the header.
+        let cut = dir.appendingPathComponent("cut.img")
+        XCTAssertTrue(FileManager.default.createFile(atPath: cut.path, contents: Data("WithoutFreeSpace".utf8) + Data([2, 0, 0, 0, 1])))
+        let r = try Tools.ferry(["info", "cut.img"], in: dir)
+        XCTAssertEqual(r.status, 1)
+        XCTAssertEqual(r.stderr, "ferry: cut.img: parallels header is truncated: the file has 21 of its 64 bytes at offset 0\n")
+    }
+}
