@@ -138,4 +138,93 @@ final class ReadOnlyFormatsCLITests: XCTestCase {
         XCTAssertEqual(r.status, 1)
         XCTAssertEqual(r.stderr, "ferry: cut.img: parallels header is truncated: the file has 21 of its 64 bytes at offset 0\n")
     }
+
+    // MARK: - cloop and bochs, built byte by byte
+
+    static func be(_ v: UInt64, _ n: Int) -> [UInt8] { (0 ..< n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64(n - 1 - $0))) } }
+    static func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0 ..< n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
+
+    /// A zlib stream (RFC 1950) of one stored deflate block (RFC 1951), for up to 65535 bytes.
+    static func storedZlib(_ data: [UInt8]) -> [UInt8] {
+        var a: UInt32 = 1, b: UInt32 = 0
+        for byte in data { a = (a + UInt32(byte)) % 65521; b = (b + a) % 65521 }
+        let n = UInt16(data.count)
+        return [0x78, 0x01, 0x01] + le(UInt64(n), 2) + le(UInt64(~n), 2) + data + be(UInt64(b << 16 | a), 4)
+    }
+
+    /// A cloop v2.0 image of 32 KiB blocks, each stored (not compressed) in its zlib stream.
+    static func cloop(_ blocks: [[UInt8]]) -> [UInt8] {
+        var out = Array("#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n".utf8)
+        out += [UInt8](repeating: 0, count: 128 - out.count) + be(32768, 4) + be(UInt64(blocks.count), 4)
+        let streams = blocks.map(storedZlib)
+        var at = UInt64(out.count + (blocks.count + 1) * 8)
+        for s in streams { out += be(at, 8); at += UInt64(s.count) }
+        return out + be(at, 8) + streams.flatMap { $0 }
+    }
+
+    /// A bochs growing image of 4 extents of 4 KiB: extent 2 holds sectors 0 and 5.
+    static func bochs() -> [UInt8] {
+        func padded(_ s: String, _ n: Int) -> [UInt8] { Array(s.utf8) + [UInt8](repeating: 0, count: n - s.utf8.count) }
+        var h = padded("Bochs Virtual HD Image", 32) + padded("Redolog", 16) + padded("Growing", 16)
+        h += le(0x20000, 4) + le(512, 4) + le(4, 4) + le(512, 4) + le(4096, 4) + le(0, 4) + le(16384, 8)
+        h += [UInt8](repeating: 0, count: 512 - h.count)
+        h += le(0xFFFF_FFFF, 4) + le(0xFFFF_FFFF, 4) + le(0, 4) + le(0xFFFF_FFFF, 4)
+        var bitmap = [UInt8](repeating: 0, count: 512)
+        bitmap[0] = 0b0010_0001
+        return h + bitmap + (0 ..< 4096).map { UInt8(truncatingIfNeeded: $0 / 512 + 1) }
+    }
+
+    func testCloopAndBochsMatchQemuImg() throws {
+        let qemu = try Tools.require("qemu-img")
+        let blocks = (0 ..< 6).map { i in (0 ..< 32768).map { UInt8(truncatingIfNeeded: i == 3 ? 0 : $0 * (i + 1)) } }
+        XCTAssertTrue(FileManager.default.createFile(atPath: dir.appendingPathComponent("disk.cloop").path, contents: Data(Self.cloop(blocks))))
+        XCTAssertTrue(FileManager.default.createFile(atPath: dir.appendingPathComponent("disk.bochs").path, contents: Data(Self.bochs())))
+        for (image, format) in [("disk.cloop", "cloop"), ("disk.bochs", "bochs")] {
+            for c in [["info"], ["info", "--output=json"], ["map", "--output=json"]] {
+                let theirs = try Tools.run(qemu, c + [image], in: dir)
+                let ours = try Tools.ferry(c + [image], in: dir)
+                XCTAssertEqual(theirs.status, 0, theirs.stderr)
+                XCTAssertEqual(ours.stdout, theirs.stdout, "ferry \(c.joined(separator: " ")) \(image) differs from qemu-img")
+                XCTAssertEqual(ours.status, 0, "ferry \(c.joined(separator: " ")) \(image): \(ours.stderr)")
+            }
+            // Human map: no place in the file to show, as qemu-img says too.
+            let m = try Tools.ferry(["map", image], in: dir)
+            XCTAssertNotEqual(m.status, 0)
+            XCTAssertEqual(m.stdout, try Tools.run(qemu, ["map", image], in: dir).stdout)
+            for target in ["raw", "qcow2"] {
+                let out = "\(image).\(target)"
+                let r = try Tools.ferry(["convert", "-O", target, image, out], in: dir)
+                XCTAssertEqual(r.status, 0, "ferry convert \(image) -> \(target): \(r.stderr)")
+                let cmp = try Tools.run(qemu, ["compare", "-f", format, "-F", target, image, out], in: dir)
+                XCTAssertEqual(cmp.status, 0, "\(image) -> \(target): \(cmp.stdout) \(cmp.stderr)")
+            }
+            let w = try Tools.ferry(["convert", "-O", format, "disk.cloop", "out.\(format)"], in: dir)
+            XCTAssertNotEqual(w.status, 0)
+            XCTAssertTrue(w.stderr.contains("format '\(format)' can be read but cannot be written (writable formats: raw, qcow2"), w.stderr)
+        }
+        // The bochs image's holes stay holes: only the two written sectors are data.
+        let raw = try Data(contentsOf: dir.appendingPathComponent("disk.bochs.raw"))
+        XCTAssertEqual(raw.count, 16384)
+        XCTAssertEqual(raw[8192], 1)
+        XCTAssertEqual(raw[8192 + 5 * 512], 6)
+        XCTAssertEqual(raw.filter { $0 != 0 }.count, 1024)
+    }
+
+    func testBrokenCloopAndBochsGiveOneLine() throws {
+        var cloop = Self.cloop([[UInt8](repeating: 7, count: 32768)])
+        cloop.replaceSubrange(128 ..< 132, with: Self.be(1000, 4))
+        var bochs = Self.bochs()
+        bochs.replaceSubrange(512 + 8 ..< 512 + 12, with: Self.le(9, 4))
+        var stream = Self.cloop([[UInt8](repeating: 7, count: 32768)])
+        stream[154] ^= 0xFF   // the deflate block header: not final, of the reserved type 3
+        for (file, bytes, text) in [("bs.cloop", cloop, "cloop block size 1000 is not a multiple of 512"),
+                                    ("entry.bochs", bochs, "bochs catalog entry 2 puts its extent at file offset"),
+                                    ("stream.cloop", stream, "cloop block 0 at file offset 152 is not a valid zlib stream")] {
+            XCTAssertTrue(FileManager.default.createFile(atPath: dir.appendingPathComponent(file).path, contents: Data(bytes)))
+            let r = try Tools.ferry(["convert", "-O", "raw", file, "\(file).raw"], in: dir)
+            XCTAssertEqual(r.status, 1, r.stderr)
+            XCTAssertTrue(r.stderr.hasPrefix("ferry: \(file): \(text)"), r.stderr)
+            XCTAssertEqual(r.stderr.filter { $0 == "\n" }.count, 1, r.stderr)
+        }
+    }
 }
