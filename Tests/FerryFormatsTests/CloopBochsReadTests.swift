@@ -131,21 +131,6 @@ final class CloopBochsReadTests: XCTestCase {
 
     // MARK: - Malformed
 
-    func expectError(_ path: String, _ words: String, format: String, code: FerryError.Code = .corrupt,
-                     file: StaticString = #filePath, line: UInt = #line) async {
-        do {
-            _ = try await withOpened(path, format: format) { try await readAll($0.device) }
-            XCTFail("reading \(path) succeeded; expected an error with '\(words)'", file: file, line: line)
-        } catch let e as FerryError {
-            XCTAssertEqual(e.code, code, e.description, file: file, line: line)
-            XCTAssertTrue(e.description.contains(words), "\(e.description)", file: file, line: line)
-            XCTAssertTrue(e.description.contains(path), "\(e.description)", file: file, line: line)
-            XCTAssertFalse(e.description.contains("\n"), "\(e.description)", file: file, line: line)
-        } catch {
-            XCTFail("unexpected \(error)", file: file, line: line)
-        }
-    }
-
     func testMalformedCloopImages() async throws {
         let good = ReadOnlyImages.cloop([[UInt8](repeating: 1, count: 4096), [UInt8](repeating: 2, count: 4096)], blockSize: 4096)
         func variant(_ name: String, _ edit: (inout [UInt8]) -> Void) throws -> String {
@@ -154,38 +139,54 @@ final class CloopBochsReadTests: XCTestCase {
             return try save(name, b)
         }
         func put(_ b: inout [UInt8], _ at: Int, _ v: [UInt8]) { b.replaceSubrange(at ..< at + v.count, with: v) }
-        await expectError(try variant("bs0", { put(&$0, 128, ReadOnlyImages.be(0, 4)) }), "block size 0 is not a multiple of 512", format: "cloop")
-        await expectError(try variant("bs1000", { put(&$0, 128, ReadOnlyImages.be(1000, 4)) }), "block size 1000", format: "cloop")
-        await expectError(try variant("bshuge", { put(&$0, 128, ReadOnlyImages.be(0xFFFF_FE00, 4)) }), "block size 4294966784", format: "cloop")
-        await expectError(try variant("count", { put(&$0, 132, ReadOnlyImages.be(0x1000_0000, 4)) }), "offset table of 268435456 blocks ends at", format: "cloop")
-        await expectError(try variant("past", { put(&$0, 136 + 16, ReadOnlyImages.be(1 << 40, 8)) }), "block 2 starts at file offset 1099511627776", format: "cloop")
-        await expectError(try variant("backwards", { put(&$0, 136 + 8, ReadOnlyImages.be(160, 8)) }), "block 0 has a compressed length of", format: "cloop")
-        await expectError(try variant("garbage", { b in for i in 160 ..< 166 { b[i] = 0xFF } }), "cloop block 0 at file offset 160 is not a valid zlib stream", format: "cloop")
+        await expectReadError(try variant("bs0", { put(&$0, 128, ReadOnlyImages.be(0, 4)) }), format: "cloop", "block size 0 is not a multiple of 512")
+        await expectReadError(try variant("bs1000", { put(&$0, 128, ReadOnlyImages.be(1000, 4)) }), format: "cloop", "block size 1000")
+        await expectReadError(try variant("bshuge", { put(&$0, 128, ReadOnlyImages.be(0xFFFF_FE00, 4)) }), format: "cloop", "block size 4294966784")
+        await expectReadError(try variant("count", { put(&$0, 132, ReadOnlyImages.be(0x1000_0000, 4)) }), format: "cloop", "offset table of 268435456 blocks ends at")
+        await expectReadError(try variant("past", { put(&$0, 136 + 16, ReadOnlyImages.be(1 << 40, 8)) }), format: "cloop", "block 2 starts at file offset 1099511627776")
+        await expectReadError(try variant("backwards", { put(&$0, 136 + 8, ReadOnlyImages.be(160, 8)) }), format: "cloop", "block 0 has a compressed length of")
+        await expectReadError(try variant("garbage", { b in for i in 160 ..< 166 { b[i] = 0xFF } }), format: "cloop", "cloop block 0 at file offset 160 is not a valid zlib stream")
         // A block that inflates to less than the block size.
         var short = ReadOnlyImages.cloop([[UInt8](repeating: 1, count: 1024)], blockSize: 1024)
         short.replaceSubrange(128 ..< 132, with: ReadOnlyImages.be(2048, 4))
-        await expectError(try save("short", short), "inflates to 1024 of its 2048 bytes", format: "cloop")
-        await expectError(try variant("truncated", { $0.removeLast($0.count - 100) }), "header is truncated", format: "cloop")
+        await expectReadError(try save("short", short), format: "cloop", "inflates to 1024 of its 2048 bytes")
+        await expectReadError(try variant("truncated", { $0.removeLast($0.count - 100) }), format: "cloop", "header is truncated")
     }
 
     func testMalformedBochsImages() async throws {
         let (good, _) = ReadOnlyImages.bochs(diskSize: 4 * 8192, extentSize: 8192, catalog: 4, written: [1: [0: 1]], order: [1])
-        func variant(_ name: String, format: String? = "bochs", _ edit: (inout [UInt8]) -> Void) throws -> String {
+        func variant(_ name: String, _ edit: (inout [UInt8]) -> Void) throws -> String {
             var b = good
             edit(&b)
             return try save(name, b)
         }
         func put(_ b: inout [UInt8], _ at: Int, _ v: [UInt8]) { b.replaceSubrange(at ..< at + v.count, with: v) }
-        await expectError(try variant("magic", { $0[0] = 0x62 }), "bad magic", format: "bochs")
-        await expectError(try variant("version", { put(&$0, 64, ReadOnlyImages.le(0x30000, 4)) }), "version 0x30000", format: "bochs")
-        await expectError(try variant("extent0", { put(&$0, 80, ReadOnlyImages.le(0, 4)) }), "extent size 0", format: "bochs")
-        await expectError(try variant("extenthuge", { put(&$0, 80, ReadOnlyImages.le(1 << 31, 4)) }), "extent size 2147483648", format: "bochs")
-        await expectError(try variant("bitmap", { put(&$0, 76, ReadOnlyImages.le(1, 4)) }), "bitmap of 1 bytes does not fit the 16 sectors", format: "bochs")
-        await expectError(try variant("disk", { put(&$0, 88, ReadOnlyImages.le(5 * 8192, 8)) }), "disk size 40960 needs more than the 4 extents", format: "bochs")
-        await expectError(try variant("catalog", { put(&$0, 72, ReadOnlyImages.le(0x1000_0000, 4)) }), "catalog of 268435456 entries ends at", format: "bochs")
-        await expectError(try variant("entry", { put(&$0, 512 + 4, ReadOnlyImages.le(1000, 4)) }), "catalog entry 1 puts its extent at file offset", format: "bochs")
-        await expectError(try variant("truncated", { $0.removeLast($0.count - 300) }), "header is truncated", format: "bochs")
+        await expectReadError(try variant("magic", { $0[0] = 0x62 }), format: "bochs", "bad magic")
+        await expectReadError(try variant("version", { put(&$0, 64, ReadOnlyImages.le(0x30000, 4)) }), format: "bochs", "version 0x30000")
+        await expectReadError(try variant("extent0", { put(&$0, 80, ReadOnlyImages.le(0, 4)) }), format: "bochs", "extent size 0")
+        await expectReadError(try variant("extenthuge", { put(&$0, 80, ReadOnlyImages.le(1 << 31, 4)) }), format: "bochs", "extent size 2147483648")
+        await expectReadError(try variant("bitmap", { put(&$0, 76, ReadOnlyImages.le(1, 4)) }), format: "bochs", "bitmap of 1 bytes does not fit the 16 sectors")
+        await expectReadError(try variant("disk", { put(&$0, 88, ReadOnlyImages.le(5 * 8192, 8)) }), format: "bochs", "disk size 40960 needs more than the 4 extents")
+        await expectReadError(try variant("catalog", { put(&$0, 72, ReadOnlyImages.le(0x1000_0000, 4)) }), format: "bochs", "catalog of 268435456 entries ends at")
+        await expectReadError(try variant("entry", { put(&$0, 512 + 4, ReadOnlyImages.le(1000, 4)) }), format: "bochs", "catalog entry 1 puts its extent at file offset")
+        await expectReadError(try variant("truncated", { $0.removeLast($0.count - 300) }), format: "bochs", "header is truncated")
         let (undoable, _) = ReadOnlyImages.bochs(diskSize: 8192, extentSize: 8192, catalog: 1, written: [:], order: [], subtype: "Undoable")
-        await expectError(try save("undoable", undoable), "'Undoable' redolog, which needs a base image", format: "bochs", code: .notSupported)
+        await expectReadError(try save("undoable", undoable), format: "bochs", "'Undoable' redolog, which needs a base image", code: .notSupported)
+    }
+}
+
+/// Opens `path` as `format`, reads it all, and expects one clear line naming the file.
+func expectReadError(_ path: String, format: String, _ words: String, code: FerryError.Code = .corrupt,
+                     file: StaticString = #filePath, line: UInt = #line) async {
+    do {
+        _ = try await withOpened(path, format: format) { try await readAll($0.device) }
+        XCTFail("reading \(path) succeeded; expected an error with '\(words)'", file: file, line: line)
+    } catch let e as FerryError {
+        XCTAssertEqual(e.code, code, e.description, file: file, line: line)
+        XCTAssertTrue(e.description.contains(words), "\(e.description)", file: file, line: line)
+        XCTAssertTrue(e.description.contains(path), "\(e.description)", file: file, line: line)
+        XCTAssertFalse(e.description.contains("\n"), "\(e.description)", file: file, line: line)
+    } catch {
+        XCTFail("unexpected \(error)", file: file, line: line)
     }
 }

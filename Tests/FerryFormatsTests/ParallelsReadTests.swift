@@ -82,7 +82,7 @@ final class ParallelsReadTests: XCTestCase {
 
     func testReadsClustersContiguousInTheFileTogether() async throws {
         let path = try make("runs.img", clusterSize: "64k", writes: ["write -P 1 0 256k", "write -P 2 1M 64k"])
-        let device = try await withOpened(path) { image -> [ParallelsDevice.Run] in
+        let device = try await withOpened(path) { image -> [HostRun] in
             let d = try XCTUnwrap(image.device as? ParallelsDevice)
             return d.runs(in: 0 ..< d.size)
         }
@@ -93,77 +93,30 @@ final class ParallelsReadTests: XCTestCase {
 
     // MARK: - Malformed
 
-    /// Opens `path` as parallels and expects one clear line naming the file.
-    func expectError(_ path: String, _ words: String, format: String? = "parallels",
-                     file: StaticString = #filePath, line: UInt = #line) async {
-        do {
-            _ = try await withOpened(path, format: format) { try await readAll($0.device) }
-            XCTFail("opening \(path) succeeded; expected an error with '\(words)'", file: file, line: line)
-        } catch let e as FerryError {
-            XCTAssertTrue(e.description.contains(words), "\(e.description)", file: file, line: line)
-            XCTAssertTrue(e.description.contains(path), "\(e.description)", file: file, line: line)
-            XCTAssertFalse(e.description.contains("\n"), "\(e.description)", file: file, line: line)
-        } catch {
-            XCTFail("unexpected \(error)", file: file, line: line)
-        }
-    }
-
     func testMalformedImages() async throws {
-        func fresh(_ name: String) throws -> (String, VHDXPatcher) {
-            let p = try make(name, clusterSize: "64k")
-            return (p, VHDXPatcher(path: p))
+        // Each case: a 64 KiB-cluster image, little-endian fields written into it (or the file
+        // cut to a length), and the words of the one-line error.
+        let cases: [(String, [(Int64, UInt64, Int)], Int64?, String)] = [
+            ("magic", [(12, 0x5870_6361, 4)], nil, "bad magic"),
+            ("version", [(16, 3, 4)], nil, "version 3"),
+            ("cluster0", [(28, 0, 4)], nil, "cluster size of 0 sectors"),
+            ("clusterhuge", [(28, 0xFFFF_FFFF, 4)], nil, "cluster size of 4294967295 sectors is out of range"),
+            ("sectors", [(36, 161 * 128, 8)], nil, "needs 161 clusters"),   // one more than the BAT's 160
+            ("batcount", [(32, 0x4000_0000, 4)], nil, "past the end of the file"),
+            ("batpast", [(64, 0x00FF_FFFF, 4)], nil, "BAT entry 0 points to file offset"),
+            ("dataoff0", [(48, 0, 4)], nil, "data_off is 0"),   // not allowed in "WithouFreSpacExt"
+            ("overlap", [(48, 1, 4)], nil, "overlaps the BAT"),   // data area at 512, inside the BAT
+            ("inuse", [(44, 0x1234_5678, 4)], nil, "in_use field holds the invalid value 0x12345678"),
+            ("before", [(72, 1, 4), (48, 256, 4)], nil, "before the data area"),
+            ("truncated", [], 40, "header is truncated"),
+            ("cut", [], 70 << 10, "past the end of the file"),   // clusters from 128 KiB on are gone
+        ]
+        for (name, fields, cut, words) in cases {
+            let path = try make("\(name).img", clusterSize: "64k")
+            let p = VHDXPatcher(path: path)
+            for (at, value, n) in fields { try p.write(p.le(value, n), at: at) }
+            if let cut { try Patcher(path: path).truncate(to: cut) }
+            await expectReadError(path, format: "parallels", words)
         }
-        var (path, p) = try fresh("magic.img")
-        try p.write(Array("WithoutFreeSpacX".utf8), at: 0)
-        await expectError(path, "bad magic")
-
-        (path, p) = try fresh("version.img")
-        try p.u32(3, at: 16)
-        await expectError(path, "version 3")
-
-        (path, p) = try fresh("cluster0.img")
-        try p.u32(0, at: 28)
-        await expectError(path, "cluster size of 0 sectors")
-
-        (path, p) = try fresh("clusterhuge.img")
-        try p.u32(0xFFFF_FFFF, at: 28)
-        await expectError(path, "cluster size of 4294967295 sectors is out of range")
-
-        (path, p) = try fresh("sectors.img")
-        try p.u64(UInt64(161 * 128), at: 36)   // one cluster more than the BAT's 160 entries
-        await expectError(path, "needs 161 clusters")
-
-        (path, p) = try fresh("batcount.img")
-        try p.u32(0x4000_0000, at: 32)
-        await expectError(path, "past the end of the file")
-
-        (path, p) = try fresh("batpast.img")
-        try p.u32(0x00FF_FFFF, at: 64)
-        await expectError(path, "BAT entry 0 points to file offset")
-
-        (path, p) = try fresh("batlow.img")
-        try p.u32(0, at: 48 + 0)   // data_off 0 is not allowed in a "WithouFreSpacExt" image
-        await expectError(path, "data_off is 0")
-
-        (path, p) = try fresh("overlap.img")
-        try p.u32(1, at: 48)   // data area at 512, inside the BAT
-        await expectError(path, "overlaps the BAT")
-
-        (path, p) = try fresh("inuse.img")
-        try p.u32(0x1234_5678, at: 44)
-        await expectError(path, "in_use field holds the invalid value 0x12345678")
-
-        (path, p) = try fresh("before.img")
-        try p.u32(1, at: 72)   // cluster 2 at file offset 64 KiB... then move data_off past it
-        try p.u32(256, at: 48)
-        await expectError(path, "before the data area")
-
-        (path, p) = try fresh("truncated.img")
-        try Patcher(path: path).truncate(to: 40)
-        await expectError(path, "header is truncated")
-
-        (path, p) = try fresh("cut.img")
-        try Patcher(path: path).truncate(to: 70 << 10)   // the clusters at 1 MiB and after are gone
-        await expectError(path, "past the end of the file")
     }
 }

@@ -38,11 +38,7 @@ public enum BochsFormat: ReadOnlyImageFormat {
     public static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice {
         let path = context.location
         func corrupt(_ what: String, _ at: Int64) -> FerryError { FerryError(.corrupt, "bochs " + what, path: path, offset: at) }
-        guard context.readOnly else { throw FerryError(.notSupported, "bochs images can only be read by ferry", path: path) }
-        guard file.size >= Int64(headerSize) else {
-            throw corrupt("header is truncated: the file has \(file.size) of its \(headerSize) bytes", 0)
-        }
-        let bytes = try await vhdxReadBytes(file, at: 0, count: headerSize)
+        let bytes = try await readHeader(file, count: headerSize, context: context)
         let b = VHDXBytes(bytes)
         try bytes.withUnsafeBytes { h in
             guard field(h, 0, 32) == magic, field(h, 32, 16) == redolog else {

@@ -23,11 +23,7 @@ public enum CloopFormat: ReadOnlyImageFormat {
     public static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice {
         let path = context.location
         func corrupt(_ what: String, _ at: Int64) -> FerryError { FerryError(.corrupt, "cloop " + what, path: path, offset: at) }
-        guard context.readOnly else { throw FerryError(.notSupported, "cloop images can only be read by ferry", path: path) }
-        guard file.size >= Int64(headerSize) else {
-            throw corrupt("header is truncated: the file has \(file.size) of its \(headerSize) bytes", 0)
-        }
-        let h = BigEndianBytes(bytes: try await vhdxReadBytes(file, at: 0, count: headerSize))
+        let h = BigEndianBytes(bytes: try await readHeader(file, count: headerSize, context: context))
         let blockSize = h.u32(128), blocks = Int64(h.u32(132))
         guard blockSize >= 512, blockSize <= maxBlockSize, blockSize % 512 == 0 else {
             throw corrupt("block size \(blockSize) is not a multiple of 512 from 512 to \(maxBlockSize)", 128)

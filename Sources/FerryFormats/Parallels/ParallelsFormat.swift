@@ -17,10 +17,7 @@ public enum ParallelsFormat: ReadOnlyImageFormat {
 
     public static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice {
         let path = context.location
-        guard context.readOnly else {
-            throw FerryError(.notSupported, "parallels images can only be read by ferry", path: path)
-        }
-        let first = try await vhdxReadBytes(file, at: 0, count: Int(min(file.size, Int64(ParallelsHeader.size))))
+        let first = try await readHeader(file, count: ParallelsHeader.size, context: context)
         let h = try ParallelsHeader(first, fileSize: file.size, path: path)
         if h.dirty {
             context.warning("\(path): parallels image was not closed cleanly (in_use is set); reading it as its BAT says")

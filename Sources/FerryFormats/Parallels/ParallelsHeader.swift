@@ -41,13 +41,11 @@ struct ParallelsHeader: Sendable {
         return (m.elementsEqual(magicOld) || m.elementsEqual(magicExt)) && h[16] == 2 && h[17] == 0 && h[18] == 0 && h[19] == 0
     }
 
-    /// Parses and checks the header against the size of the file.
+    /// Parses and checks the header (`size` bytes, read by `readHeader`) against the size of
+    /// the file.
     init(_ bytes: [UInt8], fileSize: Int64, path: String) throws {
         func corrupt(_ what: String, _ at: Int64) -> FerryError {
             FerryError(.corrupt, "parallels " + what, path: path, offset: at)
-        }
-        guard bytes.count >= Self.size else {
-            throw corrupt("header is truncated: the file has \(bytes.count) of its 64 bytes", 0)
         }
         let magic = Array(bytes[0 ..< 16])
         guard magic == Self.magicOld || magic == Self.magicExt else {
