@@ -40,6 +40,7 @@ protocol ReadOnlyFileDevice: HostMappedDevice, DescribedDevice {
 
 extension ReadOnlyFileDevice {
     var backing: (any BlockDevice)? { nil }
+    var limits: BlockLimits { BlockLimits() }
     var hostFileName: String { file.name }
 
     static var undescribed: ImageDetails {
@@ -92,6 +93,26 @@ protocol HostRunDevice: ReadOnlyFileDevice {
 }
 
 extension HostRunDevice {
+    /// Holes read as zeros without touching the file.
+    var capabilities: BlockCapabilities { [.extents, .cheapZeroReads] }
+
+    /// Walks `range` (clipped to the device) one unit of `unit` bytes at a time, at most
+    /// until `out` holds about `maxRuns` runs: `body` gets the unit's index, the part of the
+    /// range in it, and where the unit starts, and appends that part's runs.
+    func walk(_ range: Range<Int64>, unit: Int64, maxRuns: Int,
+              _ body: (_ index: Int, _ part: Range<Int64>, _ unitStart: Int64, _ out: inout [HostRun]) async throws -> Void)
+        async rethrows -> [HostRun] {
+        var out: [HostRun] = []
+        var pos = range.lowerBound
+        while pos < min(range.upperBound, size) && out.count < maxRuns {
+            let index = pos / unit
+            let next = min((index + 1) * unit, range.upperBound, size)
+            try await body(Int(index), pos ..< next, index * unit, &out)
+            pos = next
+        }
+        return out
+    }
+
     /// Every data run of the request is read at once (`readTogether`); holes are zeroed.
     func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try checkRange(offset, Int64(buffer.count))

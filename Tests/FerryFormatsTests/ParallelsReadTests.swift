@@ -84,7 +84,7 @@ final class ParallelsReadTests: XCTestCase {
         let path = try make("runs.img", clusterSize: "64k", writes: ["write -P 1 0 256k", "write -P 2 1M 64k"])
         let device = try await withOpened(path) { image -> [HostRun] in
             let d = try XCTUnwrap(image.device as? ParallelsDevice)
-            return d.runs(in: 0 ..< d.size)
+            return await d.runs(in: 0 ..< d.size)
         }
         // Four clusters written in order are one run in the file.
         XCTAssertEqual(device.first?.length, 256 << 10)

@@ -6,8 +6,6 @@ import FerryCore
 final class BochsDevice: HostRunDevice {
     let name: String
     let size: Int64
-    let limits = BlockLimits()
-    let capabilities: BlockCapabilities = [.extents, .cheapZeroReads]
     let formatName = BochsFormat.name
     let details = BochsDevice.undescribed
     let file: any BlockDevice
@@ -28,32 +26,21 @@ final class BochsDevice: HostRunDevice {
 
     /// Written sectors at their place in the file, the others holes.
     func runs(in range: Range<Int64>, maxRuns: Int = 4096) async throws -> [HostRun] {
-        var out: [HostRun] = []
-        let end = min(range.upperBound, size)
-        var pos = range.lowerBound
-        while pos < end && out.count < maxRuns {
-            let index = pos / extentSize
-            let start = index * extentSize
-            let stop = min(start + extentSize, end)
-            let host = hosts[Int(index)]
+        try await walk(range, unit: extentSize, maxRuns: maxRuns) { index, part, start, out in
+            let host = hosts[index]
             guard host >= 0 else {
-                out.appendJoining(HostRun(offset: pos, length: stop - pos, host: nil))
-                pos = stop
-                continue
+                out.appendJoining(HostRun(offset: part.lowerBound, length: part.upperBound - part.lowerBound, host: nil))
+                return
             }
-            let first = (pos - start) / Self.sector, last = (stop - 1 - start) / Self.sector
+            // The bitmap bytes of the sectors asked for, then a run per sector.
+            let first = (part.lowerBound - start) / Self.sector, last = (part.upperBound - 1 - start) / Self.sector
             let bits = try await vhdxReadBytes(file, at: host + first / 8, count: Int(last / 8 - first / 8 + 1))
-            var p = pos
-            while p < stop {
-                let s = (p - start) / Self.sector
-                let next = min(stop, start + (s + 1) * Self.sector)
+            for s in first ... last {
+                let from = max(part.lowerBound, start + s * Self.sector), to = min(part.upperBound, start + (s + 1) * Self.sector)
                 let written = bits[Int(s / 8 - first / 8)] >> UInt8(s % 8) & 1 != 0
-                out.appendJoining(HostRun(offset: p, length: next - p, host: written ? host + bitmapSize + (p - start) : nil))
-                p = next
+                out.appendJoining(HostRun(offset: from, length: to - from, host: written ? host + bitmapSize + (from - start) : nil))
             }
-            pos = stop
         }
-        return out
     }
 
     func layerMapping(in range: Range<Int64>) async throws -> [LayerMapping] {

@@ -6,7 +6,6 @@ import FerryCore
 final class CloopDevice: ReadOnlyFileDevice {
     let name: String
     let size: Int64
-    let limits = BlockLimits()
     let capabilities: BlockCapabilities = [.extents]
     let formatName = CloopFormat.name
     let details = CloopDevice.undescribed

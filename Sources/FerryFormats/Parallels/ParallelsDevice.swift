@@ -9,8 +9,6 @@ import FerryCore
 final class ParallelsDevice: HostRunDevice {
     let name: String
     let size: Int64
-    let limits = BlockLimits()
-    let capabilities: BlockCapabilities = [.extents, .cheapZeroReads]
     let formatName = ParallelsFormat.name
     let details = ParallelsDevice.undescribed
     let file: any BlockDevice
@@ -26,25 +24,18 @@ final class ParallelsDevice: HostRunDevice {
         self.hosts = hosts
     }
 
-    func runs(in range: Range<Int64>, maxRuns: Int = 4096) -> [HostRun] {
-        var out: [HostRun] = []
-        let end = min(range.upperBound, size)
-        var pos = range.lowerBound
-        while pos < end && out.count < maxRuns {
-            let cluster = pos / clusterSize
-            let stop = min((cluster + 1) * clusterSize, end)
-            let h = hosts[Int(cluster)]
-            out.appendJoining(HostRun(offset: pos, length: stop - pos, host: h == 0 ? nil : h + pos - cluster * clusterSize))
-            pos = stop
+    func runs(in range: Range<Int64>, maxRuns: Int = 4096) async -> [HostRun] {
+        await walk(range, unit: clusterSize, maxRuns: maxRuns) { index, part, start, out in
+            let h = hosts[index]
+            out.appendJoining(HostRun(offset: part.lowerBound, length: part.upperBound - part.lowerBound, host: h == 0 ? nil : h + part.lowerBound - start))
         }
-        return out
     }
 
     /// As qemu-img 7.2 maps a parallels image: written clusters as data at their place in
     /// the file, the others absent (and so zero).
     func layerMapping(in range: Range<Int64>) async throws -> [LayerMapping] {
         try checkRange(range.lowerBound, range.upperBound - range.lowerBound)
-        return runs(in: range, maxRuns: 1024).map {
+        return await runs(in: range, maxRuns: 1024).map {
             LayerMapping(offset: $0.offset, length: $0.length, kind: $0.host == nil ? .unallocated : .data, hostOffset: $0.host)
         }
     }
