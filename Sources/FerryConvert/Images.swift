@@ -236,7 +236,7 @@ public enum Images {
         let want = min(Int64(4096), (file.size + Int64(file.limits.alignment) - 1) / Int64(file.limits.alignment) * Int64(file.limits.alignment))
         try await file.read(at: 0, into: buffer.slice(0 ..< Int(min(want, file.size))))
         if let f = try Formats.probe(header: UnsafeRawBufferPointer(rebasing: buffer.bytes[0 ..< n]), path: file.name) { return f }
-        // Nothing at the start: a format recognised by its last bytes is named, not read as raw.
+        // Nothing at the start: a format known by its last bytes (dmg) is not read as raw.
         let t = Int64(Formats.trailerBytes)
         guard t > 0, file.size >= t else { return nil }
         let a = Int64(file.limits.alignment)
@@ -244,8 +244,7 @@ public enum Images {
         let tail = AlignedBuffer(count: Int((file.size - from + a - 1) / a * a))
         try await file.read(at: from, into: tail.slice(0 ..< Int(file.size - from)))
         let end = Int(file.size - from)
-        try Formats.probe(trailer: UnsafeRawBufferPointer(rebasing: tail.bytes[end - Int(t) ..< end]), path: file.name)
-        return nil
+        return Formats.probe(trailer: UnsafeRawBufferPointer(rebasing: tail.bytes[end - Int(t) ..< end]))
     }
 
     /// Opens `spec` read-only, runs `body`, and closes the image whatever happens. Without

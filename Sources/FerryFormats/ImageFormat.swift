@@ -58,6 +58,9 @@ public protocol ImageFormat: Sendable {
     /// True if `header` (the first bytes of a file, up to 4 KiB, fewer if the file is
     /// shorter) is this format's. Raw never claims a file: it is only the fallback.
     static func probe(header: UnsafeRawBufferPointer) -> Bool
+    /// For a format known by its last bytes rather than its first (dmg's "koly" trailer):
+    /// `magic`, `fromEnd` bytes before the end of the file. Nil for most formats.
+    static var trailerMagic: (magic: [UInt8], fromEnd: Int)? { get }
     /// Opens the guest-visible device stored in `file`.
     static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice
     /// Lays out a new image of `size` guest bytes in the empty `file`, then opens it.
@@ -74,6 +77,7 @@ public protocol ImageFormat: Sendable {
 extension ImageFormat {
     public static var writable: Bool { true }
     public static var subformats: [String] { [] }
+    public static var trailerMagic: (magic: [UInt8], fromEnd: Int)? { nil }
     public static func checkOptions(_ options: [String: String]) throws {}
     public static func features(options: [String: String]) -> FormatFeatures { [] }
     public static var allFeatures: FormatFeatures { features(options: [:]) }
@@ -142,7 +146,7 @@ public struct FormatContext: Sendable {
 /// The formats Ferry knows, by name.
 public enum Formats {
     public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self, VMDKFormat.self, VHDFormat.self, VHDXFormat.self,
-                                                  ParallelsFormat.self, CloopFormat.self, BochsFormat.self]
+                                                  ParallelsFormat.self, CloopFormat.self, BochsFormat.self, DMGFormat.self]
 
     /// Formats that are recognised by the magic at their start but that Ferry does not read,
     /// so that such a file is never silently read as raw.
@@ -171,7 +175,7 @@ public enum Formats {
             }
             return f
         }
-        if recognisedOnly.contains(where: { $0.name == name }) || recognisedByTrailer.contains(where: { $0.name == name }) {
+        if recognisedOnly.contains(where: { $0.name == name }) {
             if writing {
                 throw FerryError(.notSupported, "format '\(name)' cannot be written (writable formats: \(writable))", path: path)
             }
@@ -190,25 +194,18 @@ public enum Formats {
         return nil
     }
 
-    /// Formats recognised by a magic near the end of the file rather than at its start (a
-    /// dmg's "koly" trailer): the magic, `fromEnd` bytes before the end of the file. They are
-    /// not read; `probe(trailer:path:)` names them.
-    public static let recognisedByTrailer: [(name: String, magic: [UInt8], fromEnd: Int)] = [
-        ("dmg", Array("koly".utf8), 512),
-    ]
+    /// How many bytes at the end of a file `probe(trailer:)` needs.
+    public static var trailerBytes: Int { all.compactMap { $0.trailerMagic?.fromEnd }.max() ?? 0 }
 
-    /// How many bytes at the end of a file `probe(trailer:path:)` needs.
-    public static var trailerBytes: Int { recognisedByTrailer.map(\.fromEnd).max() ?? 0 }
-
-    /// For a file whose first bytes no format claims: throws if its last bytes (`trailer`,
-    /// up to `trailerBytes`, ending at the end of the file) name a format Ferry does not read.
-    public static func probe(trailer: UnsafeRawBufferPointer, path: String) throws {
-        for (name, magic, fromEnd) in recognisedByTrailer where trailer.count >= fromEnd {
+    /// For a file whose first bytes no format claims: the format its last bytes (`trailer`, up
+    /// to `trailerBytes`, ending at the end of the file) name, or nil.
+    public static func probe(trailer: UnsafeRawBufferPointer) -> (any ImageFormat.Type)? {
+        for f in all {
+            guard let (magic, fromEnd) = f.trailerMagic, trailer.count >= fromEnd else { continue }
             let at = trailer.count - fromEnd
-            if UnsafeRawBufferPointer(rebasing: trailer[at ..< at + magic.count]).elementsEqual(magic) {
-                throw notRead(name, path: path)
-            }
+            if UnsafeRawBufferPointer(rebasing: trailer[at ..< at + magic.count]).elementsEqual(magic) { return f }
         }
+        return nil
     }
 
     private static func notRead(_ name: String, path: String) -> FerryError {

@@ -1,8 +1,8 @@
 import Foundation
 import XCTest
 
-/// `ferry` on formats it reads but does not write (Parallels), and on formats it only names
-/// (qcow version 1, LUKS, dmg): `info` and `map` print what qemu-img 7.2 prints, `convert`
+/// `ferry` on formats it reads but does not write (Parallels, cloop, Bochs, dmg), and on
+/// formats it only names (qcow version 1, LUKS): `info` and `map` print what qemu-img 7.2 prints, `convert`
 /// copies what qemu-img copies, `-O` with them is refused, and broken images give one line.
 final class ReadOnlyFormatsCLITests: XCTestCase {
     var dir: URL!
@@ -53,7 +53,7 @@ final class ReadOnlyFormatsCLITests: XCTestCase {
         let src = dir.appendingPathComponent("src.raw").path
         XCTAssertTrue(FileManager.default.createFile(atPath: src, contents: Data(repeating: 1, count: 1 << 20)))
         for (format, text) in [("parallels", "format 'parallels' can be read but cannot be written (writable formats: raw, qcow2"),
-                               ("dmg", "format 'dmg' cannot be written (writable formats: raw, qcow2"),
+                               ("dmg", "format 'dmg' can be read but cannot be written (writable formats: raw, qcow2"),
                                ("luks", "format 'luks' cannot be written (writable formats: raw, qcow2")] {
             let out = dir.appendingPathComponent("out.\(format)").path
             let r = try Tools.ferry(["convert", "-O", format, src, out], in: dir)
@@ -63,9 +63,9 @@ final class ReadOnlyFormatsCLITests: XCTestCase {
             XCTAssertFalse(fileExists(out), "\(format): nothing is created")
         }
         // Reading a format Ferry only names, by name.
-        let r = try Tools.ferry(["info", "-f", "dmg", src], in: dir)
+        let r = try Tools.ferry(["info", "-f", "qcow", src], in: dir)
         XCTAssertNotEqual(r.status, 0)
-        XCTAssertTrue(r.stderr.contains("Ferry does not read format 'dmg' (readable formats: raw, qcow2"), r.stderr)
+        XCTAssertTrue(r.stderr.contains("Ferry does not read format 'qcow' (readable formats: raw, qcow2"), r.stderr)
         XCTAssertFalse(r.stderr.contains("not supported yet"), r.stderr)
     }
 
@@ -76,13 +76,7 @@ final class ReadOnlyFormatsCLITests: XCTestCase {
         // fails on a busy machine): the magic and version 1.
         let luks = Data("LUKS".utf8) + Data([0xBA, 0xBE, 0, 1]) + Data("aes".utf8) + Data(repeating: 0, count: 8192)
         XCTAssertTrue(FileManager.default.createFile(atPath: dir.appendingPathComponent("disk.luks").path, contents: luks))
-        // A dmg: any data, then the 512-byte "koly" trailer at the very end.
-        var dmg = Data(repeating: 0x41, count: 8192)
-        var koly = Data("koly".utf8) + Data([0, 0, 0, 4, 0, 0, 2, 0])
-        koly += Data(repeating: 0, count: 512 - koly.count)
-        dmg += koly
-        XCTAssertTrue(FileManager.default.createFile(atPath: dir.appendingPathComponent("disk.dmg").path, contents: dmg))
-        for (file, name) in [("old.qcow", "qcow"), ("disk.luks", "luks"), ("disk.dmg", "dmg")] {
+        for (file, name) in [("old.qcow", "qcow"), ("disk.luks", "luks")] {
             for c in [["info"], ["map"], ["convert", "-O", "raw"]] {
                 var args = c + [file]
                 if c[0] == "convert" { args.append("\(file).raw") }
@@ -95,6 +89,13 @@ final class ReadOnlyFormatsCLITests: XCTestCase {
             let q = try Tools.run(try Tools.require("qemu-img"), ["info", "--output=json", file], in: dir)
             if q.status == 0 { XCTAssertTrue(q.stdout.contains("\"format\": \"\(name)\""), "\(file): \(q.stdout)") }
         }
+        // A file ending in a "koly" trailer is a dmg (here a broken one), never raw.
+        var koly = Data(repeating: 0x41, count: 8192) + Data("koly".utf8)
+        koly += Data(repeating: 0, count: 508)
+        XCTAssertTrue(FileManager.default.createFile(atPath: dir.appendingPathComponent("broken.dmg").path, contents: koly))
+        let k = try Tools.ferry(["info", "broken.dmg"], in: dir)
+        XCTAssertEqual(k.status, 1)
+        XCTAssertEqual(k.stderr, "ferry: broken.dmg: dmg image keeps its block tables only in a resource fork (no XML property list), which Ferry does not read at offset 8416\n")
         // "koly" anywhere else, or a file too short for the trailer, is still raw.
         var notDmg = Data(repeating: 0, count: 4096)
         notDmg.replaceSubrange(1000 ..< 1004, with: Data("koly".utf8))
@@ -226,5 +227,48 @@ final class ReadOnlyFormatsCLITests: XCTestCase {
             XCTAssertTrue(r.stderr.hasPrefix("ferry: \(file): \(text)"), r.stderr)
             XCTAssertEqual(r.stderr.filter { $0 == "\n" }.count, 1, r.stderr)
         }
+    }
+
+    /// A dmg of 40 sectors: 8 stored plainly, 16 of zero fill, 16 in a zlib stream (one stored
+    /// deflate block), one table, then the property list and the koly trailer.
+    static func dmg() -> [UInt8] {
+        let raw = (0 ..< 4096).map { UInt8(truncatingIfNeeded: $0 / 3) }
+        let z = storedZlib([UInt8](repeating: 0x42, count: 8192))
+        var m = Array("mish".utf8) + be(1, 4) + be(0, 8) + be(40, 8) + be(0, 8)
+        m += [UInt8](repeating: 0, count: 200 - m.count) + be(4, 4)
+        for (type, s, c, off, len) in [(UInt64(1), UInt64(0), UInt64(8), UInt64(0), UInt64(4096)), (0, 8, 16, 0, 0),
+                                       (0x8000_0005, 24, 16, 4096, UInt64(z.count)), (0xFFFF_FFFF, 40, 0, 0, 0)] {
+            m += be(type, 4) + be(0, 4) + be(s, 8) + be(c, 8) + be(off, 8) + be(len, 8)
+        }
+        let plist = Array("<plist version=\"1.0\"><dict><key>resource-fork</key><dict><key>blkx</key><array><dict><key>Data</key><data>\n\(Data(m).base64EncodedString(options: .lineLength64Characters))\n</data></dict></array></dict></dict></plist>\n".utf8)
+        let xmlAt = UInt64(raw.count + z.count)
+        var koly = Array("koly".utf8) + be(4, 4) + be(512, 4)
+        koly += [UInt8](repeating: 0, count: 216 - koly.count) + be(xmlAt, 8) + be(UInt64(plist.count), 8)
+        koly += [UInt8](repeating: 0, count: 492 - koly.count) + be(40, 8)
+        return raw + z + plist + koly + [UInt8](repeating: 0, count: 512 - koly.count)
+    }
+
+    func testDMGMatchesQemuImg() throws {
+        let qemu = try Tools.require("qemu-img")
+        XCTAssertTrue(FileManager.default.createFile(atPath: dir.appendingPathComponent("disk.img").path, contents: Data(Self.dmg())))
+        // Probed by the trailer whatever the file is called.
+        for c in [["info"], ["info", "--output=json"], ["map", "--output=json"]] {
+            let theirs = try Tools.run(qemu, c + ["-f", "dmg", "disk.img"], in: dir)
+            let ours = try Tools.ferry(c + ["disk.img"], in: dir)
+            XCTAssertEqual(theirs.status, 0, theirs.stderr)
+            XCTAssertEqual(ours.stdout, theirs.stdout, "ferry \(c.joined(separator: " ")) differs from qemu-img")
+            XCTAssertEqual(ours.stderr, "")
+        }
+        for target in ["raw", "qcow2"] {
+            let r = try Tools.ferry(["convert", "-O", target, "disk.img", "out.\(target)"], in: dir)
+            XCTAssertEqual(r.status, 0, r.stderr)
+            let cmp = try Tools.run(qemu, ["compare", "-f", "dmg", "-F", target, "disk.img", "out.\(target)"], in: dir)
+            XCTAssertEqual(cmp.status, 0, "\(cmp.stdout) \(cmp.stderr)")
+        }
+        let raw = try Data(contentsOf: dir.appendingPathComponent("out.raw"))
+        XCTAssertEqual(raw.count, 40 * 512)
+        XCTAssertEqual(raw[4095], UInt8(truncatingIfNeeded: 4095 / 3))
+        XCTAssertEqual(raw[24 * 512], 0x42)
+        XCTAssertEqual(raw[4096 ..< 24 * 512].filter { $0 != 0 }.count, 0)
     }
 }

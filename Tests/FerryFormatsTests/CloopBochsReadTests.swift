@@ -176,7 +176,8 @@ final class CloopBochsReadTests: XCTestCase {
 }
 
 
-/// Images of every read-only format with random bytes changed in their headers and tables:
+/// Images of every read-only format with random bytes changed in their headers and tables
+/// (a dmg's property list and trailer):
 /// each either reads or fails with an error, never traps or hangs.
 final class ReadOnlyFormatsMutationTests: XCTestCase {
     func testMutatedImagesFailCleanly() async throws {
@@ -187,9 +188,11 @@ final class ReadOnlyFormatsMutationTests: XCTestCase {
         let parallels = Array(try Data(contentsOf: dir.appendingPathComponent("p.img")))
         let cloop = ReadOnlyImages.cloop([[UInt8](repeating: 3, count: 2048), [UInt8](repeating: 4, count: 2048)], blockSize: 2048)
         let bochs = ReadOnlyImages.bochs(diskSize: 4 * 4096, extentSize: 4096, catalog: 4, written: [1: [0: 1, 3: 2]], order: [1]).image
+        let dmg = DMGReadTests.sample().image
         var g = SystemRandomNumberGenerator()
         var failures = 0, reads = 0
-        for (format, image, hot) in [("parallels", parallels, 0 ..< 128), ("cloop", cloop, 128 ..< 170), ("bochs", bochs, 64 ..< 540)] {
+        for (format, image, hot) in [("parallels", parallels, 0 ..< 128), ("cloop", cloop, 128 ..< 170), ("bochs", bochs, 64 ..< 540),
+                                     ("dmg", dmg, dmg.count - 2000 ..< dmg.count)] {
             for round in 0 ..< 150 {
                 var b = image
                 for _ in 0 ..< Int.random(in: 1 ... 4, using: &g) {
@@ -212,7 +215,7 @@ final class ReadOnlyFormatsMutationTests: XCTestCase {
             }
         }
         XCTAssertGreaterThan(failures, 0)
-        XCTAssertEqual(failures + reads, 450)
+        XCTAssertEqual(failures + reads, 600)
     }
 }
 
