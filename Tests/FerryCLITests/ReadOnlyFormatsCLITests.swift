@@ -62,6 +62,13 @@ final class ReadOnlyFormatsCLITests: XCTestCase {
             XCTAssertEqual(r.stderr.filter { $0 == "\n" }.count, 1, r.stderr)
             XCTAssertFalse(fileExists(out), "\(format): nothing is created")
         }
+        // `-o help` lists creation options: none to list for a format that is not written.
+        for args in [["convert", "-O", "parallels", "-o", "help"], ["create", "-f", "dmg", "-o", "help"]] {
+            let h = try Tools.ferry(args, in: dir)
+            XCTAssertEqual(h.status, 1, args.joined(separator: " "))
+            XCTAssertEqual(h.stdout, "")
+            XCTAssertTrue(h.stderr.contains("can be read but cannot be written"), h.stderr)
+        }
         // Reading a format Ferry only names, by name.
         let r = try Tools.ferry(["info", "-f", "qcow", src], in: dir)
         XCTAssertNotEqual(r.status, 0)
