@@ -235,7 +235,16 @@ public enum Images {
         // Whole aligned blocks, so O_DIRECT files can be probed too.
         let want = min(Int64(4096), (file.size + Int64(file.limits.alignment) - 1) / Int64(file.limits.alignment) * Int64(file.limits.alignment))
         try await file.read(at: 0, into: buffer.slice(0 ..< Int(min(want, file.size))))
-        return try Formats.probe(header: UnsafeRawBufferPointer(rebasing: buffer.bytes[0 ..< n]), path: file.name)
+        if let f = try Formats.probe(header: UnsafeRawBufferPointer(rebasing: buffer.bytes[0 ..< n]), path: file.name) { return f }
+        // Nothing at the start: a format known by its last bytes (dmg) is not read as raw.
+        let t = Int64(Formats.trailerBytes)
+        guard t > 0, file.size >= t else { return nil }
+        let a = Int64(file.limits.alignment)
+        let from = (file.size - t) / a * a
+        let tail = AlignedBuffer(count: Int((file.size - from + a - 1) / a * a))
+        try await file.read(at: from, into: tail.slice(0 ..< Int(file.size - from)))
+        let end = Int(file.size - from)
+        return Formats.probe(trailer: UnsafeRawBufferPointer(rebasing: tail.bytes[end - Int(t) ..< end]))
     }
 
     /// Opens `spec` read-only, runs `body`, and closes the image whatever happens. Without

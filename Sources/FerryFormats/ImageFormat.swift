@@ -58,6 +58,9 @@ public protocol ImageFormat: Sendable {
     /// True if `header` (the first bytes of a file, up to 4 KiB, fewer if the file is
     /// shorter) is this format's. Raw never claims a file: it is only the fallback.
     static func probe(header: UnsafeRawBufferPointer) -> Bool
+    /// For a format known by its last bytes rather than its first (dmg's "koly" trailer):
+    /// `magic`, `fromEnd` bytes before the end of the file. Nil for most formats.
+    static var trailerMagic: (magic: [UInt8], fromEnd: Int)? { get }
     /// Opens the guest-visible device stored in `file`.
     static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice
     /// Lays out a new image of `size` guest bytes in the empty `file`, then opens it.
@@ -74,6 +77,7 @@ public protocol ImageFormat: Sendable {
 extension ImageFormat {
     public static var writable: Bool { true }
     public static var subformats: [String] { [] }
+    public static var trailerMagic: (magic: [UInt8], fromEnd: Int)? { nil }
     public static func checkOptions(_ options: [String: String]) throws {}
     public static func features(options: [String: String]) -> FormatFeatures { [] }
     public static var allFeatures: FormatFeatures { features(options: [:]) }
@@ -141,12 +145,16 @@ public struct FormatContext: Sendable {
 
 /// The formats Ferry knows, by name.
 public enum Formats {
-    public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self, VMDKFormat.self, VHDFormat.self, VHDXFormat.self]
+    public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self, VMDKFormat.self, VHDFormat.self, VHDXFormat.self,
+                                                  ParallelsFormat.self, CloopFormat.self, BochsFormat.self, DMGFormat.self]
 
-    /// Formats that are recognised by their magic but cannot be read yet, so that such a file
-    /// is never silently read as raw.
+    /// Formats that are recognised by the magic at their start but that Ferry does not read,
+    /// so that such a file is never silently read as raw.
     public static let recognisedOnly: [(name: String, magic: [UInt8])] = [
         ("vdi", Array("<<< ".utf8)),
+        // qcow version 1 (the qcow2 probe leaves it alone): "QFI\xfb", then version 1.
+        ("qcow", [0x51, 0x46, 0x49, 0xFB, 0, 0, 0, 1]),
+        ("luks", Array("LUKS".utf8) + [0xBA, 0xBE]),
     ]
 
     /// What a file that no format claims is read as, and the default target format: the
@@ -160,27 +168,48 @@ public enum Formats {
     /// Checks a format name given by the user, with the list of names in the error. With
     /// `writing`, the format must also be one Ferry can write.
     public static func lookup(_ name: String, for path: String? = nil, writing: Bool = false) throws -> any ImageFormat.Type {
+        let writable = all.filter { $0.writable }.map { $0.name }.joined(separator: ", ")
         if let f = named(name) {
             if writing && !f.writable {
-                let list = all.filter { $0.writable }.map { $0.name }.joined(separator: ", ")
-                throw FerryError(.notSupported, "format '\(name)' can be read but not written yet (writable: \(list))", path: path)
+                throw FerryError(.notSupported, "format '\(name)' can be read but cannot be written (writable formats: \(writable))", path: path)
             }
             return f
         }
         if recognisedOnly.contains(where: { $0.name == name }) {
-            throw FerryError(.notSupported, "format '\(name)' is not supported yet (supported: \(all.map { $0.name }.joined(separator: ", ")))", path: path)
+            if writing {
+                throw FerryError(.notSupported, "format '\(name)' cannot be written (writable formats: \(writable))", path: path)
+            }
+            throw FerryError(.notSupported, "Ferry does not read format '\(name)' (readable formats: \(all.map { $0.name }.joined(separator: ", ")))", path: path)
         }
         throw FerryError(.invalidArgument, "unknown format '\(name)' (supported: \(all.map { $0.name }.joined(separator: ", ")))", path: path)
     }
 
     /// What a file's first bytes say it is: a known format, or nil for "nothing recognised".
-    /// Throws for a format that is recognised but not supported.
+    /// Throws for a format that is recognised but not read.
     public static func probe(header: UnsafeRawBufferPointer, path: String) throws -> (any ImageFormat.Type)? {
         for f in all where f.probe(header: header) { return f }
         for (name, magic) in recognisedOnly where header.count >= magic.count && header.prefix(magic.count).elementsEqual(magic) {
-            throw FerryError(.notSupported, "image is in \(name) format, which is not supported yet", path: path)
+            throw notRead(name, path: path)
         }
         return nil
+    }
+
+    /// How many bytes at the end of a file `probe(trailer:)` needs.
+    public static var trailerBytes: Int { all.compactMap { $0.trailerMagic?.fromEnd }.max() ?? 0 }
+
+    /// For a file whose first bytes no format claims: the format its last bytes (`trailer`, up
+    /// to `trailerBytes`, ending at the end of the file) name, or nil.
+    public static func probe(trailer: UnsafeRawBufferPointer) -> (any ImageFormat.Type)? {
+        for f in all {
+            guard let (magic, fromEnd) = f.trailerMagic, trailer.count >= fromEnd else { continue }
+            let at = trailer.count - fromEnd
+            if UnsafeRawBufferPointer(rebasing: trailer[at ..< at + magic.count]).elementsEqual(magic) { return f }
+        }
+        return nil
+    }
+
+    private static func notRead(_ name: String, path: String) -> FerryError {
+        FerryError(.notSupported, "image is in \(name) format, which Ferry does not read", path: path)
     }
 
     /// Checks `-o` options against a format's list, then their values, before anything is

@@ -155,7 +155,7 @@ struct Convert: FerryCommand {
         let format = targetFormat ?? Formats.fallback.name
         let optionText = targetOptions
         if optionText.contains(where: { $0 == "help" || $0 == "?" }) {
-            Terminal.out(Self.optionHelp(for: try Formats.lookup(format)))
+            Terminal.out(Self.optionHelp(for: try Formats.lookup(format, writing: true)))
             return 0
         }
         guard images.count >= 2 else {
@@ -383,7 +383,7 @@ struct Create: FerryCommand {
 
     func execute() async throws -> Int32 {
         if options.contains(where: { $0 == "help" || $0 == "?" }) {
-            Terminal.out(Convert.optionHelp(for: try Formats.lookup(format)))
+            Terminal.out(Convert.optionHelp(for: try Formats.lookup(format, writing: true)))
             return 0
         }
         guard let image else { throw UsageError(message: "expecting an image name", command: "create") }

@@ -18,8 +18,11 @@ public enum QCOW2Format: ImageFormat {
     public static let writable = true
     public static func features(options: [String: String]) -> FormatFeatures { [.compression, .backingFile, .zeroRuns] }
 
+    /// Versions 2 and 3 (version 1 is qemu's older `qcow`, which `Formats` names but does
+    /// not read).
     public static func probe(header: UnsafeRawBufferPointer) -> Bool {
-        header.count >= 4 && header.prefix(4).elementsEqual(QCOW2Header.magic)
+        header.count >= 8 && header.prefix(4).elementsEqual(QCOW2Header.magic)
+            && !header[4 ..< 8].elementsEqual([0, 0, 0, 1])
     }
 
     /// An upper bound of the file a new image can grow to (sparse: nothing is allocated until
