@@ -20,14 +20,19 @@ public struct EndpointOptions: Sendable {
     /// `-U`: open a local image even while another process (a running VM) holds it for
     /// writing; otherwise that is an error, as with qemu-img.
     public var forceShare: Bool
+    /// `--untrusted`: the image came from a stranger. No backing file, external data file,
+    /// extent or parent it names is opened, and a file two formats claim (or given as one
+    /// format while its bytes say another) is refused.
+    public var untrusted: Bool
 
     public init(cache: CacheMode = .writeback, fileEngine: FileDevice.IOEngine = .auto, connections: Int? = nil,
-                directIfCold: Bool = false, forceShare: Bool = false) {
+                directIfCold: Bool = false, forceShare: Bool = false, untrusted: Bool = false) {
         self.cache = cache
         self.fileEngine = fileEngine
         self.connections = connections
         self.directIfCold = directIfCold
         self.forceShare = forceShare
+        self.untrusted = untrusted
     }
 
     /// Sessions per server when `connections` is not given.

@@ -54,6 +54,8 @@ public struct ImageInfo: Sendable, Equatable {
     /// What formats with more to say (qcow2) add: cluster size, backing file, snapshots,
     /// `format-specific`.
     public var details: ImageDetails? = nil
+    /// With `--untrusted`: why the image is not self-contained (empty: it is), else nil.
+    public var untrustedReasons: [String]? = nil
 }
 
 /// One run of `ferry map`; field names follow qemu-img's JSON.
@@ -104,6 +106,7 @@ public enum Images {
         }
         let file = try await openEndpoint(spec.location, readOnly: readOnly, options: options)
         do {
+            if options.untrusted { try await checkClaims(file, given: format, location: spec.location) }
             var probed = false
             var chosen = format
             if chosen == nil {
@@ -112,6 +115,9 @@ public enum Images {
             }
             let f = chosen ?? Formats.fallback
             var context = FormatContext(location: spec.location, readOnly: readOnly, depth: depth, openBacking: { location, format, depth in
+                if options.untrusted {
+                    throw FerryError(.permissionDenied, "the image refers to the backing file '\(location)', which --untrusted does not follow", path: spec.location)
+                }
                 let backing = try await open(ImageSpec(location, format: format), readOnly: true, options: options, depth: depth,
                                              chain: chain, warnings: warnings, withBacking: true)
                 if backing.probedAsRaw {
@@ -119,7 +125,10 @@ public enum Images {
                 }
                 return backing.device
             }, openFile: { location in
-                try await openEndpoint(location, readOnly: readOnly, options: options)
+                if options.untrusted {
+                    throw FerryError(.permissionDenied, "the image refers to the file '\(location)' (an extent or external data file), which --untrusted does not follow", path: spec.location)
+                }
+                return try await openEndpoint(location, readOnly: readOnly, options: options)
             }, warning: { warnings.add($0) })
             context.opensBacking = withBacking
             let device = try await f.open(file: file, context: context)
@@ -229,14 +238,26 @@ public enum Images {
 
     /// Reads the first bytes of `file` and names the format, or nil if nothing is recognised.
     static func probe(_ file: any BlockDevice) async throws -> (any ImageFormat.Type)? {
+        guard let header = try await firstBytes(file) else { return nil }
+        if let f = try header.withUnsafeBytes({ try Formats.probe(header: $0, path: file.name) }) { return f }
+        // Nothing at the start: a format known by its last bytes (dmg) is not read as raw.
+        guard let trailer = try await lastBytes(file) else { return nil }
+        return trailer.withUnsafeBytes { Formats.probe(trailer: $0) }
+    }
+
+    /// The first 4 KiB of `file` (fewer if it is shorter), nil if it is empty.
+    static func firstBytes(_ file: any BlockDevice) async throws -> [UInt8]? {
         let n = Int(min(file.size, 4096))
         guard n > 0 else { return nil }
         let buffer = AlignedBuffer(count: 4096)
         // Whole aligned blocks, so O_DIRECT files can be probed too.
         let want = min(Int64(4096), (file.size + Int64(file.limits.alignment) - 1) / Int64(file.limits.alignment) * Int64(file.limits.alignment))
         try await file.read(at: 0, into: buffer.slice(0 ..< Int(min(want, file.size))))
-        if let f = try Formats.probe(header: UnsafeRawBufferPointer(rebasing: buffer.bytes[0 ..< n]), path: file.name) { return f }
-        // Nothing at the start: a format known by its last bytes (dmg) is not read as raw.
+        return Array(buffer.bytes[0 ..< n])
+    }
+
+    /// The last `Formats.trailerBytes` of `file`, nil if no format needs them or it is shorter.
+    static func lastBytes(_ file: any BlockDevice) async throws -> [UInt8]? {
         let t = Int64(Formats.trailerBytes)
         guard t > 0, file.size >= t else { return nil }
         let a = Int64(file.limits.alignment)
@@ -244,15 +265,39 @@ public enum Images {
         let tail = AlignedBuffer(count: Int((file.size - from + a - 1) / a * a))
         try await file.read(at: from, into: tail.slice(0 ..< Int(file.size - from)))
         let end = Int(file.size - from)
-        return Formats.probe(trailer: UnsafeRawBufferPointer(rebasing: tail.bytes[end - Int(t) ..< end]))
+        return Array(tail.bytes[end - Int(t) ..< end])
+    }
+
+    /// `--untrusted`: a file that two formats claim, or that is given as one format while its
+    /// bytes say another, is refused before any of it is parsed.
+    static func checkClaims(_ file: any BlockDevice, given: (any ImageFormat.Type)?, location: String) async throws {
+        guard let header = try await firstBytes(file) else { return }
+        let trailer = try await lastBytes(file)
+        var names = header.withUnsafeBytes { h in
+            trailer.map { t in t.withUnsafeBytes { Formats.claimants(header: h, trailer: $0) } } ?? Formats.claimants(header: h, trailer: nil)
+        }
+        // An ISO 9660 volume (its descriptor at 32 KiB) that is also an image is the polyglot
+        // OpenStack's format inspector looks for; a plain ISO is raw data.
+        if file.size >= 36864 {
+            let block = AlignedBuffer(count: 4096)
+            try await file.read(at: 32768, into: block.slice(0 ..< 4096))
+            if Array(block.bytes[1 ..< 6]) == Array("CD001".utf8) { names.append("iso9660") }
+        }
+        if names == ["iso9660"] { names = [] }
+        if names.count > 1 {
+            throw FerryError(.permissionDenied, "the file is a valid \(names.joined(separator: " and a valid ")) image at once (a polyglot); refused (--untrusted)", path: location)
+        }
+        if let given, let claimed = names.first, claimed != given.name {
+            throw FerryError(.permissionDenied, "given as \(given.name), but its bytes are a \(claimed) image's; refused (--untrusted)", path: location)
+        }
     }
 
     /// Opens `spec` read-only, runs `body`, and closes the image whatever happens. Without
     /// `withBacking` the image's backing chain is not opened (only described).
-    public static func withImage<T>(_ spec: ImageSpec, withBacking: Bool = true, forceShare: Bool = false,
+    public static func withImage<T>(_ spec: ImageSpec, withBacking: Bool = true, forceShare: Bool = false, untrusted: Bool = false,
                                     _ body: (OpenedImage) async throws -> T) async throws -> T {
         let warnings = WarningLog()
-        var image = try await open(spec, readOnly: true, options: EndpointOptions(forceShare: forceShare), depth: 0, chain: [], warnings: warnings,
+        var image = try await open(spec, readOnly: true, options: EndpointOptions(forceShare: forceShare, untrusted: untrusted), depth: 0, chain: [], warnings: warnings,
                                    withBacking: withBacking)
         image.warnings = warnings.all
         let result: T
@@ -267,10 +312,10 @@ public enum Images {
     }
 
     /// `ferry info`: the image, and with `backingChain` every image under it, top first.
-    public static func info(_ spec: ImageSpec, backingChain: Bool = false, forceShare: Bool = false) async throws
+    public static func info(_ spec: ImageSpec, backingChain: Bool = false, forceShare: Bool = false, untrusted: Bool = false) async throws
         -> (chain: [ImageInfo], probedAsRaw: Bool, warnings: [String]) {
         // Like qemu-img, describing one image does not need its backing file to exist.
-        try await withImage(spec, withBacking: backingChain, forceShare: forceShare) { image in
+        try await withImage(spec, withBacking: backingChain, forceShare: forceShare, untrusted: untrusted) { image in
             var chain: [ImageInfo] = []
             var device: (any BlockDevice)? = image.device
             var filename = spec.location
@@ -295,14 +340,22 @@ public enum Images {
                 format = (next as? DescribedDevice)?.formatName ?? Formats.fallback.name
                 device = next
             }
+            if untrusted {
+                // What opening did not refuse but a gatekeeper must know: references named
+                // (a backing file is described, not opened, here).
+                var reasons: [String] = []
+                if let b = chain[0].details?.backingFilename { reasons.append("names the backing file '\(b)'") }
+                if let extra = chain[0].details?.extraFiles, !extra.isEmpty { reasons.append("refers to other files: \(extra.joined(separator: ", "))") }
+                chain[0].untrustedReasons = reasons
+            }
             return (chain, image.probedAsRaw, image.warnings)
         }
     }
 
     /// `ferry map`: the image's extents, joined into the fewest runs, with the depth in the
     /// backing chain each run comes from and where it lies in its file, as qemu-img map says.
-    public static func map(_ spec: ImageSpec, forceShare: Bool = false) async throws -> ([MapEntry], probedAsRaw: Bool) {
-        try await withImage(spec, forceShare: forceShare) { image in
+    public static func map(_ spec: ImageSpec, forceShare: Bool = false, untrusted: Bool = false) async throws -> ([MapEntry], probedAsRaw: Bool) {
+        try await withImage(spec, forceShare: forceShare, untrusted: untrusted) { image in
             (try await mapEntries(image.device, isRaw: image.format == Formats.fallback.name), image.probedAsRaw)
         }
     }

@@ -63,6 +63,8 @@ public struct ConvertOptions: Sendable {
     public var copyOffload: Bool = false
     /// `--salvage`: read errors of the sources become zeros, reported, and the copy goes on.
     public var salvage: Bool = false
+    /// `--untrusted`: the sources came from strangers (see `EndpointOptions.untrusted`).
+    public var untrusted: Bool = false
     /// `-r`: most data bytes per second, evenly spaced; nil for no limit.
     public var rateLimit: Int?
     /// `-U`: read sources that another process holds open for writing.
@@ -71,7 +73,8 @@ public struct ConvertOptions: Sendable {
     /// How the sources are opened.
     public var sourceEndpoint: EndpointOptions {
         EndpointOptions(cache: sourceCache, fileEngine: fileEngine, connections: connections,
-                        directIfCold: directColdSources && sourceCache == .writeback, forceShare: forceShare)
+                        directIfCold: directColdSources && sourceCache == .writeback, forceShare: forceShare,
+                        untrusted: untrusted)
     }
     /// How the target is opened.
     public var targetEndpoint: EndpointOptions {

@@ -194,6 +194,23 @@ public enum Formats {
         return nil
     }
 
+    /// Every format that claims a file by its first bytes (`header`) or its last (`trailer`):
+    /// more than one is a polyglot, a file built to be read differently by different tools.
+    public static func claimants(header: UnsafeRawBufferPointer, trailer: UnsafeRawBufferPointer?) -> [String] {
+        var names = all.filter { $0.probe(header: header) }.map { $0.name }
+        names += recognisedOnly.filter { header.count >= $0.magic.count && header.prefix($0.magic.count).elementsEqual($0.magic) }.map(\.name)
+        if let trailer {
+            for f in all {
+                guard let (magic, fromEnd) = f.trailerMagic, trailer.count >= fromEnd else { continue }
+                let at = trailer.count - fromEnd
+                if UnsafeRawBufferPointer(rebasing: trailer[at ..< at + magic.count]).elementsEqual(magic), !names.contains(f.name) {
+                    names.append(f.name)
+                }
+            }
+        }
+        return names
+    }
+
     /// How many bytes at the end of a file `probe(trailer:)` needs.
     public static var trailerBytes: Int { all.compactMap { $0.trailerMagic?.fromEnd }.max() ?? 0 }
 

@@ -139,6 +139,9 @@ struct Convert: FerryCommand {
     @Flag(name: .customLong("target-image-opts"), help: "The target is a qemu option string (needs -n).")
     var targetImageOpts = false
 
+    @Flag(name: .customLong("untrusted"), help: "The sources came from strangers: follow no backing file, data file, extent or parent they name, and refuse a file two formats claim.")
+    var untrusted = false
+
     @Flag(name: .customLong("salvage"), help: "Read errors of the sources become zeros, each reported with its offset, and the copy goes on.")
     var salvage = false
 
@@ -204,6 +207,7 @@ struct Convert: FerryCommand {
             options.maxInFlight = max(options.maxInFlight, options.bufferSize)
         }
         options.forceShare = forceShare
+        options.untrusted = untrusted
         options.salvage = salvage
         options.copyOffload = copyOffload
         if let rateLimit {
@@ -452,6 +456,9 @@ struct Info: FerryCommand {
     @Flag(name: .customLong("image-opts"), help: "The image is a qemu option string, e.g. driver=qcow2,file.filename=disk.qcow2 (not with -f).")
     var imageOpts = false
 
+    @Flag(name: .customLong("untrusted"), help: "The image came from a stranger: follow no backing file, data file, extent or parent it names, refuse a file two formats claim, and say whether it is self-contained.")
+    var untrusted = false
+
     @Argument(help: ArgumentHelp("The image.", valueName: "image"))
     var image: String
 
@@ -474,13 +481,26 @@ struct Info: FerryCommand {
             return errors.isEmpty ? 0 : 1
         }
         let spec = try Self.spec(image, format: format, imageOpts: imageOpts, command: "info")
-        let (chain, probed, warnings) = try await Images.info(spec, backingChain: backingChain, forceShare: forceShare)
+        if untrusted && backingChain {
+            throw UsageError(message: "--backing-chain opens backing files, which --untrusted does not", command: "info")
+        }
+        let chain: [ImageInfo], probed: Bool, warnings: [String]
+        do {
+            (chain, probed, warnings) = try await Images.info(spec, backingChain: backingChain, forceShare: forceShare, untrusted: untrusted)
+        } catch let e as FerryError where untrusted && e.code == .permissionDenied {
+            // Refused: the verdict still goes out, for a script that reads it.
+            Terminal.out(output == .json
+                ? Report.json(.object([("filename", .string(image)), ("untrusted", Report.untrustedValue([e.message]))]), indent: 0) + "\n"
+                : Report.untrustedHuman([e.message]))
+            throw e
+        }
         if probed { warnProbedAsRaw(image) }
         for w in warnings { Terminal.warn(w) }
         if backingChain {
             Terminal.out(output == .json ? Report.infoChainJSON(chain) : Report.infoChainHuman(chain))
         } else {
-            Terminal.out(output == .json ? Report.infoJSON(chain[0]) : Report.infoHuman(chain[0]))
+            Terminal.out(output == .json ? Report.infoJSON(chain[0])
+                : Report.infoHuman(chain[0]) + (chain[0].untrustedReasons.map(Report.untrustedHuman) ?? ""))
         }
         return 0
     }
@@ -503,11 +523,14 @@ struct Map: FerryCommand {
     @Flag(name: .customLong("image-opts"), help: "The image is a qemu option string, e.g. driver=qcow2,file.filename=disk.qcow2 (not with -f).")
     var imageOpts = false
 
+    @Flag(name: .customLong("untrusted"), help: "The image came from a stranger: follow no backing file, data file, extent or parent it names, and refuse a file two formats claim.")
+    var untrusted = false
+
     @Argument(help: ArgumentHelp("The image.", valueName: "image"))
     var image: String
 
     func execute() async throws -> Int32 {
-        let (entries, probed) = try await Images.map(try Info.spec(image, format: format, imageOpts: imageOpts, command: "map"), forceShare: forceShare)
+        let (entries, probed) = try await Images.map(try Info.spec(image, format: format, imageOpts: imageOpts, command: "map"), forceShare: forceShare, untrusted: untrusted)
         if probed { warnProbedAsRaw(image) }
         if output == .json {
             Terminal.out(Report.mapJSON(entries))

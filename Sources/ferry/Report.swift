@@ -136,7 +136,22 @@ enum Report {
 
     /// `qemu-img info --output=json`: the same fields in the same order, four-space indent.
     static func infoJSON(_ info: ImageInfo) -> String {
-        json(infoValue(info), indent: 0) + "\n"
+        var value = infoValue(info)
+        if let reasons = info.untrustedReasons, case .object(var fields) = value {
+            fields.append(("untrusted", untrustedValue(reasons)))
+            value = .object(fields)
+        }
+        return json(value, indent: 0) + "\n"
+    }
+
+    /// `--untrusted`'s verdict, for a gatekeeper script: `{"safe": B, "reasons": [...]}`.
+    static func untrustedValue(_ reasons: [String]) -> InfoValue {
+        .object([("safe", .bool(reasons.isEmpty)), ("reasons", .list(reasons.map { .string($0) }))])
+    }
+
+    /// The verdict in `info`'s human form: one line.
+    static func untrustedHuman(_ reasons: [String]) -> String {
+        reasons.isEmpty ? "untrusted: safe (self-contained)\n" : "untrusted: unsafe: \(reasons.joined(separator: "; "))\n"
     }
 
     /// `qemu-img info --backing-chain --output=json`: a list of the images, top first.
