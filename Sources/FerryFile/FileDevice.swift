@@ -175,14 +175,15 @@ public final class FileDevice: RangeCopyingDevice {
     /// bytes (no `.zeroInit`).
     ///
     /// open(O_CREAT | O_TRUNC) then ftruncate(2), which allocates nothing.
-    public static func create(path: String, size: Int64, options: Options = Options()) async throws -> FileDevice {
+    /// `name` is what messages call the file (the path, unless it is a temporary name).
+    public static func create(path: String, size: Int64, options: Options = Options(), name: String? = nil) async throws -> FileDevice {
         guard size >= 0 else { throw FerryError(.invalidArgument, "cannot create: negative size \(size)", path: path) }
         var writable = options
         writable.readOnly = false
         let (opened, created) = try await onOwnThread { [writable] in
             try Opened.create(path: path, size: size, options: writable)
         }
-        return FileDevice(opened, name: path, zeroInit: created, options: writable)
+        return FileDevice(opened, name: name ?? path, zeroInit: created, options: writable)
     }
 
     /// Bytes the file takes on disk (st_blocks x 512); the device size for a block device.

@@ -305,11 +305,15 @@ final class QCOW2WriteTests: XCTestCase {
         p.signal(SIGKILL)
         let r = try p.wait(timeout: 10)
         XCTAssertTrue(r.signalled)
-        XCTAssertTrue(fileExists(dst), "a killed ferry cannot remove its target")
-        let check = try Tools.run(try Tools.require("qemu-img"), ["check", dst], in: dir)
+        // Nothing under the target's name; what was written is in plain sight beside it, and
+        // even that says it is incomplete.
+        XCTAssertFalse(fileExists(dst), "the image gets its name only when it is complete")
+        let partial = dst + ".ferry-partial"
+        XCTAssertTrue(fileExists(partial), "a killed ferry cannot remove its partial file")
+        let check = try Tools.run(try Tools.require("qemu-img"), ["check", partial], in: dir)
         XCTAssertNotEqual(check.status, 0)
         XCTAssertTrue(check.stderr.contains("ferry: conversion incomplete"), check.stderr)
-        let info = try Tools.ferry(["info", dst], in: dir)
+        let info = try Tools.ferry(["info", partial], in: dir)
         XCTAssertEqual(info.status, 1)
         XCTAssertTrue(info.stderr.contains("incomplete"), info.stderr)
         // A clean conversion of the same thing has no marker.

@@ -272,10 +272,12 @@ final class VMDKWriteCLITests: XCTestCase {
             p.signal(SIGKILL)
             let r = try p.wait(timeout: 10)
             XCTAssertTrue(r.signalled)
-            XCTAssertTrue(fileExists(dst), "a killed ferry cannot remove its target")
-            let head = [UInt8](try Data(contentsOf: URL(fileURLWithPath: dst)).prefix(4))
+            XCTAssertFalse(fileExists(dst), "the image gets its name only when it is complete")
+            let partial = dst + ".ferry-partial"
+            XCTAssertTrue(fileExists(partial), "a killed ferry cannot remove its partial file")
+            let head = [UInt8](try Data(contentsOf: URL(fileURLWithPath: partial)).prefix(4))
             XCTAssertNotEqual(head, Array("KDMV".utf8), sub)
-            let info = try Tools.run(try Tools.require("qemu-img"), ["info", "--output=json", dst], in: dir)
+            let info = try Tools.run(try Tools.require("qemu-img"), ["info", "--output=json", partial], in: dir)
             XCTAssertFalse(info.stdout.contains("\"format\": \"vmdk\""), "\(sub): \(info.stdout)")
         }
     }
