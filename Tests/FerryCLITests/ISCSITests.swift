@@ -6,18 +6,16 @@ import FerryTestServers
 /// the NFS legs), judged by `qemu-img compare`; errors end in one line naming the URL
 /// (without its password) and a non-zero exit. Also the delay proxy.
 final class ISCSITests: XCTestCase {
-    nonisolated(unsafe) static var shared: ISCSITarget?
-    nonisolated(unsafe) static var startError: String?
+    static let fixture = ClassServer<ISCSITarget>("tgtd")
     static let lunSize: Int64 = 64 << 20
 
     override class func setUp() {
         super.setUp()
-        do { shared = try ISCSITarget(name: "cli-main", port: 3283, control: 83) } catch { startError = "\(error)" }
+        fixture.start { try ISCSITarget(name: "cli-main", port: 3283, control: 83) }
     }
 
     override class func tearDown() {
-        shared?.stop()
-        shared = nil
+        fixture.stop()
         super.tearDown()
     }
 
@@ -25,11 +23,7 @@ final class ISCSITests: XCTestCase {
     var dir: URL!
 
     override func setUpWithError() throws {
-        guard let t = Self.shared else {
-            XCTFail("tgtd did not start: \(Self.startError ?? "?")")
-            throw XCTSkip("no iSCSI target")
-        }
-        target = t
+        target = try Self.fixture.require()
         dir = try makeScratchDirectory("iscsi")
     }
 

@@ -5,17 +5,15 @@ import FerryTestServers
 /// `ferry convert` with nfs:// sources and targets against a real ganesha, judged by
 /// `qemu-img compare`; errors end in one line naming the URL and a non-zero exit.
 final class NFSTests: XCTestCase {
-    nonisolated(unsafe) static var shared: NFSServer?
-    nonisolated(unsafe) static var startError: String?
+    static let fixture = ClassServer<NFSServer>("the NFS server")
 
     override class func setUp() {
         super.setUp()
-        do { shared = try NFSServer(name: "cli-main", nfsPort: 2071, mountPort: 20071) } catch { startError = "\(error)" }
+        fixture.start { try NFSServer(name: "cli-main", nfsPort: 2071, mountPort: 20071) }
     }
 
     override class func tearDown() {
-        shared?.stop()
-        shared = nil
+        fixture.stop()
         super.tearDown()
     }
 
@@ -23,11 +21,7 @@ final class NFSTests: XCTestCase {
     var dir: URL!
 
     override func setUpWithError() throws {
-        guard let s = Self.shared else {
-            XCTFail("the NFS server did not start: \(Self.startError ?? "?")")
-            throw XCTSkip("no NFS server")
-        }
-        server = s
+        server = try Self.fixture.require()
         dir = try makeScratchDirectory("nfs")
     }
 
