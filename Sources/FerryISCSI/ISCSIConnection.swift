@@ -83,23 +83,34 @@ final class ISCSIPiece: SessionPiece, @unchecked Sendable {
 
 /// What a session learned about the LUN while logging in.
 struct ISCSILunInfo: Sendable {
-    var blockSize: Int
-    var blocks: UInt64
-    /// READ CAPACITY(16) LBPME: the LUN is thin-provisioned (GET LBA STATUS works).
-    var thin: Bool
-    /// LBPRZ: unmapped blocks read as zeros.
-    var readsZeroWhenUnmapped: Bool
-    /// Logical Block Provisioning VPD: UNMAP and WRITE SAME(16) with UNMAP are supported.
-    var unmapSupported: Bool
-    var writeSameUnmapSupported: Bool
-    /// Block Limits VPD, in blocks (0: not reported).
-    var maxTransferBlocks: UInt32
-    var optimalTransferBlocks: UInt32
-    var maxUnmapBlocks: UInt32
-    var maxWriteSameBlocks: UInt64
-    var blockLimitsReported: Bool
+    /// READ CAPACITY(16): the logical block size and the number of blocks.
+    var blockSize = 512
+    var blocks: UInt64 = 0
+    var provisioning: Provisioning = []
+    var limits = BlockLimitsPage()
     /// The quickest of the set-up commands' round trips, in nanoseconds.
     var roundTrip: UInt64 = .max
+
+    /// The provisioning bits of READ CAPACITY(16) and the Logical Block Provisioning VPD.
+    struct Provisioning: OptionSet, Sendable {
+        let rawValue: UInt8
+        /// LBPME: the LUN is thin-provisioned (GET LBA STATUS works).
+        static let thin = Provisioning(rawValue: 1 << 0)
+        /// LBPRZ: unmapped blocks read as zeros.
+        static let readsZeroWhenUnmapped = Provisioning(rawValue: 1 << 1)
+        /// LBPU: UNMAP is supported.
+        static let unmap = Provisioning(rawValue: 1 << 2)
+        /// LBPWS: WRITE SAME(16) with UNMAP is supported.
+        static let writeSameUnmap = Provisioning(rawValue: 1 << 3)
+    }
+
+    /// The Block Limits VPD, in blocks (0: not reported).
+    struct BlockLimitsPage: Sendable {
+        var maxTransfer: UInt32 = 0
+        var optimalTransfer: UInt32 = 0
+        var maxUnmap: UInt32 = 0
+        var maxWriteSame: UInt64 = 0
+    }
 }
 
 /// SCSI status values (scsi_status in iscsi.h) as the callbacks get them.
@@ -326,9 +337,7 @@ final class ISCSIContext: EventLoopLibrary {
         }
         loggedIn = true
 
-        var info = ISCSILunInfo(blockSize: 512, blocks: 0, thin: false, readsZeroWhenUnmapped: false,
-                                unmapSupported: false, writeSameUnmapSupported: false, maxTransferBlocks: 0,
-                                optimalTransferBlocks: 0, maxUnmapBlocks: 0, maxWriteSameBlocks: 0, blockLimitsReported: false)
+        var info = ISCSILunInfo()
         var capacity: (UInt64, UInt32, Bool, Bool)?
         let lun = self.lun
         try setupCommand("READ CAPACITY(16) of LUN \(lun)", { task in
@@ -343,17 +352,14 @@ final class ISCSIContext: EventLoopLibrary {
         info.blockSize = Int(blockLength)
         blockSize = Int32(blockLength)
         info.blocks = lastLBA &+ 1
-        info.thin = lbpme
-        info.readsZeroWhenUnmapped = lbprz
+        if lbpme { info.provisioning.insert(.thin) }
+        if lbprz { info.provisioning.insert(.readsZeroWhenUnmapped) }
 
         try setupCommand("INQUIRY (Block Limits VPD) of LUN \(lun)", optional: true, { task in
             if let p = scsi_datain_unmarshall(task) {
                 let bl = p.assumingMemoryBound(to: scsi_inquiry_block_limits.self).pointee
-                info.blockLimitsReported = true
-                info.maxTransferBlocks = bl.max_xfer_len
-                info.optimalTransferBlocks = bl.opt_xfer_len
-                info.maxUnmapBlocks = bl.max_unmap
-                info.maxWriteSameBlocks = bl.max_ws_len
+                info.limits = .init(maxTransfer: bl.max_xfer_len, optimalTransfer: bl.opt_xfer_len,
+                                    maxUnmap: bl.max_unmap, maxWriteSame: bl.max_ws_len)
             }
         }) { cb, data in iscsi_inquiry_task(ctx, lun, 1, Int32(SCSI_INQUIRY_PAGECODE_BLOCK_LIMITS.rawValue), 255, cb, data) }
 
@@ -361,8 +367,8 @@ final class ISCSIContext: EventLoopLibrary {
             try setupCommand("INQUIRY (Logical Block Provisioning VPD) of LUN \(lun)", optional: true, { task in
                 if let p = scsi_datain_unmarshall(task) {
                     let lbp = p.assumingMemoryBound(to: scsi_inquiry_logical_block_provisioning.self).pointee
-                    info.unmapSupported = lbp.lbpu != 0
-                    info.writeSameUnmapSupported = lbp.lbpws != 0
+                    if lbp.lbpu != 0 { info.provisioning.insert(.unmap) }
+                    if lbp.lbpws != 0 { info.provisioning.insert(.writeSameUnmap) }
                 }
             }) { cb, data in iscsi_inquiry_task(ctx, lun, 1, Int32(SCSI_INQUIRY_PAGECODE_LOGICAL_BLOCK_PROVISIONING.rawValue), 255, cb, data) }
         }

@@ -119,12 +119,12 @@ public final class ISCSIDevice: PooledDevice {
         self.pool = pool
         blockSize = info.blockSize
         size = Int64(info.blocks) * Int64(info.blockSize)
-        thinProvisioned = info.thin
+        thinProvisioned = info.provisioning.contains(.thin)
         // Block Limits VPD: 0 means "no limit reported"; keep to 1 MiB then. A very large
         // maximum is capped at 32 MiB per command (memory in flight stays sane).
         var maxBytes = 1 << 20
-        if info.maxTransferBlocks > 0 && info.maxTransferBlocks != .max {
-            maxBytes = min(Int(info.maxTransferBlocks) * info.blockSize, 32 << 20)
+        if info.limits.maxTransfer > 0 && info.limits.maxTransfer != .max {
+            maxBytes = min(Int(info.limits.maxTransfer) * info.blockSize, 32 << 20)
         }
         maxBytes = max(info.blockSize, maxBytes / info.blockSize * info.blockSize)
         transferMax = maxBytes
@@ -137,18 +137,18 @@ public final class ISCSIDevice: PooledDevice {
         let renv = getenv("FERRY_ISCSI_READ_PIECE").flatMap { Int(String(cString: $0)) } ?? (256 << 10)
         readPiece = max(info.blockSize, min(maxBytes, renv) / info.blockSize * info.blockSize)
         var preferred = maxBytes
-        if info.optimalTransferBlocks > 0 && info.optimalTransferBlocks != .max {
-            preferred = min(maxBytes, max(info.blockSize, Int(info.optimalTransferBlocks) * info.blockSize))
+        if info.limits.optimalTransfer > 0 && info.limits.optimalTransfer != .max {
+            preferred = min(maxBytes, max(info.blockSize, Int(info.limits.optimalTransfer) * info.blockSize))
         }
         // Callers may ask for more than one command carries: the device splits.
         limits = BlockLimits(alignment: info.blockSize, preferredTransfer: preferred, maximumTransfer: max(maxBytes, 32 << 20))
         var caps: BlockCapabilities = [.flush, .fua, .multiConn]
         if !readOnly {
             caps.insert(.write)
-            if info.writeSameUnmapSupported { caps.formUnion([.zero, .fastZero]) }
-            if info.unmapSupported { caps.insert(.discard) }
+            if info.provisioning.contains(.writeSameUnmap) { caps.formUnion([.zero, .fastZero]) }
+            if info.provisioning.contains(.unmap) { caps.insert(.discard) }
         }
-        if info.thin { caps.insert(.extents) }
+        if info.provisioning.contains(.thin) { caps.insert(.extents) }
         capabilities = caps
     }
 
@@ -205,7 +205,7 @@ public final class ISCSIDevice: PooledDevice {
     /// worth), so a huge range does not become one command a target may time out on.
     private var writeSameStep: UInt64 {
         let cap = UInt64(max(1, (1 << 30) / blockSize))
-        let m = info.maxWriteSameBlocks
+        let m = info.limits.maxWriteSame
         return m > 0 ? min(m, cap, UInt64(UInt32.max)) : cap
     }
 
@@ -226,10 +226,10 @@ public final class ISCSIDevice: PooledDevice {
         try checkWritable(offset)
         let fua = flags.contains(.fua)
         var early = false
-        if info.writeSameUnmapSupported {
+        if info.provisioning.contains(.writeSameUnmap) {
             guard n > 0 else { issued?(); return }
             // The UNMAP bit only where unmapped blocks are sure to read as zeros.
-            let unmap = flags.contains(.mayUnmap) && info.readsZeroWhenUnmapped
+            let unmap = flags.contains(.mayUnmap) && info.provisioning.contains(.readsZeroWhenUnmapped)
             early = !fua
             try await perform(lba: lba, blocks: n, step: writeSameStep, issued: early ? issued : nil) { _, at, k in
                 .writeSame(lba: at, blocks: k, unmap: unmap)
@@ -253,13 +253,13 @@ public final class ISCSIDevice: PooledDevice {
 
     public func discard(at offset: Int64, length: Int64) async throws {
         try checkWrite(offset, length)
-        guard info.unmapSupported, length > 0 else { return }
+        guard info.provisioning.contains(.unmap), length > 0 else { return }
         // Only whole blocks inside the range.
         let bs = Int64(blockSize)
         let first = (offset + bs - 1) / bs
         let end = (offset + length) / bs
         guard end > first else { return }
-        let m = UInt64(info.maxUnmapBlocks)
+        let m = UInt64(info.limits.maxUnmap)
         let step = (m > 0 && m != UInt64(UInt32.max)) ? m : UInt64(1 << 22)
         try await perform(lba: UInt64(first), blocks: UInt64(end - first), step: step) { _, at, k in
             .unmap(lba: at, blocks: k)
@@ -269,7 +269,7 @@ public final class ISCSIDevice: PooledDevice {
     public func extents(in range: Range<Int64>) async throws -> [Extent] {
         try checkRange(range.lowerBound, Int64(range.count))
         let start = range.lowerBound
-        guard info.thin, start < size else {
+        guard info.provisioning.contains(.thin), start < size else {
             return [Extent(offset: start, length: size - start, kind: .data)]
         }
         let bs = Int64(blockSize)
@@ -288,7 +288,7 @@ public final class ISCSIDevice: PooledDevice {
             let dStart = Int64(d.lba) * bs
             let dEnd = min(size, (Int64(d.lba) + Int64(d.blocks)) * bs)
             guard d.blocks > 0, dStart <= cursor, dEnd > cursor else { break }
-            let zero = d.provisioning != 0 && info.readsZeroWhenUnmapped
+            let zero = d.provisioning != 0 && info.provisioning.contains(.readsZeroWhenUnmapped)
             out.append(Extent(offset: cursor, length: dEnd - cursor, kind: zero ? .zero : .data))
             cursor = dEnd
             if cursor >= size { break }
