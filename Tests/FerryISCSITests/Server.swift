@@ -4,23 +4,15 @@ import XCTest
 @_exported import FerryTestServers
 
 /// A base class that starts one target for the whole class and stops it at the end, whatever
-/// happened (see `ClassServer`).
-class ISCSITestCase: XCTestCase {
-    static let fixture = ClassServer<ISCSITarget>("tgtd")
-
-    override class func setUp() {
-        super.setUp()
-        fixture.start { try ISCSITarget(name: "device", port: 3281, control: 81) }
-    }
-
-    override class func tearDown() {
-        fixture.stop()
-        super.tearDown()
+/// happened (see `SharedServerTestCase`).
+class ISCSITestCase: SharedServerTestCase {
+    override class func startServer() throws -> any ScriptServer {
+        try ISCSITarget(name: "device", port: 3281, control: 81)
     }
 
     var target: ISCSITarget!
 
     override func setUpWithError() throws {
-        target = try Self.fixture.require()
+        target = try sharedServer("tgtd")
     }
 }

@@ -4,26 +4,19 @@ import XCTest
 @_exported import FerryTestServers
 
 /// A base class that starts one server for the whole class and stops it at the end, whatever
-/// happened (see `ClassServer`).
-class NFSTestCase: XCTestCase {
-    static let fixture = ClassServer<NFSServer>("the NFS server")
+/// happened (see `SharedServerTestCase`).
+class NFSTestCase: SharedServerTestCase {
     class var serverName: String { "device" }
     class var ports: (Int, Int) { (2061, 20061) }
 
-    override class func setUp() {
-        super.setUp()
-        fixture.start { try NFSServer(name: serverName, nfsPort: ports.0, mountPort: ports.1) }
-    }
-
-    override class func tearDown() {
-        fixture.stop()
-        super.tearDown()
+    override class func startServer() throws -> any ScriptServer {
+        try NFSServer(name: serverName, nfsPort: ports.0, mountPort: ports.1)
     }
 
     var server: NFSServer!
 
     override func setUpWithError() throws {
-        server = try Self.fixture.require()
+        server = try sharedServer("the NFS server")
     }
 
     /// A file of `size` bytes (sparse) at `path` with `byte` written at each (offset, length).

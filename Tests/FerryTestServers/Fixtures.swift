@@ -10,34 +10,38 @@ public protocol ScriptServer: AnyObject {
     func stop()
 }
 
-/// The server of one test class: started by the class's `setUp`, stopped by its `tearDown`
-/// whatever happened in between. A test fails (not skips) when it could not start: CI must
-/// notice. Subclasses of a test class run one after the other, each with a server of its own.
-public final class ClassServer<Server: ScriptServer>: @unchecked Sendable {
-    // @unchecked: XCTest runs a class's setUp, its tests and its tearDown on one thread, one
-    // after the other; nothing else touches `started`.
-    private var started: Result<Server, any Error>?
-    /// What the server is called in a failure: "the NFS server", "tgtd".
-    private let what: String
+/// A test class whose tests share one server: started by the class's `setUp` (through
+/// `startServer`, which a subclass overrides), stopped by its `tearDown` whatever happened in
+/// between. A test fails (not skips) when it could not start: CI must notice. Each subclass
+/// gets a server of its own, one class after the other.
+open class SharedServerTestCase: XCTestCase {
+    // XCTest runs a class's setUp, its tests and its tearDown on one thread, one class after
+    // the other: nothing else touches `servers`.
+    nonisolated(unsafe) private static var servers: [ObjectIdentifier: Result<any ScriptServer, any Error>] = [:]
 
-    public init(_ what: String) { self.what = what }
-
-    /// From the class's `setUp`.
-    public func start(_ make: () throws -> Server) {
-        started = Result { try make() }
+    /// The server of this class; called once, from the class's `setUp`.
+    open class func startServer() throws -> any ScriptServer {
+        throw XCTSkip("\(self) names no server")
     }
 
-    /// From the class's `tearDown`.
-    public func stop() {
-        if case .success(let s)? = started { s.stop() }
-        started = nil
+    override open class func setUp() {
+        super.setUp()
+        servers[ObjectIdentifier(self)] = Result { try startServer() }
     }
 
-    /// From a test's `setUpWithError`: the server, or a failed and skipped test.
-    public func require(file: StaticString = #filePath, line: UInt = #line) throws -> Server {
-        switch started {
-        case .success(let s)?:
+    override open class func tearDown() {
+        if case .success(let s)? = servers.removeValue(forKey: ObjectIdentifier(self)) { s.stop() }
+        super.tearDown()
+    }
+
+    /// From a test's `setUpWithError`: the class's server (`what` in the failure: "tgtd",
+    /// "the NFS server"), or a failed and skipped test.
+    public func sharedServer<Server>(_ what: String, file: StaticString = #filePath, line: UInt = #line) throws -> Server {
+        switch Self.servers[ObjectIdentifier(type(of: self))] {
+        case .success(let s as Server)?:
             return s
+        case .success(let s)?:
+            XCTFail("\(what) is a \(type(of: s)), not a \(Server.self)", file: file, line: line)
         case .failure(let e)?:
             XCTFail("\(what) did not start: \(e)", file: file, line: line)
         case nil:
