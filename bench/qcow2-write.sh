@@ -17,11 +17,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 
 bench_defaults 5
-
-OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench-qcow2w.XXXXXX")
-trap 'rm -rf "$OUT"' EXIT
-SRC=$OUT/src.raw
-DST=$OUT/dst
+bench_workdir ferry-bench-qcow2w
 
 # name | command (SRC is the raw image, DST the target) | target format | the qemu-img row it is compared with
 ROWS=(

@@ -18,11 +18,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 
 bench_defaults 5
-
-OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench-qcow2.XXXXXX")
-trap 'rm -rf "$OUT"' EXIT
-SRC=$OUT/src.raw
-DST=$OUT/dst
+bench_workdir ferry-bench-qcow2
 
 # name | command (IMG is the qcow2 image, DST the target) | the qemu-img row it is compared with
 COMMANDS=(

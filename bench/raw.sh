@@ -14,11 +14,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 
 bench_defaults 5
-
-OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench.XXXXXX")
-trap 'rm -rf "$OUT"' EXIT
-SRC=$OUT/src.raw
-DST=$OUT/dst
+bench_workdir ferry-bench
 
 # name | command (SRC the image, DST the target) | target format | the qemu-img row it is compared with
 ROWS=(

@@ -13,6 +13,15 @@ bench_defaults() {
     (( SIZE_MIB % 4 == 0 && SIZE_MIB >= 8 )) || { echo "bench: SIZE_MIB must be a multiple of 4, at least 8" >&2; exit 1; }
 }
 
+# bench_workdir NAME: OUT, a fresh directory under BENCH_DIR (default /tmp) removed on exit,
+# with SRC ($OUT/src.raw) for the source image and DST ($OUT/dst) for format_table's targets.
+bench_workdir() {
+    OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/$1.XXXXXX")
+    trap 'rm -rf "$OUT"' EXIT
+    SRC=$OUT/src.raw
+    DST=$OUT/dst
+}
+
 # row_figures MEDIAN_US [REFERENCE_MEDIAN_US]: "seconds MiB/s ratio" of one table row, the
 # ratio (time over the reference's) only with a reference; MiB/s is SIZE_MIB over the time.
 row_figures() {
