@@ -30,12 +30,7 @@ ROWS=(
     "qemu-img -t writeback -c (zstd)|qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd -t writeback SRC DST|qcow2|"
 )
 
-CORPUS=$OUT/corpus
-make_corpus "$CORPUS"
-
-echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
-fill_half_data "$SRC" "$SIZE_MIB" "$CORPUS"
-rm -f "$CORPUS"
+guest_image
 sync
 
 check_drop_caches

@@ -41,12 +41,7 @@ for img in "${IMAGES[@]}"; do
     done
 done
 
-CORPUS=$OUT/corpus
-make_corpus "$CORPUS"
-
-echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
-fill_half_data "$SRC" "$SIZE_MIB" "$CORPUS"
-rm -f "$CORPUS"
+guest_image
 qemu-img convert -f raw -O qcow2 "$SRC" "$OUT/plain.qcow2"
 echo "bench: compressing with zlib and zstd" >&2
 qemu-img convert -f raw -O qcow2 -c -o compression_type=zlib "$SRC" "$OUT/zlib.qcow2"

@@ -97,6 +97,16 @@ fill_half_data() {
     done
 }
 
+# guest_image: $SRC, a raw guest image of SIZE_MIB, half data from a corpus (make_corpus)
+# and half holes (fill_half_data).
+guest_image() {
+    local corpus=$OUT/corpus
+    make_corpus "$corpus"
+    echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
+    fill_half_data "$SRC" "$SIZE_MIB" "$corpus"
+    rm -f "$corpus"
+}
+
 # select_rows: ROWS from ALL_ROWS ("kind|name|command|target format|reference row"), only
 # those of KIND when it is set (write or read), without the kind.
 select_rows() {
