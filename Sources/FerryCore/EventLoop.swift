@@ -177,9 +177,11 @@ public protocol EventLoopLibrary: AnyObject, SendableMetatype {
     /// sent is completed with its error through `session.complete` at once.
     func issue(_ piece: Piece, _ session: EventLoopSession<Self>)
 
-    /// Ends the session: with `alive`, cleanly (a disconnect, logout or close the server
-    /// sees); then frees the context, which closes the socket. Callbacks the library runs
-    /// for what it cancels find their pieces already finished (`session.isOutstanding`).
+    /// Ends the session, once: with `alive` (the connection was not lost), cleanly (a
+    /// disconnect, logout or close the server sees); then frees the context, which closes the
+    /// socket. After a failed `open` it comes with `alive` true: the library undoes what it
+    /// got done. Callbacks the library runs for what it cancels find their pieces already
+    /// finished (`session.isOutstanding`).
     func close(alive: Bool)
 }
 

@@ -159,6 +159,37 @@ public final class SessionPool<Session: PooledSession>: Sendable {
     }
 }
 
+/// Opens sessions `1 ..< count` all at once beside `first` (session 0, already open) and
+/// returns all of them in index order. If any fails to open, every one that did (`first`
+/// included) is stopped and the first error is thrown.
+public func openSessions<Session: Sendable>(
+    beside first: Session, count: Int,
+    open: @escaping @Sendable (Int) async throws -> Session,
+    stop: (Session) async -> Void
+) async throws -> [Session] {
+    guard count > 1 else { return [first] }
+    var opened: [(Int, Session)] = [(0, first)]
+    var failure: (any Error)?
+    await withTaskGroup(of: (Int, Result<Session, any Error>).self) { group in
+        for i in 1 ..< count {
+            group.addTask {
+                do { return (i, .success(try await open(i))) } catch { return (i, .failure(error)) }
+            }
+        }
+        for await (i, result) in group {
+            switch result {
+            case .success(let s): opened.append((i, s))
+            case .failure(let e): failure = failure ?? e
+            }
+        }
+    }
+    if let failure {
+        for (_, s) in opened { await stop(s) }
+        throw failure
+    }
+    return opened.sorted { $0.0 < $1.0 }.map(\.1)
+}
+
 /// The largest value seen so far, from any thread (test counters: the largest command sent,
 /// the most pieces in flight).
 public final class HighWaterMark: Sendable {
