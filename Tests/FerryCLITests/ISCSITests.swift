@@ -13,12 +13,7 @@ final class ISCSITests: ServerCLITestCase {
         try ISCSITarget(name: "cli-main", port: 3283, control: 83)
     }
 
-    var target: ISCSITarget!
-
-    override func setUpWithError() throws {
-        target = try sharedServer("tgtd")
-        try super.setUpWithError()
-    }
+    var target: ISCSITarget { shared() }
 
     /// 40 MiB with data, zero runs and holes (all 4 KiB aligned so both LUN block sizes fit).
     static let image = TestImage(name: "src.raw", size: 40 << 20, writes: [

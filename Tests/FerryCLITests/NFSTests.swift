@@ -11,12 +11,7 @@ final class NFSTests: ServerCLITestCase {
         try NFSServer(name: "cli-main", nfsPort: 2071, mountPort: 20071)
     }
 
-    var server: NFSServer!
-
-    override func setUpWithError() throws {
-        server = try sharedServer("the NFS server")
-        try super.setUpWithError()
-    }
+    var server: NFSServer { shared() }
 
     static let image = TestImage(name: "src.raw", size: (24 << 20) + 1536, writes: [
         "write -P 0xab 0 64k",

@@ -156,6 +156,7 @@ class ServerCLITestCase: SharedServerTestCase {
     var dir: URL!
 
     override func setUpWithError() throws {
+        try super.setUpWithError()
         dir = try makeScratchDirectory(Self.scratchName)
     }
 

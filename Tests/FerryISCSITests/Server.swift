@@ -10,9 +10,5 @@ class ISCSITestCase: SharedServerTestCase {
         try ISCSITarget(name: "device", port: 3281, control: 81)
     }
 
-    var target: ISCSITarget!
-
-    override func setUpWithError() throws {
-        target = try sharedServer("tgtd")
-    }
+    var target: ISCSITarget { shared() }
 }

@@ -13,11 +13,7 @@ class NFSTestCase: SharedServerTestCase {
         try NFSServer(name: serverName, nfsPort: ports.0, mountPort: ports.1)
     }
 
-    var server: NFSServer!
-
-    override func setUpWithError() throws {
-        server = try sharedServer("the NFS server")
-    }
+    var server: NFSServer { shared() }
 
     /// A file of `size` bytes (sparse) at `path` with `byte` written at each (offset, length).
     @discardableResult

@@ -34,20 +34,27 @@ open class SharedServerTestCase: XCTestCase {
         super.tearDown()
     }
 
-    /// From a test's `setUpWithError`: the class's server (`what` in the failure: "tgtd",
-    /// "the NFS server"), or a failed and skipped test.
-    public func sharedServer<Server>(_ what: String, file: StaticString = #filePath, line: UInt = #line) throws -> Server {
+    /// Fails (and skips) the test when the class's server did not start.
+    override open func setUpWithError() throws {
+        try super.setUpWithError()
+        let what = "the server of \(type(of: self))"
         switch Self.servers[ObjectIdentifier(type(of: self))] {
-        case .success(let s as Server)?:
-            return s
-        case .success(let s)?:
-            XCTFail("\(what) is a \(type(of: s)), not a \(Server.self)", file: file, line: line)
+        case .success?:
+            return
         case .failure(let e)?:
-            XCTFail("\(what) did not start: \(e)", file: file, line: line)
+            XCTFail("\(what) did not start: \(e)")
         case nil:
-            XCTFail("\(what) did not start: ?", file: file, line: line)
+            XCTFail("\(what) did not start: ?")
         }
         throw XCTSkip("no \(what)")
+    }
+
+    /// The class's server (which `setUpWithError` found started), as what it is.
+    public func shared<Server: ScriptServer>(_ type: Server.Type = Server.self) -> Server {
+        guard case .success(let s as Server)? = Self.servers[ObjectIdentifier(Swift.type(of: self))] else {
+            preconditionFailure("\(Swift.type(of: self)) has no \(Server.self) started")
+        }
+        return s
     }
 }
 
