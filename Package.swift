@@ -55,8 +55,9 @@ let package = Package(
         .executableTarget(name: "ferry-example", dependencies: ["FerryConvert"], path: "Examples/ConvertWithProgress"),
         .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
         .testTarget(name: "FerryFileTests", dependencies: ["FerryFile", "FerryCore"]),
-        .testTarget(name: "FerryNBDTests", dependencies: ["FerryNBD", "FerryCore"]),
-        // NFS and iSCSI test servers that several test targets start (not part of the library).
+        .testTarget(name: "FerryNBDTests", dependencies: ["FerryNBD", "FerryCore", "FerryTestServers"]),
+        // NFS and iSCSI test servers that several test targets start, and the fixtures the network
+        // endpoints' tests share (not part of the library).
         .target(name: "FerryTestServers", path: "Tests/FerryTestServers"),
         .testTarget(name: "FerryNFSTests", dependencies: ["FerryNFS", "FerryConvert", "FerryCore", "FerryTestServers"]),
         .testTarget(name: "FerryISCSITests", dependencies: ["FerryISCSI", "FerryCore", "FerryTestServers"]),

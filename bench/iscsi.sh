@@ -146,20 +146,15 @@ check() {   # LINE
     esac
 }
 
-declare -A TIMES
+BENCH_IN=("${IN[@]}")
+# Files on tmpfs: dirty pages written back before each run, nothing to drop.
+BENCH_SETTLE=sync
 measure() {   # LINE COLUMN DELAY
-    local line=$1 col=$2 d=$3 cmd t0 t1
-    cmd=$(command_for "$line" "$col" "$d")
+    local line=$1 col=$2 d=$3
     # Emptied, not removed: ganesha keeps the files it served open, and removed ones would
     # pile up in memory on the tmpfs.
     [ -e "$NFSSTATE/export/backup.qcow2" ] && : >"$NFSSTATE/export/backup.qcow2"
-    sync
-    t0=$(now_ns)
-    if ! "${IN[@]}" bash -c "$cmd" >"$OUT/cmd.log" 2>&1; then
-        echo "bench: failed: $cmd" >&2; cat "$OUT/cmd.log" >&2; exit 1
-    fi
-    t1=$(now_ns)
-    TIMES["$line|$d|$col"]+="$(( (t1 - t0) / 1000 )) "
+    timed "$line|$d|$col" "$(command_for "$line" "$col" "$d")"
     if (( run == 1 )); then
         check "$line" || { echo "bench: $col ($line, $d) produced a different image" >&2; exit 1; }
     fi

@@ -69,23 +69,19 @@ add_copy "nbd -> local" "$S" "$DST" no
 add_copy "nbd 256K -> local" "$S256" "$DST" no
 add_copy "nbd -> nbd" "$S" "$D" yes
 
-declare -A TIMES
-for (( run = 1; run <= RUNS; run++ )); do
-    mapfile -t ORDER < <(shuffle "$run" "${ROWS[@]}")
-    for row in "${ORDER[@]}"; do
-        IFS='|' read -r copy name cmd <<<"$row"
-        rm -f "$DST"
-        t0=$(now_ns)
-        bash -c "$cmd"
-        t1=$(now_ns)
-        TIMES[$copy/$name]+="$(( (t1 - t0) / 1000 )) "
-        if (( run == 1 )); then  # check every command's result once
-            case $copy in *nbd) t=$D ;; *) t=$DST ;; esac
-            qemu-img compare -q -f raw -F raw "$SRC" "$t" || { echo "bench: $copy: $name produced a different image" >&2; exit 1; }
-        fi
-    done
-    echo "bench: run $run of $RUNS done" >&2
-done
+# The source and the targets live in memory: nothing to settle between runs.
+BENCH_SETTLE=none
+nbd_row() {   # RUN ROW
+    local run=$1 copy name cmd t
+    IFS='|' read -r copy name cmd <<<"$2"
+    rm -f "$DST"
+    timed "$copy/$name" "$cmd"
+    if (( run == 1 )); then  # check every command's result once
+        case $copy in *nbd) t=$D ;; *) t=$DST ;; esac
+        qemu-img compare -q -f raw -F raw "$SRC" "$t" || { echo "bench: $copy: $name produced a different image" >&2; exit 1; }
+    fi
+}
+run_rounds nbd_row
 
 echo
 echo "NBD with ${DELAY} per read command, ${SIZE_MIB} MiB image (half data), median of $RUNS runs, $(nproc) CPUs; every command flushes the target"
@@ -94,7 +90,7 @@ printf '| %-18s | %-30s | %8s | %7s | %13s |\n' "copy" "command" "median s" "MiB
 printf '|%s|%s|%s|%s|%s|\n' "--------------------" "--------------------------------" "----------" "---------" "---------------"
 for row in "${ROWS[@]}"; do
     IFS='|' read -r copy name _ <<<"$row"
-    read -r secs rate ratio <<<"$(row_figures "$(median_us "${TIMES[$copy/$name]}")" "$(median_us "${TIMES[$copy/ferry]}")")"
+    read -r secs rate ratio <<<"$(figures "$copy/$name" "$copy/ferry")"
     printf '| %-18s | %-30s | %8s | %7s | %13s |\n' "$copy" "$name" "$secs" "$rate" "$ratio"
 done
 echo

@@ -26,71 +26,31 @@ STATE=$OUT/server
 cleanup() { "$HERE/../scripts/nfs-stop.sh" "$STATE" >/dev/null 2>&1 || true; rm -rf "$OUT"; }
 trap cleanup EXIT
 NETNS=$NETNS "$HERE/../scripts/nfs-start.sh" "$STATE" >&2
-IN=(ip netns exec "$NETNS")
+BENCH_IN=(ip netns exec "$NETNS")
 SRC=$STATE/export/src.raw
 URL=nfs://127.0.0.1/export/src.raw
-DST=$OUT/dst.raw
+DST=$OUT/dst
 
-# name | command (URL is the source, DST the target) | the row it is compared with
+# name | command (URL is the source, DST the target) | target format | the row it is compared with
 ROWS=(
-    "ferry|$FERRY convert -q -f raw -O raw URL DST|qemu-img -t writeback"
-    "ferry -m 16 -W|$FERRY convert -q -f raw -O raw -m 16 -W URL DST|qemu-img -t writeback -m 16 -W"
-    "ferry --connections 1|$FERRY convert -q -f raw -O raw --connections 1 URL DST|qemu-img -t writeback"
-    "ferry -t unsafe|$FERRY convert -q -f raw -O raw -t unsafe URL DST|qemu-img"
-    "ferry -t unsafe --connections 1|$FERRY convert -q -f raw -O raw -t unsafe --connections 1 URL DST|qemu-img"
-    "ferry -t unsafe -m 16 -W|$FERRY convert -q -f raw -O raw -t unsafe -m 16 -W URL DST|qemu-img -m 16 -W"
-    "qemu-img|qemu-img convert -f raw -O raw URL DST|"
-    "qemu-img -m 16 -W|qemu-img convert -f raw -O raw -m 16 -W URL DST|"
-    "qemu-img -t writeback|qemu-img convert -f raw -O raw -t writeback URL DST|"
-    "qemu-img -t writeback -m 16 -W|qemu-img convert -f raw -O raw -t writeback -m 16 -W URL DST|"
-    "nfs-cp|nfs-cp URL DST|qemu-img"
+    "ferry|$FERRY convert -q -f raw -O raw URL DST|raw|qemu-img -t writeback"
+    "ferry -m 16 -W|$FERRY convert -q -f raw -O raw -m 16 -W URL DST|raw|qemu-img -t writeback -m 16 -W"
+    "ferry --connections 1|$FERRY convert -q -f raw -O raw --connections 1 URL DST|raw|qemu-img -t writeback"
+    "ferry -t unsafe|$FERRY convert -q -f raw -O raw -t unsafe URL DST|raw|qemu-img"
+    "ferry -t unsafe --connections 1|$FERRY convert -q -f raw -O raw -t unsafe --connections 1 URL DST|raw|qemu-img"
+    "ferry -t unsafe -m 16 -W|$FERRY convert -q -f raw -O raw -t unsafe -m 16 -W URL DST|raw|qemu-img -m 16 -W"
+    "qemu-img|qemu-img convert -f raw -O raw URL DST|raw|"
+    "qemu-img -m 16 -W|qemu-img convert -f raw -O raw -m 16 -W URL DST|raw|"
+    "qemu-img -t writeback|qemu-img convert -f raw -O raw -t writeback URL DST|raw|"
+    "qemu-img -t writeback -m 16 -W|qemu-img convert -f raw -O raw -t writeback -m 16 -W URL DST|raw|"
+    "nfs-cp|nfs-cp URL DST|raw|qemu-img"
 )
+ROWS=("${ROWS[@]//URL/$URL}")
 
 echo "bench: building a ${SIZE_MIB} MiB raw image on the server (half random data, half holes)" >&2
 fill_half_data "$SRC" "$SIZE_MIB"
 sync "$SRC"
 
-settle() {
-    sync
-    { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null || true
-}
-if ! { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then
-    echo "bench: cannot drop the page cache (not root?): reads may come from memory" >&2
-fi
-declare -A TIMES
-for (( run = 1; run <= RUNS; run++ )); do
-    mapfile -t ORDER < <(shuffle "$run" "${ROWS[@]}")
-    for row in "${ORDER[@]}"; do
-        IFS='|' read -r name cmd _ <<<"$row"
-        cmd=${cmd//URL/$URL}
-        cmd=${cmd//DST/$DST}
-        rm -f "$DST"
-        settle
-        t0=$(now_ns)
-        "${IN[@]}" bash -c "$cmd" >/dev/null
-        t1=$(now_ns)
-        TIMES[$name]+="$(( (t1 - t0) / 1000 )) "
-        if (( run == 1 )); then
-            qemu-img compare -q -f raw -F raw "$SRC" "$DST" || { echo "bench: $name produced a different image" >&2; exit 1; }
-        fi
-    done
-    echo "bench: run $run of $RUNS done" >&2
-done
-rm -f "$DST"
-
-echo
-echo "NFS (ganesha, NFSv3, loopback) -> local raw, ${SIZE_MIB} MiB image (half data), median of $RUNS runs, $(uname -r), $(nproc) CPUs"
-echo
-printf '| %-32s | %8s | %7s | %6s | %-30s |\n' "command" "median s" "MiB/s" "ratio" "ratio is time against"
-printf '|%s|%s|%s|%s|%s|\n' "----------------------------------" "----------" "---------" "--------" "--------------------------------"
-for row in "${ROWS[@]}"; do
-    IFS='|' read -r name _ ref <<<"$row"
-    r=""
-    [ -n "$ref" ] && r=$(median_us "${TIMES[$ref]}")
-    read -r secs rate ratio <<<"$(row_figures "$(median_us "${TIMES[$name]}")" "$r")"
-    against=$ref
-    printf '| %-32s | %8s | %7s | %6s | %-30s |\n' "$name" "$secs" "$rate" "$ratio" "$against"
-done
-echo
-echo "MiB/s is the image's virtual size over the time; ratio < 1 means faster than the command it is compared with."
+check_drop_caches
+DATA="half data" format_table "NFS (ganesha, NFSv3, loopback) -> local raw" ""
 echo "nfs-cp copies every byte (holes included) and never flushes: it is compared with qemu-img's default."

@@ -14,24 +14,20 @@ set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 
 bench_defaults 5
+bench_workdir ferry-bench
 
-OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench.XXXXXX")
-trap 'rm -rf "$OUT"' EXIT
-SRC=$OUT/src.raw
-DST=$OUT/dst.raw
-
-# name | command (DST is the target) | the qemu-img row it is compared with
+# name | command (SRC the image, DST the target) | target format | the qemu-img row it is compared with
 ROWS=(
-    "ferry|$FERRY convert -q -f raw -O raw SRC DST|qemu-img -t writeback"
-    "ferry -m 16 -W|$FERRY convert -q -f raw -O raw -m 16 -W SRC DST|qemu-img -t writeback -m 16 -W"
-    "ferry -t unsafe|$FERRY convert -q -f raw -O raw -t unsafe SRC DST|qemu-img"
-    "ferry -t unsafe -m 16 -W|$FERRY convert -q -f raw -O raw -t unsafe -m 16 -W SRC DST|qemu-img -m 16 -W"
-    "qemu-img|qemu-img convert -f raw -O raw SRC DST|"
-    "qemu-img -m 16 -W|qemu-img convert -f raw -O raw -m 16 -W SRC DST|"
-    "qemu-img -t writeback|qemu-img convert -f raw -O raw -t writeback SRC DST|"
-    "qemu-img -t writeback -m 16 -W|qemu-img convert -f raw -O raw -t writeback -m 16 -W SRC DST|"
-    "cp --sparse=always|cp --sparse=always SRC DST|qemu-img"
-    "cp --sparse=always + sync|cp --sparse=always SRC DST && sync DST|qemu-img -t writeback"
+    "ferry|$FERRY convert -q -f raw -O raw SRC DST|raw|qemu-img -t writeback"
+    "ferry -m 16 -W|$FERRY convert -q -f raw -O raw -m 16 -W SRC DST|raw|qemu-img -t writeback -m 16 -W"
+    "ferry -t unsafe|$FERRY convert -q -f raw -O raw -t unsafe SRC DST|raw|qemu-img"
+    "ferry -t unsafe -m 16 -W|$FERRY convert -q -f raw -O raw -t unsafe -m 16 -W SRC DST|raw|qemu-img -m 16 -W"
+    "qemu-img|qemu-img convert -f raw -O raw SRC DST|raw|"
+    "qemu-img -m 16 -W|qemu-img convert -f raw -O raw -m 16 -W SRC DST|raw|"
+    "qemu-img -t writeback|qemu-img convert -f raw -O raw -t writeback SRC DST|raw|"
+    "qemu-img -t writeback -m 16 -W|qemu-img convert -f raw -O raw -t writeback -m 16 -W SRC DST|raw|"
+    "cp --sparse=always|cp --sparse=always SRC DST|raw|qemu-img"
+    "cp --sparse=always + sync|cp --sparse=always SRC DST && sync DST|raw|qemu-img -t writeback"
 )
 
 echo "bench: building a ${SIZE_MIB} MiB raw image in $OUT (half random data, half holes)" >&2
@@ -40,40 +36,4 @@ sync "$SRC"
 echo "bench: source: $(du -h --apparent-size "$SRC" | cut -f1) apparent, $(du -h "$SRC" | cut -f1) allocated" >&2
 
 check_drop_caches
-
-declare -A TIMES
-for (( run = 1; run <= RUNS; run++ )); do
-    mapfile -t ORDER < <(shuffle "$run" "${ROWS[@]}")
-    for row in "${ORDER[@]}"; do
-        IFS='|' read -r name cmd _ <<<"$row"
-        cmd=${cmd//SRC/$SRC}
-        cmd=${cmd//DST/$DST}
-        rm -f "$DST"
-        settle
-        t0=$(now_ns)
-        bash -c "$cmd"
-        t1=$(now_ns)
-        TIMES[$name]+="$(( (t1 - t0) / 1000 )) "
-        if (( run == 1 )); then
-            qemu-img compare -q -f raw -F raw "$SRC" "$DST" || { echo "bench: $name produced a different image" >&2; exit 1; }
-        fi
-    done
-    echo "bench: run $run of $RUNS done" >&2
-done
-rm -f "$DST"
-
-echo
-echo "raw -> raw, ${SIZE_MIB} MiB image (half data), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs"
-echo
-printf '| %-30s | %8s | %7s | %6s | %-30s |\n' "command" "median s" "MiB/s" "ratio" "ratio is time against"
-printf '|%s|%s|%s|%s|%s|\n' "--------------------------------" "----------" "---------" "--------" "--------------------------------"
-for row in "${ROWS[@]}"; do
-    IFS='|' read -r name _ ref <<<"$row"
-    r=""
-    [ -n "$ref" ] && r=$(median_us "${TIMES[$ref]}")
-    read -r secs rate ratio <<<"$(row_figures "$(median_us "${TIMES[$name]}")" "$r")"
-    against=$ref
-    printf '| %-30s | %8s | %7s | %6s | %-30s |\n' "$name" "$secs" "$rate" "$ratio" "$against"
-done
-echo
-echo "MiB/s is the image's virtual size over the time; ratio < 1 means faster than the qemu-img command it is compared with."
+DATA="half data" format_table "raw -> raw" ""

@@ -27,10 +27,10 @@ CTL=${ISCSI_CTL:-70}
 SIZE=${ISCSI_SIZE:-64M}
 BASE=iqn.2026-01.dev.ferry
 NETNS=${NETNS:-}
+. "$HERE/lib/servers.sh"
 RUN=()
 if [ -n "$NETNS" ]; then
-    ip netns list | grep -qw "$NETNS" || ip netns add "$NETNS"
-    ip -n "$NETNS" link set lo up
+    netns_up "$NETNS"
     RUN=(ip netns exec "$NETNS")
 fi
 
@@ -50,8 +50,7 @@ TPID=$!
 echo $TPID >"$STATE/tgtd.pid"
 T=(tgtadm -C "$CTL" --lld iscsi)
 for _ in $(seq 200); do "${T[@]}" --mode target --op show >/dev/null 2>&1 && break; sleep 0.02; done
-for _ in $(seq 200); do "${RUN[@]}" ss -Hltn "sport = :$PORT" | grep -q LISTEN && break; sleep 0.02; done
-if ! kill -0 $TPID 2>/dev/null || ! "${RUN[@]}" ss -Hltn "sport = :$PORT" | grep -q LISTEN; then
+if ! wait_listening "$TPID" "$PORT" "${RUN[@]}"; then
     echo "iscsi-start: tgtd did not start:" >&2; tail -5 "$STATE/tgtd.log" >&2
     "$HERE/iscsi-stop.sh" "$STATE" >/dev/null 2>&1 || true
     exit 1

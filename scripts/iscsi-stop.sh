@@ -9,15 +9,13 @@ STATE=${1:-/tmp/ferry-iscsi}
 P=$(cat "$STATE/tgtd.pid")
 CTL=$(cat "$STATE/ctl" 2>/dev/null || echo 70)
 T=(tgtadm -C "$CTL" --lld iscsi)
-alive() { [ -e "/proc/$1" ] && ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat" 2>/dev/null; }
+. "$(dirname "$0")/lib/servers.sh"
 if [ -n "$P" ] && alive "$P"; then
     for tid in $("${T[@]}" --mode target --op show 2>/dev/null | sed -n 's/^Target \([0-9]*\):.*/\1/p'); do
         "${T[@]}" --mode target --op delete --force --tid "$tid" >/dev/null 2>&1
     done
     "${T[@]}" --mode system --op delete >/dev/null 2>&1
-    for _ in $(seq 60); do alive "$P" || break; sleep 0.05; done
-    alive "$P" && kill -KILL "$P" 2>/dev/null
-    for _ in $(seq 40); do alive "$P" || break; sleep 0.05; done
+    end_process "$P" "" 3
 fi
 rm -f "$STATE/tgtd.pid"
 true

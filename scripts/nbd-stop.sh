@@ -8,14 +8,8 @@
 # `kill -0` would still succeed on it. Removes the pid file and socket (nbdkit leaves them).
 set -uo pipefail
 
+. "$(dirname "$0")/lib/servers.sh"
 DIR=${FERRY_NBD_DIR:-/tmp/ferry-nbd}
-alive() {
-    local state
-    [ -r "/proc/$1/stat" ] || return 1
-    # The state is the field after the parenthesised command name (which may hold spaces).
-    state=$(sed -e 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
-    [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
-}
 
 status=0
 for NAME in "$@"; do
@@ -23,13 +17,7 @@ for NAME in "$@"; do
     if P=$(cat "$PIDFILE" 2>/dev/null) && [ -n "$P" ]; then
         # Only a process that is nbdkit (a stale pid file may name a reused pid).
         if alive "$P" && grep -q nbdkit "/proc/$P/comm" 2>/dev/null; then
-            kill -TERM "$P" 2>/dev/null
-            for _ in $(seq 100); do alive "$P" || break; sleep 0.02; done
-            if alive "$P"; then
-                kill -KILL "$P" 2>/dev/null
-                for _ in $(seq 100); do alive "$P" || break; sleep 0.02; done
-            fi
-            alive "$P" && { echo "nbd-stop: nbdkit $NAME (pid $P) is still running" >&2; status=1; }
+            end_process "$P" TERM || { echo "nbd-stop: nbdkit $NAME (pid $P) is still running" >&2; status=1; }
         fi
     fi
     rm -f "$PIDFILE" "$DIR/$NAME.sock"

@@ -22,6 +22,7 @@ set -euo pipefail
 
 STATE=${1:-/tmp/ferry-nfs}
 HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/lib/servers.sh"
 VERSIONS=${NFS_VERSIONS:-3, 4}
 NETNS=${NETNS:-}
 if [ -n "$NETNS" ]; then
@@ -73,8 +74,7 @@ CONF
 RUN=()
 RPCNS=""
 if [ -n "$NETNS" ]; then
-    ip netns list | grep -qw "$NETNS" || { ip netns add "$NETNS"; echo "$NETNS" >"$STATE/netns.created"; }
-    ip -n "$NETNS" link set lo up
+    netns_up "$NETNS" "$STATE/netns.created"
     RUN=(ip netns exec "$NETNS")
     RPCNS=$NETNS
 elif [[ "$VERSIONS" == *3* ]]; then
@@ -89,7 +89,7 @@ if [ -n "$RPCNS" ]; then
         echo "nfs-start: an rpcbind is already running (another NETNS server?); ganesha would register with it" >&2
         exit 1
     fi
-    [ -n "$NETNS" ] || { ip netns add "$RPCNS"; ip -n "$RPCNS" link set lo up; }
+    [ -n "$NETNS" ] || netns_up "$RPCNS"
     ip netns exec "$RPCNS" setsid rpcbind -f -w </dev/null >"$STATE/rpcbind.log" 2>&1 9>&- &
     echo $! >"$STATE/rpcbind.pid"
     disown $!   # no "Killed" job notice when it is stopped below
@@ -101,25 +101,20 @@ fi
 GPID=$!
 disown $GPID
 echo $GPID >"$STATE/ganesha.pid"
-for _ in $(seq 500); do
-    "${RUN[@]}" ss -Hltn "sport = :$PORT" | grep -q LISTEN && break
-    kill -0 $GPID 2>/dev/null || break
-    sleep 0.02
-done
+wait_listening "$GPID" "$PORT" "${RUN[@]}" || true
 if [ -n "$RPCNS" ]; then
     for _ in $(seq 200); do ip netns exec "$RPCNS" rpcinfo -p 127.0.0.1 2>/dev/null | grep -q mountd && break; sleep 0.02; done
     if [ -z "$NETNS" ]; then
         # Registered: the portmapper and its namespace are no longer needed.
         # SIGKILL: it keeps nothing worth a clean exit, and a parent's signal mask (a test
         # runner's) can hold SIGTERM back from it.
-        P=$(cat "$STATE/rpcbind.pid"); kill -KILL "$P" 2>/dev/null || true
-        for _ in $(seq 100); do [ -e /proc/$P ] || break; grep -q '^[0-9]* ([^)]*) Z' /proc/$P/stat 2>/dev/null && break; sleep 0.02; done
+        end_process "$(cat "$STATE/rpcbind.pid")" KILL 0 || true
         rm -f "$STATE/rpcbind.pid"
         ip netns del "$RPCNS"
     fi
 fi
 flock -u 9
-if ! kill -0 $GPID 2>/dev/null || ! "${RUN[@]}" ss -Hltn "sport = :$PORT" | grep -q LISTEN; then
+if ! alive "$GPID" || ! listening "$PORT" "${RUN[@]}"; then
     echo "nfs-start: ganesha did not start:" >&2
     tail -5 "$STATE/ganesha.log" "$STATE/ganesha.out" >&2
     "$HERE/nfs-stop.sh" "$STATE" >/dev/null 2>&1 || true

@@ -4,21 +4,13 @@
 # network namespace it created. The exported files stay.
 set -uo pipefail
 STATE=${1:-/tmp/ferry-nfs}
-
-# A zombie still answers kill -0: look at the process state instead.
-alive() { [ -e "/proc/$1" ] && ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat" 2>/dev/null; }
+. "$(dirname "$0")/lib/servers.sh"
 
 for f in "$STATE/ganesha.pid" "$STATE/rpcbind.pid"; do
     [ -f "$f" ] || continue
     P=$(cat "$f")
-    if [ -n "$P" ] && alive "$P"; then
-        # SIGTERM is a clean shutdown; a parent's signal mask (a test runner's) may hold it
-        # back, so SIGKILL follows after 2 s.
-        kill -TERM "$P" 2>/dev/null
-        for _ in $(seq 40); do alive "$P" || break; sleep 0.05; done
-        alive "$P" && kill -KILL "$P" 2>/dev/null
-        for _ in $(seq 40); do alive "$P" || break; sleep 0.05; done
-    fi
+    # SIGTERM is a clean shutdown.
+    [ -n "$P" ] && end_process "$P" TERM
     rm -f "$f"
 done
 if [ -f "$STATE/netns.created" ]; then

@@ -1,3 +1,5 @@
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -137,6 +139,199 @@ public final class EventLoopQueue<Item>: @unchecked Sendable {
             }
             if fds[0].revents != 0 { drainWakeups() }
             if count == 2 && (fds[1].revents != 0 || serviceOnTimeout) { service(fds[1].revents) }
+        }
+    }
+}
+
+/// What a C library that is not thread-safe brings to an `EventLoopSession`: its context, how
+/// to open it, how to issue one piece through it, and how to poll and service it.
+///
+/// Every requirement runs on the session's loop thread, which owns the library object and its
+/// context from `open` to `close` (except `close` after a failed thread start, which runs on
+/// the opening task before any loop exists). The library finishes pieces only through the
+/// session: `session.complete` from its completion callbacks (which the library runs inside
+/// `service`, on the loop thread), `session.connectionLost` when the connection dies.
+public protocol EventLoopLibrary: AnyObject, SendableMetatype {
+    associatedtype Piece: SessionPiece
+    /// What opening learned (size, limits, capabilities), handed to the opener.
+    associatedtype Opened: Sendable
+
+    /// Connects, logs in or mounts, and asks the server what it offers; each step driven to
+    /// its end on the loop thread. Throws the `FerryError` the user sees.
+    func open(_ session: EventLoopSession<Self>) throws -> Opened
+
+    /// The library's descriptor and the poll events it waits for now.
+    func pollFor() -> (fd: Int32, events: Int16)
+
+    /// How long poll may wait, in milliseconds (-1, the default: until the descriptor or a
+    /// wake-up). A library with timers of its own gives a timeout and sets
+    /// `serviceWithoutEvents`, so `service` also runs, with no events, when poll returns.
+    func pollTimeout() -> Int32
+    static var serviceWithoutEvents: Bool { get }
+
+    /// Hands poll's events to the library, which reads and writes the socket and runs the
+    /// completion callbacks of what finished. Returns an error when the connection is lost.
+    func service(_ revents: Int16, _ session: EventLoopSession<Self>) -> FerryError?
+
+    /// Sends one piece (the session has counted it as outstanding). A piece that cannot be
+    /// sent is completed with its error through `session.complete` at once.
+    func issue(_ piece: Piece, _ session: EventLoopSession<Self>)
+
+    /// Ends the session, once: with `alive` (the connection was not lost), cleanly (a
+    /// disconnect, logout or close the server sees); then frees the context, which closes the
+    /// socket. After a failed `open` it comes with `alive` true: the library undoes what it
+    /// got done. Callbacks the library runs for what it cancels find their pieces already
+    /// finished (`session.isOutstanding`).
+    func close(alive: Bool)
+}
+
+extension EventLoopLibrary {
+    public func pollTimeout() -> Int32 { -1 }
+    public static var serviceWithoutEvents: Bool { false }
+}
+
+/// One session of a network endpoint whose C library (`Library`) is driven by a poll loop on
+/// a thread of the session's own.
+///
+/// Threads: the loop thread (a detached pthread, never one of Swift's cooperative pool) owns
+/// the library and everything marked "loop thread" here. Callers, from any task, only
+/// `submit` pieces (queued under a lock; a wake-up pipe gets the loop out of poll) and `stop`.
+/// The loop issues what was queued, polls the wake-up pipe beside the library's descriptor,
+/// and calls `service`, inside which the library runs its completion callbacks; they complete
+/// pieces, which resume the waiting tasks from the loop thread.
+///
+/// When a piece may complete: after its `issue`, from a callback of the library on the loop
+/// thread; or when the connection is lost (every outstanding piece fails with the loss); or
+/// at `submit`, failing at once, when the session is stopping, stopped or lost.
+///
+/// Stopping: `stop` lets every piece already submitted finish (those queued are still
+/// issued), then closes the library cleanly (`close(alive: true)`) unless the connection was
+/// lost, fails whatever could still be queued, and returns only then.
+///
+/// `@unchecked Sendable`: the mutable state is the loop thread's alone (`outstanding`,
+/// `dead`, the library), the queue is behind its lock and `load` is atomic.
+public final class EventLoopSession<Library: EventLoopLibrary>: PooledSession, @unchecked Sendable {
+    public typealias Piece = Library.Piece
+    /// The session's number within its device (0 first).
+    public let index: Int
+    /// The device's name (its URL, as the user may see it), for messages.
+    public let name: String
+    /// The library: loop thread only, except what its own type says is thread-safe.
+    public let library: Library
+    private let inbox: EventLoopQueue<Piece>
+    private let load = Atomic<Int>(0)
+
+    // Loop thread only.
+    private var outstanding: [ObjectIdentifier: Piece] = [:]
+    /// Set once the connection is lost: what every later piece fails with.
+    public private(set) var dead: FerryError?
+
+    private init(index: Int, name: String, library: Library, inbox: EventLoopQueue<Piece>) {
+        self.index = index
+        self.name = name
+        self.library = library
+        self.inbox = inbox
+    }
+
+    /// Starts the loop thread (named `thread`), which opens the library; returns once it is
+    /// open, with what it learned. `closed` is what pieces submitted after the end fail with.
+    /// On failure the library is closed and the thread has ended.
+    public static func start(_ library: Library, index: Int, name: String, thread: String,
+                             closed: String) async throws -> (EventLoopSession, Library.Opened) {
+        let inbox: EventLoopQueue<Piece>
+        do { inbox = try EventLoopQueue(name: name) } catch { library.close(alive: false); throw error }
+        let session = EventLoopSession(index: index, name: name, library: library, inbox: inbox)
+        let opened: Library.Opened = try await withCheckedThrowingContinuation { continuation in
+            let started = startDetachedThread(name: "\(thread)-\(index)") {
+                session.run(closed: closed) { continuation.resume(with: $0) }
+            }
+            if !started {
+                let e = FerryError(.other, "cannot start a \(thread) event-loop thread", path: name)
+                library.close(alive: false)
+                session.finish(e)
+                continuation.resume(throwing: e)
+            }
+        }
+        return (session, opened)
+    }
+
+    public var busy: Int { load.load(ordering: .relaxed) }
+
+    public func submit(_ piece: Piece) {
+        load.add(1, ordering: .relaxed)
+        if let failed = inbox.post(piece) {
+            load.subtract(1, ordering: .relaxed)
+            piece.call.pieceFinished(failed.at(offset: piece.errorOffset))
+        }
+    }
+
+    public func stop() async {
+        await inbox.stop()
+    }
+
+    // MARK: The loop thread
+
+    /// Loop thread: whether `piece` was issued and has not finished (a late callback's check).
+    public func isOutstanding(_ piece: Piece) -> Bool {
+        outstanding[ObjectIdentifier(piece)] != nil
+    }
+
+    /// Loop thread: `piece` is done (with `error` if it failed). Once per piece; later calls
+    /// for the same piece do nothing.
+    public func complete(_ piece: Piece, error: FerryError?) {
+        guard outstanding.removeValue(forKey: ObjectIdentifier(piece)) != nil else { return }
+        load.subtract(1, ordering: .relaxed)
+        piece.call.pieceFinished(error)
+    }
+
+    /// Loop thread: the connection is gone. Every outstanding piece fails with `error` (at its
+    /// own offset), and so does every later one; the loop stops polling the library.
+    public func connectionLost(_ error: FerryError) {
+        guard dead == nil else { return }
+        dead = error
+        for p in Array(outstanding.values) { complete(p, error: error.at(offset: p.errorOffset)) }
+    }
+
+    private func run(closed: String, opened: (Result<Library.Opened, any Error>) -> Void) {
+        let info: Library.Opened
+        do {
+            info = try library.open(self)
+        } catch {
+            let e = (error as? FerryError) ?? FerryError(.io, "\(error)", path: name)
+            library.close(alive: true)
+            finish(e)
+            opened(.failure(e))
+            return
+        }
+        opened(.success(info))
+        inbox.run(
+            issue: { issue($0) },
+            idle: { outstanding.isEmpty },
+            socket: { dead == nil ? library.pollFor() : nil },
+            timeout: { dead == nil ? library.pollTimeout() : -1 },
+            serviceOnTimeout: Library.serviceWithoutEvents,
+            service: { revents in
+                if let e = library.service(revents, self) { connectionLost(e) }
+            },
+            failed: { connectionLost($0) })
+        library.close(alive: dead == nil)
+        finish(dead ?? FerryError(.other, closed, path: name))
+    }
+
+    private func issue(_ p: Piece) {
+        if let dead {
+            load.subtract(1, ordering: .relaxed)
+            p.call.pieceFinished(dead.at(offset: p.errorOffset))
+            return
+        }
+        outstanding[ObjectIdentifier(p)] = p
+        library.issue(p, self)
+    }
+
+    private func finish(_ error: FerryError) {
+        for p in inbox.finish(error) {
+            load.subtract(1, ordering: .relaxed)
+            p.call.pieceFinished(error.at(offset: p.errorOffset))
         }
     }
 }

@@ -2,8 +2,8 @@
 /// than the server's maximum is split): the caller's task resumes once every piece has
 /// finished, with the first error any of them met.
 ///
-/// Network endpoints create one per request inside `withCheckedThrowingContinuation` and
-/// call `pieceFinished` from their event-loop threads.
+/// Network endpoints get one per request from `SessionPool.perform`; their sessions call
+/// `pieceFinished` from whatever thread completes a piece (an event loop's, a library's).
 public final class PendingCall: @unchecked Sendable {
     private struct State {
         var remaining: Int
@@ -57,35 +57,4 @@ extension PendingCall {
             issued?()
         }
     }
-}
-
-/// Opens sessions `1 ..< count` all at once beside `first` (session 0, already open) and
-/// returns all of them in index order. If any fails to open, every one that did (`first`
-/// included) is stopped and the first error is thrown.
-public func openSessions<Session: Sendable>(
-    beside first: Session, count: Int,
-    open: @escaping @Sendable (Int) async throws -> Session,
-    stop: (Session) async -> Void
-) async throws -> [Session] {
-    guard count > 1 else { return [first] }
-    var opened: [(Int, Session)] = [(0, first)]
-    var failure: (any Error)?
-    await withTaskGroup(of: (Int, Result<Session, any Error>).self) { group in
-        for i in 1 ..< count {
-            group.addTask {
-                do { return (i, .success(try await open(i))) } catch { return (i, .failure(error)) }
-            }
-        }
-        for await (i, result) in group {
-            switch result {
-            case .success(let s): opened.append((i, s))
-            case .failure(let e): failure = failure ?? e
-            }
-        }
-    }
-    if let failure {
-        for (_, s) in opened { await stop(s) }
-        throw failure
-    }
-    return opened.sorted { $0.0 < $1.0 }.map(\.1)
 }

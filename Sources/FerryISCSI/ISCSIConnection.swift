@@ -59,42 +59,58 @@ struct LBAStatus: Sendable {
 
 /// One piece of a caller's request. Buffers belong to the caller, whose task stays suspended
 /// until `call` has heard from every piece.
-final class ISCSIPiece: @unchecked Sendable {
+final class ISCSIPiece: SessionPiece, @unchecked Sendable {
     let operation: ISCSIOperation
     let call: PendingCall
+    /// The byte offset of the piece's first block (for messages).
+    let offset: Int64
     /// GET LBA STATUS descriptors, filled on the loop thread before `call` hears of the piece.
     var status: [LBAStatus] = []
     /// The one-entry scatter list libiscsi reads into or writes from (lives as long as the task).
     var iov = scsi_iovec()
     var unmapRange = unmap_list()
     /// Set by the loop when the piece is issued. Loop thread only.
-    unowned(unsafe) var connection: ISCSIConnection?
+    unowned(unsafe) var session: ISCSIConnection?
 
-    init(_ operation: ISCSIOperation, call: PendingCall) {
+    var errorOffset: Int64? { offset }
+
+    init(_ operation: ISCSIOperation, blockSize: Int, call: PendingCall) {
         self.operation = operation
+        self.offset = Int64(operation.lba) * Int64(blockSize)
         self.call = call
     }
 }
 
 /// What a session learned about the LUN while logging in.
 struct ISCSILunInfo: Sendable {
-    var blockSize: Int
-    var blocks: UInt64
-    /// READ CAPACITY(16) LBPME: the LUN is thin-provisioned (GET LBA STATUS works).
-    var thin: Bool
-    /// LBPRZ: unmapped blocks read as zeros.
-    var readsZeroWhenUnmapped: Bool
-    /// Logical Block Provisioning VPD: UNMAP and WRITE SAME(16) with UNMAP are supported.
-    var unmapSupported: Bool
-    var writeSameUnmapSupported: Bool
-    /// Block Limits VPD, in blocks (0: not reported).
-    var maxTransferBlocks: UInt32
-    var optimalTransferBlocks: UInt32
-    var maxUnmapBlocks: UInt32
-    var maxWriteSameBlocks: UInt64
-    var blockLimitsReported: Bool
+    /// READ CAPACITY(16): the logical block size and the number of blocks.
+    var blockSize = 512
+    var blocks: UInt64 = 0
+    var provisioning: Provisioning = []
+    var limits = BlockLimitsPage()
     /// The quickest of the set-up commands' round trips, in nanoseconds.
     var roundTrip: UInt64 = .max
+
+    /// The provisioning bits of READ CAPACITY(16) and the Logical Block Provisioning VPD.
+    struct Provisioning: OptionSet, Sendable {
+        let rawValue: UInt8
+        /// LBPME: the LUN is thin-provisioned (GET LBA STATUS works).
+        static let thin = Provisioning(rawValue: 1 << 0)
+        /// LBPRZ: unmapped blocks read as zeros.
+        static let readsZeroWhenUnmapped = Provisioning(rawValue: 1 << 1)
+        /// LBPU: UNMAP is supported.
+        static let unmap = Provisioning(rawValue: 1 << 2)
+        /// LBPWS: WRITE SAME(16) with UNMAP is supported.
+        static let writeSameUnmap = Provisioning(rawValue: 1 << 3)
+    }
+
+    /// The Block Limits VPD, in blocks (0: not reported).
+    struct BlockLimitsPage: Sendable {
+        var maxTransfer: UInt32 = 0
+        var optimalTransfer: UInt32 = 0
+        var maxUnmap: UInt32 = 0
+        var maxWriteSame: UInt64 = 0
+    }
 }
 
 /// SCSI status values (scsi_status in iscsi.h) as the callbacks get them.
@@ -129,26 +145,34 @@ extension String {
     }
 }
 
-/// One iSCSI session: a libiscsi context owned by one event-loop thread.
+/// One iSCSI session: a libiscsi context owned by one event-loop thread (`EventLoopSession`).
 ///
 /// Everything that touches the context runs on that thread, from parsing the URL and the
-/// connect-and-login (`iscsi_full_connect_async`) to the last logout: nothing blocks Swift's
-/// cooperative pool. Callers queue pieces under a lock and wake the loop through a pipe; the
-/// loop issues them with libiscsi's async task calls, polls the session's socket (in the
-/// directions `iscsi_which_events` asks for) and the pipe together, and calls
-/// `iscsi_service`, inside which libiscsi runs the completion callbacks on this thread; they
-/// finish the pieces, which resume the waiting tasks.
-final class ISCSIConnection: @unchecked Sendable {
-    let index: Int
+/// connect-and-login (`iscsi_full_connect_async`) to the last logout. The loop issues pieces
+/// with libiscsi's async task calls, polls the session's socket in the directions
+/// `iscsi_which_events` asks for and calls `iscsi_service` (also when poll times out: libiscsi
+/// runs its timers from there), inside which libiscsi runs the completion callbacks.
+///
+/// Stopping logs out once the pieces in flight have finished.
+typealias ISCSIConnection = EventLoopSession<ISCSIContext>
+
+extension EventLoopSession where Library == ISCSIContext {
+    /// TCP segments with data this session has sent, or nil if the kernel does not say.
+    var dataSegmentsSent: Int? { library.dataSegmentsSent }
+}
+
+/// A libiscsi context logged in to one LUN: what iSCSI brings to its `EventLoopSession`
+/// (loop thread only, but for `dataSegmentsSent`).
+final class ISCSIContext: EventLoopLibrary {
+    private let index: Int
     /// The URL without its password, for messages.
-    let name: String
-    private let inbox: EventLoopQueue<ISCSIPiece>
-    /// Pieces queued or in flight here: how busy this session is, for spreading requests.
-    let load = Atomic<Int>(0)
+    private let name: String
+    private let url: String
     /// The session's TCP socket once logged in, else -1.
     private let socket = Atomic<Int32>(-1)
 
-    /// TCP segments with data this session has sent, or nil if the kernel does not say.
+    /// TCP segments with data this session has sent, or nil if the kernel does not say
+    /// (any thread).
     var dataSegmentsSent: Int? {
         let fd = socket.load(ordering: .acquiring)
         guard fd >= 0 else { return nil }
@@ -156,20 +180,19 @@ final class ISCSIConnection: @unchecked Sendable {
         return n < 0 ? nil : Int(n)
     }
 
-    // Loop thread only.
     private var context: OpaquePointer?
     private var lun: Int32 = 0
     private var blockSize: Int32 = 512
     private var loggedIn = false
-    private var dead: FerryError?
-    private var pendingPieces: [ObjectIdentifier: ISCSIPiece] = [:]
+    /// What `pollFor` last asked for (no events: a shorter timeout).
+    private var events: Int32 = 0
     /// One block of zeros for WRITE SAME.
     private var zeroBlock: UnsafeMutableRawPointer?
 
-    private init(index: Int, name: String, inbox: EventLoopQueue<ISCSIPiece>) {
+    private init(index: Int, name: String, url: String) {
         self.index = index
         self.name = name
-        self.inbox = inbox
+        self.url = url
     }
 
     deinit {
@@ -179,58 +202,18 @@ final class ISCSIConnection: @unchecked Sendable {
     /// Starts a session's thread, which connects, logs in and probes the LUN; returns once
     /// the session is ready.
     static func connect(url: String, name: String, index: Int) async throws -> (ISCSIConnection, ISCSILunInfo) {
-        let connection = ISCSIConnection(index: index, name: name, inbox: try EventLoopQueue(name: name))
-        let info: ISCSILunInfo = try await withCheckedThrowingContinuation { continuation in
-            let started = startDetachedThread(name: "ferry-iscsi-\(index)") {
-                connection.run(url: url) { continuation.resume(with: $0) }
-            }
-            if !started {
-                let e = FerryError(.other, "cannot start an iSCSI event-loop thread", path: name)
-                connection.finish(e)
-                continuation.resume(throwing: e)
-            }
-        }
-        return (connection, info)
+        try await ISCSIConnection.start(ISCSIContext(index: index, name: name, url: url), index: index, name: name,
+                                        thread: "ferry-iscsi", closed: "the iSCSI session is closed")
     }
-
-    /// Queues a piece. A stopped or dead session fails it at once.
-    func submit(_ piece: ISCSIPiece) {
-        load.add(1, ordering: .relaxed)
-        if let failed = inbox.post(piece) {
-            load.subtract(1, ordering: .relaxed)
-            piece.call.pieceFinished(failed)
-        }
-    }
-
-    /// Lets the pieces in flight finish, logs out, then returns.
-    func stop() async {
-        await inbox.stop()
-    }
-
-    // MARK: The loop thread
 
     private func libiscsiError() -> String {
-        guard let context, let p = iscsi_get_error(context) else { return "unknown error" }
-        let s = String(cString: p)
-        return s.isEmpty ? "unknown error" : s
+        libraryMessage(context.flatMap { iscsi_get_error($0) })
     }
 
-    private func run(url: String, opened: (Result<ISCSILunInfo, any Error>) -> Void) {
-        let info: ISCSILunInfo
-        do {
-            info = try open(url: url)
-        } catch {
-            let e = (error as? FerryError) ?? FerryError(.io, "\(error)", path: name)
-            teardown()
-            finish(e)
-            opened(.failure(e))
-            return
-        }
+    func open(_ session: ISCSIConnection) throws -> ISCSILunInfo {
+        let info = try open(url: url)
         if let ctx = context { socket.store(iscsi_get_fd(ctx), ordering: .releasing) }
-        opened(.success(info))
-        loop()
-        teardown()
-        finish(dead ?? FerryError(.other, "the iSCSI session is closed", path: name))
+        return info
     }
 
     /// The answer of one setup call, filled by its callback through `handler`.
@@ -246,7 +229,7 @@ final class ISCSIConnection: @unchecked Sendable {
     /// The connect callback: called once when the login ends, and again (with an error) if the
     /// established session fails later, which the loop notices through `iscsi_service` too.
     private static let connectCallback: iscsi_command_cb = { _, status, _, privateData in
-        let c = Unmanaged<ISCSIConnection>.fromOpaque(privateData!).takeUnretainedValue()
+        let c = Unmanaged<ISCSIContext>.fromOpaque(privateData!).takeUnretainedValue()
         if !c.connectFinished {
             c.connectFinished = true
             c.connectStatus = status
@@ -354,9 +337,7 @@ final class ISCSIConnection: @unchecked Sendable {
         }
         loggedIn = true
 
-        var info = ISCSILunInfo(blockSize: 512, blocks: 0, thin: false, readsZeroWhenUnmapped: false,
-                                unmapSupported: false, writeSameUnmapSupported: false, maxTransferBlocks: 0,
-                                optimalTransferBlocks: 0, maxUnmapBlocks: 0, maxWriteSameBlocks: 0, blockLimitsReported: false)
+        var info = ISCSILunInfo()
         var capacity: (UInt64, UInt32, Bool, Bool)?
         let lun = self.lun
         try setupCommand("READ CAPACITY(16) of LUN \(lun)", { task in
@@ -371,17 +352,14 @@ final class ISCSIConnection: @unchecked Sendable {
         info.blockSize = Int(blockLength)
         blockSize = Int32(blockLength)
         info.blocks = lastLBA &+ 1
-        info.thin = lbpme
-        info.readsZeroWhenUnmapped = lbprz
+        if lbpme { info.provisioning.insert(.thin) }
+        if lbprz { info.provisioning.insert(.readsZeroWhenUnmapped) }
 
         try setupCommand("INQUIRY (Block Limits VPD) of LUN \(lun)", optional: true, { task in
             if let p = scsi_datain_unmarshall(task) {
                 let bl = p.assumingMemoryBound(to: scsi_inquiry_block_limits.self).pointee
-                info.blockLimitsReported = true
-                info.maxTransferBlocks = bl.max_xfer_len
-                info.optimalTransferBlocks = bl.opt_xfer_len
-                info.maxUnmapBlocks = bl.max_unmap
-                info.maxWriteSameBlocks = bl.max_ws_len
+                info.limits = .init(maxTransfer: bl.max_xfer_len, optimalTransfer: bl.opt_xfer_len,
+                                    maxUnmap: bl.max_unmap, maxWriteSame: bl.max_ws_len)
             }
         }) { cb, data in iscsi_inquiry_task(ctx, lun, 1, Int32(SCSI_INQUIRY_PAGECODE_BLOCK_LIMITS.rawValue), 255, cb, data) }
 
@@ -389,8 +367,8 @@ final class ISCSIConnection: @unchecked Sendable {
             try setupCommand("INQUIRY (Logical Block Provisioning VPD) of LUN \(lun)", optional: true, { task in
                 if let p = scsi_datain_unmarshall(task) {
                     let lbp = p.assumingMemoryBound(to: scsi_inquiry_logical_block_provisioning.self).pointee
-                    info.unmapSupported = lbp.lbpu != 0
-                    info.writeSameUnmapSupported = lbp.lbpws != 0
+                    if lbp.lbpu != 0 { info.provisioning.insert(.unmap) }
+                    if lbp.lbpws != 0 { info.provisioning.insert(.writeSameUnmap) }
                 }
             }) { cb, data in iscsi_inquiry_task(ctx, lun, 1, Int32(SCSI_INQUIRY_PAGECODE_LOGICAL_BLOCK_PROVISIONING.rawValue), 255, cb, data) }
         }
@@ -422,9 +400,9 @@ final class ISCSIConnection: @unchecked Sendable {
         return FerryError(.io, "cannot log in to \(target) at \(portal): \(message)", path: name)
     }
 
-    private func teardown() {
+    func close(alive: Bool) {
         guard let ctx = context else { return }
-        if loggedIn && dead == nil {
+        if loggedIn && alive {
             // A clean logout; a failure here changes nothing.
             final class Flag { var done = false }
             let flag = Flag()
@@ -445,68 +423,42 @@ final class ISCSIConnection: @unchecked Sendable {
         context = nil
     }
 
-    fileprivate func finish(_ error: FerryError) {
-        for p in inbox.finish(error) {
-            load.subtract(1, ordering: .relaxed)
-            p.call.pieceFinished(error)
-        }
+    func pollFor() -> (fd: Int32, events: Int16) {
+        guard let ctx = context else { return (-1, 0) }
+        events = iscsi_which_events(ctx)
+        return (iscsi_get_fd(ctx), Int16(truncatingIfNeeded: events))
     }
 
-    private func loop() {
-        guard let ctx = context else { return }
-        var events: Int32 = 0
-        inbox.run(
-            issue: { issue($0) },
-            idle: { pendingPieces.isEmpty },
-            socket: {
-                guard dead == nil else { return nil }
-                events = iscsi_which_events(ctx)
-                return (iscsi_get_fd(ctx), Int16(truncatingIfNeeded: events))
-            },
-            // libiscsi runs its timers and reconnects from iscsi_service: call it now and then
-            // even when the socket is quiet.
-            timeout: { dead == nil && events == 0 ? 100 : 1000 },
-            serviceOnTimeout: true,
-            service: { revents in
-                // tgtd takes Data-Out PDUs of 8 KiB (its MaxRecvDataSegmentLength), and libiscsi
-                // sends each as two send() calls, a 48-byte header and the data: with
-                // TCP_NODELAY, two segments and two wake-ups at the target per 8 KiB. Corked
-                // while libiscsi writes, what one call sends leaves in full segments.
-                let writing = revents & Int16(POLLOUT) != 0
-                if writing { _ = ferry_tcp_cork(iscsi_get_fd(ctx), 1) }
-                defer { if writing { _ = ferry_tcp_cork(iscsi_get_fd(ctx), 0) } }
-                if iscsi_service(ctx, Int32(revents)) < 0 {
-                    connectionLost(FerryError(.io, "the connection to the iSCSI target was lost: \(libiscsiError())", path: name))
-                }
-            },
-            failed: { connectionLost($0) })
-    }
+    // libiscsi runs its timers and reconnects from iscsi_service: call it now and then even
+    // when the socket is quiet.
+    func pollTimeout() -> Int32 { events == 0 ? 100 : 1000 }
+    static var serviceWithoutEvents: Bool { true }
 
-    /// The session is gone: every piece in flight fails, and so does every later one.
-    private func connectionLost(_ error: FerryError) {
-        guard dead == nil else { return }
-        dead = error
-        for p in pendingPieces.values {
-            complete(p, error: error.at(offset: Int64(p.operation.lba) * Int64(blockSize)))
+    func service(_ revents: Int16, _ session: ISCSIConnection) -> FerryError? {
+        guard let ctx = context else { return nil }
+        // tgtd takes Data-Out PDUs of 8 KiB (its MaxRecvDataSegmentLength), and libiscsi
+        // sends each as two send() calls, a 48-byte header and the data: with TCP_NODELAY,
+        // two segments and two wake-ups at the target per 8 KiB. Corked while libiscsi
+        // writes, what one call sends leaves in full segments.
+        let writing = revents & Int16(POLLOUT) != 0
+        if writing { _ = ferry_tcp_cork(iscsi_get_fd(ctx), 1) }
+        defer { if writing { _ = ferry_tcp_cork(iscsi_get_fd(ctx), 0) } }
+        if iscsi_service(ctx, Int32(revents)) < 0 {
+            return FerryError(.io, "the connection to the iSCSI target was lost: \(libiscsiError())", path: name)
         }
+        return nil
     }
 
     private static let pieceCallback: iscsi_command_cb = { _, status, commandData, privateData in
         let p = Unmanaged<ISCSIPiece>.fromOpaque(privateData!).takeRetainedValue()
         let task = commandData?.assumingMemoryBound(to: scsi_task.self)
-        p.connection?.answered(p, status: status, task: task)
+        if let s = p.session { s.library.answered(p, status: status, task: task, in: s) }
         if let task { scsi_free_scsi_task(task) }
     }
 
-    private func issue(_ p: ISCSIPiece) {
-        if let dead {
-            load.subtract(1, ordering: .relaxed)
-            p.call.pieceFinished(dead.at(offset: Int64(p.operation.lba) * Int64(blockSize)))
-            return
-        }
+    func issue(_ p: ISCSIPiece, _ session: ISCSIConnection) {
         guard let ctx = context else { return }
-        p.connection = self
-        pendingPieces[ObjectIdentifier(p)] = p
+        p.session = session
         let token = Unmanaged.passRetained(p).toOpaque()
         let cb = Self.pieceCallback
         let bs = blockSize
@@ -539,16 +491,16 @@ final class ISCSIConnection: @unchecked Sendable {
         }
         if task == nil {
             Unmanaged<ISCSIPiece>.fromOpaque(token).release()
-            complete(p, error: FerryError(.io, "\(p.operation.verb) could not be sent: \(libiscsiError())",
-                                          path: name, offset: Int64(p.operation.lba) * Int64(bs)))
+            session.complete(p, error: FerryError(.io, "\(p.operation.verb) could not be sent: \(libiscsiError())",
+                                                  path: name, offset: p.offset))
         }
     }
 
     /// A completion callback (inside `iscsi_service` or `iscsi_destroy_context`, on this thread).
-    fileprivate func answered(_ p: ISCSIPiece, status: Int32, task: UnsafeMutablePointer<scsi_task>?) {
+    private func answered(_ p: ISCSIPiece, status: Int32, task: UnsafeMutablePointer<scsi_task>?, in session: ISCSIConnection) {
         // Already failed (the session died): the caller may be gone, and its buffer with it.
-        guard pendingPieces[ObjectIdentifier(p)] != nil else { return }
-        let at = Int64(p.operation.lba) * Int64(blockSize)
+        guard session.isOutstanding(p) else { return }
+        let at = p.offset
         if status == SCSIStatus.good {
             if case .lbaStatus = p.operation, let task, let raw = scsi_datain_unmarshall(task) {
                 let answer = raw.assumingMemoryBound(to: scsi_get_lba_status.self).pointee
@@ -558,13 +510,13 @@ final class ISCSIConnection: @unchecked Sendable {
                     }
                 }
             }
-            complete(p, error: nil)
+            session.complete(p, error: nil)
             return
         }
         if status == SCSIStatus.checkCondition, let task {
             let s = describeSense(task)
             let code: FerryError.Code = s.key == 0x07 ? .readOnly : .io
-            complete(p, error: FerryError(code, "\(p.operation.verb) failed: \(s.text)", path: name, offset: at))
+            session.complete(p, error: FerryError(code, "\(p.operation.verb) failed: \(s.text)", path: name, offset: at))
             return
         }
         let what: String
@@ -575,12 +527,6 @@ final class ISCSIConnection: @unchecked Sendable {
         case SCSIStatus.error: what = "failed: \(libiscsiError())"
         default: what = "failed with SCSI status 0x\(String(status, radix: 16)): \(libiscsiError())"
         }
-        complete(p, error: FerryError(.io, "\(p.operation.verb) \(what)", path: name, offset: at))
-    }
-
-    private func complete(_ p: ISCSIPiece, error: FerryError?) {
-        guard pendingPieces.removeValue(forKey: ObjectIdentifier(p)) != nil else { return }
-        load.subtract(1, ordering: .relaxed)
-        p.call.pieceFinished(error)
+        session.complete(p, error: FerryError(.io, "\(p.operation.verb) \(what)", path: name, offset: at))
     }
 }

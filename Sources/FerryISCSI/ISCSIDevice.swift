@@ -1,6 +1,5 @@
 import CLibISCSI
 import FerryCore
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -31,12 +30,13 @@ import Glibc
 /// - Discard: UNMAP, on a LUN that has it (LBPU); otherwise nothing.
 /// - Extents: GET LBA STATUS on a thin-provisioned LUN (LBPME); otherwise all data.
 /// - Flush: SYNCHRONIZE CACHE(16).
-public final class ISCSIDevice: BlockDevice {
+public final class ISCSIDevice: PooledDevice {
     public let name: String
     public let size: Int64
     public let limits: BlockLimits
     public let capabilities: BlockCapabilities
     public let readOnly: Bool
+    public var kind: String { "iSCSI LUN" }
     /// The logical block size of the LUN (512 or 4096 mostly).
     public let blockSize: Int
     /// The LUN is thin-provisioned (LBPME).
@@ -48,16 +48,14 @@ public final class ISCSIDevice: BlockDevice {
     /// READ(16) commands carry at most this many bytes.
     public let readPiece: Int
     let info: ISCSILunInfo
-    let connections: [ISCSIConnection]
-    private let nextConnection = Atomic<Int>(0)
-    private let closed = Atomic<Bool>(false)
+    let pool: SessionPool<ISCSIConnection>
 
     /// Sessions in use.
-    public var connectionCount: Int { connections.count }
+    public var connectionCount: Int { pool.count }
     /// TCP segments with data the sessions have sent so far (nil if the kernel does not say).
     var dataSegmentsSent: Int? {
         var total = 0
-        for c in connections {
+        for c in pool.sessions {
             guard let n = c.dataSegmentsSent else { return nil }
             total += n
         }
@@ -82,11 +80,11 @@ public final class ISCSIDevice: BlockDevice {
     public static func open(_ url: String, readOnly: Bool, connections wanted: Int = 1) async throws -> ISCSIDevice {
         _ = signal(SIGPIPE, SIG_IGN)
         let name = displayName(url)
-        let (c0, info) = try await ISCSIConnection.connect(url: url, name: name, index: 0)
-        let all = try await openSessions(beside: c0, count: wanted, open: { i in
-            try await ISCSIConnection.connect(url: url, name: name, index: i).0
-        }, stop: { await $0.stop() })
-        return ISCSIDevice(name: name, info: info, readOnly: readOnly, connections: all)
+        let (c0, info) = try await ISCSIContext.connect(url: url, name: name, index: 0)
+        let pool = try await SessionPool.open(beside: c0, count: wanted) { i in
+            try await ISCSIContext.connect(url: url, name: name, index: i).0
+        }
+        return ISCSIDevice(name: name, info: info, readOnly: readOnly, pool: pool)
     }
 
     /// Opens the LUN for writing as the target of a copy of `size` bytes: a LUN smaller than
@@ -114,19 +112,19 @@ public final class ISCSIDevice: BlockDevice {
     /// The quickest round trip seen while the session was set up, in nanoseconds.
     public var roundTrip: UInt64 { info.roundTrip }
 
-    private init(name: String, info: ISCSILunInfo, readOnly: Bool, connections: [ISCSIConnection]) {
+    private init(name: String, info: ISCSILunInfo, readOnly: Bool, pool: SessionPool<ISCSIConnection>) {
         self.name = name
         self.info = info
         self.readOnly = readOnly
-        self.connections = connections
+        self.pool = pool
         blockSize = info.blockSize
         size = Int64(info.blocks) * Int64(info.blockSize)
-        thinProvisioned = info.thin
+        thinProvisioned = info.provisioning.contains(.thin)
         // Block Limits VPD: 0 means "no limit reported"; keep to 1 MiB then. A very large
         // maximum is capped at 32 MiB per command (memory in flight stays sane).
         var maxBytes = 1 << 20
-        if info.maxTransferBlocks > 0 && info.maxTransferBlocks != .max {
-            maxBytes = min(Int(info.maxTransferBlocks) * info.blockSize, 32 << 20)
+        if info.limits.maxTransfer > 0 && info.limits.maxTransfer != .max {
+            maxBytes = min(Int(info.limits.maxTransfer) * info.blockSize, 32 << 20)
         }
         maxBytes = max(info.blockSize, maxBytes / info.blockSize * info.blockSize)
         transferMax = maxBytes
@@ -139,35 +137,22 @@ public final class ISCSIDevice: BlockDevice {
         let renv = getenv("FERRY_ISCSI_READ_PIECE").flatMap { Int(String(cString: $0)) } ?? (256 << 10)
         readPiece = max(info.blockSize, min(maxBytes, renv) / info.blockSize * info.blockSize)
         var preferred = maxBytes
-        if info.optimalTransferBlocks > 0 && info.optimalTransferBlocks != .max {
-            preferred = min(maxBytes, max(info.blockSize, Int(info.optimalTransferBlocks) * info.blockSize))
+        if info.limits.optimalTransfer > 0 && info.limits.optimalTransfer != .max {
+            preferred = min(maxBytes, max(info.blockSize, Int(info.limits.optimalTransfer) * info.blockSize))
         }
         // Callers may ask for more than one command carries: the device splits.
         limits = BlockLimits(alignment: info.blockSize, preferredTransfer: preferred, maximumTransfer: max(maxBytes, 32 << 20))
         var caps: BlockCapabilities = [.flush, .fua, .multiConn]
         if !readOnly {
             caps.formUnion([.write, .anyWriteOrder])
-            if info.writeSameUnmapSupported { caps.formUnion([.zero, .fastZero]) }
-            if info.unmapSupported { caps.insert(.discard) }
+            if info.provisioning.contains(.writeSameUnmap) { caps.formUnion([.zero, .fastZero]) }
+            if info.provisioning.contains(.unmap) { caps.insert(.discard) }
         }
-        if info.thin { caps.insert(.extents) }
+        if info.provisioning.contains(.thin) { caps.insert(.extents) }
         capabilities = caps
     }
 
-    // MARK: Spreading requests
-
-    private func pick() -> ISCSIConnection {
-        if connections.count == 1 { return connections[0] }
-        let start = nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
-        var best = connections[start % connections.count]
-        var bestLoad = best.load.load(ordering: .relaxed)
-        for k in 1 ..< connections.count where bestLoad > 0 {
-            let c = connections[(start + k) % connections.count]
-            let l = c.load.load(ordering: .relaxed)
-            if l < bestLoad { best = c; bestLoad = l }
-        }
-        return best
-    }
+    // MARK: Splitting requests
 
     /// Sends the blocks `lba ..< lba + blocks` as commands of at most `step` blocks, all at
     /// once, and waits for all of them; `make` builds the command for (block index into the
@@ -175,19 +160,10 @@ public final class ISCSIDevice: BlockDevice {
     /// `issued`, if given, is called once every command is queued, before the task suspends.
     private func perform(lba: UInt64, blocks: UInt64, step: UInt64, issued: (@Sendable () -> Void)? = nil,
                          _ make: (UInt64, UInt64, UInt32) -> ISCSIOperation) async throws {
-        guard blocks > 0 else { issued?(); return }
-        try await PendingCall.perform(pieces: Int((blocks + step - 1) / step), issued: issued) { call in
-            var done: UInt64 = 0
-            while done < blocks {
-                let n = min(step, blocks - done)
-                pick().submit(ISCSIPiece(make(done, lba + done, UInt32(n)), call: call))
-                done += n
-            }
+        let bs = blockSize
+        try await pool.perform(count: Int64(blocks), step: Int64(step), issued: issued) { done, n, call in
+            ISCSIPiece(make(UInt64(done), lba + UInt64(done), UInt32(n)), blockSize: bs, call: call)
         }
-    }
-
-    private func checkWritable(_ offset: Int64) throws {
-        if readOnly { throw FerryError(.readOnly, "the iSCSI LUN was opened read-only", path: name, offset: offset) }
     }
 
     /// The blocks of a byte range, which must be aligned to the block size.
@@ -212,10 +188,6 @@ public final class ISCSIDevice: BlockDevice {
         }
     }
 
-    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
-        try await write(at: offset, from: buffer, flags: flags, issued: {})
-    }
-
     /// Issued once every command is queued on a session (FUA is the command's own bit).
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
                       issued: @escaping @Sendable () -> Void) async throws {
@@ -233,7 +205,7 @@ public final class ISCSIDevice: BlockDevice {
     /// worth), so a huge range does not become one command a target may time out on.
     private var writeSameStep: UInt64 {
         let cap = UInt64(max(1, (1 << 30) / blockSize))
-        let m = info.maxWriteSameBlocks
+        let m = info.limits.maxWriteSame
         return m > 0 ? min(m, cap, UInt64(UInt32.max)) : cap
     }
 
@@ -254,10 +226,10 @@ public final class ISCSIDevice: BlockDevice {
         try checkWritable(offset)
         let fua = flags.contains(.fua)
         var early = false
-        if info.writeSameUnmapSupported {
+        if info.provisioning.contains(.writeSameUnmap) {
             guard n > 0 else { issued?(); return }
             // The UNMAP bit only where unmapped blocks are sure to read as zeros.
-            let unmap = flags.contains(.mayUnmap) && info.readsZeroWhenUnmapped
+            let unmap = flags.contains(.mayUnmap) && info.provisioning.contains(.readsZeroWhenUnmapped)
             early = !fua
             try await perform(lba: lba, blocks: n, step: writeSameStep, issued: early ? issued : nil) { _, at, k in
                 .writeSame(lba: at, blocks: k, unmap: unmap)
@@ -270,15 +242,9 @@ public final class ISCSIDevice: BlockDevice {
             // Zero bytes from one shared buffer, a bounded number of commands at a time.
             let zeros = SharedZeros.shared
             let stepBlocks = UInt64(max(1, min(zeros.count, transferMax) / blockSize))
-            let batch = stepBlocks * 64
-            var at = lba
-            let end = lba + n
-            while at < end {
-                let k = min(batch, end - at)
-                try await perform(lba: at, blocks: k, step: stepBlocks) { _, l, c in
-                    .write(zeros.pointer, lba: l, blocks: c, fua: false)
-                }
-                at += k
+            let bs = blockSize
+            try await pool.performInBatches(count: Int64(n), step: Int64(stepBlocks)) { done, k, call in
+                ISCSIPiece(.write(zeros.pointer, lba: lba + UInt64(done), blocks: UInt32(k), fua: false), blockSize: bs, call: call)
             }
         }
         if fua { try await flush() }
@@ -286,15 +252,14 @@ public final class ISCSIDevice: BlockDevice {
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
-        try checkRange(offset, length)
-        try checkWritable(offset)
-        guard info.unmapSupported, length > 0 else { return }
+        try checkWrite(offset, length)
+        guard info.provisioning.contains(.unmap), length > 0 else { return }
         // Only whole blocks inside the range.
         let bs = Int64(blockSize)
         let first = (offset + bs - 1) / bs
         let end = (offset + length) / bs
         guard end > first else { return }
-        let m = UInt64(info.maxUnmapBlocks)
+        let m = UInt64(info.limits.maxUnmap)
         let step = (m > 0 && m != UInt64(UInt32.max)) ? m : UInt64(1 << 22)
         try await perform(lba: UInt64(first), blocks: UInt64(end - first), step: step) { _, at, k in
             .unmap(lba: at, blocks: k)
@@ -304,16 +269,16 @@ public final class ISCSIDevice: BlockDevice {
     public func extents(in range: Range<Int64>) async throws -> [Extent] {
         try checkRange(range.lowerBound, Int64(range.count))
         let start = range.lowerBound
-        guard info.thin, start < size else {
+        guard info.provisioning.contains(.thin), start < size else {
             return [Extent(offset: start, length: size - start, kind: .data)]
         }
         let bs = Int64(blockSize)
         let lba = UInt64(start / bs)
         var issued: ISCSIPiece?
-        try await PendingCall.perform(pieces: 1) { call in
-            let p = ISCSIPiece(.lbaStatus(lba: lba), call: call)
+        try await pool.performOnEach([pool.pick()]) { call in
+            let p = ISCSIPiece(.lbaStatus(lba: lba), blockSize: blockSize, call: call)
             issued = p
-            pick().submit(p)
+            return p
         }
         // Filled on the loop thread before the call finished (PendingCall's lock orders it).
         guard let piece = issued else { return [Extent(offset: start, length: size - start, kind: .data)] }
@@ -323,7 +288,7 @@ public final class ISCSIDevice: BlockDevice {
             let dStart = Int64(d.lba) * bs
             let dEnd = min(size, (Int64(d.lba) + Int64(d.blocks)) * bs)
             guard d.blocks > 0, dStart <= cursor, dEnd > cursor else { break }
-            let zero = d.provisioning != 0 && info.readsZeroWhenUnmapped
+            let zero = d.provisioning != 0 && info.provisioning.contains(.readsZeroWhenUnmapped)
             out.append(Extent(offset: cursor, length: dEnd - cursor, kind: zero ? .zero : .data))
             cursor = dEnd
             if cursor >= size { break }
@@ -339,15 +304,10 @@ public final class ISCSIDevice: BlockDevice {
         guard !readOnly else { return }
         // The cache is the LUN's, not the session's: one SYNCHRONIZE CACHE covers the writes
         // of every session (all completed before flush is called).
-        try await PendingCall.perform(pieces: 1) { call in
-            connections[0].submit(ISCSIPiece(.sync, call: call))
-        }
+        try await pool.performOnEach([pool.sessions[0]]) { ISCSIPiece(.sync, blockSize: blockSize, call: $0) }
     }
 
     public func close() async throws {
-        guard !closed.exchange(true, ordering: .relaxed) else { return }
-        await withTaskGroup(of: Void.self) { group in
-            for c in connections { group.addTask { await c.stop() } }
-        }
+        await pool.stop()
     }
 }

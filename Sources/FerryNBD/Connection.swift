@@ -1,6 +1,5 @@
 import CLibNBD
 import FerryCore
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -31,12 +30,14 @@ enum NBDOperation {
 /// One NBD command in flight (or queued): the operation, where, and the call it belongs to.
 /// Buffers in `operation` belong to the caller, whose task stays suspended until `call`
 /// has heard from every piece, so they outlive the command.
-final class Piece: @unchecked Sendable {
+final class Piece: SessionPiece, @unchecked Sendable {
     let operation: NBDOperation
     let offset: Int64
     let call: PendingCall
     /// Set by the loop when the command is issued; the loop thread alone touches it.
-    unowned(unsafe) var connection: NBDConnection?
+    unowned(unsafe) var session: NBDConnection?
+
+    var errorOffset: Int64? { offset }
 
     init(_ operation: NBDOperation, at offset: Int64, call: PendingCall) {
         self.operation = operation
@@ -76,48 +77,35 @@ final class ExtentCollector: @unchecked Sendable {
 struct ServerInfo: Sendable {
     var size: Int64
     var readOnly: Bool
-    var canZero: Bool
-    var canFastZero: Bool
-    var canTrim: Bool
-    var canFlush: Bool
-    var canFUA: Bool
-    var canMultiConn: Bool
-    var canExtents: Bool
-    var minimumBlock: Int64
-    var preferredBlock: Int64
-    var maximumBlock: Int64
+    /// What the server can do, as the capabilities they give: write zeroes, fast zero, trim
+    /// (`.discard`), block status (`.extents`), flush, FUA, multi-conn.
+    var offers: BlockCapabilities
+    /// The server's block sizes (0: not given).
+    var blocks: (minimum: Int64, preferred: Int64, maximum: Int64)
 }
 
-/// One NBD connection: a libnbd handle owned by one event-loop thread.
+/// One NBD connection: a libnbd handle owned by one event-loop thread (`EventLoopSession`).
 ///
-/// Callers queue pieces under a lock and wake the loop through an eventfd; the loop issues
-/// them with libnbd's aio calls, polls the socket in the direction libnbd asks for and the
-/// eventfd together, and tells libnbd when the socket is ready. libnbd runs the completion
-/// callbacks inside `nbd_aio_notify_read`, on this thread; they finish the pieces, which
-/// resume the waiting tasks. Nothing here runs on Swift's cooperative pool.
+/// The loop issues pieces with libnbd's aio calls, polls the socket in the direction libnbd
+/// asks for, and tells libnbd when it is ready; libnbd runs the completion callbacks inside
+/// `nbd_aio_notify_read`, on the loop thread.
 ///
-/// Stopping lets every piece in flight complete or fail first, then disconnects cleanly
-/// (`nbd_shutdown`) and closes the handle: a server must never see a connection dropped with
-/// requests outstanding (nbdkit 1.32 can crash on that).
-final class NBDConnection: @unchecked Sendable {
-    let index: Int
-    /// The URL as the user wrote it, for messages.
-    let name: String
+/// Stopping disconnects cleanly (`nbd_shutdown`) once the pieces in flight have finished: a
+/// server must never see a connection dropped with requests outstanding (nbdkit 1.32 can
+/// crash on that).
+typealias NBDConnection = EventLoopSession<NBDHandle>
+
+/// A libnbd handle: what NBD brings to its `EventLoopSession` (loop thread only).
+final class NBDHandle: EventLoopLibrary {
     private let handle: OpaquePointer
-    /// Where callers queue pieces for the loop thread.
-    private let inbox: EventLoopQueue<Piece>
-    /// Pieces queued or in flight here: how busy this connection is, for spreading requests.
-    let load = Atomic<Int>(0)
+    private let uri: String
+    private let name: String
+    private var connected = false
 
-    // Loop thread only.
-    private var outstanding: [ObjectIdentifier: Piece] = [:]
-    private var dead: FerryError?
-
-    private init(index: Int, name: String, handle: OpaquePointer, inbox: EventLoopQueue<Piece>) {
-        self.index = index
-        self.name = name
+    private init(handle: OpaquePointer, uri: String, name: String) {
         self.handle = handle
-        self.inbox = inbox
+        self.uri = uri
+        self.name = name
     }
 
     /// Opens a connection to `uri` on a new event-loop thread; returns once the handshake is
@@ -134,142 +122,80 @@ final class NBDConnection: @unchecked Sendable {
             nbd_close(h)
             throw e
         }
-        let inbox: EventLoopQueue<Piece>
-        do { inbox = try EventLoopQueue(name: name) } catch { nbd_close(h); throw error }
-        let connection = NBDConnection(index: index, name: name, handle: h, inbox: inbox)
-        let info: ServerInfo = try await withCheckedThrowingContinuation { continuation in
-            let started = startDetachedThread(name: "ferry-nbd-\(index)") {
-                connection.run(uri: uri) { continuation.resume(with: $0) }
-            }
-            if !started {
-                nbd_close(h)
-                continuation.resume(throwing: FerryError(.other, "cannot start an NBD event-loop thread", path: name))
-            }
-        }
-        return (connection, info)
+        return try await NBDConnection.start(NBDHandle(handle: h, uri: uri, name: name), index: index, name: name,
+                                             thread: "ferry-nbd", closed: "the connection is closed")
     }
-
-    /// Queues a piece for this connection's loop. A stopped or dead connection fails it at once.
-    func submit(_ piece: Piece) {
-        load.add(1, ordering: .relaxed)
-        if let failed = inbox.post(piece) {
-            load.subtract(1, ordering: .relaxed)
-            piece.call.pieceFinished(failed.at(offset: piece.offset))
-        }
-    }
-
-    /// Lets the pieces in flight finish, disconnects, closes the handle, then returns.
-    func stop() async {
-        await inbox.stop()
-    }
-
-    // MARK: The loop thread
 
     /// libnbd's last error on this thread, as a FerryError.
     private func lastError(_ what: String, offset: Int64? = nil) -> FerryError {
-        let message = nbd_get_error().map { String(cString: $0) } ?? "unknown error"
+        let message = libraryMessage(nbd_get_error())
         let err = nbd_get_errno()
         return FerryError(err != 0 ? FerryError.Code(errno: err) : .io, "\(what): \(message)",
                           path: name, offset: offset, errno: err != 0 ? err : nil)
     }
 
-    private func run(uri: String, connected: (Result<ServerInfo, any Error>) -> Void) {
+    /// A lost connection fails with an I/O error whatever errno libnbd kept.
+    private func lost() -> FerryError {
+        var e = lastError("the connection to the server was lost")
+        if e.code == .other || e.code == .invalidArgument { e.code = .io }
+        return e
+    }
+
+    func open(_ session: NBDConnection) throws -> ServerInfo {
         if nbd_connect_uri(handle, uri) == -1 {
             var e = lastError("cannot connect")
-            if e.code == .invalidArgument || e.code == .notFound || e.code == .io {
-                // Keep the code libnbd's errno gave; the message says what happened.
-            } else if e.code == .other {
-                e.code = .io
-            }
-            nbd_close(handle)
-            finish(e)
-            connected(.failure(e))
-            return
+            // Keep the code libnbd's errno gave; the message says what happened.
+            if e.code == .other { e.code = .io }
+            throw e
         }
-        connected(.success(serverInfo()))
-        loop()
-        if dead == nil {
+        connected = true
+        var offers: BlockCapabilities = []
+        let flags: [(Int32, BlockCapabilities)] = [
+            (nbd_can_zero(handle), .zero), (nbd_can_fast_zero(handle), .fastZero), (nbd_can_trim(handle), .discard),
+            (nbd_can_flush(handle), .flush), (nbd_can_fua(handle), .fua), (nbd_can_multi_conn(handle), .multiConn),
+            (nbd_can_meta_context(handle, ExtentCollector.context), .extents),
+        ]
+        for (answer, capability) in flags where answer == 1 { offers.insert(capability) }
+        func block(_ kind: Int32) -> Int64 { max(0, nbd_get_block_size(handle, kind)) }
+        return ServerInfo(size: nbd_get_size(handle), readOnly: nbd_is_read_only(handle) == 1, offers: offers,
+                          blocks: (block(Int32(LIBNBD_SIZE_MINIMUM)), block(Int32(LIBNBD_SIZE_PREFERRED)),
+                                   block(Int32(LIBNBD_SIZE_MAXIMUM))))
+    }
+
+    func close(alive: Bool) {
+        if alive && connected {
             // Tell the server we are going (NBD_CMD_DISC) and wait for it to close its end.
             if nbd_shutdown(handle, 0) == -1 { _ = nbd_get_error() }
         }
         nbd_close(handle)
-        finish(dead ?? FerryError(.other, "the connection is closed", path: name))
     }
 
-    private func finish(_ error: FerryError) {
-        for p in inbox.finish(error) {
-            load.subtract(1, ordering: .relaxed)
-            p.call.pieceFinished(error.at(offset: p.offset))
+    func pollFor() -> (fd: Int32, events: Int16) {
+        let direction = nbd_aio_get_direction(handle)
+        var events: Int16 = 0
+        if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 { events |= Int16(POLLIN) }
+        if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 { events |= Int16(POLLOUT) }
+        return (nbd_aio_get_fd(handle), events)
+    }
+
+    func service(_ revents: Int16, _ session: NBDConnection) -> FerryError? {
+        var rc: Int32 = 0
+        if revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
+            rc = nbd_aio_notify_read(handle)
         }
-    }
-
-    private func serverInfo() -> ServerInfo {
-        func flag(_ v: Int32) -> Bool { v == 1 }
-        func block(_ kind: Int32) -> Int64 { max(0, nbd_get_block_size(handle, kind)) }
-        return ServerInfo(
-            size: nbd_get_size(handle),
-            readOnly: flag(nbd_is_read_only(handle)),
-            canZero: flag(nbd_can_zero(handle)),
-            canFastZero: flag(nbd_can_fast_zero(handle)),
-            canTrim: flag(nbd_can_trim(handle)),
-            canFlush: flag(nbd_can_flush(handle)),
-            canFUA: flag(nbd_can_fua(handle)),
-            canMultiConn: flag(nbd_can_multi_conn(handle)),
-            canExtents: flag(nbd_can_meta_context(handle, ExtentCollector.context)),
-            minimumBlock: block(Int32(LIBNBD_SIZE_MINIMUM)),
-            preferredBlock: block(Int32(LIBNBD_SIZE_PREFERRED)),
-            maximumBlock: block(Int32(LIBNBD_SIZE_MAXIMUM)))
-    }
-
-    private func loop() {
-        inbox.run(
-            issue: { issue($0) },
-            idle: { outstanding.isEmpty },
-            socket: {
-                guard dead == nil else { return nil }
-                let direction = nbd_aio_get_direction(handle)
-                var events: Int16 = 0
-                if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 { events |= Int16(POLLIN) }
-                if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 { events |= Int16(POLLOUT) }
-                return (nbd_aio_get_fd(handle), events)
-            },
-            service: { revents in
-                var rc: Int32 = 0
-                if revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
-                    rc = nbd_aio_notify_read(handle)
-                }
-                if rc != -1 && revents & Int16(POLLOUT) != 0
-                    && nbd_aio_get_direction(handle) & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 {
-                    rc = nbd_aio_notify_write(handle)
-                }
-                if rc == -1 || nbd_aio_is_dead(handle) == 1 {
-                    connectionLost(lastError("the connection to the server was lost"))
-                }
-            },
-            failed: { connectionLost($0) })
-    }
-
-    /// The socket is gone: every piece still in flight fails, and so does every later one.
-    private func connectionLost(_ error: FerryError) {
-        guard dead == nil else { return }
-        var e = error
-        if e.code == .other || e.code == .invalidArgument { e.code = .io }
-        dead = e
-        for p in Array(outstanding.values) { completed(p, error: e.at(offset: p.offset)) }
-    }
-
-    private func issue(_ p: Piece) {
-        if let dead {
-            load.subtract(1, ordering: .relaxed)
-            p.call.pieceFinished(dead.at(offset: p.offset))
-            return
+        if rc != -1 && revents & Int16(POLLOUT) != 0
+            && nbd_aio_get_direction(handle) & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 {
+            rc = nbd_aio_notify_write(handle)
         }
-        p.connection = self
-        outstanding[ObjectIdentifier(p)] = p
+        return rc == -1 || nbd_aio_is_dead(handle) == 1 ? lost() : nil
+    }
+
+    func issue(_ p: Piece, _ session: NBDConnection) {
+        p.session = session
         let completion = nbd_completion_callback(
             callback: { data, error in
                 let p = Unmanaged<Piece>.fromOpaque(data!).takeUnretainedValue()
-                p.connection?.completed(p, errno: error?.pointee ?? 0)
+                if let s = p.session { s.library.completed(p, errno: error?.pointee ?? 0, in: s) }
                 return 1
             },
             user_data: Unmanaged.passRetained(p).toOpaque(),
@@ -300,21 +226,17 @@ final class NBDConnection: @unchecked Sendable {
         }
         if cookie == -1 {
             let e = lastError("\(p.operation.verb) failed", offset: p.offset)
-            if nbd_aio_is_dead(handle) == 1 || nbd_aio_is_closed(handle) == 1 {
-                connectionLost(lastError("the connection to the server was lost"))
-            }
-            completed(p, error: e)
+            if nbd_aio_is_dead(handle) == 1 || nbd_aio_is_closed(handle) == 1 { session.connectionLost(lost()) }
+            session.complete(p, error: e)
         }
     }
 
     /// A completion callback: the server answered (errno 0) or the command failed.
-    fileprivate func completed(_ p: Piece, errno err: Int32) {
-        guard err != 0 else {
-            completed(p, error: nil)
-            return
-        }
-        let e: FerryError
-        if let dead {
+    private func completed(_ p: Piece, errno err: Int32, in session: NBDConnection) {
+        var e: FerryError?
+        if err == 0 {
+            e = nil
+        } else if let dead = session.dead {
             e = dead.at(offset: p.offset)
         } else if err == ENOTCONN || err == ESHUTDOWN || err == ECONNRESET || err == EPIPE {
             e = FerryError(.io, "the connection to the server was lost during \(p.operation.verb)",
@@ -322,12 +244,6 @@ final class NBDConnection: @unchecked Sendable {
         } else {
             e = FerryError.posix(err, "\(p.operation.verb) failed", path: name, offset: p.offset)
         }
-        completed(p, error: e)
-    }
-
-    private func completed(_ p: Piece, error: FerryError?) {
-        guard outstanding.removeValue(forKey: ObjectIdentifier(p)) != nil else { return }
-        load.subtract(1, ordering: .relaxed)
-        p.call.pieceFinished(error)
+        session.complete(p, error: e)
     }
 }

@@ -1,6 +1,5 @@
 import CLibNBD
 import FerryCore
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -22,7 +21,7 @@ import Glibc
 /// server's). Write-zeroes, trim and block-status requests are split at `commandLimit`, under
 /// the protocol's 32-bit lengths (nbdkit's blocksize-policy filter in error mode accepts those
 /// above the maximum block size; it refuses only oversized reads and writes).
-public final class NBDDevice: BlockDevice {
+public final class NBDDevice: PooledDevice {
     public let name: String
     public let size: Int64
     /// What callers keep to: the server's minimum block size as the alignment, its preferred
@@ -35,21 +34,21 @@ public final class NBDDevice: BlockDevice {
     public let capabilities: BlockCapabilities
     /// Opened for reading only: write calls throw `.readOnly`.
     public let readOnly: Bool
+    public var kind: String { "NBD export" }
     /// What the server advertised.
     let info: ServerInfo
-    let connections: [NBDConnection]
+    let pool: SessionPool<NBDConnection>
     /// Largest payload of one read or write command (the server's maximum, at most 64 MiB).
     let maximumPayload: Int
     /// Largest length of one write-zeroes, trim or block-status command.
     let commandLimit: Int64
-    private let largest = Atomic<Int>(0)
-    private let closed = Atomic<Bool>(false)
+    private let largest = HighWaterMark()
 
     /// Connections in use (several only when the server advertises multi-conn).
-    public var connectionCount: Int { connections.count }
+    public var connectionCount: Int { pool.count }
 
     /// The largest read or write command sent so far (for tests of the splitting).
-    public var largestCommand: Int { largest.load(ordering: .relaxed) }
+    public var largestCommand: Int { largest.current }
 
     /// Default maximum request when the server gives none (the protocol's portable limit).
     public static let defaultMaximum = 32 << 20
@@ -64,7 +63,7 @@ public final class NBDDevice: BlockDevice {
     /// Connects to the export at `url`. With `readOnly` false the export must be writable.
     /// `connections` is how many to open when the server allows several (multi-conn).
     public static func open(_ url: String, readOnly: Bool, connections wanted: Int = 4) async throws -> NBDDevice {
-        let (first, info) = try await NBDConnection.connect(uri: url, name: url, index: 0)
+        let (first, info) = try await NBDHandle.connect(uri: url, name: url, index: 0)
         do {
             if !readOnly && info.readOnly {
                 throw FerryError(.readOnly, "the NBD export is read-only", path: url)
@@ -76,25 +75,32 @@ public final class NBDDevice: BlockDevice {
             await first.stop()
             throw error
         }
-        let all = try await openSessions(beside: first, count: info.canMultiConn ? wanted : 1, open: { i in
-            try await NBDConnection.connect(uri: url, name: url, index: i).0
-        }, stop: { await $0.stop() })
-        return NBDDevice(name: url, info: info, readOnly: readOnly, connections: all)
+        // Pieces one connection carries before the next one is used: nbdkit serves 16
+        // requests of a connection at once by default, and qemu-nbd takes 16 per client.
+        // Filling connections in turn rather than spreading every request keeps few event
+        // loops waking while the load is light (each wake is a pipe write and a thread
+        // switch; on 2 CPUs shared with the servers that cost 30% of an NBD-to-NBD copy),
+        // and uses them all once it is heavy.
+        let pool = try await SessionPool.open(beside: first, count: info.offers.contains(.multiConn) ? wanted : 1,
+                                              policy: .fillInTurn(upTo: 16)) { i in
+            try await NBDHandle.connect(uri: url, name: url, index: i).0
+        }
+        return NBDDevice(name: url, info: info, readOnly: readOnly, pool: pool)
     }
 
-    init(name: String, info: ServerInfo, readOnly: Bool, connections: [NBDConnection]) {
+    init(name: String, info: ServerInfo, readOnly: Bool, pool: SessionPool<NBDConnection>) {
         self.name = name
         self.info = info
         self.size = info.size
         self.readOnly = readOnly
-        self.connections = connections
+        self.pool = pool
 
         // The protocol requires the minimum to be a power of two; anything else is ignored.
-        var alignment = Int(info.minimumBlock)
+        var alignment = Int(info.blocks.minimum)
         if alignment < 1 || alignment & (alignment - 1) != 0 || alignment > 64 << 10 { alignment = 1 }
-        var maximum = info.maximumBlock > 0 ? Int(min(info.maximumBlock, Int64(Self.libnbdMaximum))) : Self.defaultMaximum
+        var maximum = info.blocks.maximum > 0 ? Int(min(info.blocks.maximum, Int64(Self.libnbdMaximum))) : Self.defaultMaximum
         maximum = max(alignment, maximum / alignment * alignment)
-        var preferred = info.preferredBlock > 0 ? Int(info.preferredBlock) : max(4096, alignment)
+        var preferred = info.blocks.preferred > 0 ? Int(info.blocks.preferred) : max(4096, alignment)
         preferred = min(maximum, max(alignment, preferred / alignment * alignment))
         serverLimits = BlockLimits(alignment: alignment, preferredTransfer: preferred, maximumTransfer: maximum)
         maximumPayload = maximum
@@ -108,69 +114,22 @@ public final class NBDDevice: BlockDevice {
         // Well under the protocol's 32-bit lengths, and a multiple of the alignment.
         commandLimit = Int64((1 << 30) / alignment * alignment)
 
-        var caps: BlockCapabilities = []
+        var caps = info.offers
         if !readOnly { caps.formUnion([.write, .anyWriteOrder]) }
-        if info.canZero { caps.insert(.zero) }
-        if info.canZero && info.canFastZero { caps.insert(.fastZero) }
-        if info.canTrim { caps.insert(.discard) }
-        if info.canExtents { caps.insert(.extents) }
-        if info.canFlush { caps.insert(.flush) }
-        if info.canFUA { caps.insert(.fua) }
-        if info.canMultiConn { caps.insert(.multiConn) }
+        // Fast zero is a flag of write zeroes.
+        if !caps.contains(.zero) { caps.remove(.fastZero) }
         // Never .zeroInit: NBD has no way to say an export reads as zeros.
         capabilities = caps
     }
 
-    // MARK: Spreading requests
+    // MARK: Splitting requests
 
-    /// Pieces one connection carries before the next one is used: nbdkit serves 16 requests
-    /// of a connection at once by default, and qemu-nbd takes 16 per client.
-    static let piecesPerConnection = 16
-
-    /// The first connection with fewer than `piecesPerConnection` pieces queued or in flight,
-    /// else the least busy one. Filling connections in turn rather than spreading every
-    /// request keeps few event loops waking while the load is light (each wake is a pipe
-    /// write and a thread switch; on 2 CPUs shared with the servers that cost 30% of an
-    /// NBD-to-NBD copy), and uses them all once it is heavy.
-    private func pick() -> NBDConnection {
-        if connections.count == 1 { return connections[0] }
-        var best = connections[0]
-        var bestLoad = Int.max
-        for c in connections {
-            let l = c.load.load(ordering: .relaxed)
-            if l < Self.piecesPerConnection { return c }
-            if l < bestLoad { best = c; bestLoad = l }
-        }
-        return best
-    }
-
-    /// Sends `length` bytes from `offset` as pieces of at most `step`, all at once, and waits
-    /// for all of them; `make` builds the operation of the piece at (offset, index into the
-    /// request, length).
-    /// `issued`, if given, is called once every piece is queued, before the task suspends.
+    /// Sends `length` bytes from `offset` as commands of at most `step`, all at once, and
+    /// waits for all of them; `make` builds the command at (index into the request, length).
     private func perform(offset: Int64, length: Int64, step: Int64, issued: (@Sendable () -> Void)? = nil,
-                         _ make: (Int64, Int, Int64) -> NBDOperation) async throws {
-        guard length > 0 else { issued?(); return }
-        try await PendingCall.perform(pieces: Int((length + step - 1) / step), issued: issued) { call in
-            var done: Int64 = 0
-            while done < length {
-                let n = min(step, length - done)
-                pick().submit(Piece(make(offset + done, Int(done), n), at: offset + done, call: call))
-                done += n
-            }
-        }
-    }
-
-    private func checkWritable(_ offset: Int64) throws {
-        if readOnly { throw FerryError(.readOnly, "the NBD export was opened read-only", path: name, offset: offset) }
-    }
-
-    private func note(_ n: Int) {
-        var seen = largest.load(ordering: .relaxed)
-        while n > seen {
-            let (exchanged, now) = largest.compareExchange(expected: seen, desired: n, ordering: .relaxed)
-            if exchanged { break }
-            seen = now
+                         _ make: (Int, Int64) -> NBDOperation) async throws {
+        try await pool.perform(count: length, step: step, issued: issued) { done, n, call in
+            Piece(make(Int(done), n), at: offset + done, call: call)
         }
     }
 
@@ -179,31 +138,25 @@ public final class NBDDevice: BlockDevice {
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try checkRange(offset, Int64(buffer.count))
         guard let base = buffer.baseAddress, buffer.count > 0 else { return }
-        note(min(buffer.count, maximumPayload))
-        try await perform(offset: offset, length: Int64(buffer.count), step: Int64(maximumPayload)) { _, i, n in
+        largest.note(min(buffer.count, maximumPayload))
+        try await perform(offset: offset, length: Int64(buffer.count), step: Int64(maximumPayload)) { i, n in
             .read(base + i, Int(n))
         }
-    }
-
-    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
-        try await write(at: offset, from: buffer, flags: flags, issued: {})
     }
 
     /// Issued once every piece is queued on a connection.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
                       issued: @escaping @Sendable () -> Void) async throws {
-        try checkRange(offset, Int64(buffer.count))
-        try checkWritable(offset)
-        guard let base = buffer.baseAddress, buffer.count > 0 else { issued(); return }
+        guard let base = try checkWrite(offset, buffer) else { issued(); return }
         let fua = flags.contains(.fua)
-        let nbdFlags: UInt32 = fua && info.canFUA ? UInt32(LIBNBD_CMD_FLAG_FUA) : 0
-        note(min(buffer.count, maximumPayload))
+        let nbdFlags: UInt32 = fua && info.offers.contains(.fua) ? UInt32(LIBNBD_CMD_FLAG_FUA) : 0
+        largest.note(min(buffer.count, maximumPayload))
         // Emulated FUA needs the flush to follow completion, so the hand-over waits for it.
-        let early: (@Sendable () -> Void)? = fua && !info.canFUA ? nil : issued
-        try await perform(offset: offset, length: Int64(buffer.count), step: Int64(maximumPayload), issued: early) { _, i, n in
+        let early: (@Sendable () -> Void)? = fua && !info.offers.contains(.fua) ? nil : issued
+        try await perform(offset: offset, length: Int64(buffer.count), step: Int64(maximumPayload), issued: early) { i, n in
             .write(base + i, Int(n), flags: nbdFlags)
         }
-        if fua && !info.canFUA { try await flush() }
+        if fua && !info.offers.contains(.fua) { try await flush() }
         if early == nil { issued() }
     }
 
@@ -214,8 +167,7 @@ public final class NBDDevice: BlockDevice {
     /// Issued once every piece is queued on a connection.
     public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags,
                             issued: @escaping @Sendable () -> Void) async throws {
-        try checkRange(offset, length)
-        try checkWritable(offset)
+        try checkWrite(offset, length)
         let fastOnly = flags.contains(.fastOnly)
         if fastOnly && !capabilities.contains(.fastZero) {
             throw FerryError(.notSupported, "the NBD server cannot zero quickly", path: name, offset: offset)
@@ -223,40 +175,39 @@ public final class NBDDevice: BlockDevice {
         guard length > 0 else { issued(); return }
         let fua = flags.contains(.fua)
         // Emulated FUA needs the flush to follow completion, so the hand-over waits for it.
-        let early: (@Sendable () -> Void)? = fua && !info.canFUA ? nil : issued
-        if info.canZero {
+        let early: (@Sendable () -> Void)? = fua && !info.offers.contains(.fua) ? nil : issued
+        if info.offers.contains(.zero) {
             var nbdFlags: UInt32 = 0
             if !flags.contains(.mayUnmap) { nbdFlags |= UInt32(LIBNBD_CMD_FLAG_NO_HOLE) }
             if fastOnly { nbdFlags |= UInt32(LIBNBD_CMD_FLAG_FAST_ZERO) }
-            if fua && info.canFUA { nbdFlags |= UInt32(LIBNBD_CMD_FLAG_FUA) }
-            try await perform(offset: offset, length: length, step: commandLimit, issued: early) { _, _, n in
+            if fua && info.offers.contains(.fua) { nbdFlags |= UInt32(LIBNBD_CMD_FLAG_FUA) }
+            try await perform(offset: offset, length: length, step: commandLimit, issued: early) { _, n in
                 .zero(length: n, flags: nbdFlags)
             }
         } else {
             // No write-zeroes on this server: write zero bytes from one shared zero buffer.
             let zeros = SharedZeros.shared
             let step = Int64(min(zeros.count, maximumPayload))
-            let nbdFlags: UInt32 = fua && info.canFUA ? UInt32(LIBNBD_CMD_FLAG_FUA) : 0
-            try await perform(offset: offset, length: length, step: step, issued: early) { _, _, n in
+            let nbdFlags: UInt32 = fua && info.offers.contains(.fua) ? UInt32(LIBNBD_CMD_FLAG_FUA) : 0
+            try await perform(offset: offset, length: length, step: step, issued: early) { _, n in
                 .write(zeros.pointer, Int(n), flags: nbdFlags)
             }
         }
-        if fua && !info.canFUA { try await flush() }
+        if fua && !info.offers.contains(.fua) { try await flush() }
         if early == nil { issued() }
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
-        try checkRange(offset, length)
-        try checkWritable(offset)
-        guard info.canTrim, length > 0 else { return }
-        try await perform(offset: offset, length: length, step: commandLimit) { _, _, n in .trim(length: n) }
+        try checkWrite(offset, length)
+        guard info.offers.contains(.discard), length > 0 else { return }
+        try await perform(offset: offset, length: length, step: commandLimit) { _, n in .trim(length: n) }
     }
 
     public func extents(in range: Range<Int64>) async throws -> [Extent] {
         try checkRange(range.lowerBound, Int64(range.count))
         let start = range.lowerBound
         guard start < size, !range.isEmpty else { return [Extent(offset: start, length: 0, kind: .data)] }
-        guard info.canExtents else { return [Extent(offset: start, length: size - start, kind: .data)] }
+        guard info.offers.contains(.extents) else { return [Extent(offset: start, length: size - start, kind: .data)] }
         // Within the server's limits: lengths under 32 bits, ends on the minimum block size
         // (except at the end of the export).
         var length = min(Int64(range.count), commandLimit)
@@ -266,7 +217,7 @@ public final class NBDDevice: BlockDevice {
             length = min(length, size - start)
         }
         let collector = ExtentCollector(start: start)
-        try await perform(offset: start, length: length, step: length) { _, _, n in
+        try await perform(offset: start, length: length, step: length) { _, n in
             .blockStatus(length: n, into: collector)
         }
         // An answer may cover less than asked (the caller asks again) or run past the end of
@@ -287,16 +238,13 @@ public final class NBDDevice: BlockDevice {
     }
 
     public func flush() async throws {
-        guard info.canFlush, !readOnly else { return }
+        guard info.offers.contains(.flush), !readOnly else { return }
         // With multi-conn a flush on one connection covers writes completed on all of them;
         // without it there is only one connection.
-        try await perform(offset: 0, length: 1, step: 1) { _, _, _ in .flush }
+        try await perform(offset: 0, length: 1, step: 1) { _, _ in .flush }
     }
 
     public func close() async throws {
-        guard !closed.exchange(true, ordering: .relaxed) else { return }
-        await withTaskGroup(of: Void.self) { group in
-            for c in connections { group.addTask { await c.stop() } }
-        }
+        await pool.stop()
     }
 }

@@ -32,7 +32,7 @@ enum NFSOperation {
 
 /// One piece of a caller's request (at most the server's maximum transfer). Buffers belong to
 /// the caller, whose task stays suspended until `call` has heard from every piece.
-final class NFSPiece: @unchecked Sendable {
+final class NFSPiece: SessionPiece, @unchecked Sendable {
     let operation: NFSOperation
     let offset: Int64
     let call: PendingCall
@@ -40,7 +40,10 @@ final class NFSPiece: @unchecked Sendable {
     /// the rest is asked for again). Loop thread only.
     var done = 0
     /// Set by the loop when the piece is issued. Loop thread only.
-    unowned(unsafe) var connection: NFSConnection?
+    unowned(unsafe) var session: NFSConnection?
+
+    /// Where the piece stands (the rest of a short READ or WRITE starts past `done`).
+    var errorOffset: Int64? { offset + Int64(done) }
 
     init(_ operation: NFSOperation, at offset: Int64, call: PendingCall) {
         self.operation = operation
@@ -52,28 +55,18 @@ final class NFSPiece: @unchecked Sendable {
 /// How many NFS RPCs are in flight on a device's connections, and the most there ever were.
 final class InFlightGauge: Sendable {
     private let current = Atomic<Int>(0)
-    private let highest = Atomic<Int>(0)
-    private let largest = Atomic<Int>(0)
+    private let highest = HighWaterMark()
+    private let largest = HighWaterMark()
 
-    var peak: Int { highest.load(ordering: .relaxed) }
-    var largestTransfer: Int { largest.load(ordering: .relaxed) }
+    var peak: Int { highest.current }
+    var largestTransfer: Int { largest.current }
 
     func enter(bytes: Int) {
-        let now = current.wrappingAdd(1, ordering: .relaxed).newValue
-        raise(highest, to: now)
-        raise(largest, to: bytes)
+        highest.note(current.wrappingAdd(1, ordering: .relaxed).newValue)
+        largest.note(bytes)
     }
 
     func leave() { current.subtract(1, ordering: .relaxed) }
-
-    private func raise(_ a: borrowing Atomic<Int>, to n: Int) {
-        var seen = a.load(ordering: .relaxed)
-        while n > seen {
-            let (exchanged, now) = a.compareExchange(expected: seen, desired: n, ordering: .relaxed)
-            if exchanged { break }
-            seen = now
-        }
-    }
 }
 
 /// How a connection gets at the file once the export is mounted.
@@ -91,93 +84,49 @@ struct NFSFileInfo: Sendable {
     var writeMax: Int
 }
 
-/// One NFS session: a libnfs context owned by one event-loop thread.
+/// One NFS session: a libnfs context owned by one event-loop thread (`EventLoopSession`).
 ///
 /// Everything that touches the context runs on that thread, from parsing the URL and mounting
-/// the export (which connects and may resolve names) to the last close: nothing blocks Swift's
-/// cooperative pool. Callers queue pieces under a lock and wake the loop through a pipe; the
-/// loop issues them with libnfs's async calls, polls the context's socket (in the directions
-/// `nfs_which_events` asks for) and the pipe together, and calls `nfs_service`, inside which
-/// libnfs runs the completion callbacks on this thread; they finish the pieces, which resume
-/// the waiting tasks.
+/// the export (which connects and may resolve names) to the last close. The loop issues pieces
+/// with libnfs's async calls, polls the context's socket in the directions `nfs_which_events`
+/// asks for and calls `nfs_service`, inside which libnfs runs the completion callbacks.
 ///
-/// Stopping lets every piece in flight complete or fail first, closes the file handle (an
-/// NFSv4 CLOSE), then destroys the context, which closes the socket.
-final class NFSConnection: @unchecked Sendable {
-    let index: Int
-    /// The URL as the user wrote it, for messages.
-    let name: String
-    private let inbox: EventLoopQueue<NFSPiece>
-    private let gauge: InFlightGauge
-    /// Pieces queued or in flight here: how busy this connection is, for spreading requests.
-    let load = Atomic<Int>(0)
+/// Stopping closes the file handle (an NFSv4 CLOSE) once the pieces in flight have finished,
+/// then destroys the context, which closes the socket.
+typealias NFSConnection = EventLoopSession<NFSContext>
 
-    // Loop thread only.
+/// A libnfs context with its mount and open file: what NFS brings to its `EventLoopSession`
+/// (loop thread only).
+final class NFSContext: EventLoopLibrary {
+    private let index: Int
+    /// The URL as the user wrote it, for messages.
+    private let name: String
+    private let mode: NFSOpenMode
+    private let gauge: InFlightGauge
     private var context: OpaquePointer?
     private var handle: OpaquePointer?
-    private var dead: FerryError?
     private var usesV4 = false
 
-    private init(index: Int, name: String, gauge: InFlightGauge, inbox: EventLoopQueue<NFSPiece>) {
+    private init(index: Int, url: String, mode: NFSOpenMode, gauge: InFlightGauge) {
         self.index = index
-        self.name = name
+        self.name = url
+        self.mode = mode
         self.gauge = gauge
-        self.inbox = inbox
     }
 
     /// Starts a connection's thread, which mounts the export and opens the file; returns once
     /// the file is open, with its size and the server's transfer limits.
     static func connect(url: String, mode: NFSOpenMode, index: Int, gauge: InFlightGauge) async throws -> (NFSConnection, NFSFileInfo) {
-        let connection = NFSConnection(index: index, name: url, gauge: gauge, inbox: try EventLoopQueue(name: url))
-        let info: NFSFileInfo = try await withCheckedThrowingContinuation { continuation in
-            let started = startDetachedThread(name: "ferry-nfs-\(index)") {
-                connection.run(url: url, mode: mode) { continuation.resume(with: $0) }
-            }
-            if !started {
-                connection.finish(FerryError(.other, "cannot start an NFS event-loop thread", path: url))
-                continuation.resume(throwing: FerryError(.other, "cannot start an NFS event-loop thread", path: url))
-            }
-        }
-        return (connection, info)
+        try await NFSConnection.start(NFSContext(index: index, url: url, mode: mode, gauge: gauge), index: index, name: url,
+                                      thread: "ferry-nfs", closed: "the NFS connection is closed")
     }
-
-    /// Queues a piece. A stopped or dead connection fails it at once.
-    func submit(_ piece: NFSPiece) {
-        load.add(1, ordering: .relaxed)
-        if let failed = inbox.post(piece) {
-            load.subtract(1, ordering: .relaxed)
-            piece.call.pieceFinished(failed.at(offset: piece.offset))
-        }
-    }
-
-    /// Lets the pieces in flight finish, closes the file and the session, then returns.
-    func stop() async {
-        await inbox.stop()
-    }
-
-    // MARK: The loop thread
 
     private func libnfsError() -> String {
-        guard let context, let p = nfs_get_error(context) else { return "unknown error" }
-        let s = String(cString: p)
-        return s.isEmpty ? "unknown error" : s
+        libraryMessage(context.flatMap { nfs_get_error($0) })
     }
 
-    private func run(url: String, mode: NFSOpenMode, opened: (Result<NFSFileInfo, any Error>) -> Void) {
-        let info: NFSFileInfo
-        do {
-            info = try open(url: url, mode: mode)
-        } catch {
-            let e = (error as? FerryError) ?? FerryError(.io, "\(error)", path: name)
-            teardown()
-            finish(e)
-            opened(.failure(e))
-            return
-        }
-        opened(.success(info))
-        loop()
-        teardown()
-        finish(dead ?? FerryError(.other, "the NFS connection is closed", path: name))
+    func open(_ session: NFSConnection) throws -> NFSFileInfo {
+        try open(url: name, mode: mode)
     }
 
     /// Mounts, opens (or creates and sizes) the file and reads its size, each step an async
@@ -328,9 +277,9 @@ final class NFSConnection: @unchecked Sendable {
         return FerryError(code, text, path: name, errno: err > 0 ? err : nil)
     }
 
-    private func teardown() {
+    func close(alive: Bool) {
         guard let ctx = context else { return }
-        if let fh = handle, dead == nil {
+        if let fh = handle, alive {
             // NFSv3 close is local; NFSv4 sends CLOSE. A failure here changes nothing.
             _ = try? drive("close", .plain) { cb, data in nfs_close_async(ctx, fh, cb, data) }
         }
@@ -341,55 +290,30 @@ final class NFSConnection: @unchecked Sendable {
         context = nil
     }
 
-    fileprivate func finish(_ error: FerryError) {
-        for p in inbox.finish(error) {
-            load.subtract(1, ordering: .relaxed)
-            p.call.pieceFinished(error.at(offset: p.offset))
+    func pollFor() -> (fd: Int32, events: Int16) {
+        guard let ctx = context else { return (-1, 0) }
+        return (nfs_get_fd(ctx), Int16(truncatingIfNeeded: nfs_which_events(ctx)))
+    }
+
+    func service(_ revents: Int16, _ session: NFSConnection) -> FerryError? {
+        guard let ctx = context, nfs_service(ctx, Int32(revents)) >= 0 else {
+            return FerryError(.io, "the connection to the NFS server was lost: \(libnfsError())", path: name)
         }
+        return nil
     }
-
-    private func loop() {
-        guard let ctx = context else { return }
-        inbox.run(
-            issue: { issue($0) },
-            idle: { pendingPieces.isEmpty },
-            socket: { dead == nil ? (nfs_get_fd(ctx), Int16(truncatingIfNeeded: nfs_which_events(ctx))) : nil },
-            service: { revents in
-                if nfs_service(ctx, Int32(revents)) < 0 {
-                    connectionLost(FerryError(.io, "the connection to the NFS server was lost: \(libnfsError())", path: name))
-                }
-            },
-            failed: { connectionLost($0) })
-    }
-
-    /// The session is gone: every piece in flight fails, and so does every later one.
-    private func connectionLost(_ error: FerryError) {
-        guard dead == nil else { return }
-        dead = error
-        for p in pendingPieces.values { complete(p, error: error.at(offset: p.offset + Int64(p.done))) }
-    }
-
-    /// Pieces issued to libnfs and not yet finished, by identity (loop thread only).
-    private var pendingPieces: [ObjectIdentifier: NFSPiece] = [:]
 
     private static let pieceCallback: nfs_cb = { status, _, data, privateData in
         let p = Unmanaged<NFSPiece>.fromOpaque(privateData!).takeRetainedValue()
-        p.connection?.answered(p, status: status, data: data)
+        if let s = p.session { s.library.answered(p, status: status, data: data, in: s) }
     }
 
-    private func issue(_ p: NFSPiece) {
-        if let dead {
-            load.subtract(1, ordering: .relaxed)
-            p.call.pieceFinished(dead.at(offset: p.offset))
-            return
-        }
-        p.connection = self
-        pendingPieces[ObjectIdentifier(p)] = p
-        send(p)
+    func issue(_ p: NFSPiece, _ session: NFSConnection) {
+        p.session = session
+        send(p, in: session)
     }
 
     /// Sends (the rest of) a piece as one RPC.
-    private func send(_ p: NFSPiece) {
+    private func send(_ p: NFSPiece, in session: NFSConnection) {
         guard let ctx = context, let fh = handle else { return }
         let token = Unmanaged.passRetained(p).toOpaque()
         let at = UInt64(p.offset) + UInt64(p.done)
@@ -409,43 +333,43 @@ final class NFSConnection: @unchecked Sendable {
         if rc != 0 {
             gauge.leave()
             Unmanaged<NFSPiece>.fromOpaque(token).release()
-            complete(p, error: pieceError(p, status: -EIO, message: libnfsError(), at: Int64(at), sending: true))
+            session.complete(p, error: pieceError(p, status: -EIO, message: libnfsError(), at: Int64(at), sending: true))
         }
     }
 
     /// A completion callback (inside `nfs_service` or `nfs_destroy_context`, on this thread).
-    fileprivate func answered(_ p: NFSPiece, status: Int32, data: UnsafeMutableRawPointer?) {
+    private func answered(_ p: NFSPiece, status: Int32, data: UnsafeMutableRawPointer?, in session: NFSConnection) {
         gauge.leave()
         // Already failed (the session died): the caller may be gone, and its buffer with it.
-        guard pendingPieces[ObjectIdentifier(p)] != nil else { return }
+        guard session.isOutstanding(p) else { return }
         let at = p.offset + Int64(p.done)
         if status < 0 {
             let message = data.map { String(cString: $0.assumingMemoryBound(to: CChar.self)) } ?? libnfsError()
-            complete(p, error: pieceError(p, status: status, message: message, at: at))
+            session.complete(p, error: pieceError(p, status: status, message: message, at: at))
             return
         }
         let rest = p.operation.count - p.done
         switch p.operation {
         case .fsync, .truncate:
-            complete(p, error: nil)
+            session.complete(p, error: nil)
         case .read(let buffer, _):
             let n = min(Int(status), rest)
             if n > 0, let data { (buffer + p.done).copyMemory(from: data, byteCount: n) }
             if n == 0 {
-                complete(p, error: FerryError(.shortRead, "the NFS file ended at offset \(at) (it shrank under the copy?)",
+                session.complete(p, error: FerryError(.shortRead, "the NFS file ended at offset \(at) (it shrank under the copy?)",
                                               path: name, offset: at))
                 return
             }
             p.done += n
-            if p.done < p.operation.count { send(p) } else { complete(p, error: nil) }
+            if p.done < p.operation.count { send(p, in: session) } else { session.complete(p, error: nil) }
         case .write:
             let n = min(Int(status), rest)
             if n == 0 {
-                complete(p, error: FerryError(.io, "the NFS server wrote nothing", path: name, offset: at))
+                session.complete(p, error: FerryError(.io, "the NFS server wrote nothing", path: name, offset: at))
                 return
             }
             p.done += n
-            if p.done < p.operation.count { send(p) } else { complete(p, error: nil) }
+            if p.done < p.operation.count { send(p, in: session) } else { session.complete(p, error: nil) }
         }
     }
 
@@ -466,11 +390,5 @@ final class NFSConnection: @unchecked Sendable {
             text += " (libnfs 4.0 cannot send NFSv4 writes of 4 KiB or more: write over NFSv3)"
         }
         return FerryError(code, text, path: name, offset: at, errno: err > 0 ? err : nil)
-    }
-
-    private func complete(_ p: NFSPiece, error: FerryError?) {
-        guard pendingPieces.removeValue(forKey: ObjectIdentifier(p)) != nil else { return }
-        load.subtract(1, ordering: .relaxed)
-        p.call.pieceFinished(error)
     }
 }

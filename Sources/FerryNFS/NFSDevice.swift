@@ -20,21 +20,20 @@ import Glibc
 /// cheap zeroing or allocation map that libnfs 4.0 exposes: zeroes are written as zero
 /// bytes, and the whole file is one data extent. `flush` sends COMMIT (`nfs_fsync`) on every
 /// connection.
-public final class NFSDevice: BlockDevice, TruncatableDevice {
+public final class NFSDevice: PooledDevice, TruncatableDevice {
     public let name: String
     public let size: Int64
     public let limits: BlockLimits
     public let capabilities: BlockCapabilities
     public let readOnly: Bool
-    let connections: [NFSConnection]
+    public var kind: String { "NFS file" }
+    let pool: SessionPool<NFSConnection>
     let readMax: Int
     let writeMax: Int
     private let gauge: InFlightGauge
-    private let nextConnection = Atomic<Int>(0)
-    private let closed = Atomic<Bool>(false)
 
     /// Connections (libnfs sessions) in use.
-    public var connectionCount: Int { connections.count }
+    public var connectionCount: Int { pool.count }
     /// The most NFS RPCs that were ever in flight at once, over all connections.
     public var peakInFlight: Int { gauge.peak }
     /// The largest READ or WRITE sent so far (for tests of the splitting).
@@ -60,23 +59,23 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
                                 connections wanted: Int, zeroInit: Bool) async throws -> NFSDevice {
         ignoreSIGPIPE()
         let gauge = InFlightGauge()
-        let (c0, info) = try await NFSConnection.connect(url: url, mode: first, index: 0, gauge: gauge)
-        let all = try await openSessions(beside: c0, count: wanted, open: { i in
-            try await NFSConnection.connect(url: url, mode: rest, index: i, gauge: gauge).0
-        }, stop: { await $0.stop() })
+        let (c0, info) = try await NFSContext.connect(url: url, mode: first, index: 0, gauge: gauge)
+        let pool = try await SessionPool.open(beside: c0, count: wanted) { i in
+            try await NFSContext.connect(url: url, mode: rest, index: i, gauge: gauge).0
+        }
         let readOnly: Bool
         if case .readOnly = first { readOnly = true } else { readOnly = false }
         return NFSDevice(name: url, info: info, readOnly: readOnly, zeroInit: zeroInit, gauge: gauge,
-                         connections: all)
+                         pool: pool)
     }
 
     private init(name: String, info: NFSFileInfo, readOnly: Bool, zeroInit: Bool, gauge: InFlightGauge,
-                 connections: [NFSConnection]) {
+                 pool: SessionPool<NFSConnection>) {
         self.name = name
         self.size = info.size
         self.readOnly = readOnly
         self.gauge = gauge
-        self.connections = connections
+        self.pool = pool
         readMax = info.readMax
         writeMax = info.writeMax
         let maximum = readOnly ? readMax : min(readMax, writeMax)
@@ -98,39 +97,15 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
         _ = signal(SIGPIPE, SIG_IGN)
     }
 
-    // MARK: Spreading requests
+    // MARK: Splitting requests
 
-    private func pick() -> NFSConnection {
-        if connections.count == 1 { return connections[0] }
-        let start = nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
-        var best = connections[start % connections.count]
-        var bestLoad = best.load.load(ordering: .relaxed)
-        for k in 1 ..< connections.count where bestLoad > 0 {
-            let c = connections[(start + k) % connections.count]
-            let l = c.load.load(ordering: .relaxed)
-            if l < bestLoad { best = c; bestLoad = l }
-        }
-        return best
-    }
-
-    /// Sends `length` bytes from `offset` as pieces of at most `step`, all at once, and waits
-    /// for all of them; `make` builds the piece at (index into the request, length).
-    /// `issued`, if given, is called once every piece is queued, before the task suspends.
+    /// Sends `length` bytes from `offset` as RPCs of at most `step`, all at once, and waits
+    /// for all of them; `make` builds the RPC at (index into the request, length).
     private func perform(offset: Int64, length: Int, step: Int, issued: (@Sendable () -> Void)? = nil,
                          _ make: (Int, Int) -> NFSOperation) async throws {
-        guard length > 0 else { issued?(); return }
-        try await PendingCall.perform(pieces: (length + step - 1) / step, issued: issued) { call in
-            var done = 0
-            while done < length {
-                let n = min(step, length - done)
-                pick().submit(NFSPiece(make(done, n), at: offset + Int64(done), call: call))
-                done += n
-            }
+        try await pool.perform(count: Int64(length), step: Int64(step), issued: issued) { done, n, call in
+            NFSPiece(make(Int(done), Int(n)), at: offset + done, call: call)
         }
-    }
-
-    private func checkWritable(_ offset: Int64) throws {
-        if readOnly { throw FerryError(.readOnly, "the NFS file was opened read-only", path: name, offset: offset) }
     }
 
     // MARK: BlockDevice
@@ -141,16 +116,10 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
         try await perform(offset: offset, length: buffer.count, step: readMax) { i, n in .read(base + i, n) }
     }
 
-    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
-        try await write(at: offset, from: buffer, flags: flags, issued: {})
-    }
-
     /// Issued once every piece is queued on a session; with `.fua`, after the COMMIT.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
                       issued: @escaping @Sendable () -> Void) async throws {
-        try checkRange(offset, Int64(buffer.count))
-        try checkWritable(offset)
-        guard let base = buffer.baseAddress, buffer.count > 0 else { issued(); return }
+        guard let base = try checkWrite(offset, buffer) else { issued(); return }
         let fua = flags.contains(.fua)
         try await perform(offset: offset, length: buffer.count, step: writeMax, issued: fua ? nil : issued) { i, n in
             .write(base + i, n)
@@ -162,8 +131,7 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws {
-        try checkRange(offset, length)
-        try checkWritable(offset)
+        try checkWrite(offset, length)
         if flags.contains(.fastOnly) {
             throw FerryError(.notSupported, "NFS cannot zero faster than writing zeros", path: name, offset: offset)
         }
@@ -171,21 +139,14 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
         // No ALLOCATE/DEALLOCATE in libnfs 4.0: zero bytes from one shared buffer, a bounded
         // number of chunks at a time so a huge range does not queue millions of pieces.
         let zeros = SharedZeros.shared
-        let step = min(zeros.count, writeMax)
-        let batch = Int64(step) * 64
-        var at = offset
-        let end = offset + length
-        while at < end {
-            let n = Int(min(batch, end - at))
-            try await perform(offset: at, length: n, step: step) { _, k in .write(zeros.pointer, k) }
-            at += Int64(n)
+        try await pool.performInBatches(count: length, step: Int64(min(zeros.count, writeMax))) { done, n, call in
+            NFSPiece(.write(zeros.pointer, Int(n)), at: offset + done, call: call)
         }
         if flags.contains(.fua) { try await flush() }
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
-        try checkRange(offset, length)
-        try checkWritable(offset)
+        try checkWrite(offset, length)
         // No DEALLOCATE in libnfs 4.0: nothing to do (a discarded range's contents are
         // unspecified).
     }
@@ -199,24 +160,17 @@ public final class NFSDevice: BlockDevice, TruncatableDevice {
     public func flush() async throws {
         guard !readOnly else { return }
         // COMMIT on every session: each one commits what the server holds unstable for the file.
-        try await PendingCall.perform(pieces: connections.count) { call in
-            for c in connections { c.submit(NFSPiece(.fsync, at: 0, call: call)) }
-        }
+        try await pool.performOnEach { NFSPiece(.fsync, at: 0, call: $0) }
     }
 
     /// Cuts (or extends) the file on the server to `length` bytes. For a format that knows,
     /// once it is complete, how much of the file it used; `size` stays what it was.
     public func truncateFile(to length: Int64) async throws {
         try checkWritable(length)
-        try await PendingCall.perform(pieces: 1) { call in
-            connections[0].submit(NFSPiece(.truncate(length), at: 0, call: call))
-        }
+        try await pool.performOnEach([pool.sessions[0]]) { NFSPiece(.truncate(length), at: 0, call: $0) }
     }
 
     public func close() async throws {
-        guard !closed.exchange(true, ordering: .relaxed) else { return }
-        await withTaskGroup(of: Void.self) { group in
-            for c in connections { group.addTask { await c.stop() } }
-        }
+        await pool.stop()
     }
 }

@@ -5,39 +5,15 @@ import FerryTestServers
 /// `ferry convert` with iscsi:// sources and targets against a real tgtd (and ganesha for
 /// the NFS legs), judged by `qemu-img compare`; errors end in one line naming the URL
 /// (without its password) and a non-zero exit. Also the delay proxy.
-final class ISCSITests: XCTestCase {
-    nonisolated(unsafe) static var shared: ISCSITarget?
-    nonisolated(unsafe) static var startError: String?
+final class ISCSITests: ServerCLITestCase {
     static let lunSize: Int64 = 64 << 20
+    override class var scratchName: String { "iscsi" }
 
-    override class func setUp() {
-        super.setUp()
-        do { shared = try ISCSITarget(name: "cli-main", port: 3283, control: 83) } catch { startError = "\(error)" }
+    override class func startServer() throws -> any ScriptServer {
+        try ISCSITarget(name: "cli-main", port: 3283, control: 83)
     }
 
-    override class func tearDown() {
-        shared?.stop()
-        shared = nil
-        super.tearDown()
-    }
-
-    var target: ISCSITarget!
-    var dir: URL!
-
-    override func setUpWithError() throws {
-        guard let t = Self.shared else {
-            XCTFail("tgtd did not start: \(Self.startError ?? "?")")
-            throw XCTSkip("no iSCSI target")
-        }
-        target = t
-        dir = try makeScratchDirectory("iscsi")
-    }
-
-    override func tearDownWithError() throws {
-        if let dir { try? FileManager.default.removeItem(at: dir) }
-    }
-
-    func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+    var target: ISCSITarget { shared() }
 
     /// 40 MiB with data, zero runs and holes (all 4 KiB aligned so both LUN block sizes fit).
     static let image = TestImage(name: "src.raw", size: 40 << 20, writes: [
@@ -48,16 +24,6 @@ final class ISCSITests: XCTestCase {
         "write -P 0x44 20M 69632",
         "write -P 0xcd 41938944 4096",
     ])
-
-    private func compare(_ a: String, _ b: String, formats: (String, String) = ("raw", "raw"), line: UInt = #line) throws {
-        let r = try Tools.run(try Tools.require("qemu-img"), ["compare", "-f", formats.0, "-F", formats.1, a, b], in: dir)
-        XCTAssertEqual(r.status, 0, "qemu-img compare \(a) \(b): \(r.stdout)\(r.stderr)", line: line)
-    }
-
-    private func convert(_ args: [String], line: UInt = #line) throws {
-        let r = try Tools.ferry(["convert"] + args, in: dir)
-        XCTAssertEqual(r.status, 0, "ferry convert \(args.joined(separator: " ")): \(r.stderr)", line: line)
-    }
 
     /// The first `size` bytes of a LUN (read back by ferry, or its backing file): a LUN is at
     /// least as large as the image, and only the image's bytes are compared.
@@ -142,11 +108,7 @@ final class ISCSITests: XCTestCase {
     // MARK: Errors: one line naming the URL, non-zero exit
 
     private func expectFailure(_ args: [String], url: String, mentions: [String] = [], line: UInt = #line) throws {
-        let r = try Tools.ferry(["convert"] + args, in: dir)
-        XCTAssertNotEqual(r.status, 0, "ferry convert \(args.joined(separator: " ")) succeeded", line: line)
-        let lines = r.stderr.split(separator: "\n").filter { !$0.isEmpty }
-        XCTAssertEqual(lines.count, 1, "one line, not: \(r.stderr)", line: line)
-        XCTAssertTrue(r.stderr.contains(url), "the message names \(url): \(r.stderr)", line: line)
+        let r = try failedConvert(args, url: url, line: line)
         XCTAssertFalse(r.stderr.contains(Self.badPassword) || r.stderr.contains(ISCSITarget.password), "no password: \(r.stderr)", line: line)
         for m in mentions { XCTAssertTrue(r.stderr.contains(m), "\(m) in: \(r.stderr)", line: line) }
     }

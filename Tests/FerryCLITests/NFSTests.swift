@@ -4,38 +4,14 @@ import FerryTestServers
 
 /// `ferry convert` with nfs:// sources and targets against a real ganesha, judged by
 /// `qemu-img compare`; errors end in one line naming the URL and a non-zero exit.
-final class NFSTests: XCTestCase {
-    nonisolated(unsafe) static var shared: NFSServer?
-    nonisolated(unsafe) static var startError: String?
+final class NFSTests: ServerCLITestCase {
+    override class var scratchName: String { "nfs" }
 
-    override class func setUp() {
-        super.setUp()
-        do { shared = try NFSServer(name: "cli-main", nfsPort: 2071, mountPort: 20071) } catch { startError = "\(error)" }
+    override class func startServer() throws -> any ScriptServer {
+        try NFSServer(name: "cli-main", nfsPort: 2071, mountPort: 20071)
     }
 
-    override class func tearDown() {
-        shared?.stop()
-        shared = nil
-        super.tearDown()
-    }
-
-    var server: NFSServer!
-    var dir: URL!
-
-    override func setUpWithError() throws {
-        guard let s = Self.shared else {
-            XCTFail("the NFS server did not start: \(Self.startError ?? "?")")
-            throw XCTSkip("no NFS server")
-        }
-        server = s
-        dir = try makeScratchDirectory("nfs")
-    }
-
-    override func tearDownWithError() throws {
-        if let dir { try? FileManager.default.removeItem(at: dir) }
-    }
-
-    func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+    var server: NFSServer { shared() }
 
     static let image = TestImage(name: "src.raw", size: (24 << 20) + 1536, writes: [
         "write -P 0xab 0 64k",
@@ -45,16 +21,6 @@ final class NFSTests: XCTestCase {
         "write -P 0x44 20M 66048",
         "write -P 0xcd 25165824 1536",
     ])
-
-    private func compare(_ a: String, _ b: String, formats: (String, String) = ("raw", "raw"), line: UInt = #line) throws {
-        let r = try Tools.run(try Tools.require("qemu-img"), ["compare", "-f", formats.0, "-F", formats.1, a, b], in: dir)
-        XCTAssertEqual(r.status, 0, "qemu-img compare \(a) \(b): \(r.stdout)\(r.stderr)", line: line)
-    }
-
-    private func convert(_ args: [String], line: UInt = #line) throws {
-        let r = try Tools.ferry(["convert"] + args, in: dir)
-        XCTAssertEqual(r.status, 0, "ferry convert \(args.joined(separator: " ")): \(r.stderr)", line: line)
-    }
 
     func testRawRoundTripWritingOverV3ReadingOverV3AndV4() throws {
         let src = try Self.image.build(in: dir)
@@ -144,11 +110,7 @@ final class NFSTests: XCTestCase {
     // MARK: Errors: one line naming the URL, non-zero exit
 
     private func expectFailure(_ args: [String], url: String, mentions: String? = nil, line: UInt = #line) throws {
-        let r = try Tools.ferry(["convert"] + args, in: dir)
-        XCTAssertNotEqual(r.status, 0, "ferry convert \(args.joined(separator: " ")) succeeded", line: line)
-        let lines = r.stderr.split(separator: "\n").filter { !$0.isEmpty }
-        XCTAssertEqual(lines.count, 1, "one line, not: \(r.stderr)", line: line)
-        XCTAssertTrue(r.stderr.contains(url), "the message names \(url): \(r.stderr)", line: line)
+        let r = try failedConvert(args, url: url, line: line)
         if let mentions { XCTAssertTrue(r.stderr.contains(mentions), "\(mentions) in: \(r.stderr)", line: line) }
     }
 

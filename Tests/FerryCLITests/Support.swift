@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import FerryTestServers
 
 /// What a finished process left behind.
 struct ProcessResult {
@@ -146,6 +147,46 @@ func makeScratchDirectory(_ name: String) throws -> URL {
     // Readable by others, for the test that runs ferry as an unprivileged user.
     chmod(dir.path, 0o755)
     return dir
+}
+
+/// A test class with one server for the whole class (see `SharedServerTestCase`) and a
+/// scratch directory (`scratchName`) for each test, removed afterwards.
+class ServerCLITestCase: SharedServerTestCase {
+    class var scratchName: String { "server" }
+    var dir: URL!
+
+    override func setUpWithError() throws {
+        try super.setUpWithError()
+        dir = try makeScratchDirectory(Self.scratchName)
+    }
+
+    override func tearDownWithError() throws {
+        if let dir { try? FileManager.default.removeItem(at: dir) }
+    }
+
+    func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+
+    /// `qemu-img compare` says the two images are the same.
+    func compare(_ a: String, _ b: String, formats: (String, String) = ("raw", "raw"), line: UInt = #line) throws {
+        let r = try Tools.run(try Tools.require("qemu-img"), ["compare", "-f", formats.0, "-F", formats.1, a, b], in: dir)
+        XCTAssertEqual(r.status, 0, "qemu-img compare \(a) \(b): \(r.stdout)\(r.stderr)", line: line)
+    }
+
+    /// `ferry convert ARGS` succeeds.
+    func convert(_ args: [String], line: UInt = #line) throws {
+        let r = try Tools.ferry(["convert"] + args, in: dir)
+        XCTAssertEqual(r.status, 0, "ferry convert \(args.joined(separator: " ")): \(r.stderr)", line: line)
+    }
+
+    /// `ferry convert ARGS` fails with one line that names `url`.
+    func failedConvert(_ args: [String], url: String, line: UInt = #line) throws -> ProcessResult {
+        let r = try Tools.ferry(["convert"] + args, in: dir)
+        XCTAssertNotEqual(r.status, 0, "ferry convert \(args.joined(separator: " ")) succeeded", line: line)
+        let lines = r.stderr.split(separator: "\n").filter { !$0.isEmpty }
+        XCTAssertEqual(lines.count, 1, "one line, not: \(r.stderr)", line: line)
+        XCTAssertTrue(r.stderr.contains(url), "the message names \(url): \(r.stderr)", line: line)
+        return r
+    }
 }
 
 /// Bytes a file takes on disk (st_blocks x 512).

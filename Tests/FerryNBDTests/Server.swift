@@ -1,5 +1,7 @@
 import Foundation
 import XCTest
+// Re-exported so every file of this target sees TestBuffer.
+@_exported import FerryTestServers
 
 /// An nbdkit run in the foreground as a child of the test, on a unix socket in `dir`.
 /// `stop()` (called from tearDown) ends it whatever happened.
@@ -84,29 +86,9 @@ class NBDTestCase: XCTestCase {
         return s
     }
 
-    /// A file of `size` bytes (sparse) with `pattern` bytes written at each (offset, length).
+    /// A file of `size` bytes (sparse) in the scratch directory with `pattern` bytes written
+    /// at each (offset, length).
     func makeFile(_ name: String, size: Int64, data: [(Int64, Int, UInt8)] = []) throws -> String {
-        let path = dir.appendingPathComponent(name).path
-        let fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0o644)
-        guard fd >= 0 else { throw POSIXError(.EIO) }
-        defer { close(fd) }
-        guard ftruncate(fd, off_t(size)) == 0 else { throw POSIXError(.EIO) }
-        for (offset, length, byte) in data {
-            let bytes = [UInt8](repeating: byte, count: length)
-            guard pwrite(fd, bytes, length, off_t(offset)) == length else { throw POSIXError(.EIO) }
-        }
-        return path
+        try makeSparseFile(dir.appendingPathComponent(name).path, size: size, data: data)
     }
-}
-
-/// An aligned buffer the test owns.
-final class TestBuffer {
-    let bytes: UnsafeMutableRawBufferPointer
-    init(count: Int, fill: UInt8 = 0) {
-        bytes = .allocate(byteCount: count, alignment: 4096)
-        bytes.initializeMemory(as: UInt8.self, repeating: fill)
-    }
-    deinit { bytes.deallocate() }
-    var all: UnsafeRawBufferPointer { UnsafeRawBufferPointer(bytes) }
-    func allEqual(_ b: UInt8) -> Bool { bytes.allSatisfy { $0 == b } }
 }

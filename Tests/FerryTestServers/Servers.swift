@@ -26,11 +26,33 @@ public enum ProjectScripts {
         let output = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
         return (status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f), output)
     }
+
+    /// Starts a server with scripts/NAME-start.sh STATE (its state directory, emptied first,
+    /// after NAME-stop.sh STATE when `stopFirst`); throws with the script's output if it fails.
+    static func startServer(_ name: String, state: String, env: [String: String], stopFirst: Bool = false) throws {
+        if stopFirst { _ = run("\(name)-stop.sh", [state]) }
+        try? FileManager.default.removeItem(atPath: state)
+        let r = run("\(name)-start.sh", [state], env: env)
+        guard r.status == 0 else {
+            throw NSError(domain: name, code: Int(r.status), userInfo: [NSLocalizedDescriptionKey: "\(name)-start.sh failed: \(r.output)"])
+        }
+    }
+
+    /// Stops a server with scripts/NAME-stop.sh STATE and removes its state directory.
+    static func stopServer(_ name: String, state: String) {
+        _ = run("\(name)-stop.sh", [state])
+        try? FileManager.default.removeItem(atPath: state)
+    }
+
+    /// The pid a server wrote to FILE.
+    static func pid(in file: String) -> Int32? {
+        (try? String(contentsOfFile: file, encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+    }
 }
 
 /// An nfs-ganesha server started by the project's scripts/nfs-start.sh on loopback ports,
 /// with a read-write export (/export) and a read-only one (/export-ro).
-public final class NFSServer: @unchecked Sendable {
+public final class NFSServer: ScriptServer, @unchecked Sendable {
     public let state: String
     public let nfsPort: Int
     public let mountPort: Int
@@ -40,24 +62,13 @@ public final class NFSServer: @unchecked Sendable {
         state = "/tmp/ferry-nfs-test-\(name)"
         self.nfsPort = nfsPort
         self.mountPort = mountPort
-        try? FileManager.default.removeItem(atPath: state)
-        let r = ProjectScripts.run("nfs-start.sh", [state], env: ["NFS_PORT": "\(nfsPort)", "MOUNT_PORT": "\(mountPort)"])
-        guard r.status == 0 else {
-            throw NSError(domain: "NFSServer", code: Int(r.status), userInfo: [NSLocalizedDescriptionKey: "nfs-start.sh failed: \(r.output)"])
-        }
+        try ProjectScripts.startServer("nfs", state: state, env: ["NFS_PORT": "\(nfsPort)", "MOUNT_PORT": "\(mountPort)"])
     }
 
-    /// Stops the server (idempotent) and removes its files.
-    public func stop() {
-        _ = ProjectScripts.run("nfs-stop.sh", [state])
-        try? FileManager.default.removeItem(atPath: state)
-    }
+    public func stop() { ProjectScripts.stopServer("nfs", state: state) }
 
     /// The server process, for the tests that kill it.
-    public var pid: Int32? {
-        guard let s = try? String(contentsOfFile: "\(state)/ganesha.pid", encoding: .utf8) else { return nil }
-        return Int32(s.trimmingCharacters(in: .whitespacesAndNewlines))
-    }
+    public var pid: Int32? { ProjectScripts.pid(in: "\(state)/ganesha.pid") }
 
     public var exportDir: String { "\(state)/export" }
     public var readOnlyDir: String { "\(state)/export-ro" }
@@ -76,7 +87,7 @@ public final class NFSServer: @unchecked Sendable {
 
 /// A tgtd started by the project's scripts/iscsi-start.sh on a loopback port, with its own
 /// control socket: thin, thick, 4Kn, CHAP and read-only LUNs (see the script).
-public final class ISCSITarget: @unchecked Sendable {
+public final class ISCSITarget: ScriptServer, @unchecked Sendable {
     public let state: String
     public let port: Int
     public let control: Int
@@ -88,23 +99,14 @@ public final class ISCSITarget: @unchecked Sendable {
         state = "/tmp/ferry-iscsi-test-\(name)"
         self.port = port
         self.control = control
-        _ = ProjectScripts.run("iscsi-stop.sh", [state])
-        try? FileManager.default.removeItem(atPath: state)
-        let r = ProjectScripts.run("iscsi-start.sh", [state], env: ["ISCSI_PORT": "\(port)", "ISCSI_CTL": "\(control)", "ISCSI_SIZE": size])
-        guard r.status == 0 else {
-            throw NSError(domain: "ISCSITarget", code: Int(r.status), userInfo: [NSLocalizedDescriptionKey: "iscsi-start.sh failed: \(r.output)"])
-        }
+        try ProjectScripts.startServer("iscsi", state: state, env: ["ISCSI_PORT": "\(port)", "ISCSI_CTL": "\(control)", "ISCSI_SIZE": size],
+                                       stopFirst: true)
     }
 
-    /// Stops tgtd (idempotent) and removes the backing files.
-    public func stop() {
-        _ = ProjectScripts.run("iscsi-stop.sh", [state])
-        try? FileManager.default.removeItem(atPath: state)
-    }
+    public func stop() { ProjectScripts.stopServer("iscsi", state: state) }
 
-    public var pid: Int32? {
-        (try? String(contentsOfFile: "\(state)/tgtd.pid", encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-    }
+    /// The target process, for the tests that kill it.
+    public var pid: Int32? { ProjectScripts.pid(in: "\(state)/tgtd.pid") }
 
     /// The URL of LUN `lun` of target `name` (thin, thick, thin4k, readonly, chap).
     public func url(_ name: String, lun: Int = 1, port: Int? = nil) -> String {

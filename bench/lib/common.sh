@@ -13,6 +13,15 @@ bench_defaults() {
     (( SIZE_MIB % 4 == 0 && SIZE_MIB >= 8 )) || { echo "bench: SIZE_MIB must be a multiple of 4, at least 8" >&2; exit 1; }
 }
 
+# bench_workdir NAME: OUT, a fresh directory under BENCH_DIR (default /tmp) removed on exit,
+# with SRC ($OUT/src.raw) for the source image and DST ($OUT/dst) for format_table's targets.
+bench_workdir() {
+    OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/$1.XXXXXX")
+    trap 'rm -rf "$OUT"' EXIT
+    SRC=$OUT/src.raw
+    DST=$OUT/dst
+}
+
 # row_figures MEDIAN_US [REFERENCE_MEDIAN_US]: "seconds MiB/s ratio" of one table row, the
 # ratio (time over the reference's) only with a reference; MiB/s is SIZE_MIB over the time.
 row_figures() {
@@ -88,6 +97,16 @@ fill_half_data() {
     done
 }
 
+# guest_image: $SRC, a raw guest image of SIZE_MIB, half data from a corpus (make_corpus)
+# and half holes (fill_half_data).
+guest_image() {
+    local corpus=$OUT/corpus
+    make_corpus "$corpus"
+    echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
+    fill_half_data "$SRC" "$SIZE_MIB" "$corpus"
+    rm -f "$corpus"
+}
+
 # select_rows: ROWS from ALL_ROWS ("kind|name|command|target format|reference row"), only
 # those of KIND when it is set (write or read), without the kind.
 select_rows() {
@@ -100,51 +119,86 @@ select_rows() {
     done
 }
 
-# format_table TITLE CHECKED: runs every row of ROWS ("name|command|target format|reference
-# row"; SRC and DST in the command stand for the raw image $SRC and the target $DST.FORMAT)
-# RUNS times, in an order shuffled afresh each round, the page cache settled before each run;
-# checks each output on the first run (qemu-img check for the formats in CHECKED, qemu-img
-# compare against $SRC for all); prints the table of medians and ratios under TITLE.
-format_table() {
-    local title=$1 checked=" $2 " run row name cmd fmt ref dst t0 t1 r secs rate ratio
-    declare -A TIMES SIZES
+# The timed loop every table shares.
+#
+# TIMES[KEY] collects one run's time in microseconds per run of KEY (space-separated);
+# SIZES[KEY] what a row's output takes on disk, in MiB.
+declare -A TIMES SIZES
+
+# run_rounds ROW_FUNCTION: RUNS rounds; in each, `ROW_FUNCTION RUN ROW` for every row of ROWS,
+# in an order shuffled afresh each round (see shuffle) so drift hits every command alike.
+run_rounds() {
+    local fn=$1 run row
     for (( run = 1; run <= RUNS; run++ )); do
         mapfile -t ORDER < <(shuffle "$run" "${ROWS[@]}")
-        for row in "${ORDER[@]}"; do
-            IFS='|' read -r name cmd fmt _ <<<"$row"
-            dst=$DST.$fmt
-            cmd=${cmd//SRC/$SRC}
-            cmd=${cmd//DST/$dst}
-            rm -f "$dst"
-            settle
-            t0=$(now_ns)
-            bash -c "$cmd"
-            t1=$(now_ns)
-            TIMES[$name]+="$(( (t1 - t0) / 1000 )) "
-            if (( run == 1 )); then
-                if [[ $checked == *" $fmt "* ]]; then
-                    qemu-img check -q "$dst" || { echo "bench: $name: qemu-img check failed" >&2; exit 1; }
-                fi
-                qemu-img compare -q -f raw -F "$fmt" "$SRC" "$dst" || { echo "bench: $name produced a different image" >&2; exit 1; }
-                SIZES[$name]=$(( $(stat -c %b "$dst") * 512 / 1048576 ))
-            fi
-            rm -f "$dst"
-        done
+        for row in "${ORDER[@]}"; do "$fn" "$run" "$row"; done
         echo "bench: run $run of $RUNS done" >&2
     done
+}
+
+# timed KEY COMMAND: settles the page cache (BENCH_SETTLE: drop, the default, see settle; sync,
+# dirty pages written back only; none), runs COMMAND with bash (prefixed by the words of
+# BENCH_IN, e.g. `ip netns exec NS`, when set; its standard output dropped) and adds its time
+# to TIMES[KEY]. A command that fails ends the bench.
+timed() {
+    local key=$1 cmd=$2 t0 t1
+    case ${BENCH_SETTLE:-drop} in
+        drop) settle ;;
+        sync) sync ;;
+    esac
+    t0=$(now_ns)
+    "${BENCH_IN[@]}" bash -c "$cmd" >/dev/null || { echo "bench: failed: $cmd" >&2; exit 1; }
+    t1=$(now_ns)
+    TIMES[$key]+="$(( (t1 - t0) / 1000 )) "
+}
+
+# figures KEY [REFERENCE_KEY]: "seconds MiB/s ratio" of KEY's median (see row_figures), the
+# ratio against REFERENCE_KEY's median when one is given.
+figures() {
+    local r=""
+    [ -n "${2:-}" ] && r=$(median_us "${TIMES[$2]}")
+    row_figures "$(median_us "${TIMES[$1]}")" "$r"
+}
+
+# format_table TITLE CHECKED: runs every row of ROWS ("name|command|target format|reference
+# row"; SRC and DST in the command stand for the raw image $SRC and the target $DST.FORMAT)
+# RUNS times (run_rounds, timed); checks each output on the first run (qemu-img check for the
+# formats in CHECKED, qemu-img compare against $SRC for all); prints the table of medians and
+# ratios under TITLE. DATA says what the image holds (default: half data: binaries and text).
+format_table() {
+    local title=$1 row name fmt ref secs rate ratio
+    FORMAT_CHECKED=" $2 "
+    run_rounds format_row
 
     echo
-    echo "$title, ${SIZE_MIB} MiB guest image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs"
+    echo "$title, ${SIZE_MIB} MiB guest image (${DATA:-half data: binaries and text}), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs"
     echo
     printf '| %-40s | %8s | %7s | %8s | %6s | %-40s |\n' "command" "median s" "MiB/s" "out MiB" "ratio" "ratio is time against"
     printf '|%s|%s|%s|%s|%s|%s|\n' "------------------------------------------" "----------" "---------" "----------" "--------" "------------------------------------------"
     for row in "${ROWS[@]}"; do
         IFS='|' read -r name _ _ ref <<<"$row"
-        r=""
-        [ -n "$ref" ] && r=$(median_us "${TIMES[$ref]}")
-        read -r secs rate ratio <<<"$(row_figures "$(median_us "${TIMES[$name]}")" "$r")"
+        read -r secs rate ratio <<<"$(figures "$name" "$ref")"
         printf '| %-40s | %8s | %7s | %8s | %6s | %-40s |\n' "$name" "$secs" "$rate" "${SIZES[$name]}" "$ratio" "$ref"
     done
     echo
     echo "MiB/s is the image's virtual size over the time; out MiB is what the target takes on disk; ratio < 1 means faster than the qemu-img command it is compared with."
+}
+
+# format_row RUN ROW: one timed run of a format_table row, checked on the first run.
+format_row() {
+    local run=$1 name cmd fmt dst
+    IFS='|' read -r name cmd fmt _ <<<"$2"
+    dst=$DST.$fmt
+    cmd=${cmd//SRC/$SRC}
+    cmd=${cmd//DST/$dst}
+    rm -f "$dst"
+    timed "$name" "$cmd"
+    if (( run == 1 )); then
+        if [[ $FORMAT_CHECKED == *" $fmt "* ]]; then
+            qemu-img check -q "$dst" || { echo "bench: $name: qemu-img check failed" >&2; exit 1; }
+        fi
+        qemu-img compare -q -f raw -F "$fmt" "$SRC" "$dst" || { echo "bench: $name produced a different image" >&2; exit 1; }
+        SIZES[$name]=$(( $(stat -c %b "$dst") * 512 / 1048576 ))
+    fi
+    rm -f "$dst"
 }
