@@ -115,6 +115,12 @@ LINES=(
     "backup|iSCSI -> NFS (qcow2)"
 )
 COLS=("ferry" "qemu -m 1" "qemu" "qemu -m 16 -W")
+# SWEEP=1: Ferry at every fixed setting too (bench/defaults.sh's question for this path).
+SWEEP_COLS=()
+if [ "${SWEEP:-0}" = 1 ]; then
+    for m in 1 4 8 16 32 64; do SWEEP_COLS+=("ferry -m $m --in-order" "ferry -m $m -W"); done
+    COLS+=("${SWEEP_COLS[@]}")
+fi
 
 # The command of one cell: LINE COLUMN DELAY(0|1|p0)
 command_for() {
@@ -131,6 +137,7 @@ command_for() {
     [ "$line" = backup ] && n=
     case $col in
         "ferry") echo "$FERRY convert -q -f $fmt -O $out '$src' '$dst'" ;;
+        "ferry "*) echo "$FERRY convert -q ${col#ferry } -f $fmt -O $out '$src' '$dst'" ;;
         "qemu -m 1") echo "qemu-img convert $n -f $fmt -O $out -m 1 '$qsrc' '$qdst'" ;;
         "qemu") echo "qemu-img convert $n -f $fmt -O $out '$qsrc' '$qdst'" ;;
         "qemu -m 16 -W") echo "qemu-img convert $n -f $fmt -O $out -m 16 -W '$qsrc' '$qdst'" ;;
@@ -197,3 +204,22 @@ p=$(median_us "${TIMES["raw|p0|ferry"]}")
 echo
 echo "Proxy cost: ferry raw on NFS -> iSCSI through ferry-delay-proxy at 0 ms: $(secs "$p") s against $(secs "$f") s direct ($(awk -v p="$p" -v f="$f" 'BEGIN { printf "%+.1f%%", (p / f - 1) * 100 }'))."
 echo "ratio < 1: Ferry faster than the fastest qemu-img row. +N ms: added each way by ferry-delay-proxy on both the NFS and the iSCSI links."
+if [ "${#SWEEP_COLS[@]}" -gt 0 ]; then
+    echo
+    echo "Ferry's default against its best fixed setting (-m 1..64, --in-order or -W), same runs:"
+    echo
+    printf '| %-46s | %-6s | %-22s | %14s |\n' "copy" "added" "best fixed setting" "default / best"
+    printf '|%s|%s|%s|%s|\n' "------------------------------------------------" "--------" "------------------------" "----------------"
+    for d in 0 1; do
+        for l in "${LINES[@]}"; do
+            line=${l%%|*}; label=${l#*|}
+            f=$(median_us "${TIMES["$line|$d|ferry"]}")
+            best= bestname=
+            for c in "${SWEEP_COLS[@]}"; do
+                m=$(median_us "${TIMES["$line|$d|$c"]}")
+                if [ -z "$best" ] || (( m < best )); then best=$m; bestname=$c; fi
+            done
+            printf '| %-46s | %-6s | %-22s | %14s |\n' "$label" "+${d} ms" "$bestname" "$(awk -v f="$f" -v b="$best" 'BEGIN { printf "%.2f", f / b }')"
+        done
+    done
+fi

@@ -101,14 +101,16 @@ final class QCOW2WriterTests: XCTestCase {
         let name = path("twice.qcow2")
         let image = try await Images.create(name, format: "qcow2", size: 1 << 20, options: [:])
         let w = try XCTUnwrap(image.device as? QCOW2Writer)
+        // Written under its partial name until `finish` renames it.
+        let writing = image.partial?.path ?? name
         let a = [UInt8](repeating: 0xAA, count: 65536)
         try await put(w, a, at: 0)
         try await w.commit(durable: true)
         // Complete now.
-        XCTAssertEqual(try Oracle.run("qemu-img", ["check", name], in: dir).status, 0)
+        XCTAssertEqual(try Oracle.run("qemu-img", ["check", writing], in: dir).status, 0)
         try await put(w, a, at: 131072)
         // Incomplete again until the next commit.
-        let mid = try Oracle.run("qemu-img", ["check", name], in: dir)
+        let mid = try Oracle.run("qemu-img", ["check", writing], in: dir)
         XCTAssertNotEqual(mid.status, 0)
         XCTAssertTrue(mid.stderr.contains("ferry: conversion incomplete"), mid.stderr)
         try await Images.finish(image, durable: true)

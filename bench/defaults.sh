@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Is Ferry's default the best setting? On every path: Ferry's default against each fixed
+# setting of -m 1, 4, 8, 16, 32, 64, in order (--in-order) and not (-W), qemu-img's default
+# and -m 16 -W, and nbdcopy, in one run, interleaved, medians. Every command flushes the
+# target (Ferry by default, qemu-img -t writeback, nbdcopy --flush).
+#
+# Paths (PATHS picks some; the NFS -> iSCSI lines are bench/iscsi.sh's, with SWEEP=1):
+#   local-raw      raw -> raw, local files (page cache dropped before each run)
+#   local-qcow2    raw -> qcow2, local files
+#   nbd            nbdkit file export -> local raw, no delay
+#   nbd-2ms        the same export with 2 ms per read command
+#   nbd-nbd        the 2 ms export -> nbdkit memory (qemu-img and ferry with -n)
+#   overwrite      raw -> raw over an existing target, unflushed (-t unsafe), against qemu-img
+#                  and against ferry into a new file (the 0.6-0.7 s against 0.33 s defect)
+# Then: the machine's own limit for the local copy (cp --sparse=always, then sync) and the
+# peak RSS of `ferry -m 1024` (the cap on bytes in flight holds it).
+#
+#   FERRY=path/to/ferry RUNS=3 SIZE_MIB=512 PATHS="local-raw nbd-2ms" bench/defaults.sh
+set -euo pipefail
+. "$(dirname "$0")/lib/common.sh"
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+bench_defaults 3
+PATHS=${PATHS:-local-raw local-qcow2 nbd nbd-2ms nbd-nbd overwrite}
+bench_workdir ferry-bench-defaults
+export FERRY_NBD_DIR=$OUT/nbd
+trap '"$HERE/../scripts/nbd-stop.sh" src src2 dst >/dev/null 2>&1 || true; rm -rf "$OUT"' EXIT
+check_drop_caches
+
+guest_image
+T=$OUT/dst.img
+URL0= URL2= MEM=
+if [[ " $PATHS " == *" nbd"* ]]; then
+    URL0=$("$HERE/../scripts/nbd-start.sh" src unix file "$SRC")
+    URL2=$("$HERE/../scripts/nbd-start.sh" src2 unix --filter=delay file "$SRC" delay-read=2ms)
+    MEM=$("$HERE/../scripts/nbd-start.sh" dst unix memory "${SIZE_MIB}M")
+fi
+
+# path|name|command (T: the local target)|target to check|its format
+ROWS=()
+sweep() {   # PATH SOURCE TARGET CHECK FORMAT FERRY_ARGS QEMU_ARGS NBDCOPY(yes/no)
+    local p=$1 s=$2 t=$3 c=$4 f=$5 fa=$6 qa=$7 m w
+    ROWS+=("$p|ferry|$FERRY convert -q -f raw $fa '$s' '$t'|$c|$f")
+    for m in 1 4 8 16 32 64; do
+        ROWS+=("$p|ferry -m $m --in-order|$FERRY convert -q -f raw $fa -m $m --in-order '$s' '$t'|$c|$f"
+               "$p|ferry -m $m -W|$FERRY convert -q -f raw $fa -m $m -W '$s' '$t'|$c|$f")
+    done
+    ROWS+=("$p|qemu-img|qemu-img convert -t writeback -f raw $qa '$s' '$t'|$c|$f"
+           "$p|qemu-img -m 16 -W|qemu-img convert -t writeback -f raw $qa -m 16 -W '$s' '$t'|$c|$f")
+    # nbdcopy writes into an existing file or export of the right size.
+    [ "$8" = yes ] && ROWS+=("$p|nbdcopy|{ [ -e '$t' ] || truncate -s ${SIZE_MIB}M '$t'; } && nbdcopy --flush '$s' '$t'|$c|$f")
+    return 0
+}
+for p in $PATHS; do
+    case $p in
+        local-raw)   sweep "$p" "$SRC" "$T" "$T" raw "-O raw" "-O raw" yes ;;
+        local-qcow2) sweep "$p" "$SRC" "$T" "$T" qcow2 "-O qcow2" "-O qcow2" no ;;
+        nbd)         sweep "$p" "$URL0" "$T" "$T" raw "-O raw" "-O raw" yes ;;
+        nbd-2ms)     sweep "$p" "$URL2" "$T" "$T" raw "-O raw" "-O raw" yes ;;
+        nbd-nbd)     sweep "$p" "$URL2" "$MEM" "$MEM" raw "-O raw -n" "-O raw -n" yes ;;
+        overwrite)
+            ROWS+=("$p|ferry -t unsafe, over a file|cp --sparse=always '$SRC' '$T' && sync && $FERRY convert -q -t unsafe -f raw '$SRC' '$T'|$T|raw"
+                   "$p|ferry -t unsafe, new file|$FERRY convert -q -t unsafe -f raw '$SRC' '$T'|$T|raw"
+                   "$p|qemu-img, over a file|cp --sparse=always '$SRC' '$T' && sync && qemu-img convert -f raw -O raw '$SRC' '$T'|$T|raw") ;;
+        *) echo "bench: unknown path $p" >&2; exit 1 ;;
+    esac
+done
+[[ " $PATHS " == *" local-raw "* ]] && ROWS+=("local-raw|cp --sparse=always + sync|cp --sparse=always '$SRC' '$T' && sync|$T|raw")
+
+row() {   # RUN ROW
+    local run=$1 p name cmd check fmt
+    IFS='|' read -r p name cmd check fmt <<<"$2"
+    rm -f "$T"
+    # The overwrite rows time their setup too; time it alone and take it off.
+    if [[ $name == *"over a file"* ]]; then
+        timed "$p/$name/setup" "cp --sparse=always '$SRC' '$T' && sync"
+        rm -f "$T"
+    fi
+    timed "$p/$name" "$cmd"
+    if (( run == 1 )); then
+        qemu-img compare -q -f raw -F "$fmt" "$SRC" "$check" || { echo "bench: $p: $name produced a different image" >&2; exit 1; }
+    fi
+}
+run_rounds row
+
+# The median of KEY in microseconds, less its setup's median where it has one.
+net_us() {
+    local m s
+    m=$(median_us "${TIMES[$1]}")
+    if [ -n "${TIMES[$1/setup]:-}" ]; then s=$(median_us "${TIMES[$1/setup]}"); m=$(( m > s ? m - s : 0 )); fi
+    echo "$m"
+}
+
+echo
+echo "Ferry's default against every fixed setting, ${SIZE_MIB} MiB image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(nproc) CPUs; every command flushes"
+echo
+printf '| %-12s | %-30s | %8s | %7s | %10s |\n' path command "median s" "MiB/s" "ratio"
+printf '|%s|%s|%s|%s|%s|\n' -------------- -------------------------------- ---------- --------- ------------
+declare -A BEST BEST_NAME QBEST NBDC DEFAULT
+r() { awk -v a="$1" -v b="${2:-}" 'BEGIN { if (b == "" || b == 0) print "-"; else printf "%.2f", a / b }'; }
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r p name _ <<<"$row"
+    us=$(net_us "$p/$name")
+    # Against Ferry's default; the overwrite rows against qemu-img over a file.
+    ref="$p/ferry"
+    [ -n "${TIMES[$ref]:-}" ] || ref="$p/qemu-img, over a file"
+    read -r secs rate ratio <<<"$(row_figures "$us" "$(net_us "$ref")")"
+    printf '| %-12s | %-30s | %8s | %7s | %10s |\n' "$p" "$name" "$secs" "$rate" "$ratio"
+    case $name in
+        "ferry -m "*) if [ -z "${BEST[$p]:-}" ] || (( us < BEST[$p] )); then BEST[$p]=$us; BEST_NAME[$p]=$name; fi ;;
+        qemu-img*) if [ -z "${QBEST[$p]:-}" ] || (( us < QBEST[$p] )); then QBEST[$p]=$us; fi ;;
+        nbdcopy) NBDC[$p]=$us ;;
+        ferry) DEFAULT[$p]=$us ;;
+    esac
+done
+echo
+echo "ratio: the command's median over Ferry's default's on the same path (> 1: the default is faster); overwrite rows over qemu-img's (setup time taken off)."
+echo
+printf '| %-12s | %-22s | %16s | %18s | %17s |\n' path "best fixed setting" "default / best" "default / qemu-img" "default / nbdcopy"
+printf '|%s|%s|%s|%s|%s|\n' -------------- ------------------------ ------------------ -------------------- -------------------
+for p in $PATHS; do
+    [ -n "${DEFAULT[$p]:-}" ] || continue
+    printf '| %-12s | %-22s | %16s | %18s | %17s |\n' "$p" "${BEST_NAME[$p]}" "$(r "${DEFAULT[$p]}" "${BEST[$p]}")" \
+        "$(r "${DEFAULT[$p]}" "${QBEST[$p]}")" "$(r "${DEFAULT[$p]}" "${NBDC[$p]:-}")"
+done
+if [[ " $PATHS " == *" local-raw "* ]]; then
+    echo
+    echo "The machine's limit (local-raw): Ferry's default takes $(r "${DEFAULT[local-raw]}" "$(net_us "local-raw/cp --sparse=always + sync")") of the time of cp --sparse=always + sync."
+fi
+
+# Memory: -m 1024 asks for 2 GiB of buffers; the cap on bytes in flight (128 MiB) holds it.
+rm -f "$T"
+rss=$( { /usr/bin/time -f '%M' "$FERRY" convert -q -m 1024 -f raw "$SRC" "$T" >/dev/null; } 2>&1 | tail -1)
+rm -f "$T"
+rss_default=$( { /usr/bin/time -f '%M' "$FERRY" convert -q -f raw "$SRC" "$T" >/dev/null; } 2>&1 | tail -1)
+echo "Peak RSS: ferry -m 1024 $(( rss / 1024 )) MiB, ferry's default $(( rss_default / 1024 )) MiB (--max-in-flight 128M caps the buffers)."
