@@ -1,5 +1,9 @@
 import Foundation
+// A release build compiles this target too, where XCTest is not there: the fixtures exist
+// only for the tests.
+#if canImport(XCTest)
 import XCTest
+#endif
 
 // What the test targets of the network endpoints share besides the servers themselves: a
 // server started once for a whole test class, the buffers tests read into, and sparse files.
@@ -14,6 +18,7 @@ public protocol ScriptServer: AnyObject {
 /// `startServer`, which a subclass overrides), stopped by its `tearDown` whatever happened in
 /// between. A test fails (not skips) when it could not start: CI must notice. Each subclass
 /// gets a server of its own, one class after the other.
+#if canImport(XCTest)
 open class SharedServerTestCase: XCTestCase {
     // XCTest runs a class's setUp, its tests and its tearDown on one thread, one class after
     // the other: nothing else touches `servers`.
@@ -57,6 +62,7 @@ open class SharedServerTestCase: XCTestCase {
         return s
     }
 }
+#endif
 
 /// A buffer the test owns (4 KiB aligned, as O_DIRECT and iSCSI blocks want).
 public final class TestBuffer: @unchecked Sendable {
