@@ -38,7 +38,7 @@ fi
 
 # path|name|command (T: the local target)|target to check|its format
 ROWS=()
-sweep() {   # PATH SOURCE TARGET CHECK FORMAT FERRY_ARGS QEMU_ARGS NBDCOPY(yes/no)
+sweep() {   # PATH SOURCE TARGET CHECK FORMAT FERRY_ARGS QEMU_ARGS NBDCOPY(file, nbd or none)
     local p=$1 s=$2 t=$3 c=$4 f=$5 fa=$6 qa=$7 m w
     ROWS+=("$p|ferry|$FERRY convert -q -f raw $fa '$s' '$t'|$c|$f")
     for m in 1 4 8 16 32 64; do
@@ -48,16 +48,19 @@ sweep() {   # PATH SOURCE TARGET CHECK FORMAT FERRY_ARGS QEMU_ARGS NBDCOPY(yes/n
     ROWS+=("$p|qemu-img|qemu-img convert -t writeback -f raw $qa '$s' '$t'|$c|$f"
            "$p|qemu-img -m 16 -W|qemu-img convert -t writeback -f raw $qa -m 16 -W '$s' '$t'|$c|$f")
     # nbdcopy writes into an existing file or export of the right size.
-    [ "$8" = yes ] && ROWS+=("$p|nbdcopy|{ [ -e '$t' ] || truncate -s ${SIZE_MIB}M '$t'; } && nbdcopy --flush '$s' '$t'|$c|$f")
+    case $8 in
+        file) ROWS+=("$p|nbdcopy|truncate -s ${SIZE_MIB}M '$t' && nbdcopy --flush '$s' '$t'|$c|$f") ;;
+        nbd) ROWS+=("$p|nbdcopy|nbdcopy --flush '$s' '$t'|$c|$f") ;;
+    esac
     return 0
 }
 for p in $PATHS; do
     case $p in
-        local-raw)   sweep "$p" "$SRC" "$T" "$T" raw "-O raw" "-O raw" yes ;;
-        local-qcow2) sweep "$p" "$SRC" "$T" "$T" qcow2 "-O qcow2" "-O qcow2" no ;;
-        nbd)         sweep "$p" "$URL0" "$T" "$T" raw "-O raw" "-O raw" yes ;;
-        nbd-2ms)     sweep "$p" "$URL2" "$T" "$T" raw "-O raw" "-O raw" yes ;;
-        nbd-nbd)     sweep "$p" "$URL2" "$MEM" "$MEM" raw "-O raw -n" "-O raw -n" yes ;;
+        local-raw)   sweep "$p" "$SRC" "$T" "$T" raw "-O raw" "-O raw" file ;;
+        local-qcow2) sweep "$p" "$SRC" "$T" "$T" qcow2 "-O qcow2" "-O qcow2" none ;;
+        nbd)         sweep "$p" "$URL0" "$T" "$T" raw "-O raw" "-O raw" file ;;
+        nbd-2ms)     sweep "$p" "$URL2" "$T" "$T" raw "-O raw" "-O raw" file ;;
+        nbd-nbd)     sweep "$p" "$URL2" "$MEM" "$MEM" raw "-O raw -n" "-O raw -n" nbd ;;
         overwrite)
             ROWS+=("$p|ferry -t unsafe, over a file|cp --sparse=always '$SRC' '$T' && sync && $FERRY convert -q -t unsafe -f raw '$SRC' '$T'|$T|raw"
                    "$p|ferry -t unsafe, new file|$FERRY convert -q -t unsafe -f raw '$SRC' '$T'|$T|raw"
