@@ -79,7 +79,7 @@ struct Convert: FerryCommand {
     var backingFormat: String?
 
     @Option(name: [.customShort("m", allowingJoined: true), .customLong("parallel")],
-            help: ArgumentHelp("Requests in flight, 1 to \(ConvertOptions.maxWorkers) (default: found while copying, from 8 up to 64, as throughput rises).", valueName: "n"))
+            help: ArgumentHelp("Requests in flight, 1 to \(ConvertOptions.maxWorkers) (default: found while copying, from 16 up to 64, as throughput rises).", valueName: "n"))
     var workers: Int?
 
     @Flag(name: [.customShort("W"), .customLong("oob-writes")], help: "Allow writes to complete out of order (the default where the target does not care: files, devices, exports).")

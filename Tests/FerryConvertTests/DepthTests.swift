@@ -42,17 +42,17 @@ final class DepthTests: XCTestCase {
         XCTAssertEqual(given.initial, 64)
         XCTAssertFalse(given.adaptive)
         let found = DepthPlan(workers: nil, bufferSize: 2 << 20, maxInFlight: 128 << 20)
-        XCTAssertEqual([found.initial, found.workers], [8, 64])
+        XCTAssertEqual([found.initial, found.workers], [16, 64])
         XCTAssertTrue(found.adaptive)
         let small = DepthPlan(workers: nil, bufferSize: 2 << 20, maxInFlight: 8 << 20)
         XCTAssertEqual([small.initial, small.workers], [4, 4])
         XCTAssertFalse(small.adaptive)
     }
 
-    /// A source 4 ms away: eight 64 KiB requests in flight leave it idle most of the time,
+    /// A source 4 ms away: sixteen 64 KiB requests in flight leave it idle most of the time,
     /// and the copy finds that more depth pays.
     func testAdaptiveCopyGoesDeeperOnASlowSource() async throws {
-        let size: Int64 = 24 << 20
+        let size: Int64 = 48 << 20
         let src = try await dataSource(size: size, latency: .milliseconds(4))
         let dst = MemoryDevice(name: "dst", size: size, capabilities: [.write, .zero, .extents, .flush, .anyWriteOrder])
         var c = CopyConfiguration()
@@ -60,8 +60,8 @@ final class DepthTests: XCTestCase {
         c.depthWindow = 0.05
         let stats = try await CopyEngine.copy(from: src, to: dst, configuration: c)
         XCTAssertEqual(dst.contents(), src.contents())
-        XCTAssertGreaterThan(stats.peakDepth, 8, "the depth rose from its start")
-        XCTAssertGreaterThan(src.peakInFlight, 8, "and more requests were in flight")
+        XCTAssertGreaterThan(stats.peakDepth, 16, "the depth rose from its start")
+        XCTAssertGreaterThan(src.peakInFlight, 16, "and more requests were in flight")
         XCTAssertLessThanOrEqual(src.peakInFlight, 64)
         XCTAssertEqual(stats.maxInFlight, 128 << 20)
     }
