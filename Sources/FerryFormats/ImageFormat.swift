@@ -69,6 +69,10 @@ public protocol ImageFormat: Sendable {
     static func initialFileSize(for size: Int64, options: [String: String]) throws -> Int64
     /// False for a format Ferry can read but not yet write.
     static var writable: Bool { get }
+    /// The host file sizes a new image of this format with these creation options would
+    /// need for `source` (`measure`), or nil if the format cannot say (the default, in
+    /// `Measure.swift`). The options were checked by `Formats.validate` before.
+    static func measure(_ source: MeasureSource, options: [String: String]) async throws -> SizeMeasurement?
 }
 
 extension ImageFormat {

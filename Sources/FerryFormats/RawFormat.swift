@@ -40,6 +40,17 @@ public enum RawFormat: ImageFormat {
         return file
     }
 
+    /// A raw image is its guest bytes, whatever the source holds and however it is
+    /// preallocated, in whole 512-byte sectors.
+    public static func measure(_ source: MeasureSource, options: [String: String]) async throws -> SizeMeasurement? {
+        try checkPreallocation(options)
+        guard source.size >= 0, source.size <= Int64.max - 511 else {
+            throw FerryError(.invalidArgument, "invalid size \(source.size)")
+        }
+        let size = (source.size + 511) / 512 * 512
+        return SizeMeasurement(required: size, fullyAllocated: size)
+    }
+
     @discardableResult
     private static func checkPreallocation(_ options: [String: String]) throws -> String {
         let mode = options["preallocation"] ?? "off"

@@ -109,6 +109,7 @@ public enum QCOW2Format: ImageFormat {
             throw error
         }
         details.formatSpecific = formatSpecific(header, bitmaps: bitmaps)
+        if header.version >= 3 { details.persistentBitmaps = bitmaps }
         return QCOW2Device(name: path, header: header, file: file, externalData: externalData,
                            backing: backing, l1: l1, details: details)
     }
