@@ -73,6 +73,11 @@ public protocol ImageFormat: Sendable {
     /// need for `source` (`measure`), or nil if the format cannot say (the default, in
     /// `Measure.swift`). The options were checked by `Formats.validate` before.
     static func measure(_ source: MeasureSource, options: [String: String]) async throws -> SizeMeasurement?
+    /// Changes the guest size of an image in place (`resize`); the default refuses (in
+    /// `Resize.swift`), naming the formats that can.
+    static func resize(_ request: ResizeRequest) async throws
+    /// True for formats whose `resize` does something (for help and messages).
+    static var resizable: Bool { get }
 }
 
 extension ImageFormat {

@@ -51,7 +51,7 @@ public enum QCOW2Format: ImageFormat {
         throw FerryError(.notSupported, "qcow2 images can only be read in this version of ferry", path: path)
     }
 
-    private static func readBytes(_ file: any BlockDevice, at offset: Int64, count: Int) async throws -> [UInt8] {
+    static func readBytes(_ file: any BlockDevice, at offset: Int64, count: Int) async throws -> [UInt8] {
         guard count > 0 else { return [] }
         let buffer = AlignedBuffer(count: count)
         try await readHost(file, at: offset, into: buffer.mutableBytes)

@@ -1,0 +1,53 @@
+import FerryCore
+import FerryFile
+import FerryFormats
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Images {
+    /// The guest size of an image, its format's name, and whether that was guessed as raw.
+    public static func describeSize(_ spec: ImageSpec) async throws -> (size: Int64, format: String, probedAsRaw: Bool) {
+        try await withImage(spec, withBacking: false) { ($0.device.size, $0.format, $0.probedAsRaw) }
+    }
+
+    /// `ferry resize`: changes the guest size of the image at `spec` to `size`, in place, as
+    /// its format allows (`ImageFormat.resize`); `preallocation` is for the added part. The
+    /// caller has checked that a shrink was asked for.
+    public static func resize(_ spec: ImageSpec, to size: Int64, preallocation: String) async throws {
+        guard size > 0 else { throw FerryError(.invalidArgument, "New image size must be positive") }
+        let format: (any ImageFormat.Type)? = try spec.format.map { try Formats.lookup($0, for: spec.location) }
+        let location = spec.location
+        let first = try await openEndpoint(location, readOnly: false)
+        let current = Locked<any BlockDevice>(first)
+        do {
+            var f = format
+            if f == nil { f = try await probe(first) }
+            let chosen = f ?? Formats.fallback
+            let request = ResizeRequest(location: location, file: first, size: size, preallocation: preallocation) { length in
+                let old = current.withLock { $0 }
+                let reopened: any BlockDevice
+                if let t = old as? TruncatableDevice {
+                    try await t.truncateFile(to: length)
+                    try await old.close()
+                    reopened = try await openEndpoint(location, readOnly: false)
+                } else if let fd = old as? FileDevice, !fd.isBlockDevice {
+                    try await old.close()
+                    if truncate(location, off_t(length)) != 0 {
+                        throw FerryError.posix(errno, "could not set the size of the image file", path: location)
+                    }
+                    reopened = try await openEndpoint(location, readOnly: false)
+                } else {
+                    throw FerryError(.notSupported, "the size of \(location) cannot be changed (not a local file)", path: location)
+                }
+                current.withLock { $0 = reopened }
+                return reopened
+            }
+            try await chosen.resize(request)
+        } catch {
+            try? await current.withLock { $0 }.close()
+            throw error
+        }
+        try await current.withLock { $0 }.close()
+    }
+}

@@ -1,0 +1,64 @@
+import ArgumentParser
+import FerryConvert
+import FerryCore
+import FerryFormats
+
+struct Resize: FerryCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Change an image's virtual size in place, as qemu-img resize does.",
+        usage: "ferry resize [-f fmt] [--shrink] [--preallocation=mode] [-q] <image> [+|-]<size>",
+        discussion: """
+        A size with + or - is added to or taken from the present size. Shrinking needs \
+        --shrink and deletes what lies past the new end. Formats: \(Formats.all.filter { $0.resizable }.map { $0.name }.joined(separator: ", ")). \
+        qcow2 images are only grown, with --preallocation=off, and not with an external data \
+        file or persistent bitmaps. Not supported: --object, --image-opts, -U, other formats.
+        """)
+
+    @Option(name: .customShort("f", allowingJoined: true),
+            help: ArgumentHelp("Format of the image (probed if omitted).", valueName: "fmt"))
+    var format: String?
+
+    @Flag(name: .customLong("shrink"), help: "Allow the image to become smaller (what lies past the new end is lost).")
+    var shrink = false
+
+    @Option(name: .customLong("preallocation"),
+            help: ArgumentHelp("How the added part is allocated: off, falloc or full (raw); off (qcow2) (default: off).", valueName: "mode"))
+    var preallocation: String = "off"
+
+    @Flag(name: .customShort("q"), help: "Quiet: no message on success.")
+    var quiet = false
+
+    @Argument(help: ArgumentHelp("The image.", valueName: "image"))
+    var image: String?
+
+    @Argument(help: ArgumentHelp("The new size, or +N / -N to add or take away (suffixes k, M, G, T, P, E).", valueName: "size"))
+    var size: String?
+
+    static let shrinkWarning = "Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there."
+
+    func execute() async throws -> Int32 {
+        guard let image, let size else { throw UsageError(message: "Expecting image file name and size", command: "resize") }
+        var text = Substring(size)
+        var sign: Int64 = 0
+        if text.first == "+" { sign = 1; text = text.dropFirst() } else if text.first == "-" { sign = -1; text = text.dropFirst() }
+        guard let amount = ByteSize.parse(String(text)) else {
+            throw FerryError(.invalidArgument, "Parameter 'size' expects a non-negative number below 2^64 (optional suffix k, M, G, T, P or E)")
+        }
+        guard ["off", "metadata", "falloc", "full"].contains(preallocation) else {
+            throw FerryError(.invalidArgument, "Invalid parameter '\(preallocation)' (preallocation: off, metadata, falloc, full)")
+        }
+        let spec = ImageSpec(image, format: format)
+        let (current, _, probed) = try await Images.describeSize(spec)
+        if probed { warnProbedAsRaw(image) }
+        let (target, overflow) = sign == 0 ? (amount, false) : current.addingReportingOverflow(sign * amount)
+        guard !overflow, target > 0 else { throw FerryError(.invalidArgument, "New image size must be positive") }
+        if target < current && !shrink {
+            Terminal.complain("Use the --shrink option to perform a shrink operation.")
+            Terminal.warn(Self.shrinkWarning)
+            return 1
+        }
+        try await Images.resize(spec, to: target, preallocation: preallocation)
+        if !quiet { Terminal.out("Image resized.\n") }
+        return 0
+    }
+}
