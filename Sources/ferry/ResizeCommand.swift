@@ -22,22 +22,29 @@ struct Resize: FerryCommand {
     var shrink = false
 
     @Option(name: .customLong("preallocation"),
-            help: ArgumentHelp("How the added part is allocated: off, falloc or full (raw); off (qcow2) (default: off).", valueName: "mode"))
+            help: ArgumentHelp("How the added part is allocated: off, falloc or full (raw); off (qcow2).", valueName: "mode"))
     var preallocation: String = "off"
 
     @Flag(name: .customShort("q"), help: "Quiet: no message on success.")
     var quiet = false
 
-    @Argument(help: ArgumentHelp("The image.", valueName: "image"))
-    var image: String?
-
-    @Argument(help: ArgumentHelp("The new size, or +N / -N to add or take away (suffixes k, M, G, T, P, E).", valueName: "size"))
-    var size: String?
+    /// The image and the size; taken unparsed so that a size such as -1G is not an option
+    /// (as qemu-img, which reads a negative size last as the size).
+    @Argument(parsing: .allUnrecognized,
+              help: ArgumentHelp("The image, then the new size or +N / -N to add or take away (suffixes k, M, G, T, P, E).",
+                                 valueName: "image> <size"))
+    var operands: [String] = []
 
     static let shrinkWarning = "Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there."
 
     func execute() async throws -> Int32 {
-        guard let image, let size else { throw UsageError(message: "Expecting image file name and size", command: "resize") }
+        var given = operands
+        if let dashes = given.firstIndex(of: "--") { given.remove(at: dashes) }
+        if let option = given.dropLast().first(where: { $0.hasPrefix("-") }) {
+            throw UsageError(message: "Unknown option '\(option)'", command: "resize")
+        }
+        guard given.count == 2 else { throw UsageError(message: "Expecting image file name and size", command: "resize") }
+        let image = given[0], size = given[1]
         var text = Substring(size)
         var sign: Int64 = 0
         if text.first == "+" { sign = 1; text = text.dropFirst() } else if text.first == "-" { sign = -1; text = text.dropFirst() }
