@@ -78,6 +78,9 @@ public protocol ImageFormat: Sendable {
     static func resize(_ request: ResizeRequest) async throws
     /// True for formats whose `resize` does something (for help and messages).
     static var resizable: Bool { get }
+    /// True for formats whose images hold internal snapshots (listed in `ImageDetails`, read
+    /// with `FormatContext.snapshot`); the default (in `Snapshots.swift`) is false.
+    static var hasInternalSnapshots: Bool { get }
 }
 
 extension ImageFormat {
@@ -132,6 +135,9 @@ public struct FormatContext: Sendable {
     /// False to open the image without its backing image (to describe it, as `info` does
     /// without `--backing-chain`): reads of ranges the image leaves to it are then zeros.
     public var opensBacking: Bool = true
+    /// An internal snapshot to open instead of the active layer (only asked of formats with
+    /// `hasInternalSnapshots`); the device is then read-only and has the snapshot's size.
+    public var snapshot: SnapshotSelector?
 
     public init(location: String, readOnly: Bool, depth: Int = 0,
                 openBacking: @escaping @Sendable (_ location: String, _ format: String?, _ depth: Int) async throws -> any BlockDevice,

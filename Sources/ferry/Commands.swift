@@ -29,7 +29,7 @@ struct Ferry: ParsableCommand {
         discussion: "Flags follow qemu-img's. Run 'ferry COMMAND --help' for a command's options.",
         version: "ferry version \(ferryVersion)",
         subcommands: [Convert.self, Create.self, Info.self, Map.self,
-                      Measure.self, Resize.self])
+                      Measure.self, Resize.self, Snapshot.self])
 }
 
 // MARK: - convert
@@ -118,6 +118,14 @@ struct Convert: FerryCommand {
     @Flag(name: .customShort("q"), help: "Quiet: no progress bar, summary or warnings.")
     var quiet = false
 
+    @Option(name: .customShort("l", allowingJoined: true),
+            help: ArgumentHelp("Copy this internal snapshot of the source instead of its active layer: 'snapshot.id=ID,snapshot.name=NAME' (either or both) or an ID or name.", valueName: "snapshot"))
+    var snapshotParam: String?
+
+    @Option(name: .customShort("s", allowingJoined: true),
+            help: ArgumentHelp("Copy the internal snapshot with this ID or name (as -l NAME).", valueName: "snapshot"))
+    var snapshotName: String?
+
     @Argument(help: ArgumentHelp("Source images, then the target.", valueName: "image"))
     var images: [String] = []
 
@@ -131,7 +139,11 @@ struct Convert: FerryCommand {
         guard images.count >= 2 else {
             throw UsageError(message: images.isEmpty ? "expecting source and target image names" : "expecting a target image name after the source", command: "convert")
         }
-        let sources = images.dropLast().map { ImageSpec($0, format: sourceFormat) }
+        let snapshot = try Self.snapshotSelector(l: snapshotParam, s: snapshotName)
+        if snapshot != nil && images.count > 2 {
+            throw FerryError(.invalidArgument, "No support for concatenating multiple snapshot")
+        }
+        let sources = images.dropLast().map { ImageSpec($0, format: sourceFormat, snapshot: snapshot) }
         let target = ImageSpec(images.last!, format: format)
 
         var options = ConvertOptions()
@@ -259,6 +271,23 @@ struct Convert: FerryCommand {
             }
         }
         return result
+    }
+
+    /// `-l snapshot.id=..,snapshot.name=..`, `-l NAME` or `-s NAME`.
+    static func snapshotSelector(l: String?, s: String?) throws -> SnapshotSelector? {
+        if l != nil && s != nil { throw FerryError(.invalidArgument, "-l and -s cannot be used together") }
+        if let s { return SnapshotSelector(idOrName: s) }
+        guard let l else { return nil }
+        guard l.hasPrefix("snapshot.") else { return SnapshotSelector(idOrName: l) }
+        var selector = SnapshotSelector()
+        for (key, value) in try parseOptions([l]) {
+            switch key {
+            case "snapshot.id": selector.id = value
+            case "snapshot.name": selector.name = value
+            default: throw FerryError(.invalidArgument, "Invalid parameter '\(key)' in -l (allowed: snapshot.id, snapshot.name)")
+            }
+        }
+        return selector
     }
 
     static func size(_ text: String, what: String) throws -> Int {

@@ -19,8 +19,8 @@ ferry_malloc_thresholds(32 << 20, 256 << 20)
 #endif
 
 let arguments = Array(CommandLine.arguments.dropFirst())
-let subcommands = ["convert", "create", "info", "map",
-                   "measure", "resize"]
+let subcommands = ["convert", "create", "info", "map"]
+    + ["measure", "resize", "snapshot"]
 
 /// `Try 'ferry convert --help' ...` for the subcommand being used, if any.
 func tryHelp(_ command: String?) -> String {

@@ -251,6 +251,9 @@ public struct QCOW2Snapshot: Sendable, Equatable {
     public var dateNanoseconds: Int64
     public var vmClockNanoseconds: Int64
     public var icount: Int64?
+    /// Where the snapshot's L1 table is, and its entries.
+    public var l1Offset: Int64 = 0
+    public var l1Size: Int = 0
 }
 
 /// One persistent dirty bitmap, as `info` shows it.

@@ -1,0 +1,56 @@
+import ArgumentParser
+import FerryConvert
+import FerryCore
+import FerryFormats
+
+struct Snapshot: FerryCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List an image's internal snapshots, as qemu-img snapshot -l does.",
+        usage: "ferry snapshot [-f fmt] [-q] -l <image>",
+        discussion: """
+        Formats with internal snapshots: \(Formats.all.filter { $0.hasInternalSnapshots }.map { $0.name }.joined(separator: ", ")); \
+        an image of another format has none to list. 'ferry convert -l' or '-s' copies a \
+        snapshot. Not supported yet: -c (create), -a (apply), -d (delete), which are refused; \
+        --object, --image-opts, -U.
+        """)
+
+    @Option(name: .customShort("f", allowingJoined: true),
+            help: ArgumentHelp("Format of the image (probed if omitted).", valueName: "fmt"))
+    var format: String?
+
+    @Flag(name: .customShort("l"), help: "List the snapshots.")
+    var list = false
+
+    @Option(name: .customShort("c", allowingJoined: true), help: ArgumentHelp("Create a snapshot (not supported yet).", valueName: "snapshot"))
+    var create: String?
+
+    @Option(name: .customShort("a", allowingJoined: true), help: ArgumentHelp("Apply a snapshot (not supported yet).", valueName: "snapshot"))
+    var apply: String?
+
+    @Option(name: .customShort("d", allowingJoined: true), help: ArgumentHelp("Delete a snapshot (not supported yet).", valueName: "snapshot"))
+    var delete: String?
+
+    @Flag(name: .customShort("q"), help: "Quiet.")
+    var quiet = false
+
+    @Argument(help: ArgumentHelp("The image.", valueName: "image"))
+    var image: String?
+
+    func execute() async throws -> Int32 {
+        let actions = [list ? "-l" : nil, create.map { _ in "-c" }, apply.map { _ in "-a" }, delete.map { _ in "-d" }].compactMap { $0 }
+        guard actions.count == 1 else {
+            throw UsageError(message: actions.isEmpty ? "expecting one of -l, -c, -a, -d" : "Cannot mix '\(actions[0])' and '\(actions[1])'", command: "snapshot")
+        }
+        guard let image else { throw UsageError(message: "Expecting one image file name", command: "snapshot") }
+        guard list else {
+            throw FerryError(.notSupported, "ferry snapshot \(actions[0]) is not supported yet (only -l; use qemu-img snapshot \(actions[0]))", path: image)
+        }
+        let (chain, probed, warnings) = try await Images.info(ImageSpec(image, format: format))
+        if probed { warnProbedAsRaw(image) }
+        for w in warnings { Terminal.warn(w) }
+        if let snapshots = chain.first?.details?.snapshots, !snapshots.isEmpty {
+            Terminal.out(Report.snapshotList(snapshots))
+        }
+        return 0
+    }
+}
