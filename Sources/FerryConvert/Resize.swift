@@ -11,19 +11,30 @@ extension Images {
         try await withImage(spec, withBacking: false) { ($0.device.size, $0.format, $0.probedAsRaw) }
     }
 
+    /// The file of the image at `spec` opened for writing, and its format (named, or probed:
+    /// raw if nothing is recognised), for commands that change an image in place.
+    static func openForChange(_ spec: ImageSpec) async throws -> (any BlockDevice, any ImageFormat.Type) {
+        let format: (any ImageFormat.Type)? = try spec.format.map { try Formats.lookup($0, for: spec.location) }
+        let file = try await openEndpoint(spec.location, readOnly: false)
+        do {
+            var f = format
+            if f == nil { f = try await probe(file) }
+            return (file, f ?? Formats.fallback)
+        } catch {
+            try? await file.close()
+            throw error
+        }
+    }
+
     /// `ferry resize`: changes the guest size of the image at `spec` to `size`, in place, as
     /// its format allows (`ImageFormat.resize`); `preallocation` is for the added part. The
     /// caller has checked that a shrink was asked for.
     public static func resize(_ spec: ImageSpec, to size: Int64, preallocation: String) async throws {
         guard size > 0 else { throw FerryError(.invalidArgument, "New image size must be positive") }
-        let format: (any ImageFormat.Type)? = try spec.format.map { try Formats.lookup($0, for: spec.location) }
         let location = spec.location
-        let first = try await openEndpoint(location, readOnly: false)
+        let (first, chosen) = try await openForChange(spec)
         let current = Locked<any BlockDevice>(first)
         do {
-            var f = format
-            if f == nil { f = try await probe(first) }
-            let chosen = f ?? Formats.fallback
             let request = ResizeRequest(location: location, file: first, size: size, preallocation: preallocation) { length in
                 let old = current.withLock { $0 }
                 let reopened: any BlockDevice

@@ -20,7 +20,7 @@ ferry_malloc_thresholds(32 << 20, 256 << 20)
 
 let arguments = Array(CommandLine.arguments.dropFirst())
 let subcommands = ["convert", "create", "info", "map"]
-    + ["measure", "resize", "snapshot"]
+    + ["measure", "resize", "snapshot", "rebase", "amend"]
 
 /// `Try 'ferry convert --help' ...` for the subcommand being used, if any.
 func tryHelp(_ command: String?) -> String {
