@@ -26,6 +26,23 @@ extension Images {
         }
     }
 
+    /// Sets the length of the file `old` (opened for writing at `location`), closes it and
+    /// returns it opened again: a local file by path, an endpoint that can cut its file.
+    static func reopenAtLength(_ location: String, _ old: any BlockDevice, _ length: Int64) async throws -> any BlockDevice {
+        if let t = old as? TruncatableDevice {
+            try await t.truncateFile(to: length)
+            try await old.close()
+        } else if let fd = old as? FileDevice, !fd.isBlockDevice {
+            try await old.close()
+            if truncate(location, off_t(length)) != 0 {
+                throw FerryError.posix(errno, "could not set the size of the image file", path: location)
+            }
+        } else {
+            throw FerryError(.notSupported, "the size of \(location) cannot be changed (not a local file)", path: location)
+        }
+        return try await openEndpoint(location, readOnly: false)
+    }
+
     /// `ferry resize`: changes the guest size of the image at `spec` to `size`, in place, as
     /// its format allows (`ImageFormat.resize`); `preallocation` is for the added part. The
     /// caller has checked that a shrink was asked for.
@@ -36,21 +53,7 @@ extension Images {
         let current = Locked<any BlockDevice>(first)
         do {
             let request = ResizeRequest(location: location, file: first, size: size, preallocation: preallocation) { length in
-                let old = current.withLock { $0 }
-                let reopened: any BlockDevice
-                if let t = old as? TruncatableDevice {
-                    try await t.truncateFile(to: length)
-                    try await old.close()
-                    reopened = try await openEndpoint(location, readOnly: false)
-                } else if let fd = old as? FileDevice, !fd.isBlockDevice {
-                    try await old.close()
-                    if truncate(location, off_t(length)) != 0 {
-                        throw FerryError.posix(errno, "could not set the size of the image file", path: location)
-                    }
-                    reopened = try await openEndpoint(location, readOnly: false)
-                } else {
-                    throw FerryError(.notSupported, "the size of \(location) cannot be changed (not a local file)", path: location)
-                }
+                let reopened = try await reopenAtLength(location, current.withLock { $0 }, length)
                 current.withLock { $0 = reopened }
                 return reopened
             }

@@ -84,6 +84,9 @@ public protocol ImageFormat: Sendable {
     /// Changes an existing image's header in place: `amend -o` options and, for `rebase -u`,
     /// its backing file; the default (in `Amend.swift`) refuses, as qemu-img does.
     static func amend(_ change: ImageAmendment) async throws
+    /// Writes data into clusters the image's own layer leaves to its backing file (a safe
+    /// `rebase`); the default (in `LayerFill.swift`) refuses.
+    static func fillLayer(_ fill: LayerFill) async throws
 }
 
 extension ImageFormat {

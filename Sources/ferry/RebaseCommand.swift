@@ -5,14 +5,17 @@ import FerryFormats
 
 struct Rebase: FerryCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Change an overlay's backing file in its header, as qemu-img rebase -u does.",
-        usage: "ferry rebase -u [-f fmt] [-b backing -F backing_fmt] [-q] <image>",
+        abstract: "Change an overlay's backing file, as qemu-img rebase does.",
+        usage: "ferry rebase [-u] [-f fmt] [-b backing [-F backing_fmt]] [-q] <image>",
         discussion: """
-        With -u only the header changes: the image then reads through the new backing file \
-        (which should hold what the old one held); -b "" or no -b leaves it with none. \
-        Not supported yet, and refused: the safe mode (without -u), which copies what differs \
-        between the old and the new backing file into the image; -p, -t, -T, --object, \
-        --image-opts, -U, -c.
+        Safe mode (without -u): every cluster the image leaves to its backing file is read \
+        from the old and the new backing file, many at a time, and where they differ the old \
+        contents are written into the image, so that it reads the same afterwards; -b "" \
+        copies everything the old backing file gives (flattens). Then the header names the \
+        new backing file. qcow2 images only, without internal snapshots, extended L2 entries \
+        or an external data file. With -u only the header changes: the image then reads \
+        through the new backing file; no -b leaves it with none. Not supported: -p, -t, -T, \
+        --object, --image-opts, -U, -c.
         """)
 
     @Option(name: .customShort("f", allowingJoined: true),
@@ -39,8 +42,12 @@ struct Rebase: FerryCommand {
     func execute() async throws -> Int32 {
         guard let image else { throw UsageError(message: "Expecting one image file name", command: "rebase") }
         guard unsafeMode else {
-            if backingFile == nil { throw UsageError(message: "Must specify backing file (-b) or use unsafe mode (-u)", command: "rebase") }
-            throw FerryError(.notSupported, "ferry rebase works only with -u yet (the safe mode, which copies what differs between the backing files, is not supported; use qemu-img rebase)", path: image)
+            guard let backingFile else { throw UsageError(message: "Must specify backing file (-b) or use unsafe mode (-u)", command: "rebase") }
+            let spec = ImageSpec(image, format: format)
+            try await SignalCancellation.run {
+                try await Images.rebase(spec, backingFile: backingFile, backingFormat: backingFile.isEmpty ? nil : backingFormat)
+            }
+            return 0
         }
         try await Images.amend(ImageSpec(image, format: format), options: [:], backingFile: backingFile ?? "",
                                backingFormat: backingFile?.isEmpty == false ? backingFormat : nil)

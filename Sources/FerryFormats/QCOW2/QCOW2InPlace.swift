@@ -14,6 +14,7 @@ struct QCOW2InPlace {
     let setFileLength: @Sendable (Int64) async throws -> any BlockDevice
 
     static let offsetMask: UInt64 = 0x00FF_FFFF_FFFF_FE00
+    static let copiedBit: UInt64 = 1 << 63
 
     init(file: any BlockDevice, path: String, setFileLength: @escaping @Sendable (Int64) async throws -> any BlockDevice) async throws {
         self.path = path
