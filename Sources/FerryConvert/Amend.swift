@@ -22,3 +22,26 @@ extension Images {
         try await file.close()
     }
 }
+
+extension Images {
+    /// `ferry snapshot -c NAME`: creates an internal snapshot of the image at `spec`, in
+    /// place, as its format allows (`ImageFormat.changeSnapshots`).
+    public static func createSnapshot(_ spec: ImageSpec, name: String) async throws {
+        let (file, format) = try await openForChange(spec)
+        let current = Locked<any BlockDevice>(file)
+        do {
+            guard format.hasInternalSnapshots else {
+                throw FerryError(.notSupported, "format \(format.name) does not support snapshots (formats that do: \(Formats.all.filter { $0.hasInternalSnapshots }.map { $0.name }.joined(separator: ", ")))", path: spec.location)
+            }
+            try await format.changeSnapshots(SnapshotChange(location: spec.location, file: file, create: name) { length in
+                let reopened = try await reopenAtLength(spec.location, current.withLock { $0 }, length)
+                current.withLock { $0 = reopened }
+                return reopened
+            })
+        } catch {
+            try? await current.withLock { $0 }.close()
+            throw error
+        }
+        try await current.withLock { $0 }.close()
+    }
+}

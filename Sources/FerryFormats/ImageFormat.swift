@@ -81,6 +81,9 @@ public protocol ImageFormat: Sendable {
     /// True for formats whose images hold internal snapshots (listed in `ImageDetails`, read
     /// with `FormatContext.snapshot`); the default (in `Snapshots.swift`) is false.
     static var hasInternalSnapshots: Bool { get }
+    /// Creates an internal snapshot (`snapshot -c`); the default (in `Snapshots.swift`)
+    /// refuses.
+    static func changeSnapshots(_ change: SnapshotChange) async throws
     /// Changes an existing image's header in place: `amend -o` options and, for `rebase -u`,
     /// its backing file; the default (in `Amend.swift`) refuses, as qemu-img does.
     static func amend(_ change: ImageAmendment) async throws

@@ -31,3 +31,29 @@ extension ImageFormat {
     /// By default a format has no internal snapshots.
     public static var hasInternalSnapshots: Bool { false }
 }
+
+/// A change to an image's internal snapshots (`snapshot -c`).
+public struct SnapshotChange: Sendable {
+    public var location: String
+    /// The image's file, opened for writing.
+    public var file: any BlockDevice
+    /// The name of the snapshot to create.
+    public var create: String
+    /// As `ResizeRequest.setFileLength`.
+    public var setFileLength: @Sendable (_ length: Int64) async throws -> any BlockDevice
+
+    public init(location: String, file: any BlockDevice, create: String,
+                setFileLength: @escaping @Sendable (_ length: Int64) async throws -> any BlockDevice) {
+        self.location = location
+        self.file = file
+        self.create = create
+        self.setFileLength = setFileLength
+    }
+}
+
+extension ImageFormat {
+    /// By default a format has no snapshots to change.
+    public static func changeSnapshots(_ change: SnapshotChange) async throws {
+        throw FerryError(.notSupported, "format \(name) does not support snapshots", path: change.location)
+    }
+}

@@ -5,12 +5,13 @@ import FerryFormats
 
 struct Snapshot: FerryCommand {
     static let configuration = CommandConfiguration(
-        abstract: "List an image's internal snapshots, as qemu-img snapshot -l does.",
-        usage: "ferry snapshot [-f fmt] [-q] -l <image>",
+        abstract: "List or create an image's internal snapshots, as qemu-img snapshot does.",
+        usage: "ferry snapshot [-f fmt] [-q] (-l | -c name) <image>",
         discussion: """
         Formats with internal snapshots: \(Formats.all.filter { $0.hasInternalSnapshots }.map { $0.name }.joined(separator: ", ")); \
         an image of another format has none to list. 'ferry convert -l' or '-s' copies a \
-        snapshot. Not supported yet: -c (create), -a (apply), -d (delete), which are refused; \
+        snapshot. qcow2 images with persistent bitmaps or an external data file cannot get a \
+        snapshot yet. Not supported yet: -a (apply), -d (delete), which are refused; \
         --object, --image-opts, -U.
         """)
 
@@ -21,7 +22,7 @@ struct Snapshot: FerryCommand {
     @Flag(name: .customShort("l"), help: "List the snapshots.")
     var list = false
 
-    @Option(name: .customShort("c", allowingJoined: true), help: ArgumentHelp("Create a snapshot (not supported yet).", valueName: "snapshot"))
+    @Option(name: .customShort("c", allowingJoined: true), help: ArgumentHelp("Create a snapshot of this name (its ID is one more than the largest).", valueName: "snapshot"))
     var create: String?
 
     @Option(name: .customShort("a", allowingJoined: true), help: ArgumentHelp("Apply a snapshot (not supported yet).", valueName: "snapshot"))
@@ -42,8 +43,12 @@ struct Snapshot: FerryCommand {
             throw UsageError(message: actions.isEmpty ? "expecting one of -l, -c, -a, -d" : "Cannot mix '\(actions[0])' and '\(actions[1])'", command: "snapshot")
         }
         guard let image else { throw UsageError(message: "Expecting one image file name", command: "snapshot") }
+        if let create {
+            try await Images.createSnapshot(ImageSpec(image, format: format), name: create)
+            return 0
+        }
         guard list else {
-            throw FerryError(.notSupported, "ferry snapshot \(actions[0]) is not supported yet (only -l; use qemu-img snapshot \(actions[0]))", path: image)
+            throw FerryError(.notSupported, "ferry snapshot \(actions[0]) is not supported yet (only -l and -c; use qemu-img snapshot \(actions[0]))", path: image)
         }
         let (chain, probed, warnings) = try await Images.info(ImageSpec(image, format: format))
         if probed { warnProbedAsRaw(image) }

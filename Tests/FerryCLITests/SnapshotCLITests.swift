@@ -66,7 +66,7 @@ final class SnapshotCLITests: XCTestCase {
                                  (["convert", "-f", "raw", "-l", "first", "r.raw", "o.raw"], "format raw does not support snapshots"),
                                  (["convert", "-l", "first", "sn.qcow2", "sn.qcow2", "o.raw"], "No support for concatenating multiple snapshot"),
                                  (["convert", "-l", "snapshot.foo=1", "sn.qcow2", "o.raw"], "Invalid parameter 'snapshot.foo'"),
-                                 (["snapshot", "-c", "x", "sn.qcow2"], "-c is not supported yet"),
+                                 (["snapshot", "-a", "x", "sn.qcow2"], "-a is not supported yet"),
                                  (["snapshot", "-l", "-d", "x", "sn.qcow2"], "Cannot mix")] {
             let r = try Tools.ferry(args, in: dir)
             XCTAssertEqual(r.status, 1, args.joined(separator: " "))
@@ -75,6 +75,50 @@ final class SnapshotCLITests: XCTestCase {
         }
         // Nothing was changed.
         try SubcommandGolden.sameAsQemuImg(["snapshot", "-l", "sn.qcow2"], in: dir)
+    }
+
+    /// `snapshot -c` on images with snapshots already, compressed clusters, compat 0.10,
+    /// small clusters and odd refcount widths: qemu-img check finds them clean, the listing
+    /// has the new ID and name where qemu-img's has them, the snapshot holds the active layer
+    /// of the moment after the active layer changes, and qemu-img can delete it again.
+    func testCreateIsWhatQemuImgReads() throws {
+        try buildImage()
+        try Tools.must("qemu-img", ["create", "-q", "-f", "raw", "src.raw", "4M"], in: dir)
+        try Tools.must("qemu-io", ["-f", "raw", "-c", "write -P 6 0 3M", "src.raw"], in: dir)
+        try Tools.must("qemu-img", ["convert", "-c", "-f", "raw", "-O", "qcow2", "src.raw", "compressed.qcow2"], in: dir)
+        var images = ["sn.qcow2", "none.qcow2", "compressed.qcow2"]
+        for (name, options) in [("v2.qcow2", "compat=0.10"), ("small.qcow2", "cluster_size=512,refcount_bits=4"), ("wide.qcow2", "refcount_bits=64")] {
+            try Tools.must("qemu-img", ["create", "-q", "-f", "qcow2", "-o", options, name, "4M"], in: dir)
+            try Tools.must("qemu-io", ["-c", "write -P 7 0 1M", "-c", "write -P 8 3M 4k", name], in: dir)
+            images.append(name)
+        }
+        for image in images {
+            let theirs = "theirs-" + image, ours = "ours-" + image
+            for copy in [theirs, ours] {
+                try FileManager.default.copyItem(at: dir.appendingPathComponent(image), to: dir.appendingPathComponent(copy))
+            }
+            try Tools.must("qemu-img", ["convert", "-O", "raw", image, "before-\(image).raw"], in: dir)
+            try Tools.must("qemu-img", ["snapshot", "-c", "new snap", theirs], in: dir)
+            let r = try Tools.ferry(["snapshot", "-c", "new snap", ours], in: dir)
+            XCTAssertEqual(r.status, 0, "\(image): \(r.stderr)")
+            let check = try Tools.run(try Tools.require("qemu-img"), ["check", ours], in: dir)
+            XCTAssertEqual(check.status, 0, "\(image): \(check.stdout)")
+            func columns(_ text: String) -> [String] { text.split(separator: "\n").map { String($0.prefix(27)) } }
+            XCTAssertEqual(columns(try Tools.must("qemu-img", ["snapshot", "-l", ours], in: dir)),
+                           columns(try Tools.must("qemu-img", ["snapshot", "-l", theirs], in: dir)), image)
+            try Tools.must("qemu-io", ["-c", "write -P 9 0 128k", "-c", "write -z 512k 64k", ours], in: dir)
+            try Tools.must("qemu-img", ["convert", "-O", "raw", "-l", "snapshot.name=new snap", ours, "snap-\(image).raw"], in: dir)
+            let same = try Tools.run(try Tools.require("qemu-img"), ["compare", "-f", "raw", "-F", "raw", "before-\(image).raw", "snap-\(image).raw"], in: dir)
+            XCTAssertEqual(same.status, 0, "\(image): \(same.stdout)")
+            XCTAssertEqual(try Tools.run(try Tools.require("qemu-img"), ["check", ours], in: dir).status, 0, image)
+            try Tools.must("qemu-img", ["snapshot", "-d", "new snap", ours], in: dir)
+            let after = try Tools.run(try Tools.require("qemu-img"), ["check", ours], in: dir)
+            XCTAssertEqual(after.status, 0, "\(image) after qemu-img deleted the snapshot: \(after.stdout)")
+        }
+        try Tools.must("qemu-img", ["create", "-q", "-f", "raw", "plain.raw", "1M"], in: dir)
+        let raw = try Tools.ferry(["snapshot", "-f", "raw", "-c", "x", "plain.raw"], in: dir)
+        XCTAssertEqual(raw.status, 1)
+        XCTAssertTrue(raw.stderr.contains("format raw does not support snapshots"), raw.stderr)
     }
 
     func testHelp() throws { try SubcommandGolden.checkHelp("snapshot", in: dir) }

@@ -15,6 +15,7 @@ struct QCOW2InPlace {
 
     static let offsetMask: UInt64 = 0x00FF_FFFF_FFFF_FE00
     static let copiedBit: UInt64 = 1 << 63
+    static let compressedBit: UInt64 = 1 << 62
 
     init(file: any BlockDevice, path: String, setFileLength: @escaping @Sendable (Int64) async throws -> any BlockDevice) async throws {
         self.path = path
@@ -119,6 +120,30 @@ struct QCOW2InPlace {
                 }
                 Self.setEntry(&block, i, bits: refcountBits, delta > 0 ? v + 1 : v - 1)
                 c += 1
+            }
+            try await write(block, at: offset)
+        }
+    }
+
+    /// Adds `delta` times each count to the refcounts of the clusters in `counts`, a refcount
+    /// block read and written once for all of its clusters.
+    func adjust(counts: [Int64: Int], by delta: Int) async throws {
+        var byBlock: [Int64: [(Int64, Int)]] = [:]
+        for (c, n) in counts { byBlock[c / perBlock, default: []].append((c, n)) }
+        for index in byBlock.keys.sorted() {
+            let offset = try blockOffset(index)
+            guard offset != 0 else {
+                throw FerryError(.corrupt, "qcow2 cluster \(index * perBlock) has no refcount block", path: path, offset: index * perBlock * cs)
+            }
+            var block = try await read(at: offset, count: Int(cs))
+            for (c, n) in byBlock[index]! {
+                let i = Int(c - index * perBlock)
+                let v = Self.entry(block, i, bits: refcountBits)
+                let change = UInt64(n)
+                guard delta > 0 ? (v > 0 && maxRefcount - v >= change) : v >= change else {
+                    throw FerryError(.corrupt, "qcow2 refcount of cluster \(c) is \(v), which cannot change by \(delta * n)", path: path, offset: c * cs)
+                }
+                Self.setEntry(&block, i, bits: refcountBits, delta > 0 ? v + change : v - change)
             }
             try await write(block, at: offset)
         }
