@@ -24,16 +24,16 @@ extension Images {
 }
 
 extension Images {
-    /// `ferry snapshot -c NAME`: creates an internal snapshot of the image at `spec`, in
-    /// place, as its format allows (`ImageFormat.changeSnapshots`).
-    public static func createSnapshot(_ spec: ImageSpec, name: String) async throws {
+    /// `ferry snapshot -c NAME` / `-d SNAPSHOT`: creates or deletes an internal snapshot of
+    /// the image at `spec`, in place, as its format allows (`ImageFormat.changeSnapshots`).
+    public static func changeSnapshots(_ spec: ImageSpec, _ action: SnapshotChange.Action) async throws {
         let (file, format) = try await openForChange(spec)
         let current = Locked<any BlockDevice>(file)
         do {
             guard format.hasInternalSnapshots else {
                 throw FerryError(.notSupported, "format \(format.name) does not support snapshots (formats that do: \(Formats.all.filter { $0.hasInternalSnapshots }.map { $0.name }.joined(separator: ", ")))", path: spec.location)
             }
-            try await format.changeSnapshots(SnapshotChange(location: spec.location, file: file, create: name) { length in
+            try await format.changeSnapshots(SnapshotChange(location: spec.location, file: file, action: action) { length in
                 let reopened = try await reopenAtLength(spec.location, current.withLock { $0 }, length)
                 current.withLock { $0 = reopened }
                 return reopened

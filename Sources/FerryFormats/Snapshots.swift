@@ -32,21 +32,26 @@ extension ImageFormat {
     public static var hasInternalSnapshots: Bool { false }
 }
 
-/// A change to an image's internal snapshots (`snapshot -c`).
+/// A change to an image's internal snapshots (`snapshot -c` / `-d`).
 public struct SnapshotChange: Sendable {
+    public enum Action: Sendable, Equatable {
+        /// Creates a snapshot of the active layer with this name.
+        case create(String)
+        /// Deletes the (first) snapshot with this name.
+        case delete(String)
+    }
     public var location: String
     /// The image's file, opened for writing.
     public var file: any BlockDevice
-    /// The name of the snapshot to create.
-    public var create: String
+    public var action: Action
     /// As `ResizeRequest.setFileLength`.
     public var setFileLength: @Sendable (_ length: Int64) async throws -> any BlockDevice
 
-    public init(location: String, file: any BlockDevice, create: String,
+    public init(location: String, file: any BlockDevice, action: Action,
                 setFileLength: @escaping @Sendable (_ length: Int64) async throws -> any BlockDevice) {
         self.location = location
         self.file = file
-        self.create = create
+        self.action = action
         self.setFileLength = setFileLength
     }
 }

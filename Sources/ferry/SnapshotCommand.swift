@@ -5,13 +5,13 @@ import FerryFormats
 
 struct Snapshot: FerryCommand {
     static let configuration = CommandConfiguration(
-        abstract: "List or create an image's internal snapshots, as qemu-img snapshot does.",
-        usage: "ferry snapshot [-f fmt] [-q] (-l | -c name) <image>",
+        abstract: "List, create or delete an image's internal snapshots, as qemu-img snapshot does.",
+        usage: "ferry snapshot [-f fmt] [-q] (-l | -c name | -d snapshot) <image>",
         discussion: """
         Formats with internal snapshots: \(Formats.all.filter { $0.hasInternalSnapshots }.map { $0.name }.joined(separator: ", ")); \
         an image of another format has none to list. 'ferry convert -l' or '-s' copies a \
         snapshot. qcow2 images with persistent bitmaps or an external data file cannot get a \
-        snapshot yet. Not supported yet: -a (apply), -d (delete), which are refused; \
+        snapshot yet. Not supported yet: -a (apply), which is refused; \
         --object, --image-opts, -U.
         """)
 
@@ -28,7 +28,7 @@ struct Snapshot: FerryCommand {
     @Option(name: .customShort("a", allowingJoined: true), help: ArgumentHelp("Apply a snapshot (not supported yet).", valueName: "snapshot"))
     var apply: String?
 
-    @Option(name: .customShort("d", allowingJoined: true), help: ArgumentHelp("Delete a snapshot (not supported yet).", valueName: "snapshot"))
+    @Option(name: .customShort("d", allowingJoined: true), help: ArgumentHelp("Delete the snapshot with this name.", valueName: "snapshot"))
     var delete: String?
 
     @Flag(name: .customShort("q"), help: "Quiet.")
@@ -44,11 +44,15 @@ struct Snapshot: FerryCommand {
         }
         guard let image else { throw UsageError(message: "Expecting one image file name", command: "snapshot") }
         if let create {
-            try await Images.createSnapshot(ImageSpec(image, format: format), name: create)
+            try await Images.changeSnapshots(ImageSpec(image, format: format), .create(create))
+            return 0
+        }
+        if let delete {
+            try await Images.changeSnapshots(ImageSpec(image, format: format), .delete(delete))
             return 0
         }
         guard list else {
-            throw FerryError(.notSupported, "ferry snapshot \(actions[0]) is not supported yet (only -l and -c; use qemu-img snapshot \(actions[0]))", path: image)
+            throw FerryError(.notSupported, "ferry snapshot \(actions[0]) is not supported yet (only -l, -c and -d; use qemu-img snapshot \(actions[0]))", path: image)
         }
         let (chain, probed, warnings) = try await Images.info(ImageSpec(image, format: format))
         if probed { warnProbedAsRaw(image) }

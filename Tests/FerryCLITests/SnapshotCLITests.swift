@@ -67,7 +67,8 @@ final class SnapshotCLITests: XCTestCase {
                                  (["convert", "-l", "first", "sn.qcow2", "sn.qcow2", "o.raw"], "No support for concatenating multiple snapshot"),
                                  (["convert", "-l", "snapshot.foo=1", "sn.qcow2", "o.raw"], "Invalid parameter 'snapshot.foo'"),
                                  (["snapshot", "-a", "x", "sn.qcow2"], "-a is not supported yet"),
-                                 (["snapshot", "-l", "-d", "x", "sn.qcow2"], "Cannot mix")] {
+                                 (["snapshot", "-l", "-d", "x", "sn.qcow2"], "Cannot mix"),
+                                 (["snapshot", "-d", "nope", "sn.qcow2"], "Could not delete snapshot 'nope': snapshot not found")] {
             let r = try Tools.ferry(args, in: dir)
             XCTAssertEqual(r.status, 1, args.joined(separator: " "))
             XCTAssertTrue(r.stderr.contains(expected), r.stderr)
@@ -119,6 +120,53 @@ final class SnapshotCLITests: XCTestCase {
         let raw = try Tools.ferry(["snapshot", "-f", "raw", "-c", "x", "plain.raw"], in: dir)
         XCTAssertEqual(raw.status, 1)
         XCTAssertTrue(raw.stderr.contains("format raw does not support snapshots"), raw.stderr)
+    }
+
+    /// `snapshot -d` against qemu-img's on copies of an image with three snapshots (and on
+    /// snapshots ferry made): the same listing and failures, clean images, the active layer
+    /// and the other snapshots unchanged, the same map.
+    func testDeleteMatchesQemuImg() throws {
+        try Tools.must("qemu-img", ["create", "-q", "-f", "qcow2", "d.qcow2", "10M"], in: dir)
+        try Tools.must("qemu-io", ["-c", "write -P 1 0 2M", "d.qcow2"], in: dir)
+        try Tools.must("qemu-img", ["snapshot", "-c", "a", "d.qcow2"], in: dir)
+        try Tools.must("qemu-io", ["-c", "write -P 2 0 64k", "-c", "write -P 3 5M 1M", "d.qcow2"], in: dir)
+        let made = try Tools.ferry(["snapshot", "-c", "b", "d.qcow2"], in: dir)
+        XCTAssertEqual(made.status, 0, made.stderr)
+        try Tools.must("qemu-io", ["-c", "write -P 4 1M 64k", "d.qcow2"], in: dir)
+        try Tools.must("qemu-img", ["snapshot", "-c", "c", "d.qcow2"], in: dir)
+        try Tools.must("qemu-io", ["-c", "write -P 5 7M 64k", "d.qcow2"], in: dir)
+        try Tools.must("qemu-img", ["convert", "-O", "raw", "d.qcow2", "active.raw"], in: dir)
+        for name in ["a", "b", "c"] { try Tools.must("qemu-img", ["convert", "-O", "raw", "-l", name, "d.qcow2", "\(name).raw"], in: dir) }
+        for victim in ["a", "b", "c", "2", "nope"] {
+            let theirs = "theirs-\(victim).qcow2", ours = "ours-\(victim).qcow2"
+            for copy in [theirs, ours] {
+                try FileManager.default.copyItem(at: dir.appendingPathComponent("d.qcow2"), to: dir.appendingPathComponent(copy))
+            }
+            let q = try Tools.run(try Tools.require("qemu-img"), ["snapshot", "-d", victim, theirs], in: dir)
+            let f = try Tools.ferry(["snapshot", "-d", victim, ours], in: dir)
+            XCTAssertEqual(f.status, q.status, "\(victim): \(f.stderr)")
+            XCTAssertEqual(f.stderr, q.stderr.replacingOccurrences(of: "qemu-img:", with: "ferry:"), victim)
+            let check = try Tools.run(try Tools.require("qemu-img"), ["check", ours], in: dir)
+            XCTAssertEqual(check.status, 0, "\(victim): \(check.stdout)")
+            func columns(_ text: String) -> [String] { text.split(separator: "\n").map { String($0.prefix(27)) } }
+            XCTAssertEqual(columns(try Tools.must("qemu-img", ["snapshot", "-l", ours], in: dir)),
+                           columns(try Tools.must("qemu-img", ["snapshot", "-l", theirs], in: dir)), victim)
+            XCTAssertEqual(try Tools.must("qemu-img", ["map", "--output=json", ours], in: dir),
+                           try Tools.must("qemu-img", ["map", "--output=json", theirs], in: dir), victim)
+            try Tools.must("qemu-img", ["compare", "-f", "raw", "active.raw", ours], in: dir)
+            for name in ["a", "b", "c"] where name != victim {
+                try Tools.must("qemu-img", ["convert", "-O", "raw", "-l", name, ours, "left-\(name).raw"], in: dir)
+                try Tools.must("qemu-img", ["compare", "-f", "raw", "-F", "raw", "\(name).raw", "left-\(name).raw"], in: dir)
+            }
+        }
+        // Every snapshot gone: the active layer's clusters are its own again (COPIED).
+        for name in ["a", "b", "c"] {
+            let r = try Tools.ferry(["snapshot", "-d", name, "d.qcow2"], in: dir)
+            XCTAssertEqual(r.status, 0, r.stderr)
+        }
+        XCTAssertEqual(try Tools.run(try Tools.require("qemu-img"), ["check", "d.qcow2"], in: dir).status, 0)
+        try Tools.must("qemu-img", ["compare", "-f", "raw", "active.raw", "d.qcow2"], in: dir)
+        XCTAssertEqual(try Tools.must("qemu-img", ["snapshot", "-l", "d.qcow2"], in: dir), "")
     }
 
     func testHelp() throws { try SubcommandGolden.checkHelp("snapshot", in: dir) }

@@ -10,6 +10,13 @@ extension QCOW2Format {
     /// entries and the new one) go into new clusters, then the header points at the new
     /// table and the old table is freed. The new snapshot's ID is one more than the largest.
     public static func changeSnapshots(_ change: SnapshotChange) async throws {
+        switch change.action {
+        case .create(let name): try await createSnapshot(change, name: name)
+        case .delete(let which): try await deleteSnapshot(change, which: which)
+        }
+    }
+
+    static func createSnapshot(_ change: SnapshotChange, name: String) async throws {
         let path = change.location
         var m = try await QCOW2InPlace(file: change.file, path: path, setFileLength: change.setFileLength)
         let h = m.header
@@ -35,33 +42,16 @@ extension QCOW2Format {
         // Every cluster the active tables reach, counted.
         let raw = h.l1Size > 0 ? try await m.read(at: h.l1TableOffset, count: h.l1Size * 8) : []
         var l1 = (0 ..< h.l1Size).map { QCOW2InPlace.entry(raw, $0, bits: 64) }
-        var counts: [Int64: Int] = [:]
-        var tables: [(offset: Int64, bytes: [UInt8])] = []
-        let entryWords = h.l2EntryBytes / 8
-        let sizeBits = UInt64(h.clusterBits - 8)
-        let offsetBits = 62 - sizeBits
-        for i in 0 ..< l1.count {
-            let l2 = Int64(l1[i] & QCOW2InPlace.offsetMask)
-            guard l2 != 0 else { continue }
-            guard l2 % cs == 0 else { throw FerryError(.corrupt, "qcow2 L2 table \(i) at \(l2) is not cluster aligned", path: path, offset: l2) }
-            counts[l2 / cs, default: 0] += 1
-            var table = try await m.read(at: l2, count: Int(cs))
+        var (counts, tables) = try await references(m, l1: l1)
+        for t in tables.indices {
             for k in 0 ..< Int(cs) / h.l2EntryBytes {
-                let e = QCOW2InPlace.entry(table, k * entryWords, bits: 64)
-                if e & QCOW2InPlace.compressedBit != 0 {
-                    let start = Int64(e & ((1 << offsetBits) - 1)) & ~511
-                    let sectors = Int64((e >> offsetBits) & ((1 << sizeBits) - 1)) + 1
-                    for c in start / cs ... (start + sectors * 512 - 1) / cs { counts[c, default: 0] += 1 }
-                } else if e & QCOW2InPlace.offsetMask != 0 {
-                    counts[Int64(e & QCOW2InPlace.offsetMask) / cs, default: 0] += 1
-                }
+                let e = QCOW2InPlace.entry(tables[t].bytes, k * h.l2EntryBytes / 8, bits: 64)
                 if e & QCOW2InPlace.copiedBit != 0 {
-                    QCOW2InPlace.setEntry(&table, k * entryWords, bits: 64, e & ~QCOW2InPlace.copiedBit)
+                    QCOW2InPlace.setEntry(&tables[t].bytes, k * h.l2EntryBytes / 8, bits: 64, e & ~QCOW2InPlace.copiedBit)
                 }
             }
-            tables.append((l2, table))
-            l1[i] &= ~QCOW2InPlace.copiedBit
         }
+        for i in l1.indices { l1[i] &= ~QCOW2InPlace.copiedBit }
         try await m.adjust(counts: counts, by: 1)
         try await m.flush()
         for t in tables { try await m.write(t.bytes, at: t.offset) }
@@ -74,7 +64,7 @@ extension QCOW2Format {
         var entry = [UInt8](repeating: 0, count: 40 + 24)
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
-        let idBytes = Array(id.utf8), nameBytes = Array(change.create.utf8)
+        let idBytes = Array(id.utf8), nameBytes = Array(name.utf8)
         guard nameBytes.count <= 65535 else { throw FerryError(.invalidArgument, "snapshot name is too long", path: path) }
         QCOW2InPlace.setEntry(&entry, 2, bits: 32, UInt64(h.l1Size))
         QCOW2InPlace.setEntry(&entry, 6, bits: 16, UInt64(idBytes.count))
@@ -104,6 +94,130 @@ extension QCOW2Format {
             try await m.adjust(clusters: h.snapshotsOffset / cs, count: (Int64(oldTableBytes) + cs - 1) / cs, by: -1)
             try await m.flush()
         }
+    }
+
+    /// The clusters an L1 table reaches (its L2 tables and, through them, data clusters,
+    /// compressed ones by every cluster their sectors touch), each counted once per
+    /// reference, and the L2 tables as read.
+    static func references(_ m: QCOW2InPlace, l1: [UInt64]) async throws -> ([Int64: Int], [(offset: Int64, bytes: [UInt8])]) {
+        let h = m.header, cs = m.cs, path = m.path
+        var counts: [Int64: Int] = [:]
+        var tables: [(offset: Int64, bytes: [UInt8])] = []
+        let entryWords = h.l2EntryBytes / 8
+        let sizeBits = UInt64(h.clusterBits - 8)
+        let offsetBits = 62 - sizeBits
+        for i in 0 ..< l1.count {
+            let l2 = Int64(l1[i] & QCOW2InPlace.offsetMask)
+            guard l2 != 0 else { continue }
+            guard l2 % cs == 0 else { throw FerryError(.corrupt, "qcow2 L2 table \(i) at \(l2) is not cluster aligned", path: path, offset: l2) }
+            counts[l2 / cs, default: 0] += 1
+            let table = try await m.read(at: l2, count: Int(cs))
+            for k in 0 ..< Int(cs) / h.l2EntryBytes {
+                let e = QCOW2InPlace.entry(table, k * entryWords, bits: 64)
+                if e & QCOW2InPlace.compressedBit != 0 {
+                    let start = Int64(e & ((1 << offsetBits) - 1)) & ~511
+                    let sectors = Int64((e >> offsetBits) & ((1 << sizeBits) - 1)) + 1
+                    for c in start / cs ... (start + sectors * 512 - 1) / cs { counts[c, default: 0] += 1 }
+                } else if e & QCOW2InPlace.offsetMask != 0 {
+                    counts[Int64(e & QCOW2InPlace.offsetMask) / cs, default: 0] += 1
+                }
+            }
+            tables.append((l2, table))
+        }
+        return (counts, tables)
+    }
+
+    /// Deletes a snapshot (`snapshot -d`): a new snapshot table without it goes into new
+    /// clusters and the header points at it first (a crash after that only leaks clusters);
+    /// then every cluster its L1 table reaches, and that table and the old snapshot table,
+    /// lose a reference; then the active tables get COPIED flags where a cluster is theirs alone.
+    static func deleteSnapshot(_ change: SnapshotChange, which: String) async throws {
+        let path = change.location
+        var m = try await QCOW2InPlace(file: change.file, path: path, setFileLength: change.setFileLength)
+        let h = m.header
+        let cs = m.cs
+        let existing = try await readSnapshots(m.file, header: h, path: path)
+        if h.hasDataFile { throw FerryError(.notSupported, "ferry cannot change snapshots of qcow2 images with an external data file", path: path) }
+        // By name, as qemu-img 7.2 deletes.
+        guard let victim = existing.firstIndex(where: { $0.name == which }) else {
+            throw FerryError(.notFound, "Could not delete snapshot '\(which)': snapshot not found")
+        }
+        let sn = existing[victim]
+        guard sn.l1Size >= 0, Int64(sn.l1Size) * 8 <= QCOW2Header.maxL1Bytes, sn.l1Size == 0 || (sn.l1Offset > 0 && sn.l1Offset % cs == 0) else {
+            throw FerryError(.corrupt, "qcow2 snapshot '\(sn.name)' has an invalid L1 table", path: path, offset: sn.l1Offset)
+        }
+        // The old table, and the new one without the entry.
+        let oldTableBytes = try await snapshotTableLength(m, header: h)
+        var old = try await m.read(at: h.snapshotsOffset, count: Int(min(Int64(oldTableBytes), m.file.size - h.snapshotsOffset)))
+        old += [UInt8](repeating: 0, count: oldTableBytes - old.count)
+        var table: [UInt8] = []
+        var pos = 0
+        for i in 0 ..< existing.count {
+            let b = BigEndianBytes(bytes: Array(old[pos ..< pos + 40]))
+            let length = (40 + Int(b.u32(36)) + Int(b.u16(12)) + Int(b.u16(14)) + 7) / 8 * 8
+            if i != victim { table += old[pos ..< pos + length] }
+            pos += length
+        }
+        let raw = sn.l1Size > 0 ? try await m.read(at: sn.l1Offset, count: sn.l1Size * 8) : []
+        let snapL1 = (0 ..< sn.l1Size).map { QCOW2InPlace.entry(raw, $0, bits: 64) }
+        var newOffset: Int64 = 0
+        if !table.isEmpty {
+            newOffset = try await m.allocate(clusters: (Int64(table.count) + cs - 1) / cs)
+            try await m.write(table, at: newOffset)
+            try await m.flush()
+        }
+        var fields = [UInt8](repeating: 0, count: 12)
+        QCOW2InPlace.setEntry(&fields, 0, bits: 32, UInt64(existing.count - 1))
+        for k in 0 ..< 8 { fields[4 + k] = UInt8(truncatingIfNeeded: UInt64(newOffset) >> UInt64(56 - 8 * k)) }
+        try await m.write(fields, at: 60)
+        try await m.flush()
+
+        // References dropped.
+        var (counts, _) = try await references(m, l1: snapL1)
+        if sn.l1Size > 0 {
+            for c in sn.l1Offset / cs ..< (sn.l1Offset + Int64(sn.l1Size) * 8 + cs - 1) / cs { counts[c, default: 0] += 1 }
+        }
+        for c in h.snapshotsOffset / cs ..< (h.snapshotsOffset + Int64(oldTableBytes) + cs - 1) / cs { counts[c, default: 0] += 1 }
+        try await m.adjust(counts: counts, by: -1)
+        try await m.flush()
+
+        // COPIED flags of the active tables: set where the cluster is theirs alone.
+        let activeRaw = h.l1Size > 0 ? try await m.read(at: h.l1TableOffset, count: h.l1Size * 8) : []
+        var l1 = (0 ..< h.l1Size).map { QCOW2InPlace.entry(activeRaw, $0, bits: 64) }
+        let (_, tables) = try await references(m, l1: l1)
+        var blocks: [Int64: [UInt8]] = [:]
+        func refcount(_ c: Int64) async throws -> UInt64 {
+            let index = c / m.perBlock
+            if blocks[index] == nil {
+                let offset = try m.blockOffset(index)
+                blocks[index] = offset == 0 ? [UInt8](repeating: 0, count: Int(cs)) : try await m.read(at: offset, count: Int(cs))
+            }
+            return QCOW2InPlace.entry(blocks[index]!, Int(c - index * m.perBlock), bits: m.refcountBits)
+        }
+        let words = h.l2EntryBytes / 8
+        for var t in tables {
+            var changed = false
+            for k in 0 ..< Int(cs) / h.l2EntryBytes {
+                let e = QCOW2InPlace.entry(t.bytes, k * words, bits: 64)
+                guard e & QCOW2InPlace.compressedBit == 0, e & QCOW2InPlace.offsetMask != 0 else { continue }
+                let copied = try await refcount(Int64(e & QCOW2InPlace.offsetMask) / cs) == 1
+                let want = copied ? e | QCOW2InPlace.copiedBit : e & ~QCOW2InPlace.copiedBit
+                if want != e { QCOW2InPlace.setEntry(&t.bytes, k * words, bits: 64, want); changed = true }
+            }
+            if changed { try await m.write(t.bytes, at: t.offset) }
+        }
+        var l1Changed = false
+        for i in l1.indices where l1[i] & QCOW2InPlace.offsetMask != 0 {
+            let copied = try await refcount(Int64(l1[i] & QCOW2InPlace.offsetMask) / cs) == 1
+            let want = copied ? l1[i] | QCOW2InPlace.copiedBit : l1[i] & ~QCOW2InPlace.copiedBit
+            if want != l1[i] { l1[i] = want; l1Changed = true }
+        }
+        if l1Changed {
+            var bytes = [UInt8](repeating: 0, count: h.l1Size * 8)
+            for (i, e) in l1.enumerated() { QCOW2InPlace.setEntry(&bytes, i, bits: 64, e) }
+            try await m.write(bytes, at: h.l1TableOffset)
+        }
+        try await m.flush()
     }
 
     /// The bytes the snapshot table takes (entries walked as `readSnapshots` walks them).
