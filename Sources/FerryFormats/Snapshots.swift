@@ -39,6 +39,8 @@ public struct SnapshotChange: Sendable {
         case create(String)
         /// Deletes the (first) snapshot with this name.
         case delete(String)
+        /// Reverts the active layer to the snapshot with this ID, or else this name.
+        case apply(String)
     }
     public var location: String
     /// The image's file, opened for writing.

@@ -5,14 +5,15 @@ import FerryFormats
 
 struct Snapshot: FerryCommand {
     static let configuration = CommandConfiguration(
-        abstract: "List, create or delete an image's internal snapshots, as qemu-img snapshot does.",
-        usage: "ferry snapshot [-f fmt] [-q] (-l | -c name | -d snapshot) <image>",
+        abstract: "List, create, apply or delete an image's internal snapshots, as qemu-img snapshot does.",
+        usage: "ferry snapshot [-f fmt] [-q] (-l | -c name | -a snapshot | -d snapshot) <image>",
         discussion: """
         Formats with internal snapshots: \(Formats.all.filter { $0.hasInternalSnapshots }.map { $0.name }.joined(separator: ", ")); \
         an image of another format has none to list. 'ferry convert -l' or '-s' copies a \
-        snapshot. qcow2 images with persistent bitmaps or an external data file cannot get a \
-        snapshot yet. Not supported yet: -a (apply), which is refused; \
-        --object, --image-opts, -U.
+        snapshot. -d deletes by name, as qemu-img 7.2. Refused: -c and -a on qcow2 images \
+        with persistent bitmaps, any change to one with an external data file, -a of a \
+        snapshot whose L1 table is larger than the image's. Not supported: --object, \
+        --image-opts, -U.
         """)
 
     @Option(name: .customShort("f", allowingJoined: true),
@@ -25,7 +26,7 @@ struct Snapshot: FerryCommand {
     @Option(name: .customShort("c", allowingJoined: true), help: ArgumentHelp("Create a snapshot of this name (its ID is one more than the largest).", valueName: "snapshot"))
     var create: String?
 
-    @Option(name: .customShort("a", allowingJoined: true), help: ArgumentHelp("Apply a snapshot (not supported yet).", valueName: "snapshot"))
+    @Option(name: .customShort("a", allowingJoined: true), help: ArgumentHelp("Revert the image to the snapshot with this ID, or else this name.", valueName: "snapshot"))
     var apply: String?
 
     @Option(name: .customShort("d", allowingJoined: true), help: ArgumentHelp("Delete the snapshot with this name.", valueName: "snapshot"))
@@ -47,12 +48,13 @@ struct Snapshot: FerryCommand {
             try await Images.changeSnapshots(ImageSpec(image, format: format), .create(create))
             return 0
         }
+        if let apply {
+            try await Images.changeSnapshots(ImageSpec(image, format: format), .apply(apply))
+            return 0
+        }
         if let delete {
             try await Images.changeSnapshots(ImageSpec(image, format: format), .delete(delete))
             return 0
-        }
-        guard list else {
-            throw FerryError(.notSupported, "ferry snapshot \(actions[0]) is not supported yet (only -l, -c and -d; use qemu-img snapshot \(actions[0]))", path: image)
         }
         let (chain, probed, warnings) = try await Images.info(ImageSpec(image, format: format))
         if probed { warnProbedAsRaw(image) }

@@ -66,7 +66,6 @@ final class SnapshotCLITests: XCTestCase {
                                  (["convert", "-f", "raw", "-l", "first", "r.raw", "o.raw"], "format raw does not support snapshots"),
                                  (["convert", "-l", "first", "sn.qcow2", "sn.qcow2", "o.raw"], "No support for concatenating multiple snapshot"),
                                  (["convert", "-l", "snapshot.foo=1", "sn.qcow2", "o.raw"], "Invalid parameter 'snapshot.foo'"),
-                                 (["snapshot", "-a", "x", "sn.qcow2"], "-a is not supported yet"),
                                  (["snapshot", "-l", "-d", "x", "sn.qcow2"], "Cannot mix"),
                                  (["snapshot", "-d", "nope", "sn.qcow2"], "Could not delete snapshot 'nope': snapshot not found")] {
             let r = try Tools.ferry(args, in: dir)
@@ -167,6 +166,34 @@ final class SnapshotCLITests: XCTestCase {
         XCTAssertEqual(try Tools.run(try Tools.require("qemu-img"), ["check", "d.qcow2"], in: dir).status, 0)
         try Tools.must("qemu-img", ["compare", "-f", "raw", "active.raw", "d.qcow2"], in: dir)
         XCTAssertEqual(try Tools.must("qemu-img", ["snapshot", "-l", "d.qcow2"], in: dir), "")
+    }
+
+    /// `snapshot -a` against qemu-img's on copies (by ID and by name, a snapshot taken before
+    /// a resize): the same contents, size and map, clean images that take writes afterwards.
+    func testApplyMatchesQemuImg() throws {
+        try Tools.must("qemu-img", ["create", "-q", "-f", "qcow2", "d.qcow2", "10M"], in: dir)
+        try Tools.must("qemu-io", ["-c", "write -P 1 0 2M", "d.qcow2"], in: dir)
+        try Tools.must("qemu-img", ["snapshot", "-c", "a", "d.qcow2"], in: dir)
+        try Tools.must("qemu-io", ["-c", "write -P 2 0 64k", "-c", "write -P 3 5M 1M", "d.qcow2"], in: dir)
+        XCTAssertEqual(try Tools.ferry(["snapshot", "-c", "b", "d.qcow2"], in: dir).status, 0)
+        try Tools.must("qemu-img", ["resize", "-q", "d.qcow2", "20M"], in: dir)
+        try Tools.must("qemu-io", ["-c", "write -P 4 1M 64k", "-c", "write -P 6 15M 64k", "d.qcow2"], in: dir)
+        for which in ["a", "b", "1", "2", "nope"] {
+            let theirs = "theirs-\(which).qcow2", ours = "ours-\(which).qcow2"
+            for copy in [theirs, ours] {
+                try FileManager.default.copyItem(at: dir.appendingPathComponent("d.qcow2"), to: dir.appendingPathComponent(copy))
+            }
+            let q = try Tools.run(try Tools.require("qemu-img"), ["snapshot", "-a", which, theirs], in: dir)
+            let f = try Tools.ferry(["snapshot", "-a", which, ours], in: dir)
+            XCTAssertEqual(f.status, q.status, "\(which): \(f.stderr)")
+            XCTAssertEqual(f.stderr, q.stderr.replacingOccurrences(of: "qemu-img:", with: "ferry:"), which)
+            XCTAssertEqual(try Tools.run(try Tools.require("qemu-img"), ["check", ours], in: dir).status, 0, which)
+            try Tools.must("qemu-img", ["compare", "-s", theirs, ours], in: dir)
+            XCTAssertEqual(try Tools.must("qemu-img", ["map", "--output=json", ours], in: dir),
+                           try Tools.must("qemu-img", ["map", "--output=json", theirs], in: dir), which)
+            try Tools.must("qemu-io", ["-c", "write -P 9 0 3M", ours], in: dir)
+            XCTAssertEqual(try Tools.run(try Tools.require("qemu-img"), ["check", ours], in: dir).status, 0, which)
+        }
     }
 
     func testHelp() throws { try SubcommandGolden.checkHelp("snapshot", in: dir) }

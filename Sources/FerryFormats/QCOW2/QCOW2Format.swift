@@ -195,7 +195,8 @@ public enum QCOW2Format: ImageFormat {
                 id: rest.string(extraSize, idLength), name: rest.string(extraSize + idLength, nameLength),
                 vmStateSize: vmState, dateSeconds: Int64(fixed.u32(16)), dateNanoseconds: Int64(fixed.u32(20)),
                 vmClockNanoseconds: Int64(bitPattern: fixed.u64(24)), icount: icount,
-                l1Offset: Int64(bitPattern: fixed.u64(0)), l1Size: Int(fixed.u32(8))))
+                l1Offset: Int64(bitPattern: fixed.u64(0)), l1Size: Int(fixed.u32(8)),
+                diskSize: extraSize >= 16 ? Int64(bitPattern: rest.u64(8)) : nil))
             pos += Int64((40 + variable + 7) / 8 * 8)
         }
         return out

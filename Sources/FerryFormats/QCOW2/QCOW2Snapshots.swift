@@ -13,6 +13,7 @@ extension QCOW2Format {
         switch change.action {
         case .create(let name): try await createSnapshot(change, name: name)
         case .delete(let which): try await deleteSnapshot(change, which: which)
+        case .apply(let which): try await applySnapshot(change, which: which)
         }
     }
 
@@ -181,7 +182,13 @@ extension QCOW2Format {
         try await m.adjust(counts: counts, by: -1)
         try await m.flush()
 
-        // COPIED flags of the active tables: set where the cluster is theirs alone.
+        try await restoreCopiedFlags(m)
+    }
+
+    /// Sets the COPIED flags of the active L1 and L2 tables where a cluster is referenced
+    /// once (theirs alone) and clears them elsewhere.
+    static func restoreCopiedFlags(_ m: QCOW2InPlace) async throws {
+        let h = m.header, cs = m.cs
         let activeRaw = h.l1Size > 0 ? try await m.read(at: h.l1TableOffset, count: h.l1Size * 8) : []
         var l1 = (0 ..< h.l1Size).map { QCOW2InPlace.entry(activeRaw, $0, bits: 64) }
         let (_, tables) = try await references(m, l1: l1)
@@ -218,6 +225,52 @@ extension QCOW2Format {
             try await m.write(bytes, at: h.l1TableOffset)
         }
         try await m.flush()
+    }
+
+    /// Reverts the active layer to a snapshot (`snapshot -a`): the clusters the snapshot's
+    /// L1 table reaches gain a reference, the active L1 table becomes a copy of it (and the
+    /// size the snapshot's), then the clusters the old active tables reached lose one, and
+    /// the COPIED flags are set again. A snapshot with a larger L1 table is refused.
+    static func applySnapshot(_ change: SnapshotChange, which: String) async throws {
+        let path = change.location
+        let m = try await QCOW2InPlace(file: change.file, path: path, setFileLength: change.setFileLength)
+        let h = m.header, cs = m.cs
+        if h.hasDataFile { throw FerryError(.notSupported, "ferry cannot change snapshots of qcow2 images with an external data file", path: path) }
+        if h.autoclear & QCOW2Header.bitmapsBit != 0, let b = h.bitmaps, b.count > 0 {
+            throw FerryError(.notSupported, "ferry cannot apply snapshots of qcow2 images with persistent bitmaps yet", path: path)
+        }
+        let existing = try await readSnapshots(m.file, header: h, path: path)
+        guard let sn = existing.first(where: { $0.id == which }) ?? existing.first(where: { $0.name == which }) else {
+            throw FerryError(.notFound, "Could not apply snapshot '\(which)': Failed to load snapshot: No such file or directory")
+        }
+        guard sn.l1Size <= h.l1Size, sn.l1Size == 0 || (sn.l1Offset > 0 && sn.l1Offset % cs == 0) else {
+            throw FerryError(.notSupported, "ferry cannot apply snapshot '\(sn.name)': its L1 table is larger than the image's (\(sn.l1Size) entries, not \(h.l1Size))", path: path)
+        }
+        let size = sn.diskSize ?? h.size
+        guard size >= 0, size <= Int64(h.l1Size) * h.l2Coverage else {
+            throw FerryError(.corrupt, "qcow2 snapshot '\(sn.name)' has size \(size), more than the L1 table covers", path: path)
+        }
+        let snapRaw = sn.l1Size > 0 ? try await m.read(at: sn.l1Offset, count: sn.l1Size * 8) : []
+        var snapL1 = (0 ..< sn.l1Size).map { QCOW2InPlace.entry(snapRaw, $0, bits: 64) & ~QCOW2InPlace.copiedBit }
+        snapL1 += [UInt64](repeating: 0, count: h.l1Size - sn.l1Size)
+        let activeRaw = h.l1Size > 0 ? try await m.read(at: h.l1TableOffset, count: h.l1Size * 8) : []
+        let activeL1 = (0 ..< h.l1Size).map { QCOW2InPlace.entry(activeRaw, $0, bits: 64) }
+        let (gained, _) = try await references(m, l1: snapL1)
+        let (lost, _) = try await references(m, l1: activeL1)
+        try await m.adjust(counts: gained, by: 1)
+        try await m.flush()
+        var bytes = [UInt8](repeating: 0, count: h.l1Size * 8)
+        for (i, e) in snapL1.enumerated() { QCOW2InPlace.setEntry(&bytes, i, bits: 64, e) }
+        if !bytes.isEmpty { try await m.write(bytes, at: h.l1TableOffset) }
+        if size != h.size {
+            var field = [UInt8](repeating: 0, count: 8)
+            QCOW2InPlace.setEntry(&field, 0, bits: 64, UInt64(size))
+            try await m.write(field, at: 24)
+        }
+        try await m.flush()
+        try await m.adjust(counts: lost, by: -1)
+        try await m.flush()
+        try await restoreCopiedFlags(m)
     }
 
     /// The bytes the snapshot table takes (entries walked as `readSnapshots` walks them).
