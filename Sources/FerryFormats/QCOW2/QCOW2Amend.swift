@@ -12,6 +12,7 @@ extension QCOW2Format {
         })
         let h = m.header
         var compatible = h.compatible
+        var version = h.version
         for (key, value) in change.options.sorted(by: { $0.key < $1.key }) {
             switch key {
             case "lazy_refcounts":
@@ -19,16 +20,11 @@ extension QCOW2Format {
                     throw FerryError(.invalidArgument, "Parameter 'lazy_refcounts' expects 'on' or 'off'")
                 }
                 let on = value == "on"
-                if on && h.version < 3 {
-                    throw FerryError(.invalidArgument, "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
-                }
                 compatible = on ? compatible | QCOW2Header.lazyRefcountsBit : compatible & ~QCOW2Header.lazyRefcountsBit
             case "compat":
                 let want: UInt32? = ["1.1": 3, "v3": 3, "0.10": 2, "v2": 2][value]
                 guard let want else { throw FerryError(.invalidArgument, "Invalid compatibility level: '\(value)'") }
-                guard want == h.version else {
-                    throw FerryError(.notSupported, "ferry cannot change the compat level of a qcow2 image yet (it is \(h.version >= 3 ? "1.1" : "0.10"))", path: path)
-                }
+                version = want
             case "refcount_bits":
                 guard Int(value) == h.refcountBits else {
                     throw FerryError(.notSupported, "ferry cannot change refcount_bits of a qcow2 image yet (it is \(h.refcountBits))", path: path)
@@ -59,8 +55,18 @@ extension QCOW2Format {
             backing = b.isEmpty ? nil : b
             backingFormat = b.isEmpty ? nil : change.backingFormat
         }
+        if compatible & QCOW2Header.lazyRefcountsBit != 0 && version < 3 {
+            throw FerryError(.invalidArgument, "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
+        }
+        if version < h.version { try await checkDowngrade(m) }
+        if version > h.version {
+            for sn in try await readSnapshots(m.file, header: h, path: path) where sn.diskSize == nil {
+                throw FerryError(.notSupported, "ferry cannot upgrade this image yet: snapshot '\(sn.name)' lacks the extra data compat 1.1 needs", path: path)
+            }
+        }
         let cluster = try await m.read(at: 0, count: Int(m.cs))
-        let bytes = try rewriteHeader(cluster, header: h, compatible: compatible, backing: backing, backingFormat: backingFormat, path: path)
+        let bytes = try rewriteHeader(cluster, header: h, version: version, compatible: compatible, backing: backing,
+                                      backingFormat: backingFormat, path: path)
         try await m.write(bytes, at: 0)
         try await m.flush()
     }
@@ -68,8 +74,33 @@ extension QCOW2Format {
     /// The first cluster with the backing file and its format replaced and the compatible
     /// features set: the fixed header as it is, the extensions but the backing format one,
     /// a new backing format extension, the end marker, the backing file name, zeros.
-    static func rewriteHeader(_ cluster: [UInt8], header h: QCOW2Header, compatible: UInt64, backing: String?, backingFormat: String?,
-                              path: String) throws -> [UInt8] {
+    /// What compat=0.10 cannot hold: incompatible features, bitmaps, refcount widths but
+    /// 16, zero clusters (qemu-img writes them out as data; ferry refuses).
+    static func checkDowngrade(_ m: QCOW2InPlace) async throws {
+        let h = m.header, path = m.path
+        func refuse(_ why: String) -> FerryError {
+            FerryError(.notSupported, "ferry cannot downgrade this image to compat=0.10 yet: \(why)", path: path)
+        }
+        if h.incompatible != 0 { throw refuse("it uses incompatible features (0x\(String(h.incompatible, radix: 16)))") }
+        if h.refcountOrder != 4 { throw refuse("its refcount_bits is \(h.refcountBits), not 16") }
+        if h.autoclear & QCOW2Header.bitmapsBit != 0, let b = h.bitmaps, b.count > 0 { throw refuse("it has persistent bitmaps") }
+        var l1Tables = [(h.l1TableOffset, h.l1Size)]
+        for sn in try await readSnapshots(m.file, header: h, path: path) { l1Tables.append((sn.l1Offset, sn.l1Size)) }
+        for (offset, size) in l1Tables where size > 0 {
+            let raw = try await m.read(at: offset, count: size * 8)
+            for i in 0 ..< size {
+                let l2 = Int64(QCOW2InPlace.entry(raw, i, bits: 64) & QCOW2InPlace.offsetMask)
+                guard l2 != 0 else { continue }
+                let table = try await m.read(at: l2, count: Int(m.cs))
+                for k in 0 ..< Int(m.cs) / 8 where QCOW2InPlace.entry(table, k, bits: 64) & (QCOW2InPlace.compressedBit | 1) == 1 {
+                    throw refuse("it has zero clusters")
+                }
+            }
+        }
+    }
+
+    static func rewriteHeader(_ cluster: [UInt8], header h: QCOW2Header, version: UInt32, compatible: UInt64, backing: String?,
+                              backingFormat: String?, path: String) throws -> [UInt8] {
         let cs = cluster.count
         let fixed = h.version >= 3 ? h.headerLength : 72
         let b = BigEndianBytes(bytes: cluster)
@@ -86,6 +117,19 @@ extension QCOW2Format {
         }
         if let f = backingFormat { extensions.insert((QCOW2Header.extBackingFormat, ArraySlice(Array(f.utf8))), at: 0) }
         var out = Array(cluster[0 ..< fixed])
+        if version != h.version {
+            // 72 bytes for compat 0.10; 112 for 1.1 (no features, refcount order 4, zlib).
+            out = Array(cluster[0 ..< 72])
+            QCOW2InPlace.setEntry(&out, 1, bits: 32, UInt64(version))
+            if version >= 3 {
+                var more = [UInt8](repeating: 0, count: 40)
+                QCOW2InPlace.setEntry(&more, 6, bits: 32, 4)
+                QCOW2InPlace.setEntry(&more, 7, bits: 32, 112)
+                out += more
+            } else {
+                extensions.removeAll { $0.type == QCOW2Header.extFeatureNames }
+            }
+        }
         for e in extensions {
             var head = [UInt8](repeating: 0, count: 8)
             QCOW2InPlace.setEntry(&head, 0, bits: 32, UInt64(e.type))
@@ -107,7 +151,7 @@ extension QCOW2Format {
             throw FerryError(.notSupported, "the new qcow2 header does not fit in the first cluster (\(out.count) of \(cs) bytes)", path: path)
         }
         out[8 ..< 20] = fields[...]
-        if h.version >= 3 {
+        if version >= 3 {
             var c = [UInt8](repeating: 0, count: 8)
             QCOW2InPlace.setEntry(&c, 0, bits: 64, compatible)
             out[80 ..< 88] = c[...]
