@@ -9,6 +9,9 @@ extension QCOW2Format {
     /// are refused.
     public static func resize(_ request: ResizeRequest) async throws {
         let path = request.location
+        guard request.size <= Int64(1) << 62 else {
+            throw FerryError(.invalidArgument, "Failed to grow the L1 table: File too large")
+        }
         guard request.size % 512 == 0 else {
             throw FerryError(.invalidArgument, "The new size must be a multiple of 512")
         }
