@@ -31,11 +31,7 @@ final class AmendCLITests: XCTestCase {
         try buildImages()
         for (image, options) in [("v2.qcow2", "compat=1.1"), ("v2.qcow2", "compat=1.1,lazy_refcounts=on"),
                                  ("b.qcow2", "compat=0.10"), ("ov.qcow2", "compat=0.10")] {
-            let theirs = "theirs-" + image, ours = "ours-" + image
-            for copy in [theirs, ours] {
-                try? FileManager.default.removeItem(at: dir.appendingPathComponent(copy))
-                try FileManager.default.copyItem(at: dir.appendingPathComponent(image), to: dir.appendingPathComponent(copy))
-            }
+            let (theirs, ours) = try SubcommandGolden.copies(of: image, in: dir)
             try Tools.must("qemu-img", ["amend", "-o", options, theirs], in: dir)
             let r = try Tools.ferry(["amend", "-o", options, ours], in: dir)
             XCTAssertEqual(r.status, 0, r.stderr)
@@ -54,11 +50,7 @@ final class AmendCLITests: XCTestCase {
         for (image, options) in [("ov.qcow2", "lazy_refcounts=on"), ("lazy.qcow2", "lazy_refcounts=off"), ("ov.qcow2", "lazy_refcounts=off"),
                                  ("ov.qcow2", "lazy_refcounts=on,compat=1.1,refcount_bits=16"), ("ov.qcow2", "backing_file=b.qcow2,backing_fmt=qcow2"),
                                  ("v2.qcow2", "compat=0.10")] {
-            let theirs = "theirs-" + image, ours = "ours-" + image
-            for copy in [theirs, ours] {
-                try? FileManager.default.removeItem(at: dir.appendingPathComponent(copy))
-                try FileManager.default.copyItem(at: dir.appendingPathComponent(image), to: dir.appendingPathComponent(copy))
-            }
+            let (theirs, ours) = try SubcommandGolden.copies(of: image, in: dir)
             try Tools.must("qemu-img", ["amend", "-o", options, theirs], in: dir)
             let r = try Tools.ferry(["amend", "-o", options, ours], in: dir)
             XCTAssertEqual(r.status, 0, r.stderr)

@@ -23,11 +23,7 @@ final class RebaseCLITests: XCTestCase {
     func data(_ name: String) throws -> Data { try Data(contentsOf: dir.appendingPathComponent(name)) }
 
     func same(_ image: String, _ args: [String], file: StaticString = #filePath, line: UInt = #line) throws {
-        let theirs = "theirs-" + image, ours = "ours-" + image
-        for copy in [theirs, ours] {
-            try? FileManager.default.removeItem(at: dir.appendingPathComponent(copy))
-            try FileManager.default.copyItem(at: dir.appendingPathComponent(image), to: dir.appendingPathComponent(copy))
-        }
+        let (theirs, ours) = try SubcommandGolden.copies(of: image, in: dir)
         let q = try Tools.run(try Tools.require("qemu-img"), args + [theirs], in: dir)
         let f = try Tools.ferry(args + [ours], in: dir)
         let what = args.joined(separator: " ")

@@ -17,11 +17,7 @@ final class ResizeCLITests: XCTestCase {
 
     /// Resizes a copy of `image` with qemu-img and another with ferry, and compares.
     func same(_ image: String, _ args: [String], size: String, checked: Bool, file: StaticString = #filePath, line: UInt = #line) throws {
-        let theirs = "theirs-" + image, ours = "ours-" + image
-        for copy in [theirs, ours] {
-            try? FileManager.default.removeItem(at: dir.appendingPathComponent(copy))
-            try FileManager.default.copyItem(at: dir.appendingPathComponent(image), to: dir.appendingPathComponent(copy))
-        }
+        let (theirs, ours) = try SubcommandGolden.copies(of: image, in: dir)
         let q = try Tools.run(try Tools.require("qemu-img"), ["resize"] + args + [theirs, "--", size], in: dir)
         let f = try Tools.ferry(["resize"] + args + [ours, "--", size], in: dir)
         let what = "resize \(args.joined(separator: " ")) \(image) \(size)"

@@ -137,10 +137,7 @@ final class SnapshotCLITests: XCTestCase {
         try Tools.must("qemu-img", ["convert", "-O", "raw", "d.qcow2", "active.raw"], in: dir)
         for name in ["a", "b", "c"] { try Tools.must("qemu-img", ["convert", "-O", "raw", "-l", name, "d.qcow2", "\(name).raw"], in: dir) }
         for victim in ["a", "b", "c", "2", "nope"] {
-            let theirs = "theirs-\(victim).qcow2", ours = "ours-\(victim).qcow2"
-            for copy in [theirs, ours] {
-                try FileManager.default.copyItem(at: dir.appendingPathComponent("d.qcow2"), to: dir.appendingPathComponent(copy))
-            }
+            let (theirs, ours) = try SubcommandGolden.copies(of: "d.qcow2", in: dir)
             let q = try Tools.run(try Tools.require("qemu-img"), ["snapshot", "-d", victim, theirs], in: dir)
             let f = try Tools.ferry(["snapshot", "-d", victim, ours], in: dir)
             XCTAssertEqual(f.status, q.status, "\(victim): \(f.stderr)")
@@ -179,10 +176,7 @@ final class SnapshotCLITests: XCTestCase {
         try Tools.must("qemu-img", ["resize", "-q", "d.qcow2", "20M"], in: dir)
         try Tools.must("qemu-io", ["-c", "write -P 4 1M 64k", "-c", "write -P 6 15M 64k", "d.qcow2"], in: dir)
         for which in ["a", "b", "1", "2", "nope"] {
-            let theirs = "theirs-\(which).qcow2", ours = "ours-\(which).qcow2"
-            for copy in [theirs, ours] {
-                try FileManager.default.copyItem(at: dir.appendingPathComponent("d.qcow2"), to: dir.appendingPathComponent(copy))
-            }
+            let (theirs, ours) = try SubcommandGolden.copies(of: "d.qcow2", in: dir)
             let q = try Tools.run(try Tools.require("qemu-img"), ["snapshot", "-a", which, theirs], in: dir)
             let f = try Tools.ferry(["snapshot", "-a", which, ours], in: dir)
             XCTAssertEqual(f.status, q.status, "\(which): \(f.stderr)")

@@ -30,4 +30,15 @@ enum SubcommandGolden {
             XCTAssertEqual(ours.stderr, expected, "error of \(what)", file: file, line: line)
         }
     }
+
+    /// Two copies of `image` in `dir`, `theirs-IMAGE` for qemu-img and `ours-IMAGE` for
+    /// ferry (replacing earlier ones).
+    static func copies(of image: String, in dir: URL) throws -> (theirs: String, ours: String) {
+        let theirs = "theirs-" + image, ours = "ours-" + image
+        for copy in [theirs, ours] {
+            try? FileManager.default.removeItem(at: dir.appendingPathComponent(copy))
+            try FileManager.default.copyItem(at: dir.appendingPathComponent(image), to: dir.appendingPathComponent(copy))
+        }
+        return (theirs, ours)
+    }
 }
