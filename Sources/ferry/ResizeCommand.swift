@@ -10,8 +10,9 @@ struct Resize: FerryCommand {
         discussion: """
         A size with + or - is added to or taken from the present size. Shrinking needs \
         --shrink and deletes what lies past the new end. Formats: \(Formats.all.filter { $0.resizable }.map { $0.name }.joined(separator: ", ")). \
-        qcow2 images are only grown, with --preallocation=off, and not with an external data \
-        file or persistent bitmaps. Not supported: --object, --image-opts, -U, other formats.
+        qcow2 images are resized with --preallocation=off, not with an external data file or \
+        persistent bitmaps, and shrunk only without internal snapshots or extended L2 \
+        entries. Not supported: --object, --image-opts, -U, other formats.
         """)
 
     @Option(name: .customShort("f", allowingJoined: true),

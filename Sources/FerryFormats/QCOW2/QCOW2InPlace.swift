@@ -149,6 +149,24 @@ struct QCOW2InPlace {
         }
     }
 
+    /// Counts the host clusters an L2 table's entries reference into `counts`: a plain or
+    /// zero-allocated entry its cluster, a compressed one every cluster its sectors touch.
+    func countReferences(of table: [UInt8], into counts: inout [Int64: Int]) {
+        let words = header.l2EntryBytes / 8
+        let sizeBits = UInt64(header.clusterBits - 8)
+        let offsetBits = 62 - sizeBits
+        for k in 0 ..< Int(cs) / header.l2EntryBytes {
+            let e = Self.entry(table, k * words, bits: 64)
+            if e & Self.compressedBit != 0 {
+                let start = Int64(e & ((1 << offsetBits) - 1)) & ~511
+                let sectors = Int64((e >> offsetBits) & ((1 << sizeBits) - 1)) + 1
+                for c in start / cs ... (start + sectors * 512 - 1) / cs { counts[c, default: 0] += 1 }
+            } else if e & Self.offsetMask != 0 {
+                counts[Int64(e & Self.offsetMask) / cs, default: 0] += 1
+            }
+        }
+    }
+
     /// Takes `count` new clusters at the end of the file (after any refcount blocks they
     /// need, made in free entries of the refcount table), with refcount 1, and returns the
     /// offset of the first. The file is grown to hold them; they read as zeros.

@@ -101,28 +101,16 @@ extension QCOW2Format {
     /// compressed ones by every cluster their sectors touch), each counted once per
     /// reference, and the L2 tables as read.
     static func references(_ m: QCOW2InPlace, l1: [UInt64]) async throws -> ([Int64: Int], [(offset: Int64, bytes: [UInt8])]) {
-        let h = m.header, cs = m.cs, path = m.path
+        let cs = m.cs, path = m.path
         var counts: [Int64: Int] = [:]
         var tables: [(offset: Int64, bytes: [UInt8])] = []
-        let entryWords = h.l2EntryBytes / 8
-        let sizeBits = UInt64(h.clusterBits - 8)
-        let offsetBits = 62 - sizeBits
         for i in 0 ..< l1.count {
             let l2 = Int64(l1[i] & QCOW2InPlace.offsetMask)
             guard l2 != 0 else { continue }
             guard l2 % cs == 0 else { throw FerryError(.corrupt, "qcow2 L2 table \(i) at \(l2) is not cluster aligned", path: path, offset: l2) }
             counts[l2 / cs, default: 0] += 1
             let table = try await m.read(at: l2, count: Int(cs))
-            for k in 0 ..< Int(cs) / h.l2EntryBytes {
-                let e = QCOW2InPlace.entry(table, k * entryWords, bits: 64)
-                if e & QCOW2InPlace.compressedBit != 0 {
-                    let start = Int64(e & ((1 << offsetBits) - 1)) & ~511
-                    let sectors = Int64((e >> offsetBits) & ((1 << sizeBits) - 1)) + 1
-                    for c in start / cs ... (start + sectors * 512 - 1) / cs { counts[c, default: 0] += 1 }
-                } else if e & QCOW2InPlace.offsetMask != 0 {
-                    counts[Int64(e & QCOW2InPlace.offsetMask) / cs, default: 0] += 1
-                }
-            }
+            m.countReferences(of: table, into: &counts)
             tables.append((l2, table))
         }
         return (counts, tables)
