@@ -6,13 +6,13 @@ import FerryFormats
 struct Measure: FerryCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show the file size a new image would need, as qemu-img measure does.",
-        usage: "ferry measure [-O fmt] [-o options] [--output human|json] (--size N | [-f fmt] <image>)",
+        usage: "ferry measure [-O fmt] [-o options] [--output human|json] (--size N | [-f fmt] [-l snapshot] <image>)",
         discussion: """
         Prints the size the file of a new image made by 'convert -O fmt' from <image> (or, with \
         --size, an empty image of N bytes) would need, and its size fully allocated; for a \
         format with persistent bitmaps made from an image that can hold them, also what the \
         bitmaps would take. Formats that cannot say are refused, as qemu-img refuses them. \
-        Not supported: --object, --image-opts, --target-image-opts, -l (a snapshot of the source).
+        Not supported: --object, --image-opts, --target-image-opts.
         """)
 
     @Option(name: .customShort("f", allowingJoined: true),
@@ -32,6 +32,10 @@ struct Measure: FerryCommand {
 
     @Option(name: .customLong("output"), help: ArgumentHelp("Output format.", valueName: "human|json"))
     var output: OutputFormat = .human
+
+    @Option(name: .customShort("l", allowingJoined: true),
+            help: ArgumentHelp("Measure this internal snapshot of the image: 'snapshot.id=ID,snapshot.name=NAME' or an ID or name.", valueName: "snapshot"))
+    var snapshotParam: String?
 
     @Argument(help: ArgumentHelp("The image to measure.", valueName: "image"))
     var image: String?
@@ -55,8 +59,9 @@ struct Measure: FerryCommand {
         default: break
         }
         let options = try Convert.parseOptions(targetOptions)
+        let snapshot = try Convert.snapshotSelector(l: snapshotParam, s: nil)
         let (m, probed, warnings) = try await Images.measure(
-            source: image.map { ImageSpec($0, format: format) }, size: bytes, format: target, options: options)
+            source: image.map { ImageSpec($0, format: format, snapshot: snapshot) }, size: bytes, format: target, options: options)
         if probed, let image { warnProbedAsRaw(image) }
         for w in warnings { Terminal.warn(w) }
         Terminal.out(output == .json ? Self.json(m) : Self.human(m))

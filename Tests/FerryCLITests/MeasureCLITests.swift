@@ -70,6 +70,22 @@ final class MeasureCLITests: XCTestCase {
         }
     }
 
+    /// `-l`: a snapshot holding less than the active layer measures less, as with qemu-img.
+    func testSnapshotMatchesQemuImg() throws {
+        try Tools.must("qemu-img", ["create", "-q", "-f", "qcow2", "s.qcow2", "100M"], in: dir)
+        try Tools.must("qemu-io", ["-c", "write -P 1 0 1M", "s.qcow2"], in: dir)
+        try Tools.must("qemu-img", ["snapshot", "-c", "small", "s.qcow2"], in: dir)
+        try Tools.must("qemu-io", ["-c", "write -P 2 10M 5M", "s.qcow2"], in: dir)
+        for l in [["-l", "small"], ["-l", "1"], ["-l", "snapshot.name=small"], ["-l", "snapshot.id=1,snapshot.name=small"], []] {
+            for t in [["-O", "qcow2"], ["-O", "qcow2", "--output=json"], ["-O", "raw"]] {
+                try SubcommandGolden.sameAsQemuImg(["measure"] + t + l + ["s.qcow2"], in: dir)
+            }
+        }
+        let small = try Tools.ferry(["measure", "-O", "qcow2", "-l", "small", "s.qcow2"], in: dir)
+        let all = try Tools.ferry(["measure", "-O", "qcow2", "s.qcow2"], in: dir)
+        XCTAssertNotEqual(small.stdout, all.stdout)
+    }
+
     func testHelp() throws {
         try SubcommandGolden.checkHelp("measure", in: dir)
         let r = try Tools.ferry(["measure", "-O", "qcow2", "-o", "help"], in: dir)
