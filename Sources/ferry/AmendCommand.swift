@@ -8,14 +8,14 @@ struct Amend: FerryCommand {
         abstract: "Change an image's options in place, as qemu-img amend does.",
         usage: "ferry amend [-f fmt] -o options [-q] <image>",
         discussion: """
-        qcow2: lazy_refcounts=on|off and compat=0.10|1.1 are changed (a downgrade of an \
-        image with zero clusters, incompatible features, bitmaps or refcount_bits other than \
-        16 is refused, as is an upgrade of an image whose snapshots lack extra data); \
-        refcount_bits, backing_file, backing_fmt and data_file are accepted only with the \
-        value the image has (changing refcount_bits or data_file is not supported yet and is \
-        refused; the backing file is changed with 'ferry rebase'); size is changed with \
-        'ferry resize'. Other formats cannot be amended. Not supported: -p, -t, --force, \
-        --object, --image-opts.
+        qcow2: lazy_refcounts=on|off, compat=0.10|1.1 and data_file (the name of an image's \
+        external data file; '' drops it, as qemu-img) are changed. A downgrade of an image \
+        with zero clusters, incompatible features, bitmaps or refcount_bits other than 16 is \
+        refused, as is an upgrade of an image whose snapshots lack extra data; refcount_bits, \
+        backing_file and backing_fmt are accepted only with the value the image has \
+        (changing refcount_bits is not supported yet and is refused; the backing file is \
+        changed with 'ferry rebase'); size is changed with 'ferry resize'. Other formats \
+        cannot be amended. Not supported: -p, -t, --force, --object, --image-opts.
         """)
 
     @Option(name: .customShort("f", allowingJoined: true),

@@ -13,6 +13,7 @@ extension QCOW2Format {
         let h = m.header
         var compatible = h.compatible
         var version = h.version
+        var dataFile = h.dataFile
         for (key, value) in change.options.sorted(by: { $0.key < $1.key }) {
             switch key {
             case "lazy_refcounts":
@@ -38,9 +39,7 @@ extension QCOW2Format {
                 guard h.hasDataFile else {
                     throw FerryError(.invalidArgument, "data-file can only be set for images that use an external data file")
                 }
-                guard value == (h.dataFile ?? "") else {
-                    throw FerryError(.notSupported, "ferry cannot change the data file of a qcow2 image yet", path: path)
-                }
+                dataFile = value.isEmpty ? nil : value
             case "size":
                 throw FerryError(.notSupported, "ferry amend does not change sizes; use 'ferry resize'", path: path)
             case _ where createOptions.contains(where: { $0.name == key }):
@@ -66,7 +65,7 @@ extension QCOW2Format {
         }
         let cluster = try await m.read(at: 0, count: Int(m.cs))
         let bytes = try rewriteHeader(cluster, header: h, version: version, compatible: compatible, backing: backing,
-                                      backingFormat: backingFormat, path: path)
+                                      backingFormat: backingFormat, dataFile: dataFile, path: path)
         try await m.write(bytes, at: 0)
         try await m.flush()
     }
@@ -100,7 +99,7 @@ extension QCOW2Format {
     }
 
     static func rewriteHeader(_ cluster: [UInt8], header h: QCOW2Header, version: UInt32, compatible: UInt64, backing: String?,
-                              backingFormat: String?, path: String) throws -> [UInt8] {
+                              backingFormat: String?, dataFile: String?, path: String) throws -> [UInt8] {
         let cs = cluster.count
         let fixed = h.version >= 3 ? h.headerLength : 72
         let b = BigEndianBytes(bytes: cluster)
@@ -112,8 +111,16 @@ extension QCOW2Format {
             guard length <= cs - pos - 8 else {
                 throw FerryError(.corrupt, "qcow2 header extension \(String(type, radix: 16)) runs past the first cluster", path: path, offset: Int64(pos))
             }
-            if type != QCOW2Header.extBackingFormat { extensions.append((type, cluster[pos + 8 ..< pos + 8 + length])) }
+            if type == QCOW2Header.extDataFile {
+                // Replaced where it was (or dropped: the incompatible bit stays, as qemu-img leaves it).
+                if let dataFile { extensions.append((type, ArraySlice(Array(dataFile.utf8)))) }
+            } else if type != QCOW2Header.extBackingFormat {
+                extensions.append((type, cluster[pos + 8 ..< pos + 8 + length]))
+            }
             pos += 8 + (length + 7) / 8 * 8
+        }
+        if let dataFile, !extensions.contains(where: { $0.type == QCOW2Header.extDataFile }) {
+            extensions.insert((QCOW2Header.extDataFile, ArraySlice(Array(dataFile.utf8))), at: 0)
         }
         if let f = backingFormat { extensions.insert((QCOW2Header.extBackingFormat, ArraySlice(Array(f.utf8))), at: 0) }
         var out = Array(cluster[0 ..< fixed])
