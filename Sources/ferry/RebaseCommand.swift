@@ -44,7 +44,7 @@ struct Rebase: FerryCommand {
         guard unsafeMode else {
             guard let backingFile else { throw UsageError(message: "Must specify backing file (-b) or use unsafe mode (-u)", command: "rebase") }
             let spec = ImageSpec(image, format: format)
-            try await SignalCancellation.run {
+            _ = try await SignalCancellation.run {
                 try await Images.rebase(spec, backingFile: backingFile, backingFormat: backingFile.isEmpty ? nil : backingFormat)
             }
             return 0
