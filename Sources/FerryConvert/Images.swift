@@ -194,6 +194,13 @@ public enum Images {
                 return try await openEndpoint(location, readOnly: readOnly, options: options)
             }, warning: { warnings.add($0) })
             context.opensBacking = withBacking
+            if let snapshot = spec.snapshot {
+                guard f.hasInternalSnapshots else {
+                    throw FerryError(.notSupported, "format \(f.name) does not support snapshots (formats that do: \(Formats.all.filter { $0.hasInternalSnapshots }.map { $0.name }.joined(separator: ", ")))", path: spec.location)
+                }
+                guard readOnly else { throw FerryError(.readOnly, "a snapshot can only be read", path: spec.location) }
+                context.snapshot = snapshot
+            }
             let device = try await f.open(file: file, context: context)
             return OpenedImage(device: device, file: file, format: f.name, location: spec.location, probedAsRaw: probed)
         } catch {

@@ -7,9 +7,12 @@ import FerryFormats
 public struct ImageSpec: Sendable, Equatable {
     public var location: String
     public var format: String?
-    public init(_ location: String, format: String? = nil) {
+    /// An internal snapshot to read instead of the active layer (`convert -l` / `-s`).
+    public var snapshot: SnapshotSelector?
+    public init(_ location: String, format: String? = nil, snapshot: SnapshotSelector? = nil) {
         self.location = location
         self.format = format
+        self.snapshot = snapshot
     }
 }
 

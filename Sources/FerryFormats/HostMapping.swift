@@ -79,6 +79,9 @@ public struct ImageDetails: Sendable, Equatable {
     public var formatSpecific: InfoValue?
     /// The image's other files (VMDK extents), counted in its disk size as qemu-img does.
     public var extraFiles: [String] = []
+    /// The image's persistent dirty bitmaps, or nil when its format (or version) cannot hold
+    /// any (for `measure`).
+    public var persistentBitmaps: [QCOW2Bitmap]?
 
     public init() {}
 }

@@ -72,6 +72,27 @@ public protocol ImageFormat: Sendable {
     static func initialFileSize(for size: Int64, options: [String: String]) throws -> Int64
     /// False for a format Ferry can read but not yet write.
     static var writable: Bool { get }
+    /// The host file sizes a new image of this format with these creation options would
+    /// need for `source` (`measure`), or nil if the format cannot say (the default, in
+    /// `Measure.swift`). The options were checked by `Formats.validate` before.
+    static func measure(_ source: MeasureSource, options: [String: String]) async throws -> SizeMeasurement?
+    /// Changes the guest size of an image in place (`resize`); the default refuses (in
+    /// `Resize.swift`), naming the formats that can.
+    static func resize(_ request: ResizeRequest) async throws
+    /// True for formats whose `resize` does something (for help and messages).
+    static var resizable: Bool { get }
+    /// True for formats whose images hold internal snapshots (listed in `ImageDetails`, read
+    /// with `FormatContext.snapshot`); the default (in `Snapshots.swift`) is false.
+    static var hasInternalSnapshots: Bool { get }
+    /// Creates an internal snapshot (`snapshot -c`); the default (in `Snapshots.swift`)
+    /// refuses.
+    static func changeSnapshots(_ change: SnapshotChange) async throws
+    /// Changes an existing image's header in place: `amend -o` options and, for `rebase -u`,
+    /// its backing file; the default (in `Amend.swift`) refuses, as qemu-img does.
+    static func amend(_ change: ImageAmendment) async throws
+    /// Writes data into clusters the image's own layer leaves to its backing file (a safe
+    /// `rebase`); the default (in `LayerFill.swift`) refuses.
+    static func fillLayer(_ fill: LayerFill) async throws
 }
 
 extension ImageFormat {
@@ -127,6 +148,9 @@ public struct FormatContext: Sendable {
     /// False to open the image without its backing image (to describe it, as `info` does
     /// without `--backing-chain`): reads of ranges the image leaves to it are then zeros.
     public var opensBacking: Bool = true
+    /// An internal snapshot to open instead of the active layer (only asked of formats with
+    /// `hasInternalSnapshots`); the device is then read-only and has the snapshot's size.
+    public var snapshot: SnapshotSelector?
 
     public init(location: String, readOnly: Bool, depth: Int = 0,
                 openBacking: @escaping @Sendable (_ location: String, _ format: String?, _ depth: Int) async throws -> any BlockDevice,

@@ -21,23 +21,33 @@ public enum RawFormat: ImageFormat {
 
     public static func create(file: any BlockDevice, size: Int64, options: [String: String],
                               context: CreateContext) async throws -> any BlockDevice {
-        switch try checkPreallocation(options) {
-        case "off":
-            break
-        case "falloc":
-            // Allocated, reading as zeros: zeroing without permission to unmap.
-            try await file.writeZeroes(at: 0, length: file.size, flags: [])
-        default:
-            let chunk = AlignedBuffer(count: 1 << 20)
-            chunk.mutableBytes.initializeMemory(as: UInt8.self, repeating: 0)
-            var pos: Int64 = 0
-            while pos < file.size {
-                let n = Int(min(Int64(chunk.count), file.size - pos))
-                try await file.write(at: pos, from: UnsafeRawBufferPointer(rebasing: chunk.bytes[0 ..< n]), flags: [])
-                pos += Int64(n)
-            }
-        }
+        try await preallocate(file, 0 ..< file.size, mode: try checkPreallocation(options))
         return file
+    }
+
+    /// A raw image is its guest bytes, whatever the source holds and however it is
+    /// preallocated, in whole 512-byte sectors.
+    public static func measure(_ source: MeasureSource, options: [String: String]) async throws -> SizeMeasurement? {
+        try checkPreallocation(options)
+        guard source.size >= 0, source.size <= Int64.max - 511 else {
+            throw FerryError(.invalidArgument, "invalid size \(source.size)")
+        }
+        let size = (source.size + 511) / 512 * 512
+        return SizeMeasurement(required: size, fullyAllocated: size)
+    }
+
+    public static var resizable: Bool { true }
+
+    /// The file takes the new size; a grown part is preallocated as asked.
+    public static func resize(_ request: ResizeRequest) async throws {
+        let mode = request.preallocation
+        guard ["off", "falloc", "full"].contains(mode) else {
+            throw FerryError(.invalidArgument, "Unsupported preallocation mode: \(mode)")
+        }
+        let old = request.file.size
+        let file = try await request.setFileLength(request.size)
+        if request.size > old { try await preallocate(file, old ..< request.size, mode: mode) }
+        try await file.flush()
     }
 
     @discardableResult

@@ -28,7 +28,8 @@ struct Ferry: ParsableCommand {
         abstract: "Convert disk images with many requests in flight.",
         discussion: "Flags follow qemu-img's. Run 'ferry COMMAND --help' for a command's options.",
         version: "ferry version \(ferryVersion)",
-        subcommands: [Convert.self, Create.self, Info.self, Map.self])
+        subcommands: [Convert.self, Create.self, Info.self, Map.self,
+                      Measure.self, Resize.self, Snapshot.self, Rebase.self, Amend.self])
 }
 
 // MARK: - convert
@@ -151,6 +152,14 @@ struct Convert: FerryCommand {
     @Flag(name: [.customShort("q"), .customLong("quiet")], help: "Quiet: no progress bar, summary or warnings.")
     var quiet = false
 
+    @Option(name: .customShort("l", allowingJoined: true),
+            help: ArgumentHelp("Copy this internal snapshot of the source instead of its active layer: 'snapshot.id=ID,snapshot.name=NAME' (either or both) or an ID or name.", valueName: "snapshot"))
+    var snapshotParam: String?
+
+    @Option(name: .customShort("s", allowingJoined: true),
+            help: ArgumentHelp("Copy the internal snapshot with this ID or name (as -l NAME).", valueName: "snapshot"))
+    var snapshotName: String?
+
     @Argument(help: ArgumentHelp("Source images, then the target.", valueName: "image"))
     var images: [String] = []
 
@@ -179,7 +188,15 @@ struct Convert: FerryCommand {
         if targetImageOpts && targetFormat != nil {
             throw UsageError(message: "--target-image-opts and -O cannot be used together (the option string names the driver)", command: "convert")
         }
-        let sources = try images.dropLast().map { imageOpts ? try ImageOpts.parse($0) : ImageSpec($0, format: sourceFormat) }
+        let snapshot = try Self.snapshotSelector(l: snapshotParam, s: snapshotName)
+        if snapshot != nil && images.count > 2 {
+            throw FerryError(.invalidArgument, "No support for concatenating multiple snapshot")
+        }
+        let sources = try images.dropLast().map { name -> ImageSpec in
+            var spec = imageOpts ? try ImageOpts.parse(name) : ImageSpec(name, format: sourceFormat)
+            spec.snapshot = snapshot
+            return spec
+        }
         let target = targetImageOpts ? try ImageOpts.parse(images.last!) : ImageSpec(images.last!, format: format)
 
         var options = ConvertOptions()
@@ -326,6 +343,23 @@ struct Convert: FerryCommand {
             }
         }
         return result
+    }
+
+    /// `-l snapshot.id=..,snapshot.name=..`, `-l NAME` or `-s NAME`.
+    static func snapshotSelector(l: String?, s: String?) throws -> SnapshotSelector? {
+        if l != nil && s != nil { throw FerryError(.invalidArgument, "-l and -s cannot be used together") }
+        if let s { return SnapshotSelector(idOrName: s) }
+        guard let l else { return nil }
+        guard l.hasPrefix("snapshot.") else { return SnapshotSelector(idOrName: l) }
+        var selector = SnapshotSelector()
+        for (key, value) in try parseOptions([l]) {
+            switch key {
+            case "snapshot.id": selector.id = value
+            case "snapshot.name": selector.name = value
+            default: throw FerryError(.invalidArgument, "Invalid parameter '\(key)' in -l (allowed: snapshot.id, snapshot.name)")
+            }
+        }
+        return selector
     }
 
     static func size(_ text: String, what: String) throws -> Int {

@@ -23,20 +23,24 @@ enum Report {
             s += "\n"
             if let f = d.backingFormat { s += "backing file format: \(f)\n" }
         }
-        if let d, !d.snapshots.isEmpty {
-            s += "Snapshot list:\n"
-            s += snapshotRow("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
-            for sn in d.snapshots {
-                let ms = sn.vmClockNanoseconds / 1_000_000
-                let clock = two(ms / 3_600_000) + ":" + two(ms / 60_000 % 60) + ":" + two(ms / 1000 % 60) + "." + three(ms % 1000)
-                s += snapshotRow(sn.id, sn.name, ByteSize.human(sn.vmStateSize), localDate(sn.dateSeconds), clock,
-                                 sn.icount.map { "\($0)" } ?? "")
-            }
-        }
+        if let d, !d.snapshots.isEmpty { s += snapshotList(d.snapshots) }
         if let d, case .object(let top)? = d.formatSpecific, let data = top.first(where: { $0.0 == "data" })?.1,
            case .object(let fields) = data {
             s += "Format specific information:\n"
             s += humanFields(fields, indent: 4)
+        }
+        return s
+    }
+
+    /// `Snapshot list:` and its table, as `info` and `snapshot -l` print it.
+    static func snapshotList(_ snapshots: [QCOW2Snapshot]) -> String {
+        var s = "Snapshot list:\n"
+        s += snapshotRow("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
+        for sn in snapshots {
+            let ms = sn.vmClockNanoseconds / 1_000_000
+            let clock = two(ms / 3_600_000) + ":" + two(ms / 60_000 % 60) + ":" + two(ms / 1000 % 60) + "." + three(ms % 1000)
+            s += snapshotRow(sn.id, sn.name, ByteSize.human(sn.vmStateSize), localDate(sn.dateSeconds), clock,
+                             sn.icount.map { "\($0)" } ?? "")
         }
         return s
     }

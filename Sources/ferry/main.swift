@@ -33,6 +33,7 @@ let arguments: [String] = {
     return args
 }()
 let subcommands = ["convert", "create", "info", "map"]
+    + ["measure", "resize", "snapshot", "rebase", "amend"]
 
 /// `Try 'ferry convert --help' ...` for the subcommand being used, if any.
 func tryHelp(_ command: String?) -> String {

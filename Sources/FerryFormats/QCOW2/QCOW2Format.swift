@@ -16,6 +16,7 @@ public enum QCOW2Format: ImageFormat {
         ("refcount_bits", "Width of a reference count entry in bits"),
     ]
     public static let writable = true
+    public static var hasInternalSnapshots: Bool { true }
     public static func features(options: [String: String]) -> FormatFeatures { [.compression, .backingFile, .zeroRuns] }
 
     /// Versions 2 and 3 (version 1 is qemu's older `qcow`, which `Formats` names but does
@@ -54,7 +55,7 @@ public enum QCOW2Format: ImageFormat {
         throw FerryError(.notSupported, "qcow2 images can only be read in this version of ferry", path: path)
     }
 
-    private static func readBytes(_ file: any BlockDevice, at offset: Int64, count: Int) async throws -> [UInt8] {
+    static func readBytes(_ file: any BlockDevice, at offset: Int64, count: Int) async throws -> [UInt8] {
         guard count > 0 else { return [] }
         let buffer = AlignedBuffer(count: count)
         try await readHost(file, at: offset, into: buffer.mutableBytes)
@@ -72,7 +73,23 @@ public enum QCOW2Format: ImageFormat {
                 probe = try await readBytes(file, at: 0, count: Int(min(file.size, Int64(1) << Int64(cb))))
             }
         }
-        let header = try QCOW2Header(probe, fileSize: file.size, path: path)
+        var header = try QCOW2Header(probe, fileSize: file.size, path: path)
+        let snapshots = try await readSnapshots(file, header: header, path: path)
+        if let selector = context.snapshot {
+            // A snapshot is read as the image would be with its L1 table and size.
+            guard let sn = selector.pick(snapshots) else {
+                throw FerryError(.notFound, "no snapshot with \(selector) in the image", path: path)
+            }
+            let cs = Int64(header.clusterSize)
+            guard sn.l1Size >= 0, Int64(sn.l1Size) * 8 <= QCOW2Header.maxL1Bytes, sn.l1Size == 0 || (sn.l1Offset > 0 && sn.l1Offset % cs == 0
+                  && sn.l1Offset <= file.size - Int64(sn.l1Size) * 8) else {
+                throw FerryError(.corrupt, "qcow2 snapshot '\(sn.name)' has an L1 table of \(sn.l1Size) entries at \(sn.l1Offset), which is invalid or lies past the end of the file", path: path, offset: sn.l1Offset)
+            }
+            // As qemu-img, at the image's present size: what the snapshot's L1 table does
+            // not cover (the image grew since) is unallocated.
+            header.l1TableOffset = sn.l1Offset
+            header.l1Size = sn.l1Size
+        }
 
         // The active L1 table.
         var l1 = [UInt64](repeating: 0, count: header.l1Size)
@@ -85,10 +102,13 @@ public enum QCOW2Format: ImageFormat {
             }
         }
 
+        let covering = Int((header.size + header.l2Coverage - 1) / header.l2Coverage)
+        if l1.count < covering { l1 += [UInt64](repeating: 0, count: covering - l1.count) }
+
         var details = ImageDetails()
         details.clusterSize = header.clusterSize
         details.dirty = header.dirty
-        details.snapshots = try await readSnapshots(file, header: header, path: path)
+        details.snapshots = snapshots
         let bitmaps = try await readBitmaps(file, header: header, path: path)
 
         // External data file, then the backing image.
@@ -112,6 +132,7 @@ public enum QCOW2Format: ImageFormat {
             throw error
         }
         details.formatSpecific = formatSpecific(header, bitmaps: bitmaps)
+        if header.version >= 3 { details.persistentBitmaps = bitmaps }
         return QCOW2Device(name: path, header: header, file: file, externalData: externalData,
                            backing: backing, l1: l1, details: details)
     }
@@ -176,7 +197,9 @@ public enum QCOW2Format: ImageFormat {
             out.append(QCOW2Snapshot(
                 id: rest.string(extraSize, idLength), name: rest.string(extraSize + idLength, nameLength),
                 vmStateSize: vmState, dateSeconds: Int64(fixed.u32(16)), dateNanoseconds: Int64(fixed.u32(20)),
-                vmClockNanoseconds: Int64(bitPattern: fixed.u64(24)), icount: icount))
+                vmClockNanoseconds: Int64(bitPattern: fixed.u64(24)), icount: icount,
+                l1Offset: Int64(bitPattern: fixed.u64(0)), l1Size: Int(fixed.u32(8)),
+                diskSize: extraSize >= 16 ? Int64(bitPattern: rest.u64(8)) : nil))
             pos += Int64((40 + variable + 7) / 8 * 8)
         }
         return out

@@ -251,6 +251,11 @@ public struct QCOW2Snapshot: Sendable, Equatable {
     public var dateNanoseconds: Int64
     public var vmClockNanoseconds: Int64
     public var icount: Int64?
+    /// Where the snapshot's L1 table is, and its entries.
+    public var l1Offset: Int64 = 0
+    public var l1Size: Int = 0
+    /// The guest size when the snapshot was taken (from the extra data), if recorded.
+    public var diskSize: Int64?
 }
 
 /// One persistent dirty bitmap, as `info` shows it.
