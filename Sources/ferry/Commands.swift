@@ -392,7 +392,12 @@ struct Create: FerryCommand {
     static let configuration = CommandConfiguration(
         abstract: "Create a new image, as qemu-img create does.",
         usage: "ferry create [-f fmt] [-o options] [-b backing [-F backing_fmt]] <image> [<size>]",
-        discussion: "The size may be omitted with -b: the backing image's size is used.")
+        discussion: """
+        The size may be omitted with -b: the backing image's size is used.
+
+        Not supported: --object (no secrets, so no encrypted images), -u (a backing file that \
+        does not exist yet), --image-opts.
+        """)
 
     @Option(name: .customShort("f", allowingJoined: true),
             help: ArgumentHelp("Format of the new image (default: raw).", valueName: "fmt"))
@@ -472,6 +477,8 @@ struct Info: FerryCommand {
         Given an OVA (a tar archive named *.ova or *.tar), lists its members and disks and checks \
         each member against the manifest's SHA-1/SHA-256 digests; a mismatch exits with status 1. \
         A disk inside an OVA is named X.ova/DISK, here and in convert.
+
+        Not supported: --object, --limits.
         """)
 
     @Option(name: [.customShort("f", allowingJoined: true), .customLong("format")],
@@ -542,7 +549,8 @@ struct Info: FerryCommand {
 
 struct Map: FerryCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show where an image holds data and where it reads as zeros, as qemu-img map does.")
+        abstract: "Show where an image holds data and where it reads as zeros, as qemu-img map does.",
+        discussion: "Not supported: -s/--start-offset and -l/--max-length (the whole image is mapped), --object.")
 
     @Option(name: [.customShort("f", allowingJoined: true), .customLong("format")],
             help: ArgumentHelp("Format of the image (probed if omitted).", valueName: "fmt"))
