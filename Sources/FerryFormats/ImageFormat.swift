@@ -141,7 +141,7 @@ public struct FormatContext: Sendable {
 
 /// The formats Ferry knows, by name.
 public enum Formats {
-    public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self, VMDKFormat.self, VHDFormat.self, VHDXFormat.self]
+    public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self, VMDKFormat.self, VHDFormat.self, VHDXFormat.self, QEDFormat.self]
 
     /// Formats that are recognised by their magic but cannot be read yet, so that such a file
     /// is never silently read as raw.
