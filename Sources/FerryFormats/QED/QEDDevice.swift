@@ -152,14 +152,7 @@ public final class QEDDevice: HostMappedDevice, DescribedDevice {
             switch r.kind {
             case .data: out.append(Extent(offset: r.offset, length: r.length, kind: .data))
             case .zero: out.append(Extent(offset: r.offset, length: r.length, kind: .zero))
-            case .unallocated:
-                guard let backing, r.offset < backing.size else {
-                    out.append(Extent(offset: r.offset, length: r.length, kind: .unallocated))
-                    continue
-                }
-                let bEnd = min(r.end, backing.size)
-                try await backing.forEachExtent(in: r.offset ..< bEnd) { out.append($0) }
-                if bEnd < r.end { out.append(Extent(offset: bEnd, length: r.end - bEnd, kind: .unallocated)) }
+            case .unallocated: try await appendFallThroughExtents(r.offset ..< r.end, backing: backing, to: &out)
             }
         }
         return out.coalesced()
@@ -184,10 +177,5 @@ public final class QEDDevice: HostMappedDevice, DescribedDevice {
 
     public func flush() async throws {}
 
-    public func close() async throws {
-        var firstError: (any Error)?
-        do { try await file.close() } catch { firstError = error }
-        if let backing { do { try await backing.close() } catch { firstError = firstError ?? error } }
-        if let firstError { throw firstError }
-    }
+    public func close() async throws { try await closeLayer(file: file, backing: backing) }
 }
