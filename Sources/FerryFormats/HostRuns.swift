@@ -67,3 +67,25 @@ func readFromBacking(_ backing: (any BlockDevice)?, at offset: Int64, into dst: 
         UnsafeMutableRawBufferPointer(rebasing: dst[n...]).initializeMemory(as: UInt8.self, repeating: 0)
     }
 }
+
+/// Appends the extents of guest `range`, which a layer leaves unallocated, as the whole chain
+/// reads it: the backing image's extents where it has any, unallocated past its end (or
+/// everywhere without one).
+func appendFallThroughExtents(_ range: Range<Int64>, backing: (any BlockDevice)?, to out: inout [Extent]) async throws {
+    guard let backing, range.lowerBound < backing.size else {
+        out.append(Extent(offset: range.lowerBound, length: range.upperBound - range.lowerBound, kind: .unallocated))
+        return
+    }
+    let bEnd = min(range.upperBound, backing.size)
+    try await backing.forEachExtent(in: range.lowerBound ..< bEnd) { out.append($0) }
+    if bEnd < range.upperBound { out.append(Extent(offset: bEnd, length: range.upperBound - bEnd, kind: .unallocated)) }
+}
+
+/// Closes a layer's file and its backing image, both even when the first fails; throws the
+/// first error.
+func closeLayer(file: any BlockDevice, backing: (any BlockDevice)?) async throws {
+    var firstError: (any Error)?
+    do { try await file.close() } catch { firstError = error }
+    if let backing { do { try await backing.close() } catch { firstError = firstError ?? error } }
+    if let firstError { throw firstError }
+}

@@ -170,7 +170,7 @@ public struct FormatContext: Sendable {
 /// The formats Ferry knows, by name.
 public enum Formats {
     public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self, VMDKFormat.self, VHDFormat.self, VHDXFormat.self,
-                                                  ParallelsFormat.self, CloopFormat.self, BochsFormat.self, DMGFormat.self]
+                                                  QEDFormat.self, ParallelsFormat.self, CloopFormat.self, BochsFormat.self, DMGFormat.self]
 
     /// Formats that are recognised by the magic at their start but that Ferry does not read,
     /// so that such a file is never silently read as raw.

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# QED on the local filesystem: Ferry against qemu-img convert.
+#
+# A raw guest image of SIZE_MIB, half data and half holes (the corpus of
+# bench/qcow2-write.sh), is converted to qed by qemu-img; that image is converted to raw and
+# to qcow2 by Ferry and by qemu-img, RUNS times, interleaved in an order shuffled afresh each
+# round; the page cache is written back and dropped before each run (when permitted). Prints
+# the median time of each command, the size of what it wrote and its ratio to the qemu-img
+# command it is compared with (both flush: ferry's default against qemu-img -t writeback).
+# Every output is checked with qemu-img compare (and qcow2 with qemu-img check) on the first
+# run. Ferry reads qed but does not write it yet, so there are no rows writing qed.
+#
+#   FERRY=path/to/ferry RUNS=5 SIZE_MIB=1024 BENCH_DIR=/tmp bench/qed.sh
+set -euo pipefail
+. "$(dirname "$0")/lib/common.sh"
+
+bench_defaults 5
+
+OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench-qed.XXXXXX")
+trap 'rm -rf "$OUT"' EXIT
+SRC=$OUT/src.raw
+QED=$OUT/src.qed
+DST=$OUT/dst
+
+# kind | name | command (DST the target) | target format | the qemu-img row it is compared with
+ALL_ROWS=()
+for f in raw qcow2; do
+    ALL_ROWS+=("read|ferry qed -> $f|$FERRY convert -q -f qed $QED -O $f DST|$f|qemu-img qed -> $f"
+               "read|qemu-img qed -> $f|qemu-img convert -f qed $QED -O $f -t writeback DST|$f|")
+done
+select_rows
+
+CORPUS=$OUT/corpus
+make_corpus "$CORPUS"
+
+echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
+fill_half_data "$SRC" "$SIZE_MIB" "$CORPUS"
+rm -f "$CORPUS"
+qemu-img convert -f raw -O qed "$SRC" "$QED"
+sync
+
+check_drop_caches
+
+format_table "QED" "qcow2"
