@@ -141,12 +141,11 @@ public struct FormatContext: Sendable {
 
 /// The formats Ferry knows, by name.
 public enum Formats {
-    public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self, VMDKFormat.self, VHDFormat.self, VHDXFormat.self]
+    public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self, VMDKFormat.self, VHDFormat.self, VHDXFormat.self, VDIFormat.self]
 
     /// Formats that are recognised by their magic but cannot be read yet, so that such a file
     /// is never silently read as raw.
     public static let recognisedOnly: [(name: String, magic: [UInt8])] = [
-        ("vdi", Array("<<< ".utf8)),
     ]
 
     /// What a file that no format claims is read as, and the default target format: the
