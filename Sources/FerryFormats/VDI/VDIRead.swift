@@ -77,7 +77,8 @@ enum VDIReader {
         }
         var details = ImageDetails()
         details.clusterSize = Int(bs)
-        return VDIReadDevice(name: name, file: file, size: size, blockSize: bs, dataOffset: dataAt, bmap: bmap, details: details)
+        return VDIReadDevice(name: name, file: file, size: size, blockSize: bs, dataOffset: dataAt, bmap: bmap,
+                             isStatic: type == VDILayout.typeFixed, details: details)
     }
 }
 
@@ -96,8 +97,11 @@ public final class VDIReadDevice: HostMappedDevice, DescribedDevice {
     let blockSize: Int64
     let dataOffset: Int64
     let bmap: [UInt32]
+    let isStatic: Bool
 
-    init(name: String, file: any BlockDevice, size: Int64, blockSize: Int64, dataOffset: Int64, bmap: [UInt32], details: ImageDetails) {
+    init(name: String, file: any BlockDevice, size: Int64, blockSize: Int64, dataOffset: Int64, bmap: [UInt32],
+         isStatic: Bool, details: ImageDetails) {
+        self.isStatic = isStatic
         self.name = name
         self.file = file
         self.size = size
@@ -178,7 +182,8 @@ public final class VDIReadDevice: HostMappedDevice, DescribedDevice {
     }
 
     /// As qemu-img 7.2 maps a VDI: free and zero blocks read as zeros; allocated blocks are
-    /// data at their place in the file, where the file's holes read as zeros too.
+    /// data at their place in the file (whole blocks in a dynamic image; in a static one, the
+    /// file's holes are also zeros, as qemu asks the file there).
     public func layerMapping(in range: Range<Int64>) async throws -> [LayerMapping] {
         try checkRange(range.lowerBound, range.upperBound - range.lowerBound)
         var out: [LayerMapping] = []
@@ -187,17 +192,20 @@ public final class VDIReadDevice: HostMappedDevice, DescribedDevice {
                 out.append(LayerMapping(offset: r.offset, length: r.length, kind: .zero, hostOffset: nil))
                 continue
             }
-            guard file.capabilities.contains(.extents) else {
+            guard isStatic, file.capabilities.contains(.extents) else {
                 out.append(LayerMapping(offset: r.offset, length: r.length, kind: .data, hostOffset: host))
                 continue
             }
             var p = host
-            while p < host + r.length {
-                let es = try await file.extents(in: p ..< host + r.length)
-                guard let e = es.first, e.offset == p, e.length > 0 else { break }
-                let stop = min(e.end, host + r.length)
-                out.append(LayerMapping(offset: r.offset + (p - host), length: stop - p, kind: .data, hostOffset: p, readsAsZero: e.kind != .data))
-                p = stop
+            let hostEnd = min(host + r.length, file.size)
+            if p < hostEnd {
+                for e in try await file.extents(in: p ..< hostEnd) {
+                    guard e.offset == p, e.length > 0 else { break }
+                    let stop = min(e.end, hostEnd)
+                    out.append(LayerMapping(offset: r.offset + (p - host), length: stop - p, kind: .data, hostOffset: p, readsAsZero: e.kind != .data))
+                    p = stop
+                    if p >= hostEnd { break }
+                }
             }
             if p < host + r.length {
                 out.append(LayerMapping(offset: r.offset + (p - host), length: host + r.length - p, kind: .data, hostOffset: p))
