@@ -11,7 +11,7 @@ public enum VDIFormat: ImageFormat {
 
     /// The signature at offset 0x40 after a text pre-header (`<<< ... >>>`).
     public static func probe(header: UnsafeRawBufferPointer) -> Bool {
-        guard header.count >= VDILayout.headerEnd else { return false }
+        guard header.count >= 0x44 else { return false }
         let text = Array("<<< ".utf8)
         return header.prefix(text.count).elementsEqual(text) && VDILayout.le32(header, 0x40) == VDILayout.signature
     }
