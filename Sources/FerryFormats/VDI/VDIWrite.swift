@@ -102,13 +102,22 @@ final class VDIWriter: CommittingDevice, @unchecked Sendable {
     }
 
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await write(at: offset, from: buffer, flags: flags, issued: {})
+    }
+
+    // The file's own hand-over (blocks are placed before the write is issued), so that the
+    // writes of several requests overlap in order instead of holding the write turn until
+    // each completes.
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
+               issued: @escaping @Sendable () -> Void) async throws {
         try checkRange(offset, Int64(buffer.count))
-        guard buffer.count > 0 else { return }
+        guard buffer.count > 0 else { issued(); return }
         try await beginChange()
-        for r in try plan(offset, Int64(buffer.count), allocate: true) {
-            try await file.writeInOrder(PendingWrite.pieces(UnsafeRawBufferPointer(rebasing: buffer[r.from ..< r.from + r.count]),
-                                                            at: r.host, maximum: file.limits.maximumTransfer), issued: {})
+        let pieces = try plan(offset, Int64(buffer.count), allocate: true).flatMap { r in
+            PendingWrite.pieces(UnsafeRawBufferPointer(rebasing: buffer[r.from ..< r.from + r.count]),
+                                at: r.host, maximum: file.limits.maximumTransfer)
         }
+        try await file.writeInOrder(pieces, issued: issued)
         if flags.contains(.fua) { try await flush() }
     }
 
