@@ -57,6 +57,22 @@ final class VDITests: XCTestCase {
         }
     }
 
+    /// A zero entry (0xfffffffe, which VirtualBox writes and qemu does not) reads as zeros,
+    /// as a free one does, and is a hole.
+    func testZeroBlockEntryReadsAsZeros() async throws {
+        let image = try make("z.vdi", size: "4M", writes: ["write -P 1 0 2M"])
+        try le32(0xffff_fffe, at: 0x200 + 4, in: image)
+        try await withOpened(image) { opened in
+            let got = try await readAll(opened.device)
+            XCTAssertEqual(got.prefix(1 << 20), Data(repeating: 1, count: 1 << 20))
+            XCTAssertEqual(got.suffix(from: 1 << 20), Data(count: 3 << 20))
+            var data: [Extent] = []
+            try await opened.device.forEachExtent(in: 0 ..< opened.device.size) { if $0.kind == .data { data.append($0) } }
+            XCTAssertEqual(data.map(\.range), [0 ..< (1 << 20)])
+        }
+        XCTAssertTrue(try reference(image).prefix(2 << 20).suffix(1 << 20) == Data(count: 1 << 20), "qemu-img reads the zero block as zeros too")
+    }
+
     func testBadOptionsAreRefused() {
         XCTAssertThrowsError(try VDIFormat.checkOptions(["static": "maybe"]))
         XCTAssertNoThrow(try VDIFormat.checkOptions(["static": "on"]))
