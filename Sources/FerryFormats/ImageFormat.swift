@@ -170,12 +170,12 @@ public struct FormatContext: Sendable {
 /// The formats Ferry knows, by name.
 public enum Formats {
     public static let all: [any ImageFormat.Type] = [RawFormat.self, QCOW2Format.self, VMDKFormat.self, VHDFormat.self, VHDXFormat.self,
-                                                  QEDFormat.self, ParallelsFormat.self, CloopFormat.self, BochsFormat.self, DMGFormat.self]
+                                                  VDIFormat.self, QEDFormat.self, ParallelsFormat.self, CloopFormat.self, BochsFormat.self,
+                                                  DMGFormat.self]
 
     /// Formats that are recognised by the magic at their start but that Ferry does not read,
     /// so that such a file is never silently read as raw.
     public static let recognisedOnly: [(name: String, magic: [UInt8])] = [
-        ("vdi", Array("<<< ".utf8)),
         // qcow version 1 (the qcow2 probe leaves it alone): "QFI\xfb", then version 1.
         ("qcow", [0x51, 0x46, 0x49, 0xFB, 0, 0, 0, 1]),
         ("luks", Array("LUKS".utf8) + [0xBA, 0xBE]),

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# VDI (VirtualBox) on the local filesystem: Ferry against qemu-img convert.
+#
+# A raw guest image of SIZE_MIB, half data and half holes (the corpus of
+# bench/qcow2-write.sh), and a qcow2 copy of it, are converted to dynamic and static VDI; and
+# those two, made from it by qemu-img, are converted back to raw and to qcow2. Each by Ferry
+# and by qemu-img, RUNS times, interleaved in an order shuffled afresh each round; the page
+# cache is written back and dropped before each run (when permitted). Prints the median time
+# of each command, the size of what it wrote and its ratio to the qemu-img command it is
+# compared with (both flush: ferry's default against qemu-img -t writeback). Every output is
+# checked with qemu-img compare (and vdi and qcow2 with qemu-img check) on the first run.
+#
+# KIND=write (or read) keeps only the rows that write (read) VDI.
+#
+#   FERRY=path/to/ferry RUNS=5 SIZE_MIB=1024 KIND=write BENCH_DIR=/tmp bench/vdi.sh
+set -euo pipefail
+. "$(dirname "$0")/lib/common.sh"
+
+bench_defaults 5
+
+OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench-vdi.XXXXXX")
+trap 'rm -rf "$OUT"' EXIT
+SRC=$OUT/src.raw
+QSRC=$OUT/src.qcow2
+DYN=$OUT/src-dynamic.vdi
+STATIC=$OUT/src-static.vdi
+DST=$OUT/dst
+
+# kind | name | command (SRC the raw image, DST the target) | target format | the qemu-img row it is compared with
+ALL_ROWS=()
+# name | -O and -o | target format
+TARGETS=("dynamic vdi|-O vdi|vdi" "static vdi|-O vdi -o static=on|vdi")
+for t in "${TARGETS[@]}"; do
+    IFS='|' read -r tname topts tfmt <<<"$t"
+    for s in "raw|-f raw SRC" "qcow2|-f qcow2 $QSRC"; do
+        IFS='|' read -r sname sargs <<<"$s"
+        ALL_ROWS+=("write|ferry $sname -> $tname|$FERRY convert -q $sargs $topts DST|$tfmt|qemu-img $sname -> $tname"
+                   "write|qemu-img $sname -> $tname|qemu-img convert $sargs $topts -t writeback DST|$tfmt|")
+    done
+done
+for s in "dynamic vdi|-f vdi $DYN" "static vdi|-f vdi $STATIC"; do
+    IFS='|' read -r sname sargs <<<"$s"
+    for f in raw qcow2; do
+        ALL_ROWS+=("read|ferry $sname -> $f|$FERRY convert -q $sargs -O $f DST|$f|qemu-img $sname -> $f"
+                   "read|qemu-img $sname -> $f|qemu-img convert $sargs -O $f -t writeback DST|$f|")
+    done
+done
+select_rows
+
+CORPUS=$OUT/corpus
+make_corpus "$CORPUS"
+
+echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
+fill_half_data "$SRC" "$SIZE_MIB" "$CORPUS"
+rm -f "$CORPUS"
+qemu-img convert -f raw -O qcow2 "$SRC" "$QSRC"
+if [ "$KIND" != write ]; then
+    qemu-img convert -f raw -O vdi "$SRC" "$DYN"
+    qemu-img convert -f raw -O vdi -o static=on "$SRC" "$STATIC"
+fi
+sync
+
+check_drop_caches
+
+format_table "VDI" "qcow2 vdi"
