@@ -16,27 +16,19 @@ set -euo pipefail
 
 bench_defaults 5
 
-OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench-qed.XXXXXX")
-trap 'rm -rf "$OUT"' EXIT
-SRC=$OUT/src.raw
+bench_workdir ferry-bench-qed
+QSRC=$OUT/src.qcow2
 QED=$OUT/src.qed
-DST=$OUT/dst
 
-# kind | name | command (DST the target) | target format | the qemu-img row it is compared with
-ALL_ROWS=()
-for f in raw qcow2; do
-    ALL_ROWS+=("read|ferry qed -> $f|$FERRY convert -q -f qed $QED -O $f DST|$f|qemu-img qed -> $f"
-               "read|qemu-img qed -> $f|qemu-img convert -f qed $QED -O $f -t writeback DST|$f|")
-done
+# kind | name | command (SRC the raw image, DST the target) | target format | the qemu-img row it is compared with
+conversion_rows -- "qed|-f qed $QED"
 select_rows
 
-CORPUS=$OUT/corpus
-make_corpus "$CORPUS"
-
-echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
-fill_half_data "$SRC" "$SIZE_MIB" "$CORPUS"
-rm -f "$CORPUS"
-qemu-img convert -f raw -O qed "$SRC" "$QED"
+guest_image
+qemu-img convert -f raw -O qcow2 "$SRC" "$QSRC"
+if [ "$KIND" != write ]; then
+    qemu-img convert -f raw -O qed "$SRC" "$QED"
+fi
 sync
 
 check_drop_caches

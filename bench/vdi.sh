@@ -18,41 +18,16 @@ set -euo pipefail
 
 bench_defaults 5
 
-OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench-vdi.XXXXXX")
-trap 'rm -rf "$OUT"' EXIT
-SRC=$OUT/src.raw
+bench_workdir ferry-bench-vdi
 QSRC=$OUT/src.qcow2
 DYN=$OUT/src-dynamic.vdi
 STATIC=$OUT/src-static.vdi
-DST=$OUT/dst
 
 # kind | name | command (SRC the raw image, DST the target) | target format | the qemu-img row it is compared with
-ALL_ROWS=()
-# name | -O and -o | target format
-TARGETS=("dynamic vdi|-O vdi|vdi" "static vdi|-O vdi -o static=on|vdi")
-for t in "${TARGETS[@]}"; do
-    IFS='|' read -r tname topts tfmt <<<"$t"
-    for s in "raw|-f raw SRC" "qcow2|-f qcow2 $QSRC"; do
-        IFS='|' read -r sname sargs <<<"$s"
-        ALL_ROWS+=("write|ferry $sname -> $tname|$FERRY convert -q $sargs $topts DST|$tfmt|qemu-img $sname -> $tname"
-                   "write|qemu-img $sname -> $tname|qemu-img convert $sargs $topts -t writeback DST|$tfmt|")
-    done
-done
-for s in "dynamic vdi|-f vdi $DYN" "static vdi|-f vdi $STATIC"; do
-    IFS='|' read -r sname sargs <<<"$s"
-    for f in raw qcow2; do
-        ALL_ROWS+=("read|ferry $sname -> $f|$FERRY convert -q $sargs -O $f DST|$f|qemu-img $sname -> $f"
-                   "read|qemu-img $sname -> $f|qemu-img convert $sargs -O $f -t writeback DST|$f|")
-    done
-done
+conversion_rows "dynamic vdi|-O vdi|vdi" "static vdi|-O vdi -o static=on|vdi" -- "dynamic vdi|-f vdi $DYN" "static vdi|-f vdi $STATIC"
 select_rows
 
-CORPUS=$OUT/corpus
-make_corpus "$CORPUS"
-
-echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
-fill_half_data "$SRC" "$SIZE_MIB" "$CORPUS"
-rm -f "$CORPUS"
+guest_image
 qemu-img convert -f raw -O qcow2 "$SRC" "$QSRC"
 if [ "$KIND" != write ]; then
     qemu-img convert -f raw -O vdi "$SRC" "$DYN"

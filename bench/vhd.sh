@@ -19,42 +19,17 @@ set -euo pipefail
 
 bench_defaults 5
 
-OUT=$(mktemp -d "${BENCH_DIR:-/tmp}/ferry-bench-vhd.XXXXXX")
-trap 'rm -rf "$OUT"' EXIT
-SRC=$OUT/src.raw
+bench_workdir ferry-bench-vhd
 QSRC=$OUT/src.qcow2
 FIXED=$OUT/src-fixed.vhd
 DYN=$OUT/src-dynamic.vhd
 VX=$OUT/src.vhdx
-DST=$OUT/dst
 
 # kind | name | command (SRC the raw image, DST the target) | target format | the qemu-img row it is compared with
-ALL_ROWS=()
-# name | -O and -o | target format
-TARGETS=("fixed vhd|-O vpc -o subformat=fixed|vpc" "dynamic vhd|-O vpc|vpc" "vhdx|-O vhdx|vhdx")
-for t in "${TARGETS[@]}"; do
-    IFS='|' read -r tname topts tfmt <<<"$t"
-    for s in "raw|-f raw SRC" "qcow2|-f qcow2 $QSRC"; do
-        IFS='|' read -r sname sargs <<<"$s"
-        ALL_ROWS+=("write|ferry $sname -> $tname|$FERRY convert -q $sargs $topts DST|$tfmt|qemu-img $sname -> $tname"
-                   "write|qemu-img $sname -> $tname|qemu-img convert $sargs $topts -t writeback DST|$tfmt|")
-    done
-done
-for s in "fixed vhd|-f vpc $FIXED" "dynamic vhd|-f vpc $DYN" "vhdx|-f vhdx $VX"; do
-    IFS='|' read -r sname sargs <<<"$s"
-    for f in raw qcow2; do
-        ALL_ROWS+=("read|ferry $sname -> $f|$FERRY convert -q $sargs -O $f DST|$f|qemu-img $sname -> $f"
-                   "read|qemu-img $sname -> $f|qemu-img convert $sargs -O $f -t writeback DST|$f|")
-    done
-done
+conversion_rows "fixed vhd|-O vpc -o subformat=fixed|vpc" "dynamic vhd|-O vpc|vpc" "vhdx|-O vhdx|vhdx" -- "fixed vhd|-f vpc $FIXED" "dynamic vhd|-f vpc $DYN" "vhdx|-f vhdx $VX"
 select_rows
 
-CORPUS=$OUT/corpus
-make_corpus "$CORPUS"
-
-echo "bench: building a ${SIZE_MIB} MiB guest image in $OUT (half data, half holes)" >&2
-fill_half_data "$SRC" "$SIZE_MIB" "$CORPUS"
-rm -f "$CORPUS"
+guest_image
 qemu-img convert -f raw -O qcow2 "$SRC" "$QSRC"
 if [ "$KIND" != write ]; then
     qemu-img convert -f raw -O vpc -o subformat=fixed "$SRC" "$FIXED"

@@ -107,6 +107,33 @@ guest_image() {
     rm -f "$corpus"
 }
 
+# conversion_rows TARGET... -- SOURCE...: ALL_ROWS of a format table. Each TARGET ("name|-O
+# and -o|format") gets a write row from the raw image (SRC) and from its qcow2 copy ($QSRC);
+# each SOURCE ("name|-f and path") read rows to raw and to qcow2. Every Ferry row is compared
+# with the same conversion by qemu-img (flushing, like Ferry's default).
+conversion_rows() {
+    local t s tname topts tfmt sname sargs f targets=() sources=()
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do targets+=("$1"); shift; done
+    [ $# -gt 0 ] && shift
+    sources=("$@")
+    ALL_ROWS=()
+    for t in "${targets[@]}"; do
+        IFS='|' read -r tname topts tfmt <<<"$t"
+        for s in "raw|-f raw SRC" "qcow2|-f qcow2 $QSRC"; do
+            IFS='|' read -r sname sargs <<<"$s"
+            ALL_ROWS+=("write|ferry $sname -> $tname|$FERRY convert -q $sargs $topts DST|$tfmt|qemu-img $sname -> $tname"
+                       "write|qemu-img $sname -> $tname|qemu-img convert $sargs $topts -t writeback DST|$tfmt|")
+        done
+    done
+    for s in "${sources[@]}"; do
+        IFS='|' read -r sname sargs <<<"$s"
+        for f in raw qcow2; do
+            ALL_ROWS+=("read|ferry $sname -> $f|$FERRY convert -q $sargs -O $f DST|$f|qemu-img $sname -> $f"
+                       "read|qemu-img $sname -> $f|qemu-img convert $sargs -O $f -t writeback DST|$f|")
+        done
+    done
+}
+
 # select_rows: ROWS from ALL_ROWS ("kind|name|command|target format|reference row"), only
 # those of KIND when it is set (write or read), without the kind.
 select_rows() {
