@@ -19,7 +19,7 @@ ferry_malloc_thresholds(32 << 20, 256 << 20)
 #endif
 
 let arguments = Array(CommandLine.arguments.dropFirst())
-let subcommands = ["convert", "create", "info", "map"]
+let subcommands = ["convert", "create", "info", "map", "compare"]
 
 /// `Try 'ferry convert --help' ...` for the subcommand being used, if any.
 func tryHelp(_ command: String?) -> String {
