@@ -5,15 +5,14 @@ import XCTest
 /// status on crafted pairs, any format and endpoint, and holes that cost nothing.
 final class CompareCLITests: XCTestCase {
     var dir: URL!
-    /// nbdkit pid files to kill in tearDown.
-    var pidFiles: [String] = []
+    /// nbdkit servers to stop in tearDown.
+    var servers: [RunningProcess] = []
 
     override func setUpWithError() throws { dir = try makeScratchDirectory("compare") }
     override func tearDownWithError() throws {
-        for pidFile in pidFiles {
-            if let text = try? String(contentsOfFile: pidFile, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
-                kill(pid, SIGTERM)
-            }
+        for server in servers {
+            server.signal(SIGTERM)
+            _ = try? server.wait(timeout: 10)
         }
         if let dir { try? FileManager.default.removeItem(at: dir) }
     }
@@ -138,9 +137,10 @@ final class CompareCLITests: XCTestCase {
     /// nbdkit serving `name` read-only on a unix socket; returns its URL.
     func serve(_ name: String) throws -> String {
         let sock = path("\(name).sock"), pid = path("\(name).pid")
-        pidFiles.append(pid)
-        // Without -f nbdkit returns once it listens.
-        try Tools.must("nbdkit", ["-U", sock, "-P", pid, "-r", "file", path(name)], in: dir)
+        servers.append(try Tools.start(try Tools.require("nbdkit"), ["-f", "-U", sock, "-P", pid, "-r", "file", path(name)], in: dir))
+        // The pid file appears once nbdkit listens.
+        for _ in 0 ..< 1000 where !fileExists(pid) { usleep(10_000) }
+        XCTAssertTrue(fileExists(pid), "nbdkit did not start")
         return "nbd+unix:///?socket=\(sock)"
     }
 
