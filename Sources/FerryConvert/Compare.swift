@@ -125,13 +125,9 @@ public enum ImageCompare {
                     }
                 }
             }
-            do {
-                while try await group.next() != nil {}
-            } catch {
+            // The first error stops the other workers; the group awaits them before it returns.
+            do { try await group.waitForAll() } catch {
                 group.cancelAll()
-                while true {
-                    do { if try await group.next() == nil { break } } catch {}
-                }
                 throw error
             }
         }
