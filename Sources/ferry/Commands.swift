@@ -28,7 +28,7 @@ struct Ferry: ParsableCommand {
         abstract: "Convert disk images with many requests in flight.",
         discussion: "Flags follow qemu-img's. Run 'ferry COMMAND --help' for a command's options.",
         version: "ferry version \(ferryVersion)",
-        subcommands: [Convert.self, Create.self, Info.self, Map.self,
+        subcommands: [Convert.self, Create.self, Info.self, Map.self, Compare.self,
                       Measure.self, Resize.self, Snapshot.self, Rebase.self, Amend.self])
 }
 

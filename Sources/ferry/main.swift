@@ -18,12 +18,12 @@ import FerryCore
 ferry_malloc_thresholds(32 << 20, 256 << 20)
 #endif
 
-/// The command line, with qemu-img 10's bare `--progress` (its `-p`) told apart from
-/// Ferry's `--progress=json` / `--progress json`.
 // qemu-img prints its progress on SIGUSR1 (Incus and LXD send it); until a copy installs
 // its handler the signal must not kill the process.
 signal(SIGUSR1, SIG_IGN)
 
+/// The command line, with qemu-img 10's bare `--progress` (its `-p`) told apart from
+/// Ferry's `--progress=json` / `--progress json`.
 let arguments: [String] = {
     var args = Array(CommandLine.arguments.dropFirst())
     for i in args.indices where args[i] == "--progress" {
@@ -32,7 +32,7 @@ let arguments: [String] = {
     }
     return args
 }()
-let subcommands = ["convert", "create", "info", "map"]
+let subcommands = ["convert", "create", "info", "map", "compare"]
     + ["measure", "resize", "snapshot", "rebase", "amend"]
 
 /// `Try 'ferry convert --help' ...` for the subcommand being used, if any.
