@@ -59,10 +59,7 @@ public struct PartialFile: Sendable {
                 free(resolved)
             }
         }
-        let slash = final.lastIndex(of: "/")
-        let dir = slash.map { String(final[..<$0]) } ?? "."
-        let base = slash.map { String(final[final.index(after: $0)...]) } ?? final
-        return PartialFile(path: (dir.isEmpty ? "" : dir + "/") + base + ".ferry-partial", final: final, existing: existing)
+        return PartialFile(path: final + ".ferry-partial", final: final, existing: existing)
     }
 
     /// Gives the new file the old one's mode and owner, renames it onto the target, and (when

@@ -136,12 +136,9 @@ final class CompareCLITests: XCTestCase {
 
     /// nbdkit serving `name` read-only on a unix socket; returns its URL.
     func serve(_ name: String) throws -> String {
-        let sock = path("\(name).sock"), pid = path("\(name).pid")
-        servers.append(try Tools.start(try Tools.require("nbdkit"), ["-f", "-U", sock, "-P", pid, "-r", "file", path(name)], in: dir))
-        // The pid file appears once nbdkit listens.
-        for _ in 0 ..< 1000 where !fileExists(pid) { usleep(10_000) }
-        XCTAssertTrue(fileExists(pid), "nbdkit did not start")
-        return "nbd+unix:///?socket=\(sock)"
+        let (server, url) = try Tools.nbdkit(["-r", "file", path(name)], socket: name, in: dir)
+        servers.append(server)
+        return url
     }
 
     /// Two 4 TiB sparse images with a little data: compared in far less time than reading

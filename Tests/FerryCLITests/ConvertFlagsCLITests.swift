@@ -227,11 +227,11 @@ final class ImageOptsCLITests: XCTestCase {
         }
 
         // A qcow2 image served by nbdkit, read as driver=qcow2 over file.driver=nbd.
+        let served = try Tools.nbdkit(["file", img], socket: "nbd", in: dir)
+        nbdkit = served.server
         let sock = path("nbd.sock")
-        nbdkit = try Tools.start(try Tools.require("nbdkit"), ["-f", "-U", sock, "file", img], in: dir)
-        for _ in 0 ..< 200 where !FileManager.default.fileExists(atPath: sock) { usleep(20_000) }
         for (i, opts) in ["driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=\(sock)",
-                          "driver=qcow2,file.filename=nbd+unix:///?socket=\(sock)"].enumerated() {
+                          "driver=qcow2,file.filename=\(served.url)"].enumerated() {
             let out = path("from-nbd-\(i).raw")
             let r = try Tools.ferry(["convert", "-q", "--image-opts", opts, out], in: dir)
             XCTAssertEqual(r.status, 0, "\(opts): \(r.stderr)")

@@ -83,6 +83,19 @@ enum Tools {
     }
 }
 
+extension Tools {
+    /// `nbdkit -f ARGS` on the unix socket `NAME.sock` in `dir`; returns the server (for the
+    /// caller to stop) and its URL once it listens (its pid file appears then).
+    static func nbdkit(_ args: [String], socket name: String, in dir: URL,
+                       file: StaticString = #filePath, line: UInt = #line) throws -> (server: RunningProcess, url: String) {
+        let sock = dir.appendingPathComponent("\(name).sock").path, pid = dir.appendingPathComponent("\(name).pid").path
+        let server = try start(try require("nbdkit", file: file, line: line), ["-f", "-U", sock, "-P", pid] + args, in: dir)
+        for _ in 0 ..< 1000 where !FileManager.default.fileExists(atPath: pid) { usleep(10_000) }
+        XCTAssertTrue(FileManager.default.fileExists(atPath: pid), "nbdkit did not start", file: file, line: line)
+        return (server, "nbd+unix:///?socket=\(sock)")
+    }
+}
+
 /// A child process whose output is collected in files (so a test can poll stdout while it runs).
 final class RunningProcess {
     let process = Process()
