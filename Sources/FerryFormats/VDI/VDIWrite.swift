@@ -134,9 +134,9 @@ final class VDIWriter: CommittingDevice, @unchecked Sendable {
     func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try checkRange(offset, Int64(buffer.count))
         buffer.initializeMemory(as: UInt8.self, repeating: 0)
-        for r in try plan(offset, Int64(buffer.count), allocate: false) {
-            try await file.read(at: r.host, into: UnsafeMutableRawBufferPointer(rebasing: buffer[r.from ..< r.from + r.count]))
-        }
+        try await readTogether(try plan(offset, Int64(buffer.count), allocate: false).map {
+            HostRead(device: file, host: $0.host, buffer: UnsafeMutableRawBufferPointer(rebasing: buffer[$0.from ..< $0.from + $0.count]))
+        })
     }
 
     func discard(at offset: Int64, length: Int64) async throws {}

@@ -237,9 +237,9 @@ final class VHDDynamicWriter: CommittingDevice, @unchecked Sendable {
         try checkRange(offset, Int64(buffer.count))
         buffer.initializeMemory(as: UInt8.self, repeating: 0)
         let (runs, _) = try plan(offset, Int64(buffer.count), allocate: false)
-        for r in runs {
-            try await file.read(at: r.host, into: UnsafeMutableRawBufferPointer(rebasing: buffer[r.from ..< r.from + r.count]))
-        }
+        try await readTogether(runs.map {
+            HostRead(device: file, host: $0.host, buffer: UnsafeMutableRawBufferPointer(rebasing: buffer[$0.from ..< $0.from + $0.count]))
+        })
     }
 
     func discard(at offset: Int64, length: Int64) async throws {}
