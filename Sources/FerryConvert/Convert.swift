@@ -41,6 +41,10 @@ public func convert(
     if !options.useExistingTarget {
         try Formats.validate(options: targetOptions, for: targetFormat, path: target.location)
     }
+    if options.bitmaps && !targetFormat.features(options: targetOptions).contains(.persistentBitmaps) {
+        throw FerryError(.notSupported, "Format driver '\(targetFormat.name)' does not support bitmaps (\(Formats.able(.persistentBitmaps)) can store them)",
+                         path: target.location)
+    }
     for s in sources where sameFile(s.location, target.location) {
         throw FerryError(.invalidArgument, "the target is the same file as the source '\(s.location)'", path: target.location)
     }
@@ -63,6 +67,15 @@ public func convert(
         throw error
     }
     let source: any BlockDevice = opened.count == 1 ? opened[0].device : ConcatDevice(opened.map(\.device))
+    var bitmaps: [PersistentBitmap] = []
+    if options.bitmaps {
+        do {
+            bitmaps = try await copiedBitmaps(of: opened, sources: sources, options: options, warning: warning)
+        } catch {
+            await closeSources()
+            throw error
+        }
+    }
 
     let out: OpenedImage
     var created = false
@@ -112,6 +125,12 @@ public func convert(
     do {
         var stats = try await CopyEngine.copy(from: copySource, to: out.device, configuration: config, progress: progress)
         stats.notes = try await digestCheck.finish()
+        if !bitmaps.isEmpty {
+            guard let store = out.device as? PersistentBitmapStore else {
+                throw FerryError(.notSupported, "the target cannot store persistent bitmaps", path: target.location)
+            }
+            try await store.store(bitmaps: bitmaps)
+        }
         if options.useExistingTarget {
             if options.targetCache.flushes { try await out.device.flush() }
             try await out.device.close()
@@ -135,6 +154,29 @@ public func convert(
         }
         throw e
     }
+}
+
+/// The persistent bitmaps `--bitmaps` copies: every one of the single source's, read before
+/// the target is created so that a bitmap that cannot be copied fails the conversion first.
+/// One left in use is an error, or with `--skip-broken-bitmaps` a warning.
+private func copiedBitmaps(of opened: [OpenedImage], sources: [ImageSpec], options: ConvertOptions,
+                           warning: (@Sendable (String) -> Void)?) async throws -> [PersistentBitmap] {
+    guard opened.count == 1, let device = opened[0].device as? PersistentBitmapSource else {
+        throw FerryError(.notSupported, "Source lacks bitmap support", path: sources.count == 1 ? sources[0].location : nil)
+    }
+    var out: [PersistentBitmap] = []
+    for b in try await device.persistentBitmaps() {
+        guard b.inUse else {
+            out.append(b)
+            continue
+        }
+        guard options.skipBrokenBitmaps else {
+            throw FerryError(.corrupt, "Cannot copy inconsistent bitmap '\(b.name)'; try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+                             path: sources[0].location)
+        }
+        warning?("Skipping inconsistent bitmap '\(b.name)'")
+    }
+    return out
 }
 
 /// True if both paths name the same existing file (same device and inode).

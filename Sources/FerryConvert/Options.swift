@@ -72,6 +72,11 @@ public struct ConvertOptions: Sendable {
     public var rateLimit: Int?
     /// `-U`: read sources that another process holds open for writing.
     public var forceShare: Bool = false
+    /// `--bitmaps`: copy the source's persistent bitmaps into the new target.
+    public var bitmaps: Bool = false
+    /// `--skip-broken-bitmaps`: with `bitmaps`, leave out bitmaps left in use (inconsistent)
+    /// with a warning, rather than failing.
+    public var skipBrokenBitmaps: Bool = false
 
     /// How the sources are opened.
     public var sourceEndpoint: EndpointOptions {
@@ -91,6 +96,12 @@ public struct ConvertOptions: Sendable {
 
     /// Checks the options on their own, before any image is touched.
     public func validate() throws {
+        if skipBrokenBitmaps && !bitmaps {
+            throw FerryError(.invalidArgument, "Use of --skip-broken-bitmaps requires --bitmaps")
+        }
+        if bitmaps && useExistingTarget {
+            throw FerryError(.notSupported, "--bitmaps copies bitmaps only into a target that ferry creates, not with -n")
+        }
         if let workers, !(1 ... Self.maxWorkers).contains(workers) {
             throw FerryError(.invalidArgument, "invalid number of parallel requests \(workers) (allowed: 1 to \(Self.maxWorkers))")
         }

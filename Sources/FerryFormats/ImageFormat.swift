@@ -32,6 +32,9 @@ public struct FormatFeatures: OptionSet, Sendable, Hashable {
     /// The image is written strictly front to back (streamOptimized VMDK): its devices say
     /// `.sequentialWrites`, and the engine keeps to guest order.
     public static let sequentialWrites = FormatFeatures(rawValue: 1 << 3)
+    /// Persistent dirty bitmaps (`convert --bitmaps`): its new images' devices are
+    /// `PersistentBitmapStore`s.
+    public static let persistentBitmaps = FormatFeatures(rawValue: 1 << 4)
 }
 
 /// A disk image format: a `BlockDevice` made over another `BlockDevice` (its file).
@@ -293,6 +296,7 @@ public enum Formats {
         case .compression: return "can compress"
         case .backingFile: return "has backing files"
         case .zeroRuns: return "stores zero runs"
+        case .persistentBitmaps: return "stores persistent bitmaps"
         default: return "writes in order"
         }
     }

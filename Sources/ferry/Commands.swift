@@ -45,16 +45,12 @@ struct Convert: FerryCommand {
         A disk inside an OVA is read in place as X.ova/DISK and checked against the OVA's manifest.
 
         Not supported, and refused rather than ignored: --object (qemu objects such as \
-        secrets), --bitmaps and --skip-broken-bitmaps (persistent bitmaps are not copied).
+        secrets).
         """)
 
     /// qemu-img options Ferry does not have: refused with a reason (see the discussion).
     @Option(name: .customLong("object"), help: .hidden)
     var object: String?
-    @Flag(name: .customLong("bitmaps"), help: .hidden)
-    var bitmaps = false
-    @Flag(name: .customLong("skip-broken-bitmaps"), help: .hidden)
-    var skipBrokenBitmaps = false
 
     @Option(name: [.customShort("f", allowingJoined: true), .customLong("source-format")],
             help: ArgumentHelp("Format of the sources (probed if omitted).", valueName: "fmt"))
@@ -143,6 +139,10 @@ struct Convert: FerryCommand {
     @Flag(name: .customLong("untrusted"), help: "The sources came from strangers: follow no backing file, data file, extent or parent they name, and refuse a file two formats claim.")
     var untrusted = false
 
+    @Flag(name: .customLong("bitmaps"), help: "Copy the source's persistent bitmaps into the new target (a format that stores them).")
+    var bitmaps = false
+    @Flag(name: .customLong("skip-broken-bitmaps"), help: "With --bitmaps, leave out bitmaps left in use (inconsistent), with a warning.")
+    var skipBrokenBitmaps = false
     @Flag(name: .customLong("salvage"), help: "Read errors of the sources become zeros, each reported with its offset, and the copy goes on.")
     var salvage = false
 
@@ -175,9 +175,6 @@ struct Convert: FerryCommand {
         }
         if object != nil {
             throw FerryError(.notSupported, "--object is not supported: ferry creates no qemu objects (no secrets, no encrypted targets)")
-        }
-        if bitmaps || skipBrokenBitmaps {
-            throw FerryError(.notSupported, "--\(bitmaps ? "bitmaps" : "skip-broken-bitmaps") is not supported: ferry does not copy persistent bitmaps")
         }
         if imageOpts && sourceFormat != nil {
             throw UsageError(message: "--image-opts and -f cannot be used together (the option string names the driver)", command: "convert")
@@ -226,6 +223,8 @@ struct Convert: FerryCommand {
         options.forceShare = forceShare
         options.untrusted = untrusted
         options.salvage = salvage
+        options.bitmaps = bitmaps
+        options.skipBrokenBitmaps = skipBrokenBitmaps
         options.copyOffload = copyOffload
         if let rateLimit {
             let r = try Self.size(rateLimit, what: "rate limit")

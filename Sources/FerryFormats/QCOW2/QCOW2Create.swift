@@ -99,6 +99,8 @@ enum QCOW2HeaderWriter {
         var compression: QCOW2Compression
         var backingFile: String?
         var backingFormat: String?
+        var autoclear: UInt64 = 0
+        var bitmaps: (count: UInt32, directorySize: UInt64, directoryOffset: UInt64)?
     }
 
     static func put32(_ b: inout [UInt8], _ at: Int, _ v: UInt32) {
@@ -126,6 +128,7 @@ enum QCOW2HeaderWriter {
             if f.compression != .deflate { incompatible |= QCOW2Header.compressionTypeBit }
             put64(&b, 72, incompatible)
             put64(&b, 80, f.compatible)
+            put64(&b, 88, f.autoclear)
             put32(&b, 96, f.refcountOrder)
             put32(&b, 100, 112)
             b[104] = f.compression.rawValue
@@ -140,6 +143,13 @@ enum QCOW2HeaderWriter {
             pos += 8 + padded
         }
         if let fmt = f.backingFormat { try ext(QCOW2Header.extBackingFormat, Array(fmt.utf8)) }
+        if let bm = f.bitmaps {
+            var data = [UInt8](repeating: 0, count: 24)
+            put32(&data, 0, bm.count)
+            put64(&data, 8, bm.directorySize)
+            put64(&data, 16, bm.directoryOffset)
+            try ext(QCOW2Header.extBitmaps, data)
+        }
         if incompatible & incompleteBit != 0 {
             var entry = [UInt8](repeating: 0, count: 48)
             entry[0] = 0

@@ -17,7 +17,11 @@ public enum QCOW2Format: ImageFormat {
     ]
     public static let writable = true
     public static var hasInternalSnapshots: Bool { true }
-    public static func features(options: [String: String]) -> FormatFeatures { [.compression, .backingFile, .zeroRuns] }
+    /// Bitmaps need compat 1.1 (version 3's autoclear bits and header extensions).
+    public static func features(options: [String: String]) -> FormatFeatures {
+        let v2 = ["0.10", "v2"].contains(options["compat"] ?? "")
+        return v2 ? [.compression, .backingFile, .zeroRuns] : [.compression, .backingFile, .zeroRuns, .persistentBitmaps]
+    }
 
     /// Versions 2 and 3 (version 1 is qemu's older `qcow`, which `Formats` names but does
     /// not read).
@@ -231,7 +235,8 @@ public enum QCOW2Format: ImageFormat {
                 throw FerryError(.corrupt, "qcow2 bitmap directory entry \(i) is invalid", path: path, offset: Int64(ext.directoryOffset) + Int64(pos))
             }
             out.append(QCOW2Bitmap(name: dir.string(pos + 24 + extra, nameSize), granularity: Int64(1) << Int64(granularityBits),
-                                   inUse: flags & 1 != 0, auto: flags & 2 != 0))
+                                   inUse: flags & 1 != 0, auto: flags & 2 != 0,
+                                   tableOffset: Int64(bitPattern: dir.u64(pos)), tableSize: Int64(dir.u32(pos + 8))))
             pos += (total + 7) / 8 * 8
         }
         return out

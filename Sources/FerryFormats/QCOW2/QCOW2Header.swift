@@ -264,4 +264,7 @@ public struct QCOW2Bitmap: Sendable, Equatable {
     public var granularity: Int64
     public var inUse: Bool
     public var auto: Bool
+    /// Where its bitmap table is, and its entries (for copying the bits).
+    var tableOffset: Int64 = 0
+    var tableSize: Int64 = 0
 }

@@ -112,6 +112,11 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
         var markerOnDisk = true
         var compress = false
         var used: Int64 = 0
+        /// Clusters of persistent bitmaps (bits, tables, directory): first and count.
+        var bitmapClusters: [(first: Int64, count: Int64)] = []
+        /// The bitmaps extension the header is to carry, and whether the header on disk lacks it.
+        var bitmaps: (count: UInt32, directorySize: UInt64, directoryOffset: UInt64)?
+        var bitmapsUnwritten = false
     }
     private let state: Locked<State>
 
@@ -190,12 +195,14 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
     private func header(final: Bool, refcountTable: Int64, refcountClusters: Int) throws -> [UInt8] {
         var incompatible: UInt64 = opts.extendedL2 ? QCOW2Header.extendedL2Bit : 0
         if !final { incompatible |= QCOW2HeaderWriter.incompleteBit }
+        let bitmaps = final ? state.withLock { $0.bitmaps } : nil
         return try QCOW2HeaderWriter.encode(.init(
             version: final ? opts.version : 3, clusterBits: opts.clusterBits, size: size, l1Size: l1Size,
             l1Offset: l1Size > 0 ? l1Offset : 0, refcountTableOffset: refcountTable, refcountTableClusters: refcountClusters,
             incompatible: incompatible, compatible: opts.lazyRefcounts ? QCOW2Header.lazyRefcountsBit : 0,
             refcountOrder: opts.refcountOrder, compression: opts.compression,
-            backingFile: opts.backingFile, backingFormat: opts.backingFormat))
+            backingFile: opts.backingFile, backingFormat: opts.backingFormat,
+            autoclear: bitmaps == nil ? 0 : QCOW2Header.bitmapsBit, bitmaps: bitmaps))
     }
 
     /// Writes the incomplete header (the first thing written to a new image).
@@ -204,7 +211,7 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
         try await writeHost(h, at: 0)
     }
 
-    private func writeHost(_ bytes: [UInt8], at offset: Int64) async throws {
+    func writeHost(_ bytes: [UInt8], at offset: Int64) async throws {
         let buffer = AlignedBuffer(count: bytes.count)
         bytes.withUnsafeBytes { buffer.mutableBytes.copyMemory(from: $0) }
         try await writeHost(buffer.bytes, at: offset)
@@ -230,6 +237,24 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
         guard pos + cs <= dataLimit else { throw full() }
         s.next = pos + cs
         return pos
+    }
+
+    /// `count` contiguous clusters for metadata other than tables (persistent bitmaps).
+    func allocateMetadata(clusters count: Int64) throws -> Int64 {
+        try state.withLock { s in
+            let first = try allocateCluster(&s)
+            for _ in 1 ..< max(1, count) { _ = try allocateCluster(&s) }
+            s.bitmapClusters.append((first / cs, count))
+            return first
+        }
+    }
+
+    /// The bitmap directory the next commit's header points to.
+    func setBitmaps(count: UInt32, directorySize: UInt64, directoryOffset: UInt64) {
+        state.withLock { s in
+            s.bitmaps = (count, directorySize, directoryOffset)
+            s.bitmapsUnwritten = true
+        }
     }
 
     private func ensureTable(_ s: inout State, _ i: Int) throws {
@@ -678,7 +703,7 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
     public func commit(durable: Bool) async throws {
         // The mapping as it stands (writers have finished: the caller commits after them).
         let (l1, tables, dirty, next) = state.withLock { s in (s.l1, s.tables, s.dirty, s.next) }
-        if !dirty.isEmpty || state.withLock({ $0.markerOnDisk }) {
+        if !dirty.isEmpty || state.withLock({ $0.markerOnDisk || $0.bitmapsUnwritten }) {
             try await writeMetadata(l1: l1, tables: tables, dirty: dirty, next: next, durable: durable)
         } else if durable {
             try await file.flush()
@@ -735,6 +760,9 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
                 k += step
             }
         }
+        for run in state.withLock({ $0.bitmapClusters }) {
+            for c in run.first ..< run.first + run.count { counts[Int(c)] += 1 }
+        }
         for k in Int(dataClusters) ..< total { counts[k] += 1 }
         if let over = counts.firstIndex(where: { $0 > maxRefcount }) {
             throw FerryError(.io, "internal error: host cluster \(over) would need refcount \(counts[over]), more than refcount_bits allows", path: name)
@@ -769,6 +797,7 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
         state.withLock { s in
             s.dirty.subtract(dirty)
             s.markerOnDisk = false
+            s.bitmapsUnwritten = false
             s.used = used
             // Later allocations go past the refcount region (which becomes free space then).
             s.next = max(s.next, used)
