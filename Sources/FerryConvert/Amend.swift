@@ -7,19 +7,14 @@ extension Images {
     /// (as qemu-img 7.2 asks); "" removes the backing file.
     public static func amend(_ spec: ImageSpec, options: [String: String], backingFile: String? = nil,
                              backingFormat: String? = nil) async throws {
-        let (file, format) = try await openForChange(spec)
-        do {
+        try await changeInPlace(spec) { file, format in
             if let b = backingFile, !b.isEmpty, backingFormat == nil {
                 throw FerryError(.invalidArgument, "Could not change the backing file to '\(b)': backing format must be specified")
             }
             if let backingFormat { _ = try Formats.lookup(backingFormat) }
-            try await format.amend(ImageAmendment(location: spec.location, file: file, backingFile: backingFile,
-                                                  backingFormat: backingFormat, options: options))
-        } catch {
-            try? await file.close()
-            throw error
+            try await format.amend(ImageAmendment(location: spec.location, file: file.current, backingFile: backingFile,
+                                                  backingFormat: backingFormat, options: options, setFileLength: file.setLength))
         }
-        try await file.close()
     }
 }
 
@@ -27,21 +22,12 @@ extension Images {
     /// `ferry snapshot -c NAME` / `-d SNAPSHOT`: creates or deletes an internal snapshot of
     /// the image at `spec`, in place, as its format allows (`ImageFormat.changeSnapshots`).
     public static func changeSnapshots(_ spec: ImageSpec, _ action: SnapshotChange.Action) async throws {
-        let (file, format) = try await openForChange(spec)
-        let current = Locked<any BlockDevice>(file)
-        do {
+        try await changeInPlace(spec) { file, format in
             guard format.hasInternalSnapshots else {
                 throw FerryError(.notSupported, "format \(format.name) does not support snapshots (formats that do: \(Formats.all.filter { $0.hasInternalSnapshots }.map { $0.name }.joined(separator: ", ")))", path: spec.location)
             }
-            try await format.changeSnapshots(SnapshotChange(location: spec.location, file: file, action: action) { length in
-                let reopened = try await reopenAtLength(spec.location, current.withLock { $0 }, length)
-                current.withLock { $0 = reopened }
-                return reopened
-            })
-        } catch {
-            try? await current.withLock { $0 }.close()
-            throw error
+            try await format.changeSnapshots(SnapshotChange(location: spec.location, file: file.current, action: action,
+                                                            setFileLength: file.setLength))
         }
-        try await current.withLock { $0 }.close()
     }
 }

@@ -70,25 +70,15 @@ extension Images {
                 return found.sorted()
             }
             // Written into the image, then the header changed.
-            let (file, format) = try await openForChange(ImageSpec(spec.location, format: image.format))
-            let current = Locked<any BlockDevice>(file)
-            do {
-                try await format.fillLayer(LayerFill(location: spec.location, file: file, clusters: differing, read: { c, buffer in
+            try await changeInPlace(ImageSpec(spec.location, format: image.format)) { file, format in
+                try await format.fillLayer(LayerFill(location: spec.location, file: file.current, clusters: differing, read: { c, buffer in
                     buffer.initializeMemory(as: UInt8.self, repeating: 0)
                     let n = Int(min(cs, size - c))
                     try await readClipped(old, at: c, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0 ..< n]))
-                }, setFileLength: { length in
-                    let reopened = try await reopenAtLength(spec.location, current.withLock { $0 }, length)
-                    current.withLock { $0 = reopened }
-                    return reopened
-                }))
-                try await format.amend(ImageAmendment(location: spec.location, file: current.withLock { $0 },
-                                                      backingFile: backingFile, backingFormat: backingFile.isEmpty ? nil : backingFormat))
-            } catch {
-                try? await current.withLock { $0 }.close()
-                throw error
+                }, setFileLength: file.setLength))
+                try await format.amend(ImageAmendment(location: spec.location, file: file.current, backingFile: backingFile,
+                                                      backingFormat: backingFile.isEmpty ? nil : backingFormat, setFileLength: file.setLength))
             }
-            try await current.withLock { $0 }.close()
             if let newBacking { try await newBacking.device.close() }
             try await image.device.close()
             return differing.count

@@ -26,6 +26,43 @@ extension Images {
         }
     }
 
+    /// Runs `body` with the file of the image at `spec` opened for writing (`openForChange`),
+    /// its format, and a way to set the file's length (which opens the file again, so `body`
+    /// asks `file.current` for it after); closes whichever file is current at the end.
+    static func changeInPlace<T>(_ spec: ImageSpec,
+                                 _ body: (_ file: FileInPlace, _ format: any ImageFormat.Type) async throws -> T) async throws -> T {
+        let (first, format) = try await openForChange(spec)
+        let file = FileInPlace(location: spec.location, file: first)
+        let result: T
+        do {
+            result = try await body(file, format)
+        } catch {
+            try? await file.current.close()
+            throw error
+        }
+        try await file.current.close()
+        return result
+    }
+
+    /// An image's file being changed in place, opened again whenever its length is set.
+    final class FileInPlace: Sendable {
+        let location: String
+        private let file: Locked<any BlockDevice>
+        init(location: String, file: any BlockDevice) {
+            self.location = location
+            self.file = Locked(file)
+        }
+        var current: any BlockDevice { file.withLock { $0 } }
+        /// For the formats' `setFileLength`.
+        var setLength: @Sendable (Int64) async throws -> any BlockDevice {
+            { [self] length in
+                let reopened = try await reopenAtLength(location, current, length)
+                file.withLock { $0 = reopened }
+                return reopened
+            }
+        }
+    }
+
     /// Sets the length of the file `old` (opened for writing at `location`), closes it and
     /// returns it opened again: a local file by path, an endpoint that can cut its file.
     static func reopenAtLength(_ location: String, _ old: any BlockDevice, _ length: Int64) async throws -> any BlockDevice {
@@ -48,20 +85,9 @@ extension Images {
     /// caller has checked that a shrink was asked for.
     public static func resize(_ spec: ImageSpec, to size: Int64, preallocation: String) async throws {
         guard size > 0 else { throw FerryError(.invalidArgument, "New image size must be positive") }
-        let location = spec.location
-        let (first, chosen) = try await openForChange(spec)
-        let current = Locked<any BlockDevice>(first)
-        do {
-            let request = ResizeRequest(location: location, file: first, size: size, preallocation: preallocation) { length in
-                let reopened = try await reopenAtLength(location, current.withLock { $0 }, length)
-                current.withLock { $0 = reopened }
-                return reopened
-            }
-            try await chosen.resize(request)
-        } catch {
-            try? await current.withLock { $0 }.close()
-            throw error
+        try await changeInPlace(spec) { file, format in
+            try await format.resize(ResizeRequest(location: spec.location, file: file.current, size: size,
+                                                  preallocation: preallocation, setFileLength: file.setLength))
         }
-        try await current.withLock { $0 }.close()
     }
 }

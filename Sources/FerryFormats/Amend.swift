@@ -12,14 +12,18 @@ public struct ImageAmendment: Sendable {
     public var backingFormat: String?
     /// `-o` options of `amend` (names already checked against the format's create options).
     public var options: [String: String]
+    /// As `ResizeRequest.setFileLength`, for a change that needs more room in the file (a
+    /// new refcount width); nil where the file cannot grow.
+    public var setFileLength: (@Sendable (_ length: Int64) async throws -> any BlockDevice)?
 
     public init(location: String, file: any BlockDevice, backingFile: String? = nil, backingFormat: String? = nil,
-                options: [String: String] = [:]) {
+                options: [String: String] = [:], setFileLength: (@Sendable (_ length: Int64) async throws -> any BlockDevice)? = nil) {
         self.location = location
         self.file = file
         self.backingFile = backingFile
         self.backingFormat = backingFormat
         self.options = options
+        self.setFileLength = setFileLength
     }
 }
 

@@ -8,14 +8,14 @@ struct Amend: FerryCommand {
         abstract: "Change an image's options in place, as qemu-img amend does.",
         usage: "ferry amend [-f fmt] -o options [-q] <image>",
         discussion: """
-        qcow2: lazy_refcounts=on|off, compat=0.10|1.1 and data_file (the name of an image's \
-        external data file; '' drops it, as qemu-img) are changed. A downgrade of an image \
-        with zero clusters, incompatible features, bitmaps or refcount_bits other than 16 is \
-        refused, as is an upgrade of an image whose snapshots lack extra data; refcount_bits, \
-        backing_file and backing_fmt are accepted only with the value the image has \
-        (changing refcount_bits is not supported yet and is refused; the backing file is \
-        changed with 'ferry rebase'); size is changed with 'ferry resize'. Other formats \
-        cannot be amended. Not supported: -p, -t, --force, --object, --image-opts.
+        qcow2: lazy_refcounts=on|off, compat=0.10|1.1, refcount_bits (1 to 64, new refcount \
+        structures written after the end of the file, then the header switched to them) and \
+        data_file (the name of an image's external data file; '' drops it, as qemu-img) are \
+        changed. A downgrade of an image with zero clusters, incompatible features, bitmaps \
+        or refcount_bits other than 16 is refused, as is an upgrade of an image whose \
+        snapshots lack extra data; backing_file and backing_fmt are accepted only with the \
+        value the image has (the backing file is changed with 'ferry rebase'); size is \
+        changed with 'ferry resize'. Other formats cannot be amended. Not supported: -p, -t, --force, --object, --image-opts.
         """)
 
     @Option(name: .customShort("f", allowingJoined: true),

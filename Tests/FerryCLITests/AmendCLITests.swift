@@ -68,6 +68,7 @@ final class AmendCLITests: XCTestCase {
 
     func testRefusals() throws {
         try buildImages()
+        try buildShared()
         let cases: [([String], String)] = [
             (["-o", "backing_file=other.qcow2", "ov.qcow2"], "Cannot amend the backing file"),
             (["-o", "backing_fmt=qcow2", "ov.qcow2"], "Cannot amend the backing file"),
@@ -77,7 +78,10 @@ final class AmendCLITests: XCTestCase {
             (["-o", "lazy_refcounts=on", "v2.qcow2"], "Lazy refcounts only supported with compatibility level 1.1"),
             (["-o", "data_file=x", "ov.qcow2"], "data-file can only be set for images that use an external data file"),
             (["-o", "compat=0.10", "zero.qcow2"], "cannot downgrade this image to compat=0.10 yet: it has zero clusters"),
-            (["-o", "refcount_bits=64", "ov.qcow2"], "cannot change refcount_bits"),
+            (["-o", "refcount_bits=3", "ov.qcow2"], "Refcount width must be a power of two and may not exceed 64 bits"),
+            (["-o", "refcount_bits=128", "ov.qcow2"], "Refcount width must be a power of two and may not exceed 64 bits"),
+            (["-o", "refcount_bits=8", "v2.qcow2"], "Refcount widths other than 16 bits require compatibility level 1.1 or above"),
+            (["-o", "refcount_bits=1", "shared.qcow2"], "Cannot decrease refcount entry width to 1 bits: Cluster at offset 0x"),
             (["-o", "size=20M", "ov.qcow2"], "use 'ferry resize'"),
             (["-f", "raw", "-o", "preallocation=off", "r.raw"], "Format driver 'raw' does not support option amendment"),
             (["ov.qcow2"], "Must specify options (-o)"),
@@ -94,6 +98,45 @@ final class AmendCLITests: XCTestCase {
                 XCTAssertEqual(q.status, 1, "qemu-img amend \(args)")
             }
         }
+    }
+
+    /// refcount_bits: every width, from and to each other, and with compat=1.1 from an old
+    /// image: clean, the same contents and snapshots, the width qemu-img sees.
+    func testRefcountBitsChanged() throws {
+        try buildImages()
+        try buildShared()
+        for (image, options) in [("shared.qcow2", "refcount_bits=2"), ("shared.qcow2", "refcount_bits=64"), ("ov.qcow2", "refcount_bits=1"),
+                                 ("ov.qcow2", "refcount_bits=8"), ("v2.qcow2", "refcount_bits=4,compat=1.1"), ("shared.qcow2", "refcount_bits=32")] {
+            let (theirs, ours) = try SubcommandGolden.copies(of: image, in: dir)
+            try Tools.must("qemu-img", ["amend", "-o", options, theirs], in: dir)
+            let r = try Tools.ferry(["amend", "-o", options, ours], in: dir)
+            XCTAssertEqual(r.status, 0, r.stderr)
+            let k = try Tools.run(try Tools.require("qemu-img"), ["check", ours], in: dir)
+            XCTAssertEqual(k.status, 0, "\(image) \(options): \(k.stdout)")
+            try Tools.must("qemu-img", ["compare", image, ours], in: dir)
+            let i1 = try Tools.must("qemu-img", ["info", theirs], in: dir).replacingOccurrences(of: theirs, with: "IMG")
+            let i2 = try Tools.must("qemu-img", ["info", ours], in: dir).replacingOccurrences(of: ours, with: "IMG")
+            XCTAssertEqual(i2.split(separator: "\n").filter { !$0.hasPrefix("disk size") }, i1.split(separator: "\n").filter { !$0.hasPrefix("disk size") },
+                           "\(image) \(options)")
+            // And back again to 16 bits, still clean, from the narrow or wide width.
+            XCTAssertEqual(try Tools.ferry(["amend", "-o", "refcount_bits=16", ours], in: dir).status, 0)
+            XCTAssertEqual(try Tools.run(try Tools.require("qemu-img"), ["check", ours], in: dir).status, 0)
+            try Tools.must("qemu-img", ["compare", image, ours], in: dir)
+            for sn in try Tools.must("qemu-img", ["snapshot", "-l", image], in: dir).split(separator: "\n").dropFirst(2) {
+                let name = String(sn.split(separator: " ")[1])
+                try Tools.must("qemu-img", ["compare", "-F", "qcow2", "-f", "qcow2", "-s", image, ours], in: dir)
+                XCTAssertTrue(try Tools.must("qemu-img", ["snapshot", "-l", ours], in: dir).contains(name))
+            }
+        }
+    }
+
+    /// An image whose clusters are shared by two snapshots (refcount 3).
+    func buildShared() throws {
+        try Tools.must("qemu-img", ["create", "-q", "-f", "qcow2", "shared.qcow2", "10M"], in: dir)
+        try Tools.must("qemu-io", ["-c", "write -P 5 0 2M", "-c", "write -P 6 8M 64k", "shared.qcow2"], in: dir)
+        try Tools.must("qemu-img", ["snapshot", "-c", "one", "shared.qcow2"], in: dir)
+        try Tools.must("qemu-img", ["snapshot", "-c", "two", "shared.qcow2"], in: dir)
+        try Tools.must("qemu-io", ["-c", "write -P 7 1M 64k", "shared.qcow2"], in: dir)
     }
 
     func testHelp() throws { try SubcommandGolden.checkHelp("amend", in: dir) }

@@ -7,13 +7,14 @@ extension QCOW2Format {
     /// refused unless they leave the image as it is.
     public static func amend(_ change: ImageAmendment) async throws {
         let path = change.location
-        let m = try await QCOW2InPlace(file: change.file, path: path, setFileLength: { _ in
-            throw FerryError(.notSupported, "amend does not change the size of the file", path: path)
+        var m = try await QCOW2InPlace(file: change.file, path: path, setFileLength: change.setFileLength ?? { _ in
+            throw FerryError(.notSupported, "the image file cannot grow here, as this change needs", path: path)
         })
         let h = m.header
         var compatible = h.compatible
         var version = h.version
         var dataFile = h.dataFile
+        var refcountBits = h.refcountBits
         for (key, value) in change.options.sorted(by: { $0.key < $1.key }) {
             switch key {
             case "lazy_refcounts":
@@ -27,9 +28,10 @@ extension QCOW2Format {
                 guard let want else { throw FerryError(.invalidArgument, "Invalid compatibility level: '\(value)'") }
                 version = want
             case "refcount_bits":
-                guard Int(value) == h.refcountBits else {
-                    throw FerryError(.notSupported, "ferry cannot change refcount_bits of a qcow2 image yet (it is \(h.refcountBits))", path: path)
+                guard let bits = Int(value), (1 ... 64).contains(bits), bits.nonzeroBitCount == 1 else {
+                    throw FerryError(.invalidArgument, "Refcount width must be a power of two and may not exceed 64 bits")
                 }
+                refcountBits = bits
             case "backing_file", "backing_fmt":
                 // Both as they are, or it is a change (as qemu-img 7.2 judges it).
                 guard change.options["backing_file"] == h.backingFile, change.options["backing_fmt"] == h.backingFormat else {
@@ -57,15 +59,25 @@ extension QCOW2Format {
         if compatible & QCOW2Header.lazyRefcountsBit != 0 && version < 3 {
             throw FerryError(.invalidArgument, "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
         }
-        if version < h.version { try await checkDowngrade(m) }
+        if refcountBits != 16 && version < 3 {
+            throw FerryError(.invalidArgument, "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
+        }
+        if version < h.version { try await checkDowngrade(m, refcountBits: refcountBits) }
         if version > h.version {
             for sn in try await readSnapshots(m.file, header: h, path: path) where sn.diskSize == nil {
                 throw FerryError(.notSupported, "ferry cannot upgrade this image yet: snapshot '\(sn.name)' lacks the extra data compat 1.1 needs", path: path)
             }
         }
+        // New refcount structures are written first; the header below switches to them.
+        let refcounts = refcountBits == h.refcountBits ? nil : try await rebuildRefcounts(&m, bits: refcountBits)
         let cluster = try await m.read(at: 0, count: Int(m.cs))
-        let bytes = try rewriteHeader(cluster, header: h, version: version, compatible: compatible, backing: backing,
+        var bytes = try rewriteHeader(cluster, header: h, version: version, compatible: compatible, backing: backing,
                                       backingFormat: backingFormat, dataFile: dataFile, path: path)
+        if let refcounts {
+            QCOW2HeaderWriter.put64(&bytes, 48, UInt64(refcounts.tableOffset))
+            QCOW2HeaderWriter.put32(&bytes, 56, UInt32(refcounts.tableClusters))
+            if version >= 3 { QCOW2HeaderWriter.put32(&bytes, 96, UInt32(refcountBits.trailingZeroBitCount)) }
+        }
         try await m.write(bytes, at: 0)
         try await m.flush()
     }
@@ -75,13 +87,13 @@ extension QCOW2Format {
     /// a new backing format extension, the end marker, the backing file name, zeros.
     /// What compat=0.10 cannot hold: incompatible features, bitmaps, refcount widths but
     /// 16, zero clusters (qemu-img writes them out as data; ferry refuses).
-    static func checkDowngrade(_ m: QCOW2InPlace) async throws {
+    static func checkDowngrade(_ m: QCOW2InPlace, refcountBits: Int) async throws {
         let h = m.header, path = m.path
         func refuse(_ why: String) -> FerryError {
             FerryError(.notSupported, "ferry cannot downgrade this image to compat=0.10 yet: \(why)", path: path)
         }
         if h.incompatible != 0 { throw refuse("it uses incompatible features (0x\(String(h.incompatible, radix: 16)))") }
-        if h.refcountOrder != 4 { throw refuse("its refcount_bits is \(h.refcountBits), not 16") }
+        if refcountBits != 16 { throw refuse("its refcount_bits is \(refcountBits), not 16") }
         if h.autoclear & QCOW2Header.bitmapsBit != 0, let b = h.bitmaps, b.count > 0 { throw refuse("it has persistent bitmaps") }
         var l1Tables = [(h.l1TableOffset, h.l1Size)]
         for sn in try await readSnapshots(m.file, header: h, path: path) { l1Tables.append((sn.l1Offset, sn.l1Size)) }

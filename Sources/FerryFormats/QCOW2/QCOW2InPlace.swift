@@ -68,6 +68,11 @@ struct QCOW2InPlace {
 
     func flush() async throws { try await file.flush() }
 
+    /// Sets the file's length (the new part reads as zeros).
+    mutating func setLength(_ length: Int64) async throws {
+        file = try await setFileLength(length)
+    }
+
     /// A refcount entry of a block's bytes: sub-byte widths from the lowest bits of each
     /// byte up, wider ones big-endian.
     static func entry(_ block: [UInt8], _ i: Int, bits: Int) -> UInt64 {
