@@ -89,3 +89,50 @@ func closeLayer(file: any BlockDevice, backing: (any BlockDevice)?) async throws
     if let backing { do { try await backing.close() } catch { firstError = firstError ?? error } }
     if let firstError { throw firstError }
 }
+
+/// Where one run of a layer's read comes from.
+enum RunSource {
+    /// The layer's file, from this offset.
+    case host(Int64)
+    case zeros
+    /// The backing image at the same guest offset (zeros past its end, or with none).
+    case backing
+}
+
+/// Reads guest `offset ..< offset + buffer.count` of a layer through its `runs`, batch by
+/// batch, every file and backing read of a batch sent together (`readTogether`), holes zeroed.
+/// Runs must continue each other from where they were asked: a mapping that does not is
+/// corrupt, not a reason to loop.
+func readMapped<R: MappedRun>(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer, layer name: String, format: String,
+                              file: any BlockDevice, backing: (any BlockDevice)?,
+                              runs: (Range<Int64>) async throws -> [R], source: (R) -> RunSource) async throws {
+    let end = offset + Int64(buffer.count)
+    var pos = offset
+    while pos < end {
+        var reads: [HostRead] = []
+        let batchStart = pos
+        for r in try await runs(pos ..< end) {
+            guard r.offset == pos, r.length > 0 else { break }
+            let n = Int(min(r.offset + r.length, end) - pos)
+            let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(pos - offset) ..< Int(pos - offset) + n])
+            switch source(r) {
+            case .host(let host):
+                reads.append(HostRead(device: file, host: host, buffer: dst))
+            case .zeros:
+                dst.initializeMemory(as: UInt8.self, repeating: 0)
+            case .backing:
+                let m = backing.map { Int(max(0, min(Int64(n), $0.size - pos))) } ?? 0
+                if let backing, m > 0 {
+                    reads.append(HostRead(device: backing, host: pos, buffer: UnsafeMutableRawBufferPointer(rebasing: dst[0 ..< m])))
+                }
+                if m < n { UnsafeMutableRawBufferPointer(rebasing: dst[m...]).initializeMemory(as: UInt8.self, repeating: 0) }
+            }
+            pos += Int64(n)
+            if pos >= end { break }
+        }
+        guard pos > batchStart else {
+            throw FerryError(.corrupt, "\(format) mapping does not cover guest offset \(pos)", path: name, offset: pos)
+        }
+        try await readTogether(reads)
+    }
+}

@@ -116,20 +116,8 @@ extension HostRunDevice {
     /// Every data run of the request is read at once (`readTogether`); holes are zeroed.
     func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try checkRange(offset, Int64(buffer.count))
-        let end = offset + Int64(buffer.count)
-        var pos = offset
-        while pos < end {
-            var reads: [HostRead] = []
-            for r in try await runs(in: pos ..< end, maxRuns: 4096) {
-                let start = Int(r.offset - offset)
-                let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[start ..< start + Int(r.length)])
-                if let host = r.host { reads.append(HostRead(device: file, host: host, buffer: dst)) } else {
-                    dst.initializeMemory(as: UInt8.self, repeating: 0)
-                }
-                pos = r.end
-            }
-            try await readTogether(reads)
-        }
+        try await readMapped(at: offset, into: buffer, layer: name, format: formatName, file: file, backing: nil,
+                             runs: { try await runs(in: $0, maxRuns: 4096) }, source: { r in r.host.map { .host($0) } ?? .zeros })
     }
 
     func layerExtents(in range: Range<Int64>) async throws -> [Extent] {

@@ -141,22 +141,8 @@ public final class VDIReadDevice: HostMappedDevice, DescribedDevice {
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try checkRange(offset, Int64(buffer.count))
-        let end = offset + Int64(buffer.count)
-        var pos = offset
-        while pos < end {
-            var reads: [HostRead] = []
-            for r in runs(in: pos ..< end) {
-                let start = Int(r.offset - offset)
-                let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[start ..< start + Int(r.length)])
-                if let host = r.host {
-                    reads.append(HostRead(device: file, host: host, buffer: dst))
-                } else {
-                    dst.initializeMemory(as: UInt8.self, repeating: 0)
-                }
-                pos = r.end
-            }
-            try await readTogether(reads)
-        }
+        try await readMapped(at: offset, into: buffer, layer: name, format: "vdi", file: file, backing: nil,
+                             runs: { runs(in: $0) }, source: { r in r.host.map { .host($0) } ?? .zeros })
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {

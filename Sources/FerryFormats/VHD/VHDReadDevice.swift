@@ -114,31 +114,8 @@ public final class VHDReadDevice: HostMappedDevice, DescribedDevice {
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try checkRange(offset, Int64(buffer.count))
-        let end = offset + Int64(buffer.count)
-        var pos = offset
-        while pos < end {
-            let batch = try await runs(in: pos ..< end)
-            guard let first = batch.first, first.offset == pos else {
-                throw FerryError(.corrupt, "vhd mapping does not cover guest offset \(pos)", path: name, offset: pos)
-            }
-            var reads: [HostRead] = []
-            for r in batch {
-                let n = Int(min(r.end, end) - r.offset)
-                let start = Int(r.offset - offset)
-                let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[start ..< start + n])
-                if let host = r.host {
-                    reads.append(HostRead(device: file, host: host, buffer: dst))
-                } else if let backing, r.offset < backing.size {
-                    let m = Int(min(Int64(n), backing.size - r.offset))
-                    reads.append(HostRead(device: backing, host: r.offset, buffer: UnsafeMutableRawBufferPointer(rebasing: dst[0 ..< m])))
-                    if m < n { UnsafeMutableRawBufferPointer(rebasing: dst[m...]).initializeMemory(as: UInt8.self, repeating: 0) }
-                } else {
-                    dst.initializeMemory(as: UInt8.self, repeating: 0)
-                }
-                pos = r.offset + Int64(n)
-            }
-            try await readTogether(reads)
-        }
+        try await readMapped(at: offset, into: buffer, layer: name, format: "vhd", file: file, backing: backing,
+                             runs: { try await runs(in: $0) }, source: { r in r.host.map { .host($0) } ?? .backing })
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {

@@ -112,25 +112,13 @@ public final class VHDXReadDevice: HostMappedDevice, DescribedDevice {
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         try checkRange(offset, Int64(buffer.count))
-        let end = offset + Int64(buffer.count)
-        var pos = offset
-        while pos < end {
-            let batch = try await runs(in: pos ..< end)
-            guard let first = batch.first, first.offset == pos else {
-                throw FerryError(.corrupt, "vhdx mapping does not cover guest offset \(pos)", path: name, offset: pos)
+        try await readMapped(at: offset, into: buffer, layer: name, format: "vhdx", file: file, backing: backing,
+                             runs: { try await runs(in: $0) }) { r in
+            switch r.kind {
+            case .data: return .host(r.host!)
+            case .zero: return .zeros
+            case .unallocated: return .backing
             }
-            var reads: [HostRead] = []
-            for r in batch {
-                let start = Int(r.offset - offset)
-                let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[start ..< start + Int(min(r.end, end) - r.offset)])
-                switch r.kind {
-                case .data: reads.append(HostRead(device: file, host: r.host!, buffer: dst))
-                case .zero: dst.initializeMemory(as: UInt8.self, repeating: 0)
-                case .unallocated: try await readFromBacking(backing, at: r.offset, into: dst)
-                }
-                pos = min(r.end, end)
-            }
-            try await readTogether(reads)
         }
     }
 
