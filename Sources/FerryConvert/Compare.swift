@@ -110,8 +110,10 @@ public enum ImageCompare {
                             continue
                         }
                         let n = Int(r.length)
-                        let read1 = try await fill(b1, from: d1, r, r.read1)
+                        // Both sides at once: over a network each read waits a round trip.
+                        async let first = fill(b1, from: d1, r, r.read1)
                         let read2 = try await fill(b2, from: d2, r, r.read2)
+                        let read1 = try await first
                         let p1 = UnsafeRawBufferPointer(b1.slice(0 ..< n)), p2 = UnsafeRawBufferPointer(b2.slice(0 ..< n))
                         let at: Int?
                         switch (r.read1, r.read2) {
