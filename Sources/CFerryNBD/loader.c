@@ -16,7 +16,11 @@
         (h, count, offset, extent_callback, completion_callback, flags)) \
     X(int64_t, nbd_aio_flush, (struct nbd_handle *h, nbd_completion_callback completion_callback, uint32_t flags), \
         (h, completion_callback, flags)) \
+    X(int, nbd_aio_connect_uri, (struct nbd_handle *h, const char *uri), (h, uri)) \
+    X(int, nbd_aio_disconnect, (struct nbd_handle *h, uint32_t flags), (h, flags)) \
     X(unsigned, nbd_aio_get_direction, (struct nbd_handle *h), (h)) \
+    X(int, nbd_aio_is_connecting, (struct nbd_handle *h), (h)) \
+    X(int, nbd_aio_is_ready, (struct nbd_handle *h), (h)) \
     X(int, nbd_aio_get_fd, (struct nbd_handle *h), (h)) \
     X(int, nbd_aio_is_closed, (struct nbd_handle *h), (h)) \
     X(int, nbd_aio_is_dead, (struct nbd_handle *h), (h)) \
@@ -37,7 +41,6 @@
     X(int, nbd_can_multi_conn, (struct nbd_handle *h), (h)) \
     X(int, nbd_can_trim, (struct nbd_handle *h), (h)) \
     X(int, nbd_can_zero, (struct nbd_handle *h), (h)) \
-    X(int, nbd_connect_uri, (struct nbd_handle *h, const char *uri), (h, uri)) \
     X(int64_t, nbd_get_block_size, (struct nbd_handle *h, int size_type), (h, size_type)) \
     X(int64_t, nbd_get_size, (struct nbd_handle *h), (h)) \
     X(int, nbd_is_read_only, (struct nbd_handle *h), (h)) \

@@ -13,12 +13,14 @@ extension Images {
     }
 
     static func openISCSI(_ location: String, readOnly: Bool, options: EndpointOptions) async throws -> any BlockDevice {
-        try await ISCSIDevice.open(location, readOnly: readOnly, connections: iscsiConnections(options, reading: readOnly))
+        try await ISCSIDevice.open(location, readOnly: readOnly, connections: iscsiConnections(options, reading: readOnly),
+                                   resilience: options.resilience)
     }
 
     /// A LUN is never created or resized: it is opened for writing, and one smaller than
     /// `size` is a `.tooSmall` error before anything is written.
     static func createISCSI(_ location: String, size: Int64, options: EndpointOptions) async throws -> any BlockDevice {
-        try await ISCSIDevice.openTarget(location, size: size, connections: iscsiConnections(options, reading: false))
+        try await ISCSIDevice.openTarget(location, size: size, connections: iscsiConnections(options, reading: false),
+                                         resilience: options.resilience)
     }
 }

@@ -14,10 +14,10 @@ extension Images {
     }
 
     static func openNFS(_ location: String, readOnly: Bool, options: EndpointOptions) async throws -> any BlockDevice {
-        try await NFSDevice.open(location, readOnly: readOnly, connections: nfsConnections(options))
+        try await NFSDevice.open(location, readOnly: readOnly, connections: nfsConnections(options), resilience: options.resilience)
     }
 
     static func createNFS(_ location: String, size: Int64, options: EndpointOptions) async throws -> any BlockDevice {
-        try await NFSDevice.create(location, size: size, connections: nfsConnections(options))
+        try await NFSDevice.create(location, size: size, connections: nfsConnections(options), resilience: options.resilience)
     }
 }

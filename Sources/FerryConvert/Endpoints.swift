@@ -24,15 +24,20 @@ public struct EndpointOptions: Sendable {
     /// extent or parent it names is opened, and a file two formats claim (or given as one
     /// format while its bytes say another) is refused.
     public var untrusted: Bool
+    /// How network sessions ride out a server that hangs, drops the connection or fails a
+    /// request (`--timeout`, `--reconnects`, `--retries`).
+    public var resilience: Resilience
 
     public init(cache: CacheMode = .writeback, fileEngine: FileDevice.IOEngine = .auto, connections: Int? = nil,
-                directIfCold: Bool = false, forceShare: Bool = false, untrusted: Bool = false) {
+                directIfCold: Bool = false, forceShare: Bool = false, untrusted: Bool = false,
+                resilience: Resilience = .standard) {
         self.cache = cache
         self.fileEngine = fileEngine
         self.connections = connections
         self.directIfCold = directIfCold
         self.forceShare = forceShare
         self.untrusted = untrusted
+        self.resilience = resilience
     }
 
     /// Sessions per server when `connections` is not given.
@@ -61,7 +66,7 @@ extension Images {
     public static func openEndpoint(_ location: String, readOnly: Bool,
                                     options: EndpointOptions = EndpointOptions()) async throws -> any BlockDevice {
         if NBDDevice.handles(location) {
-            return try await NBDDevice.open(location, readOnly: readOnly, connections: options.sessions)
+            return try await NBDDevice.open(location, readOnly: readOnly, connections: options.sessions, resilience: options.resilience)
         }
         switch urlScheme(location) {
         case nil:
@@ -101,7 +106,7 @@ extension Images {
         if NBDDevice.handles(location) {
             // An export cannot be created: open it for writing and check it is large enough.
             // A larger export is fine (the copy writes its first bytes).
-            let device = try await NBDDevice.open(location, readOnly: false, connections: options.sessions)
+            let device = try await NBDDevice.open(location, readOnly: false, connections: options.sessions, resilience: options.resilience)
             if device.size < size {
                 try? await device.close()
                 throw FerryError(.tooSmall, "the NBD export is too small: \(device.size) bytes, but \(size) are needed", path: location)

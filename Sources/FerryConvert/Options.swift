@@ -61,6 +61,9 @@ public struct ConvertOptions: Sendable {
     public var connections: Int?
 
     public static let maxConnections = 64
+    /// `--timeout`, `--retries`, `--reconnects`: how network endpoints ride out a failing
+    /// server (see `Resilience`).
+    public var resilience: Resilience = .standard
     /// `-C`: copy data runs with `copy_file_range` between local raw files where the
     /// kernel can (no zero detection there).
     public var copyOffload: Bool = false
@@ -82,11 +85,11 @@ public struct ConvertOptions: Sendable {
     public var sourceEndpoint: EndpointOptions {
         EndpointOptions(cache: sourceCache, fileEngine: fileEngine, connections: connections,
                         directIfCold: directColdSources && sourceCache == .writeback, forceShare: forceShare,
-                        untrusted: untrusted)
+                        untrusted: untrusted, resilience: resilience)
     }
     /// How the target is opened.
     public var targetEndpoint: EndpointOptions {
-        EndpointOptions(cache: targetCache, fileEngine: fileEngine, connections: connections)
+        EndpointOptions(cache: targetCache, fileEngine: fileEngine, connections: connections, resilience: resilience)
     }
 
     public static let maxWorkers = 1024

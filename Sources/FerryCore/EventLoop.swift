@@ -76,6 +76,9 @@ public final class EventLoopQueue<Item>: @unchecked Sendable {
         }
     }
 
+    /// Gets the loop out of poll for a turn (to look at its clocks again).
+    public func nudge() { wake() }
+
     private func wake() {
         var one: UInt8 = 1
         _ = write(wakeWrite, &one, 1)
@@ -115,10 +118,10 @@ public final class EventLoopQueue<Item>: @unchecked Sendable {
     /// the socket's events to `service`. A failed poll goes to `failed`. A library that has
     /// timers of its own (libiscsi's timeouts and reconnects) sets `timeout` (milliseconds, -1
     /// for none) and `serviceOnTimeout` so `service` also runs, with no events, when poll
-    /// times out.
+    /// times out. `tick` runs after every poll (the session's request clocks).
     public func run(issue: (Item) -> Void, idle: () -> Bool, socket: () -> (fd: Int32, events: Int16)?,
                     timeout: () -> Int32 = { -1 }, serviceOnTimeout: Bool = false,
-                    service: (Int16) -> Void, failed: (FerryError) -> Void) {
+                    service: (Int16) -> Void, failed: (FerryError) -> Void, tick: () -> Void = {}) {
         var batch: [Item] = []
         var fds = [pollfd](repeating: pollfd(), count: 2)
         while true {
@@ -139,6 +142,7 @@ public final class EventLoopQueue<Item>: @unchecked Sendable {
             }
             if fds[0].revents != 0 { drainWakeups() }
             if count == 2 && (fds[1].revents != 0 || serviceOnTimeout) { service(fds[1].revents) }
+            tick()
         }
     }
 }
@@ -183,11 +187,17 @@ public protocol EventLoopLibrary: AnyObject, SendableMetatype {
     /// got done. Callbacks the library runs for what it cancels find their pieces already
     /// finished (`session.isOutstanding`).
     func close(alive: Bool)
+
+    /// Opens the connection again after it was lost and `close(alive: false)`d: the same
+    /// server, the same file or export, never created or truncated again. The default opens
+    /// as `open` did.
+    func reopen(_ session: EventLoopSession<Self>) throws
 }
 
 extension EventLoopLibrary {
     public func pollTimeout() -> Int32 { -1 }
     public static var serviceWithoutEvents: Bool { false }
+    public func reopen(_ session: EventLoopSession<Self>) throws { _ = try open(session) }
 }
 
 /// One session of a network endpoint whose C library (`Library`) is driven by a poll loop on
@@ -221,26 +231,42 @@ public final class EventLoopSession<Library: EventLoopLibrary>: PooledSession, @
     private let inbox: EventLoopQueue<Piece>
     private let load = Atomic<Int>(0)
 
+    /// How the session rides out a failing server.
+    public let resilience: Resilience
+    /// Set (from any thread) once the caller's task was cancelled: requests then get
+    /// `Resilience.cancelGrace` to finish before the session is dropped.
+    private let cancelled = Atomic<Bool>(false)
+
     // Loop thread only.
-    private var outstanding: [ObjectIdentifier: Piece] = [:]
+    /// Issued pieces, and when each went out (monotonic nanoseconds).
+    private var outstanding: [ObjectIdentifier: (piece: Piece, since: UInt64)] = [:]
+    /// Pieces whose connection went away under them, waiting for the reconnect.
+    private var parked: [Piece] = []
+    /// Times each piece was sent again after an I/O error.
+    private var retried: [ObjectIdentifier: Int] = [:]
+    /// Reconnect tries left over the session's life (a link that keeps failing ends).
+    private lazy var triesLeft = resilience.reconnects * 4
+    /// The last time the request clocks were looked at.
+    private var lastTick: UInt64 = 0
     /// Set once the connection is lost: what every later piece fails with.
     public private(set) var dead: FerryError?
 
-    private init(index: Int, name: String, library: Library, inbox: EventLoopQueue<Piece>) {
+    private init(index: Int, name: String, library: Library, inbox: EventLoopQueue<Piece>, resilience: Resilience) {
         self.index = index
         self.name = name
         self.library = library
         self.inbox = inbox
+        self.resilience = resilience
     }
 
     /// Starts the loop thread (named `thread`), which opens the library; returns once it is
     /// open, with what it learned. `closed` is what pieces submitted after the end fail with.
     /// On failure the library is closed and the thread has ended.
     public static func start(_ library: Library, index: Int, name: String, thread: String,
-                             closed: String) async throws -> (EventLoopSession, Library.Opened) {
+                             closed: String, resilience: Resilience = .standard) async throws -> (EventLoopSession, Library.Opened) {
         let inbox: EventLoopQueue<Piece>
         do { inbox = try EventLoopQueue(name: name) } catch { library.close(alive: false); throw error }
-        let session = EventLoopSession(index: index, name: name, library: library, inbox: inbox)
+        let session = EventLoopSession(index: index, name: name, library: library, inbox: inbox, resilience: resilience)
         let opened: Library.Opened = try await withCheckedThrowingContinuation { continuation in
             let started = startDetachedThread(name: "\(thread)-\(index)") {
                 session.run(closed: closed) { continuation.resume(with: $0) }
@@ -269,6 +295,11 @@ public final class EventLoopSession<Library: EventLoopLibrary>: PooledSession, @
         await inbox.stop()
     }
 
+    public func cancelSoon() {
+        guard !cancelled.exchange(true, ordering: .relaxed) else { return }
+        inbox.nudge()
+    }
+
     // MARK: The loop thread
 
     /// Loop thread: whether `piece` was issued and has not finished (a late callback's check).
@@ -278,18 +309,114 @@ public final class EventLoopSession<Library: EventLoopLibrary>: PooledSession, @
 
     /// Loop thread: `piece` is done (with `error` if it failed). Once per piece; later calls
     /// for the same piece do nothing.
+    ///
+    /// A piece that failed because its connection went away waits for the reconnect (when
+    /// the session may reconnect); one the server failed with an I/O error goes out again, up
+    /// to `resilience.retries` times.
     public func complete(_ piece: Piece, error: FerryError?) {
-        guard outstanding.removeValue(forKey: ObjectIdentifier(piece)) != nil else { return }
+        let id = ObjectIdentifier(piece)
+        guard outstanding.removeValue(forKey: id) != nil else { return }
+        if let error, dead == nil, !cancelled.load(ordering: .relaxed) {
+            if error.isConnectionLoss && resilience.reconnects > 0 {
+                parked.append(piece)
+                return
+            }
+            if error.isTransient, retried[id, default: 0] < resilience.retries, inbox.post(piece) == nil {
+                retried[id, default: 0] += 1
+                Resilience.log.retried()
+                return
+            }
+        }
+        finish(piece, error)
+    }
+
+    private func finish(_ piece: Piece, _ error: FerryError?) {
+        retried.removeValue(forKey: ObjectIdentifier(piece))
         load.subtract(1, ordering: .relaxed)
         piece.call.pieceFinished(error)
     }
 
-    /// Loop thread: the connection is gone. Every outstanding piece fails with `error` (at its
-    /// own offset), and so does every later one; the loop stops polling the library.
+    /// Loop thread: the connection is gone. Unless the error is final (a timeout, a
+    /// cancellation) the connection is opened again, up to `resilience.reconnects` times,
+    /// and every piece in flight goes out again on it. Otherwise every outstanding piece fails
+    /// with `error` (at its own offset), and so does every later one; the loop stops polling
+    /// the library.
     public func connectionLost(_ error: FerryError) {
         guard dead == nil else { return }
+        if resilience.reconnects > 0 && !cancelled.load(ordering: .relaxed) && !error.isFinal {
+            reconnect(after: error)
+            return
+        }
         dead = error
-        for p in Array(outstanding.values) { complete(p, error: error.at(offset: p.errorOffset)) }
+        let pieces = outstanding.values.map(\.piece) + parked
+        outstanding = [:]
+        parked = []
+        for p in pieces { finish(p, error.at(offset: p.errorOffset)) }
+    }
+
+    /// Closes the dead connection and opens it again, waiting longer between tries; sends
+    /// every piece that was in flight again. When every try fails, the session is dead and
+    /// the pieces fail with `error` and the last try's.
+    private func reconnect(after error: FerryError) {
+        let pieces = outstanding.values.sorted { $0.since < $1.since }.map(\.piece) + parked
+        outstanding = [:]
+        parked = []
+        library.close(alive: false)
+        var last = error
+        for attempt in 1 ... resilience.reconnects where triesLeft > 0 {
+            triesLeft -= 1
+            // In slices, so that a cancellation is not kept waiting.
+            let until = monotonicNanoseconds() + UInt64(Resilience.backoff(attempt) * 1e9)
+            while monotonicNanoseconds() < until && !cancelled.load(ordering: .relaxed) { usleep(20_000) }
+            if cancelled.load(ordering: .relaxed) { break }
+            do {
+                try library.reopen(self)
+                Resilience.log.reconnected()
+                let now = monotonicNanoseconds()
+                for p in pieces {
+                    outstanding[ObjectIdentifier(p)] = (p, now)
+                    library.issue(p, self)
+                }
+                return
+            } catch {
+                last = (error as? FerryError) ?? FerryError(.io, "\(error)", path: name)
+                library.close(alive: false)
+            }
+        }
+        var e = error
+        e.message += " (reconnecting \(resilience.reconnects) times failed too: \(last.message))"
+        dead = e
+        for p in pieces { finish(p, e.at(offset: p.errorOffset)) }
+    }
+
+    /// Loop thread, after every poll: fails the session when a request has waited longer
+    /// than the timeout (or than the grace after a cancellation).
+    private func checkClocks() {
+        if !parked.isEmpty, dead == nil {
+            // Pieces lost their connection but the library did not say it died.
+            connectionLost(FerryError(.io, "the connection to the server was lost", path: name, errno: ENOTCONN))
+            return
+        }
+        let cancelling = cancelled.load(ordering: .relaxed)
+        let limit = cancelling ? Resilience.cancelGrace : resilience.timeout
+        guard limit > 0, dead == nil, !outstanding.isEmpty else { return }
+        let now = monotonicNanoseconds()
+        // Every 50 ms at most: the scan is over every piece in flight.
+        guard now &- lastTick > 50_000_000 else { return }
+        lastTick = now
+        guard let oldest = outstanding.values.min(by: { $0.since < $1.since }),
+              Double(now &- oldest.since) / 1e9 > limit else { return }
+        var e: FerryError
+        if cancelling {
+            e = FerryError(.cancelled, "stopped: the server did not answer in time", path: name)
+        } else {
+            e = FerryError(.io, "the server did not answer for \(Self.seconds(resilience.timeout)) (--timeout)", path: name, errno: ETIMEDOUT)
+        }
+        connectionLost(e)
+    }
+
+    public static func seconds(_ s: Double) -> String {
+        s == s.rounded() ? "\(Int(s)) s" : "\(s) s"
     }
 
     private func run(closed: String, opened: (Result<Library.Opened, any Error>) -> Void) {
@@ -306,16 +433,26 @@ public final class EventLoopSession<Library: EventLoopLibrary>: PooledSession, @
         opened(.success(info))
         inbox.run(
             issue: { issue($0) },
-            idle: { outstanding.isEmpty },
+            idle: { outstanding.isEmpty && parked.isEmpty },
             socket: { dead == nil ? library.pollFor() : nil },
-            timeout: { dead == nil ? library.pollTimeout() : -1 },
+            timeout: { dead == nil ? clockTimeout(library.pollTimeout()) : -1 },
             serviceOnTimeout: Library.serviceWithoutEvents,
             service: { revents in
                 if let e = library.service(revents, self) { connectionLost(e) }
             },
-            failed: { connectionLost($0) })
-        library.close(alive: dead == nil)
+            failed: { connectionLost($0) },
+            tick: { checkClocks() })
+        // After a cancellation nothing is in flight, but the server may hang: no clean
+        // goodbye is waited for.
+        library.close(alive: dead == nil && !cancelled.load(ordering: .relaxed))
         finish(dead ?? FerryError(.other, closed, path: name))
+    }
+
+    /// How long poll may wait: the library's wish, or less while requests are timed.
+    private func clockTimeout(_ wanted: Int32) -> Int32 {
+        let timed = cancelled.load(ordering: .relaxed) || (resilience.timeout > 0 && !outstanding.isEmpty)
+        guard timed else { return wanted }
+        return wanted < 0 ? 100 : min(wanted, 100)
     }
 
     private func issue(_ p: Piece) {
@@ -324,12 +461,13 @@ public final class EventLoopSession<Library: EventLoopLibrary>: PooledSession, @
             p.call.pieceFinished(dead.at(offset: p.errorOffset))
             return
         }
-        outstanding[ObjectIdentifier(p)] = p
+        outstanding[ObjectIdentifier(p)] = (p, monotonicNanoseconds())
         library.issue(p, self)
     }
 
     private func finish(_ error: FerryError) {
         for p in inbox.finish(error) {
+            retried.removeValue(forKey: ObjectIdentifier(p))
             load.subtract(1, ordering: .relaxed)
             p.call.pieceFinished(error.at(offset: p.errorOffset))
         }

@@ -42,6 +42,13 @@ public protocol PooledSession: AnyObject, Sendable {
     var busy: Int { get }
     func submit(_ piece: Piece)
     func stop() async
+    /// The caller's task was cancelled (Ctrl-C): pieces still waiting a moment from now are
+    /// failed rather than waited for, whatever the server does. From any thread.
+    func cancelSoon()
+}
+
+extension PooledSession {
+    public func cancelSoon() {}
 }
 
 /// The sessions of one device and how requests are spread over them and split by the
@@ -116,13 +123,17 @@ public final class SessionPool<Session: PooledSession>: Sendable {
                         _ make: (_ done: Int64, _ units: Int64, PendingCall) -> Session.Piece) async throws {
         guard count > 0 else { issued?(); return }
         precondition(step > 0, "a piece has at least one unit")
-        try await PendingCall.perform(pieces: Int((count + step - 1) / step), issued: issued) { call in
-            var done: Int64 = 0
-            while done < count {
-                let n = min(step, count - done)
-                pick().submit(make(done, n, call))
-                done += n
+        try await withTaskCancellationHandler {
+            try await PendingCall.perform(pieces: Int((count + step - 1) / step), issued: issued) { call in
+                var done: Int64 = 0
+                while done < count {
+                    let n = min(step, count - done)
+                    pick().submit(make(done, n, call))
+                    done += n
+                }
             }
+        } onCancel: {
+            for s in sessions { s.cancelSoon() }
         }
     }
 
@@ -145,8 +156,12 @@ public final class SessionPool<Session: PooledSession>: Sendable {
     /// device (a SCSI cache flush, a truncate).
     public func performOnEach(_ targets: [Session]? = nil, _ make: (PendingCall) -> Session.Piece) async throws {
         let to = targets ?? sessions
-        try await PendingCall.perform(pieces: to.count) { call in
-            for s in to { s.submit(make(call)) }
+        try await withTaskCancellationHandler {
+            try await PendingCall.perform(pieces: to.count) { call in
+                for s in to { s.submit(make(call)) }
+            }
+        } onCancel: {
+            for s in to { s.cancelSoon() }
         }
     }
 

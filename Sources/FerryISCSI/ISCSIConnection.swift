@@ -184,6 +184,8 @@ final class ISCSIContext: EventLoopLibrary {
     private var lun: Int32 = 0
     private var blockSize: Int32 = 512
     private var loggedIn = false
+    /// Seconds a setup command may wait for its answer (`Resilience.timeout`); 0: no limit.
+    private var timeout: Double = 0
     /// What `pollFor` last asked for (no events: a shorter timeout).
     private var events: Int32 = 0
     /// One block of zeros for WRITE SAME.
@@ -201,9 +203,9 @@ final class ISCSIContext: EventLoopLibrary {
 
     /// Starts a session's thread, which connects, logs in and probes the LUN; returns once
     /// the session is ready.
-    static func connect(url: String, name: String, index: Int) async throws -> (ISCSIConnection, ISCSILunInfo) {
+    static func connect(url: String, name: String, index: Int, resilience: Resilience = .standard) async throws -> (ISCSIConnection, ISCSILunInfo) {
         try await ISCSIConnection.start(ISCSIContext(index: index, name: name, url: url), index: index, name: name,
-                                        thread: "ferry-iscsi", closed: "the iSCSI session is closed")
+                                        thread: "ferry-iscsi", closed: "the iSCSI session is closed", resilience: resilience)
     }
 
     private func libiscsiError() -> String {
@@ -211,6 +213,7 @@ final class ISCSIContext: EventLoopLibrary {
     }
 
     func open(_ session: ISCSIConnection) throws -> ISCSILunInfo {
+        timeout = session.resilience.timeout
         let info = try open(url: url)
         if let ctx = context { socket.store(iscsi_get_fd(ctx), ordering: .releasing) }
         return info
@@ -255,9 +258,16 @@ final class ISCSIContext: EventLoopLibrary {
     }
 
     /// Services the context until `done()` says so; throws if the session fails first.
-    private func serviceUntil(_ what: String, _ done: () -> Bool) throws {
+    /// A target that does not answer within `limit` seconds (the timeout by default; 0: no
+    /// limit) is an error.
+    private func serviceUntil(_ what: String, limit: Double? = nil, _ done: () -> Bool) throws {
         guard let ctx = context else { throw FerryError(.other, "\(what): no iSCSI context", path: name) }
+        let limit = limit ?? timeout
+        let deadline = limit > 0 ? monotonicNanoseconds() + UInt64(limit * 1e9) : .max
         while !done() {
+            guard monotonicNanoseconds() < deadline else {
+                throw FerryError(.io, "\(what): the target did not answer in \(ISCSIConnection.seconds(limit)) (--timeout)", path: name, errno: ETIMEDOUT)
+            }
             let events = iscsi_which_events(ctx)
             var fd = pollfd(fd: iscsi_get_fd(ctx), events: Int16(truncatingIfNeeded: events), revents: 0)
             let rc = poll(&fd, 1, events == 0 ? 100 : 1000)
@@ -374,6 +384,8 @@ final class ISCSIContext: EventLoopLibrary {
         }
         let z = UnsafeMutableRawPointer.allocate(byteCount: info.blockSize, alignment: 4096)
         z.initializeMemory(as: UInt8.self, repeating: 0, count: info.blockSize)
+        // A reopen: the old context, and every task that used the old block, is gone.
+        zeroBlock?.deallocate()
         zeroBlock = z
         info.roundTrip = quickestRoundTrip
         return info
@@ -411,7 +423,7 @@ final class ISCSIContext: EventLoopLibrary {
                 Unmanaged<Flag>.fromOpaque(p!).takeRetainedValue().done = true
             }
             if iscsi_logout_async(ctx, cb, token) == 0 {
-                try? serviceUntil("logout") { flag.done }
+                try? serviceUntil("logout", limit: Resilience.closeLimit(timeout)) { flag.done }
             } else {
                 Unmanaged<Flag>.fromOpaque(token).release()
             }
@@ -444,7 +456,7 @@ final class ISCSIContext: EventLoopLibrary {
         if writing { _ = ferry_tcp_cork(iscsi_get_fd(ctx), 1) }
         defer { if writing { _ = ferry_tcp_cork(iscsi_get_fd(ctx), 0) } }
         if iscsi_service(ctx, Int32(revents)) < 0 {
-            return FerryError(.io, "the connection to the iSCSI target was lost: \(libiscsiError())", path: name)
+            return FerryError(.io, "the connection to the iSCSI target was lost: \(libiscsiError())", path: name, errno: ENOTCONN)
         }
         return nil
     }
@@ -459,6 +471,7 @@ final class ISCSIContext: EventLoopLibrary {
     func issue(_ p: ISCSIPiece, _ session: ISCSIConnection) {
         guard let ctx = context else { return }
         p.session = session
+        p.status = []
         let token = Unmanaged.passRetained(p).toOpaque()
         let cb = Self.pieceCallback
         let bs = blockSize
@@ -516,7 +529,10 @@ final class ISCSIContext: EventLoopLibrary {
         if status == SCSIStatus.checkCondition, let task {
             let s = describeSense(task)
             let code: FerryError.Code = s.key == 0x07 ? .readOnly : .io
-            session.complete(p, error: FerryError(code, "\(p.operation.verb) failed: \(s.text)", path: name, offset: at))
+            // MEDIUM ERROR, HARDWARE ERROR and ABORTED COMMAND may not happen again: sent again.
+            let transient = s.key == 0x03 || s.key == 0x04 || s.key == 0x0b
+            session.complete(p, error: FerryError(code, "\(p.operation.verb) failed: \(s.text)", path: name, offset: at,
+                                                  errno: transient ? EIO : nil))
             return
         }
         let what: String
@@ -527,6 +543,8 @@ final class ISCSIContext: EventLoopLibrary {
         case SCSIStatus.error: what = "failed: \(libiscsiError())"
         default: what = "failed with SCSI status 0x\(String(status, radix: 16)): \(libiscsiError())"
         }
-        session.complete(p, error: FerryError(.io, "\(p.operation.verb) \(what)", path: name, offset: at))
+        // A cancelled task lost its connection: a reconnect takes it back.
+        session.complete(p, error: FerryError(.io, "\(p.operation.verb) \(what)", path: name, offset: at,
+                                              errno: status == SCSIStatus.cancelled ? ENOTCONN : nil))
     }
 }

@@ -77,20 +77,22 @@ public final class ISCSIDevice: PooledDevice {
     }
 
     /// Opens LUN of the URL, for writing unless `readOnly`, with `connections` sessions.
-    public static func open(_ url: String, readOnly: Bool, connections wanted: Int = 1) async throws -> ISCSIDevice {
+    public static func open(_ url: String, readOnly: Bool, connections wanted: Int = 1,
+                            resilience: Resilience = .standard) async throws -> ISCSIDevice {
         _ = signal(SIGPIPE, SIG_IGN)
         let name = displayName(url)
-        let (c0, info) = try await ISCSIContext.connect(url: url, name: name, index: 0)
+        let (c0, info) = try await ISCSIContext.connect(url: url, name: name, index: 0, resilience: resilience)
         let pool = try await SessionPool.open(beside: c0, count: wanted) { i in
-            try await ISCSIContext.connect(url: url, name: name, index: i).0
+            try await ISCSIContext.connect(url: url, name: name, index: i, resilience: resilience).0
         }
         return ISCSIDevice(name: name, info: info, readOnly: readOnly, pool: pool)
     }
 
     /// Opens the LUN for writing as the target of a copy of `size` bytes: a LUN smaller than
     /// that is a `.tooSmall` error before anything is written.
-    public static func openTarget(_ url: String, size: Int64, connections: Int = 1) async throws -> ISCSIDevice {
-        let device = try await open(url, readOnly: false, connections: connections)
+    public static func openTarget(_ url: String, size: Int64, connections: Int = 1,
+                                  resilience: Resilience = .standard) async throws -> ISCSIDevice {
+        let device = try await open(url, readOnly: false, connections: connections, resilience: resilience)
         if device.size < size {
             try? await device.close()
             throw FerryError(.tooSmall, "the iSCSI LUN is too small: \(device.size) bytes, but \(size) are needed (a LUN is never resized)",

@@ -90,27 +90,37 @@ struct ServerInfo: Sendable {
 /// asks for, and tells libnbd when it is ready; libnbd runs the completion callbacks inside
 /// `nbd_aio_notify_read`, on the loop thread.
 ///
-/// Stopping disconnects cleanly (`nbd_shutdown`) once the pieces in flight have finished: a
+/// Stopping disconnects cleanly (`nbd_aio_disconnect`) once the pieces in flight have finished: a
 /// server must never see a connection dropped with requests outstanding (nbdkit 1.32 can
 /// crash on that).
 typealias NBDConnection = EventLoopSession<NBDHandle>
 
 /// A libnbd handle: what NBD brings to its `EventLoopSession` (loop thread only).
 final class NBDHandle: EventLoopLibrary {
-    private let handle: OpaquePointer
+    /// The libnbd handle: made by `open`, freed by `close` (a reconnect makes a new one).
+    private var handle: OpaquePointer!
     private let uri: String
     private let name: String
+    private let index: Int
     private var connected = false
+    /// Seconds the handshake and a clean disconnect may take (`Resilience.timeout`, at most
+    /// `Resilience.closeLimit` for the disconnect); 0: no limit.
+    private var timeout: Double = 0
 
-    private init(handle: OpaquePointer, uri: String, name: String) {
-        self.handle = handle
+    private init(uri: String, name: String, index: Int) {
         self.uri = uri
         self.name = name
+        self.index = index
     }
 
     /// Opens a connection to `uri` on a new event-loop thread; returns once the handshake is
     /// done, with what the server said.
-    static func connect(uri: String, name: String, index: Int) async throws -> (NBDConnection, ServerInfo) {
+    static func connect(uri: String, name: String, index: Int, resilience: Resilience = .standard) async throws -> (NBDConnection, ServerInfo) {
+        try await NBDConnection.start(NBDHandle(uri: uri, name: name, index: index), index: index, name: name,
+                                      thread: "ferry-nbd", closed: "the connection is closed", resilience: resilience)
+    }
+
+    private func makeHandle() throws -> OpaquePointer {
         guard let h = nbd_create() else {
             throw FerryError(.other, "cannot create an NBD handle: \(String(cString: nbd_get_error()))", path: name)
         }
@@ -122,8 +132,7 @@ final class NBDHandle: EventLoopLibrary {
             nbd_close(h)
             throw e
         }
-        return try await NBDConnection.start(NBDHandle(handle: h, uri: uri, name: name), index: index, name: name,
-                                             thread: "ferry-nbd", closed: "the connection is closed")
+        return h
     }
 
     /// libnbd's last error on this thread, as a FerryError.
@@ -134,15 +143,29 @@ final class NBDHandle: EventLoopLibrary {
                           path: name, offset: offset, errno: err != 0 ? err : nil)
     }
 
-    /// A lost connection fails with an I/O error whatever errno libnbd kept.
+    /// A lost connection fails with an I/O error (and ENOTCONN, which a reconnect takes
+    /// back) whatever errno libnbd kept.
     private func lost() -> FerryError {
         var e = lastError("the connection to the server was lost")
-        if e.code == .other || e.code == .invalidArgument { e.code = .io }
+        e.code = .io
+        if !e.isConnectionLoss { e.errno = ENOTCONN }
         return e
     }
 
     func open(_ session: NBDConnection) throws -> ServerInfo {
-        if nbd_connect_uri(handle, uri) == -1 {
+        timeout = session.resilience.timeout
+        if handle == nil { handle = try makeHandle() }
+        // The handshake driven here, so that a server that accepts and then says nothing
+        // (stopped) is not waited for beyond the timeout.
+        var failed = nbd_aio_connect_uri(handle, uri) == -1
+        if !failed {
+            failed = !drive(until: timeout) { nbd_aio_is_connecting(handle) != 1 } || nbd_aio_is_ready(handle) != 1
+            if nbd_aio_is_connecting(handle) == 1 {
+                throw FerryError(.io, "cannot connect: the server did not finish the handshake in \(EventLoopSession<NBDHandle>.seconds(timeout)) (--timeout)",
+                                 path: name, errno: ETIMEDOUT)
+            }
+        }
+        if failed {
             var e = lastError("cannot connect")
             // Keep the code libnbd's errno gave; the message says what happened.
             if e.code == .other { e.code = .io }
@@ -162,12 +185,40 @@ final class NBDHandle: EventLoopLibrary {
                                    block(Int32(LIBNBD_SIZE_MAXIMUM))))
     }
 
-    func close(alive: Bool) {
-        if alive && connected {
-            // Tell the server we are going (NBD_CMD_DISC) and wait for it to close its end.
-            if nbd_shutdown(handle, 0) == -1 { _ = nbd_get_error() }
+    /// Polls and services the handle until `done`, for at most `limit` seconds (0: no
+    /// limit). False if the time ran out or the connection failed first.
+    private func drive(until limit: Double, _ done: () -> Bool) -> Bool {
+        let deadline = limit > 0 ? monotonicNanoseconds() + UInt64(limit * 1e9) : .max
+        while !done() {
+            if nbd_aio_is_dead(handle) == 1 || nbd_aio_is_closed(handle) == 1 { return done() }
+            let now = monotonicNanoseconds()
+            guard now < deadline else { return false }
+            let (fd, events) = pollFor()
+            var p = pollfd(fd: fd, events: events, revents: 0)
+            let wait = deadline == .max ? 1000 : Int32(min(1000, (deadline - now) / 1_000_000 + 1))
+            if poll(&p, 1, wait) < 0 && errno != EINTR { return false }
+            var rc: Int32 = 0
+            if p.revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 { rc = nbd_aio_notify_read(handle) }
+            if rc != -1 && p.revents & Int16(POLLOUT) != 0 { rc = nbd_aio_notify_write(handle) }
+            if rc == -1 { return done() }
         }
-        nbd_close(handle)
+        return true
+    }
+
+    func close(alive: Bool) {
+        guard let h = handle else { return }
+        if alive && connected {
+            // Tell the server we are going (NBD_CMD_DISC) and wait, a bounded time, for it to
+            // close its end: a server that stopped answering is not waited for.
+            if nbd_aio_disconnect(h, 0) == -1 {
+                _ = nbd_get_error()
+            } else {
+                _ = drive(until: Resilience.closeLimit(timeout)) { nbd_aio_is_closed(h) == 1 || nbd_aio_is_dead(h) == 1 }
+            }
+        }
+        nbd_close(h)
+        handle = nil
+        connected = false
     }
 
     func pollFor() -> (fd: Int32, events: Int16) {
@@ -226,8 +277,9 @@ final class NBDHandle: EventLoopLibrary {
         }
         if cookie == -1 {
             let e = lastError("\(p.operation.verb) failed", offset: p.offset)
-            if nbd_aio_is_dead(handle) == 1 || nbd_aio_is_closed(handle) == 1 { session.connectionLost(lost()) }
-            session.complete(p, error: e)
+            // On a dead connection the piece waits for the reconnect (or fails with the loss).
+            let gone = nbd_aio_is_dead(handle) == 1 || nbd_aio_is_closed(handle) == 1
+            session.complete(p, error: gone ? lost().at(offset: p.offset) : e)
         }
     }
 

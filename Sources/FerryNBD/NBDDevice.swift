@@ -61,9 +61,11 @@ public final class NBDDevice: PooledDevice {
     }
 
     /// Connects to the export at `url`. With `readOnly` false the export must be writable.
-    /// `connections` is how many to open when the server allows several (multi-conn).
-    public static func open(_ url: String, readOnly: Bool, connections wanted: Int = 4) async throws -> NBDDevice {
-        let (first, info) = try await NBDHandle.connect(uri: url, name: url, index: 0)
+    /// `connections` is how many to open when the server allows several (multi-conn);
+    /// `resilience` how they ride out a failing server.
+    public static func open(_ url: String, readOnly: Bool, connections wanted: Int = 4,
+                            resilience: Resilience = .standard) async throws -> NBDDevice {
+        let (first, info) = try await NBDHandle.connect(uri: url, name: url, index: 0, resilience: resilience)
         do {
             if !readOnly && info.readOnly {
                 throw FerryError(.readOnly, "the NBD export is read-only", path: url)
@@ -83,7 +85,7 @@ public final class NBDDevice: PooledDevice {
         // and uses them all once it is heavy.
         let pool = try await SessionPool.open(beside: first, count: info.offers.contains(.multiConn) ? wanted : 1,
                                               policy: .fillInTurn(upTo: 16)) { i in
-            try await NBDHandle.connect(uri: url, name: url, index: i).0
+            try await NBDHandle.connect(uri: url, name: url, index: i, resilience: resilience).0
         }
         return NBDDevice(name: url, info: info, readOnly: readOnly, pool: pool)
     }

@@ -106,6 +106,8 @@ final class NFSContext: EventLoopLibrary {
     private var context: OpaquePointer?
     private var handle: OpaquePointer?
     private var usesV4 = false
+    /// Seconds a setup call may wait for its answer (`Resilience.timeout`); 0: no limit.
+    private var timeout: Double = 0
 
     private init(index: Int, url: String, mode: NFSOpenMode, gauge: InFlightGauge) {
         self.index = index
@@ -116,9 +118,10 @@ final class NFSContext: EventLoopLibrary {
 
     /// Starts a connection's thread, which mounts the export and opens the file; returns once
     /// the file is open, with its size and the server's transfer limits.
-    static func connect(url: String, mode: NFSOpenMode, index: Int, gauge: InFlightGauge) async throws -> (NFSConnection, NFSFileInfo) {
+    static func connect(url: String, mode: NFSOpenMode, index: Int, gauge: InFlightGauge,
+                        resilience: Resilience = .standard) async throws -> (NFSConnection, NFSFileInfo) {
         try await NFSConnection.start(NFSContext(index: index, url: url, mode: mode, gauge: gauge), index: index, name: url,
-                                      thread: "ferry-nfs", closed: "the NFS connection is closed")
+                                      thread: "ferry-nfs", closed: "the NFS connection is closed", resilience: resilience)
     }
 
     private func libnfsError() -> String {
@@ -126,7 +129,13 @@ final class NFSContext: EventLoopLibrary {
     }
 
     func open(_ session: NFSConnection) throws -> NFSFileInfo {
-        try open(url: name, mode: mode)
+        timeout = session.resilience.timeout
+        return try open(url: name, mode: mode)
+    }
+
+    /// The file this session created is opened again as it is, never truncated.
+    func reopen(_ session: NFSConnection) throws {
+        if case .readOnly = mode { _ = try open(url: name, mode: .readOnly) } else { _ = try open(url: name, mode: .readWrite) }
     }
 
     /// Mounts, opens (or creates and sizes) the file and reads its size, each step an async
@@ -233,8 +242,12 @@ final class NFSContext: EventLoopLibrary {
     }
 
     /// Issues one async call and services the context until its callback has run.
-    private func drive(_ what: String, _ kind: SetupResult.Kind,
+    /// A server that does not answer within `limit` seconds (the timeout by default; 0: no
+    /// limit) is an error.
+    private func drive(_ what: String, _ kind: SetupResult.Kind, limit: Double? = nil,
                        _ issue: (nfs_cb, UnsafeMutableRawPointer) -> Int32) throws -> SetupResult {
+        let limit = limit ?? timeout
+        let deadline = limit > 0 ? monotonicNanoseconds() + UInt64(limit * 1e9) : .max
         guard let ctx = context else { throw FerryError(.other, "\(what): no NFS context", path: name) }
         let r = SetupResult(kind)
         let token = Unmanaged.passRetained(r).toOpaque()
@@ -243,8 +256,12 @@ final class NFSContext: EventLoopLibrary {
             throw failure(what, status: -EIO, message: libnfsError())
         }
         while !r.finished {
+            let now = monotonicNanoseconds()
+            guard now < deadline else {
+                throw FerryError(.io, "\(what): the server did not answer in \(NFSConnection.seconds(limit)) (--timeout)", path: name, errno: ETIMEDOUT)
+            }
             var fd = pollfd(fd: nfs_get_fd(ctx), events: Int16(truncatingIfNeeded: nfs_which_events(ctx)), revents: 0)
-            let rc = poll(&fd, 1, -1)
+            let rc = poll(&fd, 1, deadline == .max ? -1 : Int32(min(1000, (deadline - now) / 1_000_000 + 1)))
             if rc < 0 {
                 if errno == EINTR { continue }
                 throw FerryError.posix(errno, "\(what): poll", path: name)
@@ -281,7 +298,7 @@ final class NFSContext: EventLoopLibrary {
         guard let ctx = context else { return }
         if let fh = handle, alive {
             // NFSv3 close is local; NFSv4 sends CLOSE. A failure here changes nothing.
-            _ = try? drive("close", .plain) { cb, data in nfs_close_async(ctx, fh, cb, data) }
+            _ = try? drive("close", .plain, limit: Resilience.closeLimit(timeout)) { cb, data in nfs_close_async(ctx, fh, cb, data) }
         }
         handle = nil
         // Closes the socket; libnfs cancels whatever is still queued (their callbacks find
@@ -297,7 +314,7 @@ final class NFSContext: EventLoopLibrary {
 
     func service(_ revents: Int16, _ session: NFSConnection) -> FerryError? {
         guard let ctx = context, nfs_service(ctx, Int32(revents)) >= 0 else {
-            return FerryError(.io, "the connection to the NFS server was lost: \(libnfsError())", path: name)
+            return FerryError(.io, "the connection to the NFS server was lost: \(libnfsError())", path: name, errno: ENOTCONN)
         }
         return nil
     }
@@ -382,13 +399,16 @@ final class NFSContext: EventLoopLibrary {
         else if lower.contains("acces") || lower.contains("perm") { code = .permissionDenied }
         else if code == .invalidArgument || code == .other { code = .io }
         var text = sending ? "\(p.operation.verb) could not be sent: \(message)" : "\(p.operation.verb) failed: \(message)"
+        var errno: Int32? = err > 0 ? err : nil
         if lower.contains("reconnect") || lower.contains("pollhup") || lower.contains("socket") || lower.contains("disconnect") {
             code = .io
             text = "the connection to the NFS server was lost during \(p.operation.verb): \(message)"
+            // A reconnect takes it back.
+            errno = ENOTCONN
         }
         if usesV4, case .write = p.operation, lower.contains("zdr") || lower.contains("encode") {
             text += " (libnfs 4.0 cannot send NFSv4 writes of 4 KiB or more: write over NFSv3)"
         }
-        return FerryError(code, text, path: name, offset: at, errno: err > 0 ? err : nil)
+        return FerryError(code, text, path: name, offset: at, errno: errno)
     }
 }

@@ -43,25 +43,28 @@ public final class NFSDevice: PooledDevice, TruncatableDevice {
     public static func handles(_ location: String) -> Bool { location.hasPrefix("nfs://") }
 
     /// Opens an existing file. With `readOnly` false it is opened for writing.
-    public static func open(_ url: String, readOnly: Bool, connections: Int = 1) async throws -> NFSDevice {
+    public static func open(_ url: String, readOnly: Bool, connections: Int = 1,
+                            resilience: Resilience = .standard) async throws -> NFSDevice {
         try await connect(url, first: readOnly ? .readOnly : .readWrite, rest: readOnly ? .readOnly : .readWrite,
-                          connections: connections, zeroInit: false)
+                          connections: connections, zeroInit: false, resilience: resilience)
     }
 
     /// Creates the file (or truncates an existing one) and sets its size, sparse: the new
     /// file reads as zeros (`.zeroInit`).
-    public static func create(_ url: String, size: Int64, connections: Int = 1) async throws -> NFSDevice {
+    public static func create(_ url: String, size: Int64, connections: Int = 1,
+                              resilience: Resilience = .standard) async throws -> NFSDevice {
         guard size >= 0 else { throw FerryError(.invalidArgument, "negative size \(size)", path: url) }
-        return try await connect(url, first: .create(size: size), rest: .readWrite, connections: connections, zeroInit: true)
+        return try await connect(url, first: .create(size: size), rest: .readWrite, connections: connections, zeroInit: true,
+                                 resilience: resilience)
     }
 
     private static func connect(_ url: String, first: NFSOpenMode, rest: NFSOpenMode,
-                                connections wanted: Int, zeroInit: Bool) async throws -> NFSDevice {
+                                connections wanted: Int, zeroInit: Bool, resilience: Resilience) async throws -> NFSDevice {
         ignoreSIGPIPE()
         let gauge = InFlightGauge()
-        let (c0, info) = try await NFSContext.connect(url: url, mode: first, index: 0, gauge: gauge)
+        let (c0, info) = try await NFSContext.connect(url: url, mode: first, index: 0, gauge: gauge, resilience: resilience)
         let pool = try await SessionPool.open(beside: c0, count: wanted) { i in
-            try await NFSContext.connect(url: url, mode: rest, index: i, gauge: gauge).0
+            try await NFSContext.connect(url: url, mode: rest, index: i, gauge: gauge, resilience: resilience).0
         }
         let readOnly: Bool
         if case .readOnly = first { readOnly = true } else { readOnly = false }

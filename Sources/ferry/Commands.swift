@@ -115,6 +115,18 @@ struct Convert: FerryCommand {
             help: ArgumentHelp("Connections to a network server that allows several, 1 to \(ConvertOptions.maxConnections) (default: 4, and 1 to read from iSCSI).", valueName: "n"))
     var connections: Int?
 
+    @Option(name: .customLong("timeout"),
+            help: ArgumentHelp("Seconds a network server may take to answer a request before the copy fails (default: 30; 0: wait for ever).", valueName: "seconds"))
+    var timeout: Double?
+
+    @Option(name: .customLong("reconnects"),
+            help: ArgumentHelp("Times a lost connection to a network server is opened again, the requests in flight sent again (default: 5; 0: fail at once).", valueName: "n"))
+    var reconnects: Int?
+
+    @Option(name: .customLong("retries"),
+            help: ArgumentHelp("Times a request a network server failed with an I/O error is sent again (default: 3).", valueName: "n"))
+    var retries: Int?
+
     @Flag(name: .customShort("p"), help: "Show a progress bar on stderr (when it is a terminal).")
     var showProgress = false
 
@@ -201,6 +213,7 @@ struct Convert: FerryCommand {
         options.targetOptions = try Self.parseOptions(optionText)
         if let workers { options.workers = workers }
         if let connections { options.connections = connections }
+        options.resilience = try Self.resilience(timeout: timeout, reconnects: reconnects, retries: retries)
         if outOfOrder && inOrder {
             throw UsageError(message: "-W and --in-order cannot be used together", command: "convert")
         }
@@ -300,6 +313,10 @@ struct Convert: FerryCommand {
         if !quiet {
             Terminal.err(Self.summary(stats, seconds: seconds))
             for note in stats.notes { Terminal.err("ferry: \(note)\n") }
+            let log = Resilience.log
+            if log.reconnects > 0 || log.retries > 0 {
+                Terminal.err("ferry: rode out a failing server: \(log.reconnects) reconnect(s), \(log.retries) request(s) sent again\n")
+            }
         }
         return 0
     }
@@ -359,6 +376,26 @@ struct Convert: FerryCommand {
             }
         }
         return selector
+    }
+
+    /// `--timeout`, `--reconnects`, `--retries`, checked, over the defaults.
+    static func resilience(timeout: Double?, reconnects: Int?, retries: Int?) throws -> Resilience {
+        var r = Resilience.standard
+        if let timeout {
+            guard timeout >= 0, timeout <= 86_400, timeout.isFinite else {
+                throw FerryError(.invalidArgument, "invalid timeout \(timeout) (seconds, 0 to 86400; 0 waits for ever)")
+            }
+            r.timeout = timeout
+        }
+        if let reconnects {
+            guard (0 ... 100).contains(reconnects) else { throw FerryError(.invalidArgument, "invalid number of reconnects \(reconnects) (allowed: 0 to 100)") }
+            r.reconnects = reconnects
+        }
+        if let retries {
+            guard (0 ... 100).contains(retries) else { throw FerryError(.invalidArgument, "invalid number of retries \(retries) (allowed: 0 to 100)") }
+            r.retries = retries
+        }
+        return r
     }
 
     static func size(_ text: String, what: String) throws -> Int {
