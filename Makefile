@@ -18,7 +18,7 @@ RELEASE_BIN   = $(shell $(SWIFT) build -c release $(SCRATCH_FLAG) --show-bin-pat
 
 PREFIX   ?= /usr/local
 
-.PHONY: all deps build release test demo bench clean install fuzz
+.PHONY: all deps build release test demo bench clean install fuzz hardening
 
 all: build
 
@@ -43,6 +43,10 @@ test: deps
 # under Fuzz/ and replayed by `make test`.
 fuzz: deps
 	@scripts/fuzz.sh
+
+# Hostile inputs and failing servers, one table (scripts/hardening.sh).
+hardening: build
+	@FERRY="$$($(SWIFT) build $(SCRATCH_FLAG) --show-bin-path)/ferry" RUNS=$(RUNS) scripts/hardening.sh
 
 # The binary, the man page and bash/zsh/fish completions, generated from the commands.
 install: release

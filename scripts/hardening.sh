@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The hardening figures in one table (`make hardening`): hostile inputs refused cleanly, and
+# copies through servers that fail requests or drop the link. "Anything else" must be zero
+# everywhere: a crash, a hang, a wrong image or a failure that leaves a target behind.
+#
+#   FERRY=path/to/ferry RUNS=3 scripts/hardening.sh
+#
+# 1. Every input in Fuzz/corpus (real images and libFuzzer's mutations of them) is opened with
+#    `ferry info` and copied with `ferry convert`: each must succeed or fail with one
+#    `ferry:` line and exit 1, never a signal or a timeout.
+# 2. nbdkit's error filter fails reads (a source export) or writes (a target export) at
+#    0.1% to 10%; each copy must end with exact data (qemu-img compare) or fail with one line
+#    naming the offset, leaving no new target. Then the same copies with the link cut once
+#    and restored (ferry-delay-proxy killed and started again).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+FERRY=${FERRY:-$(cd "$ROOT" && swift build --show-bin-path)/ferry}
+PROXY=${PROXY:-$(dirname "$FERRY")/ferry-delay-proxy}
+RUNS=${RUNS:-3}
+[ -x "$FERRY" ] || { echo "hardening: no ferry binary at $FERRY (swift build)" >&2; exit 1; }
+[ -x "$PROXY" ] || { echo "hardening: no ferry-delay-proxy at $PROXY (swift build)" >&2; exit 1; }
+OUT=$(mktemp -d /tmp/ferry-hardening.XXXXXX)
+export FERRY_NBD_DIR=$OUT/nbd
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    "$HERE/nbd-stop.sh" src dst far >/dev/null 2>&1 || true
+    rm -rf "$OUT"
+}
+trap cleanup EXIT
+OTHER_TOTAL=0
+
+# --- 1. hostile inputs -------------------------------------------------------------------
+ok=0 refused=0 other=0
+while IFS= read -r f; do
+    fmt=$(basename "$(dirname "$f")")
+    for cmd in "info -f $fmt" "convert -q -f $fmt -O raw"; do
+        args=($cmd "$f")
+        [[ $cmd == convert* ]] && args+=("$OUT/out.raw")
+        rc=0
+        err=$(timeout 20 "$FERRY" "${args[@]}" 2>&1 >/dev/null | tr -d '\000') || rc=$?
+        rm -f "$OUT/out.raw"
+        if (( rc == 0 )); then ok=$((ok + 1))
+        elif (( rc == 1 )) && [ "$(grep -c '^ferry: ' <<<"$err")" -ge 1 ]; then refused=$((refused + 1))
+        else other=$((other + 1)); echo "hardening: $cmd $f: exit $rc: $err" >&2
+        fi
+    done
+done < <(find "$ROOT/Fuzz/corpus" -type f | sort)
+OTHER_TOTAL=$((OTHER_TOTAL + other))
+echo
+echo "Hostile inputs: every file of Fuzz/corpus through ferry info and ferry convert"
+echo
+echo "| runs | read cleanly | refused with one line | anything else |"
+echo "|---|---|---|---|"
+echo "| $((ok + refused + other)) | $ok | $refused | $other |"
+
+# --- 2. failing servers ------------------------------------------------------------------
+SRC=$OUT/src.raw
+truncate -s 64M "$SRC"
+for (( k = 0; k < 16; k++ )); do
+    dd if=/dev/urandom of="$SRC" bs=2M count=1 seek=$(( k * 2 )) conv=notrunc status=none
+done
+MEM=$OUT/mem.raw
+
+# one_copy KIND RATE: prints "exact", "clean" or "other"
+one_copy() {
+    local kind=$1 rate=$2 url dst rc err
+    if [ "$kind" = read ]; then
+        url=$("$HERE/nbd-start.sh" src unix --filter=error file "$SRC" error-pread-rate="$rate" error-pread=EIO)
+        dst=$OUT/dst.raw
+        rc=0; err=$(timeout 120 "$FERRY" convert -q --buffer-size 256k -f raw -O raw "$url" "$dst" 2>&1) || rc=$?
+        "$HERE/nbd-stop.sh" src >/dev/null
+        classify "$rc" "$err" "$dst" yes
+    else
+        truncate -s 0 "$MEM"; truncate -s 64M "$MEM"
+        url=$("$HERE/nbd-start.sh" dst unix --filter=error file "$MEM" error-pwrite-rate="$rate" error-pwrite=EIO)
+        rc=0; err=$(timeout 120 "$FERRY" convert -q -n --buffer-size 256k -f raw -O raw "$SRC" "$url" 2>&1) || rc=$?
+        "$HERE/nbd-stop.sh" dst >/dev/null
+        classify "$rc" "$err" "$MEM" no
+    fi
+}
+
+# classify STATUS STDERR RESULT NEW_TARGET
+classify() {
+    local rc=$1 err=$2 result=$3 new=$4
+    if (( rc == 0 )) && qemu-img compare -q -f raw -F raw "$SRC" "$result" 2>/dev/null; then echo exact
+    elif (( rc == 1 )) && [ "$(grep -c '^ferry: ' <<<"$err")" = 1 ] && grep -q offset <<<"$err" \
+         && { [ "$new" = no ] || [ ! -e "$result" ]; }; then echo clean
+    else echo other; echo "hardening: exit $rc: $err" >&2
+    fi
+    rm -f "$OUT/dst.raw"
+}
+
+echo
+echo "Failing servers: nbdkit's error filter (EIO), $RUNS copies of a 64 MiB image (32 MiB of data) each, default --retries"
+echo
+echo "| faults | injected into | runs | completed exact | failed cleanly | anything else |"
+echo "|---|---|---|---|---|---|"
+for rate in 0.1% 1% 5% 10% 30%; do
+    for kind in read write; do
+        exact=0 clean=0 other=0
+        for (( r = 0; r < RUNS; r++ )); do
+            case $(one_copy $kind $rate) in
+                exact) exact=$((exact + 1)) ;;
+                clean) clean=$((clean + 1)) ;;
+                *) other=$((other + 1)) ;;
+            esac
+        done
+        OTHER_TOTAL=$((OTHER_TOTAL + other))
+        echo "| $rate | ${kind}s | $RUNS | $exact | $clean | $other |"
+    done
+done
+
+# The link cut once mid-copy and restored 0.3 s later.
+PORT=$(( 30000 + RANDOM % 20000 ))
+FAR_URL=$("$HERE/nbd-start.sh" far tcp:$PORT --filter=delay file "$SRC" rdelay=2ms)
+LPORT=$(( PORT + 1 ))
+exact=0 clean=0 other=0
+for (( r = 0; r < RUNS; r++ )); do
+    "$PROXY" $LPORT 127.0.0.1:$PORT 0 >/dev/null 2>&1 & P=$!; PIDS+=("$P"); sleep 0.3
+    rc=0
+    ( "$FERRY" convert -q -m 4 --buffer-size 512k -f raw -O raw "nbd://127.0.0.1:$LPORT" "$OUT/dst.raw" 2>"$OUT/err" ) & C=$!
+    sleep 0.5; kill "$P"; wait "$P" 2>/dev/null || true; sleep 0.3
+    "$PROXY" $LPORT 127.0.0.1:$PORT 0 >/dev/null 2>&1 & P=$!; PIDS+=("$P")
+    wait "$C" || rc=$?
+    case $(classify "$rc" "$(cat "$OUT/err")" "$OUT/dst.raw" yes) in
+        exact) exact=$((exact + 1)) ;;
+        clean) clean=$((clean + 1)) ;;
+        *) other=$((other + 1)) ;;
+    esac
+    kill "$P"; wait "$P" 2>/dev/null || true
+done
+OTHER_TOTAL=$((OTHER_TOTAL + other))
+echo "| link cut once, restored after 0.3 s | the connection | $RUNS | $exact | $clean | $other |"
+echo
+echo "anything else, in all: $OTHER_TOTAL"
+(( OTHER_TOTAL == 0 ))
