@@ -16,7 +16,21 @@ final class KilledCLITests: XCTestCase {
     static let targets: [(String, [String])] = [
         ("raw", []), ("qcow2", []), ("qcow2", ["-c"]), ("vmdk", ["-o", "subformat=monolithicSparse"]),
         ("vmdk", ["-o", "subformat=streamOptimized"]), ("vpc", []), ("vpc", ["-o", "subformat=fixed"]), ("vhdx", []),
+        ("vdi", []), ("vdi", ["-o", "static=on"]), ("qed", []),
     ]
+
+    /// The list above names every format ferry writes (as its refusal of a read-only one lists them).
+    func testEveryWritableFormatIsKilled() throws {
+        let r = try Tools.ferry(["convert", "-O", "parallels", "in.raw", "out.img"], in: dir)
+        guard let list = r.stderr.range(of: "(writable formats: ").map({ r.stderr[$0.upperBound...].prefix { $0 != ")" } }) else {
+            return XCTFail("no list of writable formats in: \(r.stderr)")
+        }
+        let formats = list.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        XCTAssertTrue(formats.contains("qed"), r.stderr)
+        for format in formats {
+            XCTAssertTrue(Self.targets.contains { $0.0 == format }, "\(format) is never killed mid-copy here")
+        }
+    }
 
     func testKilledCopiesNeverLeaveAnImageUnderTheTargetName() throws {
         let src = try TestImage(name: "src.raw", size: 64 << 20, writes: ["write -P 0x5a 0 30M", "write -P 0xa5 40M 20M"]).build(in: dir)

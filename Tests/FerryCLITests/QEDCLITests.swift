@@ -150,11 +150,92 @@ final class QEDCLITests: XCTestCase {
         XCTAssertEqual(r.stderr, "ferry: magic.qed: qed header: bad magic (not QED\\0) at offset 0\n")
     }
 
-    func testWritingIsRefusedClearly() throws {
+    // MARK: - Writing
+
+    /// Ferry's QED images in three cluster and table sizes: clean for `qemu-img check`,
+    /// identical to the source for `qemu-img compare`, `info` and `map` as qemu-img prints
+    /// them, sparse, and read back by Ferry.
+    func testFerryWrittenImagesPassCheckAndCompare() throws {
+        let qemu = try Tools.require("qemu-img")
+        try Tools.must("qemu-img", ["create", "-q", "-f", "qcow2", "src.qcow2", "100000k"], in: dir)
+        try Tools.must("qemu-io", ["-f", "qcow2", "-c", "write -P 0xab 0 4k", "-c", "write -P 0x11 1M 3M", "-c", "write -z 5M 2M",
+                                   "-c", "write -P 0x22 50M 3584", "-c", "write -P 0x33 97M 512k", "src.qcow2"], in: dir)
+        for (out, options) in [("d.qed", ""), ("s.qed", "cluster_size=4k,table_size=2"), ("b.qed", "cluster_size=1M,table_size=16")] {
+            let r = try Tools.ferry(["convert", "-O", "qed"] + (options.isEmpty ? [] : ["-o", options]) + ["src.qcow2", out], in: dir)
+            XCTAssertEqual(r.status, 0, "\(options): \(r.stderr)")
+            let check = try Tools.run(qemu, ["check", "-f", "qed", out], in: dir)
+            XCTAssertEqual(check.status, 0, "\(out): \(check.stdout)\(check.stderr)")
+            XCTAssertTrue(check.stdout.contains("No errors were found on the image."), check.stdout)
+            let cmp = try Tools.run(qemu, ["compare", "-F", "qed", "src.qcow2", out], in: dir)
+            XCTAssertEqual(cmp.status, 0, "\(out): \(cmp.stdout)\(cmp.stderr)")
+            let info = try Tools.run(qemu, ["info", "--output=json", out], in: dir)
+            XCTAssertTrue(info.stdout.contains("\"format\": \"qed\""), info.stdout)
+            // qemu-img rounds the size up to 512 bytes, and so does Ferry.
+            XCTAssertTrue(info.stdout.contains("\"virtual-size\": 102400000,"), info.stdout)
+            for c in [["info", "--output=json"], ["map", "--output=json"], ["map"]] {
+                let theirs = try Tools.run(qemu, c + [out], in: dir)
+                let ours = try Tools.ferry(c + [out], in: dir)
+                XCTAssertEqual(ours.stdout, theirs.stdout, "\(out): \(c)")
+            }
+            // The same layout as qemu-img's own convert (header, L1, then clusters and tables
+            // in guest order), so the same size: only clusters with data.
+            let reference = "theirs-\(out)"
+            try Tools.must("qemu-img", ["convert", "-O", "qed"] + (options.isEmpty ? [] : ["-o", options]) + ["src.qcow2", reference], in: dir)
+            XCTAssertEqual(try Tools.ferry(["map", "--output=json", out], in: dir).stdout,
+                           try Tools.run(qemu, ["map", "--output=json", reference], in: dir).stdout, "\(out): layout")
+            XCTAssertEqual(fileSize(dir.appendingPathComponent(out).path), fileSize(dir.appendingPathComponent(reference).path), "\(out): size")
+            let back = try Tools.ferry(["convert", "-O", "raw", out, "\(out).raw"], in: dir)
+            XCTAssertEqual(back.status, 0, back.stderr)
+            XCTAssertEqual(try Tools.run(qemu, ["compare", "-F", "raw", "src.qcow2", "\(out).raw"], in: dir).status, 0)
+        }
+    }
+
+    /// Over a backing file (`-B`): what the source has as zeros over the base's data becomes
+    /// zero clusters, the rest stays with the base; a raw base is named with the no-probe bit.
+    func testOverlaysOverQcow2AndRawBases() throws {
+        let qemu = try Tools.require("qemu-img")
+        try Tools.must("qemu-img", ["create", "-q", "-f", "qcow2", "base.qcow2", "64M"], in: dir)
+        try Tools.must("qemu-io", ["-f", "qcow2", "-c", "write -P 0x77 0 40M", "base.qcow2"], in: dir)
+        try Tools.must("qemu-img", ["convert", "-O", "raw", "base.qcow2", "base.raw"], in: dir)
+        try Tools.must("qemu-img", ["create", "-q", "-f", "raw", "src.raw", "64M"], in: dir)
+        try Tools.must("qemu-io", ["-f", "raw", "-c", "write -P 0x77 0 40M", "-c", "write -P 0x12 2M 1M", "-c", "write -z 8M 4M",
+                                   "-c", "write -P 0x34 50M 100k", "src.raw"], in: dir)
+        for (base, format) in [("base.qcow2", "qcow2"), ("base.raw", "raw")] {
+            let out = "over-\(format).qed"
+            let r = try Tools.ferry(["convert", "-f", "raw", "-O", "qed", "-B", base, "-F", format, "src.raw", out], in: dir)
+            XCTAssertEqual(r.status, 0, r.stderr)
+            XCTAssertEqual(try Tools.run(qemu, ["check", out], in: dir).status, 0)
+            let cmp = try Tools.run(qemu, ["compare", "-f", "raw", "-F", "qed", "src.raw", out], in: dir)
+            XCTAssertEqual(cmp.status, 0, cmp.stdout + cmp.stderr)
+            let info = try Tools.run(qemu, ["info", "--output=json", out], in: dir)
+            XCTAssertTrue(info.stdout.contains("\"backing-filename\": \"\(base)\""), info.stdout)
+            XCTAssertEqual(info.stdout.contains("\"backing-filename-format\": \"raw\""), format == "raw", info.stdout)
+            // The zeroed 4 MiB over the base's data reads as zero clusters of this layer.
+            let map = try Tools.run(qemu, ["map", "--output=json", out], in: dir).stdout
+            XCTAssertTrue(map.contains("{ \"start\": 8388608, \"length\": 4194304, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false"), map)
+            XCTAssertEqual(try Tools.ferry(["map", "--output=json", out], in: dir).stdout, map)
+        }
+    }
+
+    func testBadOptionsAndExistingImagesAreRefused() throws {
         try Tools.must("qemu-img", ["create", "-q", "-f", "raw", "src.raw", "1M"], in: dir)
-        let r = try Tools.ferry(["convert", "-O", "qed", "src.raw", "out.qed"], in: dir)
-        XCTAssertEqual(r.status, 1)
-        XCTAssertTrue(r.stderr.contains("qed"), r.stderr)
-        XCTAssertFalse(fileExists(dir.appendingPathComponent("out.qed").path))
+        for (option, words) in [("cluster_size=2k", "QED cluster size must be within range [4096, 67108864] and power of 2"),
+                                ("table_size=3", "QED table size must be within range [1, 16] and power of 2"),
+                                ("backing_fmt=raw", "a backing format was given without a backing file")] {
+            let r = try Tools.ferry(["convert", "-O", "qed", "-o", option, "src.raw", "out.qed"], in: dir)
+            XCTAssertEqual(r.status, 1, option)
+            XCTAssertTrue(r.stderr.contains(words), r.stderr)
+            XCTAssertFalse(fileExists(dir.appendingPathComponent("out.qed").path))
+        }
+        // Larger than two levels of 4 KiB tables address (512 * 512 * 4 KiB = 1 GiB).
+        try Tools.must("qemu-img", ["create", "-q", "-f", "raw", "big.raw", "2G"], in: dir)
+        let big = try Tools.ferry(["convert", "-O", "qed", "-o", "cluster_size=4k,table_size=1", "big.raw", "out.qed"], in: dir)
+        XCTAssertEqual(big.status, 1)
+        XCTAssertTrue(big.stderr.contains("less than 1073741824 bytes"), big.stderr)
+        // Only new images are written: an existing one is not changed in place.
+        try qed("old.qed", "1M")
+        let n = try Tools.ferry(["convert", "-n", "-O", "qed", "src.raw", "old.qed"], in: dir)
+        XCTAssertEqual(n.status, 1)
+        XCTAssertTrue(n.stderr.contains("existing qed images can only be read"), n.stderr)
     }
 }

@@ -1,6 +1,7 @@
 import FerryCore
 
-/// QEMU Enhanced Disk (`qed`): read by `QEDDevice`, backing files like qcow2's.
+/// QEMU Enhanced Disk (`qed`): read by `QEDDevice`, new images written by `QEDWriter`;
+/// backing files like qcow2's.
 ///
 /// An image whose need-check flag is set (not closed cleanly) is read as it is: its tables
 /// are authoritative, and every entry is checked as for any image (cluster-aligned, inside
@@ -14,25 +15,30 @@ public enum QEDFormat: ImageFormat {
         ("cluster_size", "Cluster size (in bytes)"),
         ("table_size", "L1/L2 table size (in clusters)"),
     ]
-    public static let writable = false
+
+    public static func features(options: [String: String]) -> FormatFeatures { [.backingFile, .zeroRuns] }
 
     public static func probe(header: UnsafeRawBufferPointer) -> Bool {
         header.count >= 4 && header.prefix(4).elementsEqual(QEDHeader.magic)
     }
 
+    public static func checkOptions(_ options: [String: String]) throws {
+        _ = try QEDCreateOptions(options)
+    }
+
     public static func initialFileSize(for size: Int64, options: [String: String]) throws -> Int64 {
-        throw FerryError(.notSupported, "qed images cannot be written by this version of ferry")
+        try QEDCreateOptions(options).fileLimit(size)
     }
 
     public static func create(file: any BlockDevice, size: Int64, options: [String: String],
                               context: CreateContext) async throws -> any BlockDevice {
-        throw FerryError(.notSupported, "qed images cannot be written by this version of ferry", path: context.location)
+        try await QEDWriter.create(name: context.location, file: file, size: size, options: options, backing: context.backing)
     }
 
     public static func open(file: any BlockDevice, context: FormatContext) async throws -> any BlockDevice {
         let path = context.location
         guard context.readOnly else {
-            throw FerryError(.notSupported, "qed images can only be read in this version of ferry", path: path)
+            throw FerryError(.notSupported, "existing qed images can only be read in this version of ferry (a new one can be written)", path: path)
         }
         let head = try await bytes(file, at: 0, count: Int(min(file.size, Int64(QEDHeader.size))))
         let header = try await QEDHeader.parse(head, fileSize: file.size, path: path) { try await bytes(file, at: $0, count: $1) }
