@@ -10,8 +10,8 @@
 #    `ferry:` line and exit 1, never a signal or a timeout.
 # 2. nbdkit's error filter fails reads (a source export) or writes (a target export) at
 #    0.1% to 10%; each copy must end with exact data (qemu-img compare) or fail with one line
-#    naming the offset, leaving no new target. Then the same copies with the link cut once
-#    and restored (ferry-delay-proxy killed and started again).
+#    naming the offset, leaving no new target. Then copies from NBD and NFS and into iSCSI
+#    with the link cut once and restored (ferry-delay-proxy killed and started again).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -26,6 +26,8 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     "$HERE/nbd-stop.sh" src dst far >/dev/null 2>&1 || true
+    "$HERE/nfs-stop.sh" "$OUT/nfs" >/dev/null 2>&1 || true
+    "$HERE/iscsi-stop.sh" "$OUT/iscsi" >/dev/null 2>&1 || true
     rm -rf "$OUT"
 }
 trap cleanup EXIT
@@ -86,7 +88,7 @@ classify() {
     local rc=$1 err=$2 result=$3 new=$4
     if (( rc == 0 )) && qemu-img compare -q -f raw -F raw "$SRC" "$result" 2>/dev/null; then echo exact
     elif (( rc == 1 )) && [ "$(grep -c '^ferry: ' <<<"$err")" = 1 ] && grep -q offset <<<"$err" \
-         && { [ "$new" = no ] || [ ! -e "$result" ]; }; then echo clean
+         && { [ "$new" = no ] || [ ! -e "$result" ]; }; then echo clean; echo "hardening: failed cleanly: $err" >&2
     else echo other; echo "hardening: exit $rc: $err" >&2
     fi
     rm -f "$OUT/dst.raw"
@@ -112,27 +114,49 @@ for rate in 0.1% 1% 5% 10% 30%; do
     done
 done
 
-# The link cut once mid-copy and restored 0.3 s later.
-PORT=$(( 30000 + RANDOM % 20000 ))
-FAR_URL=$("$HERE/nbd-start.sh" far tcp:$PORT --filter=delay file "$SRC" rdelay=2ms)
+# cut_link LABEL DATA_PORT RESULT NEW_TARGET CONVERT_ARGS...: RUNS copies through a proxy on
+# port LPORT in front of DATA_PORT, the link cut 0.5 s in and restored 0.3 s later; one row.
+cut_link() {
+    local label=$1 port=$2 result=$3 new=$4 rc C P exact=0 clean=0 other=0 r
+    shift 4
+    for (( r = 0; r < RUNS; r++ )); do
+        # An existing target starts from zeros, so that the last run's data cannot pass for this one's.
+        [ "$new" = yes ] || { truncate -s 0 "$result"; truncate -s 64M "$result"; }
+        "$PROXY" $LPORT 127.0.0.1:$port 0 >/dev/null 2>&1 & P=$!; PIDS+=("$P"); sleep 0.3
+        rc=0
+        ( "$FERRY" convert -q "$@" 2>"$OUT/err" ) & C=$!
+        sleep 0.5; kill "$P"; wait "$P" 2>/dev/null || true; sleep 0.3
+        "$PROXY" $LPORT 127.0.0.1:$port 0 >/dev/null 2>&1 & P=$!; PIDS+=("$P")
+        wait "$C" || rc=$?
+        case $(classify "$rc" "$(cat "$OUT/err")" "$result" "$new") in
+            exact) exact=$((exact + 1)) ;;
+            clean) clean=$((clean + 1)) ;;
+            *) other=$((other + 1)) ;;
+        esac
+        kill "$P"; wait "$P" 2>/dev/null || true
+    done
+    OTHER_TOTAL=$((OTHER_TOTAL + other))
+    echo "| link cut once, restored after 0.3 s | $label | $RUNS | $exact | $clean | $other |"
+}
+
+# Each server behind the proxy: NBD (2 ms reads) and NFS as sources, an iSCSI LUN as target
+# (-r keeps the copy going past the cut).
+# Below the ephemeral range (32768-60999), where a connection could hold the port.
+PORT=$(( 20000 + RANDOM % 10000 ))
 LPORT=$(( PORT + 1 ))
-exact=0 clean=0 other=0
-for (( r = 0; r < RUNS; r++ )); do
-    "$PROXY" $LPORT 127.0.0.1:$PORT 0 >/dev/null 2>&1 & P=$!; PIDS+=("$P"); sleep 0.3
-    rc=0
-    ( "$FERRY" convert -q -m 4 --buffer-size 512k -f raw -O raw "nbd://127.0.0.1:$LPORT" "$OUT/dst.raw" 2>"$OUT/err" ) & C=$!
-    sleep 0.5; kill "$P"; wait "$P" 2>/dev/null || true; sleep 0.3
-    "$PROXY" $LPORT 127.0.0.1:$PORT 0 >/dev/null 2>&1 & P=$!; PIDS+=("$P")
-    wait "$C" || rc=$?
-    case $(classify "$rc" "$(cat "$OUT/err")" "$OUT/dst.raw" yes) in
-        exact) exact=$((exact + 1)) ;;
-        clean) clean=$((clean + 1)) ;;
-        *) other=$((other + 1)) ;;
-    esac
-    kill "$P"; wait "$P" 2>/dev/null || true
-done
-OTHER_TOTAL=$((OTHER_TOTAL + other))
-echo "| link cut once, restored after 0.3 s | the connection | $RUNS | $exact | $clean | $other |"
+"$HERE/nbd-start.sh" far tcp:$PORT --filter=delay file "$SRC" rdelay=2ms >/dev/null
+cut_link "an NBD source" $PORT "$OUT/dst.raw" yes -m 4 --buffer-size 512k -f raw -O raw "nbd://127.0.0.1:$LPORT" "$OUT/dst.raw"
+
+NFS_PORT=$(( PORT + 2 )) MOUNT_PORT=$(( PORT + 3 )) "$HERE/nfs-start.sh" "$OUT/nfs" >/dev/null
+cp "$SRC" "$OUT/nfs/export/src.raw"
+cut_link "an NFS source" $(( PORT + 2 )) "$OUT/dst.raw" yes -r 32M -f raw -O raw \
+    "nfs://127.0.0.1/export/src.raw?nfsport=$LPORT&mountport=$(( PORT + 3 ))" "$OUT/dst.raw"
+"$HERE/nfs-stop.sh" "$OUT/nfs" >/dev/null 2>&1 || true
+
+ISCSI_PORT=$(( PORT + 4 )) ISCSI_CTL=$(( 100 + RANDOM % 100 )) ISCSI_SIZE=64M "$HERE/iscsi-start.sh" "$OUT/iscsi" >/dev/null
+cut_link "an iSCSI target" $(( PORT + 4 )) "$OUT/iscsi/thin.img" no -n -r 32M -f raw -O raw "$SRC" \
+    "iscsi://127.0.0.1:$LPORT/iqn.2026-01.dev.ferry:thin/1"
+"$HERE/iscsi-stop.sh" "$OUT/iscsi" >/dev/null 2>&1 || true
 echo
 echo "anything else, in all: $OTHER_TOTAL"
 (( OTHER_TOTAL == 0 ))

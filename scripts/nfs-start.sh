@@ -116,7 +116,7 @@ fi
 flock -u 9
 if ! alive "$GPID" || ! listening "$PORT" "${RUN[@]}"; then
     echo "nfs-start: ganesha did not start:" >&2
-    tail -5 "$STATE/ganesha.log" "$STATE/ganesha.out" >&2
+    tail -n 5 "$STATE/ganesha.log" "$STATE/ganesha.out" >&2
     "$HERE/nfs-stop.sh" "$STATE" >/dev/null 2>&1 || true
     exit 1
 fi

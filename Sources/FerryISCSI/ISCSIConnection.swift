@@ -310,6 +310,10 @@ final class ISCSIContext: EventLoopLibrary {
     /// Parses the URL, connects and logs in, then asks the LUN for its size and limits.
     private func open(url: String) throws -> ISCSILunInfo {
         let initiator = "iqn.2026-01.dev.ferry:initiator-\(getpid())-\(index)"
+        // A reopen starts from a new context: nothing of the last login counts.
+        connectFinished = false
+        connectStatus = 0
+        loggedIn = false
         guard let ctx = iscsi_create_context(initiator) else {
             throw FerryError(.other, "cannot create an iSCSI context", path: name)
         }

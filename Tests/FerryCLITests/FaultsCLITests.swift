@@ -135,7 +135,7 @@ final class FaultsCLITests: XCTestCase {
 
     /// The link is cut (the proxy killed) and comes back (started again): the copy reconnects,
     /// sends what was in flight again and ends with exact data. With --reconnects 0 the same
-    /// cut fails the copy cleanly (as qemu-img's copy fails).
+    /// cut fails the copy cleanly, and so does qemu-img's copy through it.
     func testACutLinkIsReconnectedAndTheCopyCompletes() throws {
         let src = try sourceImage()
         let serverPort = try nbdkitTCP(["--filter=delay", "file", src, "rdelay=5ms"], name: "far")
@@ -161,6 +161,22 @@ final class FaultsCLITests: XCTestCase {
             link.signal(SIGTERM)
             _ = try link.wait(timeout: 10)
         }
+        // qemu-img's copy through the same cut fails: it does not reconnect.
+        let port = Int.random(in: 20000 ..< 60000)
+        var link = try proxy(port, to: serverPort)
+        let dst = path("qemu.raw")
+        let qemu = try Tools.start(try Tools.require("qemu-img"), ["convert", "-r", "16M", "-f", "raw", "-O", "raw",
+                                                                   "nbd://127.0.0.1:\(port)", dst], in: dir)
+        usleep(1_000_000)
+        XCTAssertTrue(qemu.process.isRunning, "qemu-img ended before the link could be cut")
+        link.signal(SIGTERM)
+        _ = try link.wait(timeout: 10)
+        usleep(300_000)
+        link = try proxy(port, to: serverPort)
+        let q = try qemu.wait(timeout: 60)
+        XCTAssertNotEqual(q.status, 0, "qemu-img rode out the cut: \(q.stderr)")
+        link.signal(SIGTERM)
+        _ = try link.wait(timeout: 10)
     }
 
     // MARK: - Requests the server fails
@@ -197,5 +213,73 @@ final class FaultsCLITests: XCTestCase {
             XCTAssertNotEqual(r.status, 0)
             XCTAssertTrue(r.stderr.contains(words), r.stderr)
         }
+    }
+
+    // MARK: - NFS and iSCSI
+
+    /// One server's turn at every fault: a link cut mid-copy into it (through a proxy on its
+    /// data port) is reconnected and the copy completes exact; a copy out of it (of what the
+    /// first wrote) ends with the timeout when the server is stopped (SIGSTOP), and within a
+    /// second on Ctrl-C.
+    func serverFaults(name: String, pid: Int32?, target: (_ port: Int?) -> String, targetFile: String, dataPort: Int) throws {
+        let src = try sourceImage()
+        let proxyPort = Int.random(in: 20000 ..< 60000)
+        var link = try proxy(proxyPort, to: dataPort)
+        let out = target(proxyPort)
+        let copy = try startCopy(["-n", "-r", "16M", "-m", "4", "--buffer-size", "512k", "-f", "raw", "-O", "raw", src, out])
+        XCTAssertTrue(copy.process.isRunning, "\(name): the copy ended before the link could be cut")
+        link.signal(SIGTERM)
+        _ = try link.wait(timeout: 10)
+        usleep(300_000)
+        link = try proxy(proxyPort, to: dataPort)
+        let r = try copy.wait(timeout: 60)
+        XCTAssertEqual(r.status, 0, "\(name): \(r.stderr)")
+        XCTAssertTrue(r.stderr.contains("reconnect(s)"), "\(name): \(r.stderr)")
+        let cmp = try Tools.run(try Tools.require("qemu-img"), ["compare", "-f", "raw", "-F", "raw", src, targetFile], in: dir)
+        XCTAssertEqual(cmp.status, 0, "\(name): \(cmp.stdout)\(cmp.stderr)")
+        link.signal(SIGTERM)
+        _ = try link.wait(timeout: 10)
+
+        guard let pid else { return XCTFail("\(name): no server pid") }
+        defer { kill(pid, SIGCONT) }
+        for interrupt in [false, true] {
+            let dst = path("\(name)-\(interrupt).raw")
+            let copy = try startCopy(["--timeout", "1", "-r", "16M", "-f", "raw", "-O", "raw", target(nil), dst])
+            XCTAssertTrue(copy.process.isRunning, "\(name): the copy ended before the server could be stopped")
+            kill(pid, SIGSTOP)
+            let stoppedAt = Date()
+            if interrupt {
+                usleep(300_000)
+                copy.signal(SIGINT)
+            }
+            let r = try copy.wait(timeout: 30)
+            let took = Date().timeIntervalSince(stoppedAt)
+            kill(pid, SIGCONT)
+            if interrupt {
+                XCTAssertLessThan(took, 1.3, "\(name): Ctrl-C waited for a server that does not answer")
+                XCTAssertEqual(r.status, 130, r.stderr)
+                XCTAssertFalse(fileExists(dst), "\(name): the incomplete target was left behind")
+            } else {
+                XCTAssertLessThan(took, 6, "\(name): the copy was not ended in time")
+                assertCleanFailure(r, target: dst, saying: "did not answer for 1 s (--timeout)")
+            }
+        }
+    }
+
+    func testNFSServerFaults() throws {
+        let server = try NFSServer(name: "cli-faults", nfsPort: 2076, mountPort: 20076)
+        defer { server.stop() }
+        try makeSparseFile("\(server.exportDir)/target.raw", size: 48 << 20)
+        // The mount port stays direct: the cut is on the NFS connection that carries the data.
+        try serverFaults(name: "nfs", pid: server.pid,
+                         target: { "nfs://127.0.0.1/export/target.raw?nfsport=\($0 ?? 2076)&mountport=20076" },
+                         targetFile: "\(server.exportDir)/target.raw", dataPort: 2076)
+    }
+
+    func testISCSITargetFaults() throws {
+        let target = try ISCSITarget(name: "cli-faults", port: 3287, control: 87, size: "48M")
+        defer { target.stop() }
+        try serverFaults(name: "iscsi", pid: target.pid, target: { target.url("thin", port: $0) },
+                         targetFile: target.backingFile("thin"), dataPort: 3287)
     }
 }
