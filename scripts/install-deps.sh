@@ -31,6 +31,7 @@ PACKAGES=(
     rpcbind         # NFSv3 registration while ganesha starts
     iproute2        # network namespaces for qemu-img's nfs:// (needs a portmapper on 111)
     qemu-block-extra # qemu-img's nfs:// and iscsi:// drivers, the baselines of bench/
+    python3         # hashlib: the independent blkhash reference in the tests
 )
 
 missing=()

@@ -119,12 +119,26 @@ public func convert(
     }
     config.sparseSize = options.sparseSize
     config.targetReadsZero = options.useExistingTarget ? options.targetIsZero : out.device.capabilities.contains(.zeroInit)
+    if let algorithm = options.checksum {
+        do {
+            config.checksum = try BlockHasher(algorithm: algorithm, size: copySource.size)
+        } catch {
+            try? await out.device.close()
+            await closeSources()
+            if created { out.removeCreatedFiles() }
+            throw error
+        }
+    }
 
     // Sources inside an OVA are checked against its manifest while the copy runs.
     let digestCheck = MemberDigestCheck.start(for: opened)
     do {
         var stats = try await CopyEngine.copy(from: copySource, to: out.device, configuration: config, progress: progress)
         stats.notes = try await digestCheck.finish()
+        if let hasher = config.checksum {
+            stats.checksum = try hasher.finish()
+            stats.checksumAlgorithm = hasher.algorithm
+        }
         if !bitmaps.isEmpty {
             guard let store = out.device as? PersistentBitmapStore else {
                 throw FerryError(.notSupported, "the target cannot store persistent bitmaps", path: target.location)

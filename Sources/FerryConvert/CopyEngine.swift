@@ -40,6 +40,9 @@ public struct CopyConfiguration: Sendable {
     public var skipUnallocated: Bool = false
     /// Seconds between progress reports.
     public var progressInterval: Double = 0.1
+    /// Takes the guest data of the copy as it passes (`--checksum`): data from the buffers,
+    /// zero runs without reading, and ranges left to a backing file read for it alone.
+    public var checksum: BlockHasher? = nil
 
     public init() {}
 }
@@ -94,7 +97,9 @@ public enum CopyEngine {
             planner: planner, sequencer: sequencer, tracker: tracker, pool: pool,
             compressedPool: compressor == nil ? nil : BufferPool(bufferSize: pool.bufferSize, capacity: pool.capacity), gate: gate,
             pacer: configuration.rateLimit.map { Pacer(bytesPerSecond: $0) },
-            offload: configuration.copyOffload && compressor == nil ? (source as? any RangeCopyingDevice).map { OffloadState($0) } : nil,
+            // Offloaded data never passes through a buffer, so a checksum needs it read.
+            offload: configuration.copyOffload && compressor == nil && configuration.checksum == nil
+                ? (source as? any RangeCopyingDevice).map { OffloadState($0) } : nil,
             compressor: compressor,
             failure: FirstFailure())
         let climber = plan.adaptive ? Task {
@@ -225,6 +230,10 @@ private struct WorkerContext: Sendable {
         guard let request = try await planner.next() else { return nil }
         try Task.checkCancellation()
         if failure.value != nil { throw CancellationError() }
+        if let hasher = configuration.checksum,
+           request.kind == .zero || (request.kind == .unallocated && !configuration.skipUnallocated) {
+            hasher.addZeros(at: request.offset, length: request.length)
+        }
         if writesZeroesBehind(request) {
             // A zero write needs no buffer: it waits for its turn and completes in a task of
             // its own while the worker goes on, so zero runs (half of a sparse image) do not
@@ -285,6 +294,7 @@ private struct WorkerContext: Sendable {
         var kind = r.kind
         if kind == .unallocated {
             if configuration.skipUnallocated {
+                if let hasher = configuration.checksum { try await hashThrough(r, buffer: buffer, hasher) }
                 try await turn(r) { _ in tracker.complete(r, skipped: r.length) }
                 return
             }
@@ -328,6 +338,9 @@ private struct WorkerContext: Sendable {
         } else {
             runs = ZeroScan.runs(in: UnsafeRawBufferPointer(bytes), at: r.offset, granularity: granularity)
         }
+        // The checksum hashes the buffer on another thread while this one waits for its
+        // turn and writes; both only read it, and it goes back to the pool after both.
+        async let hashed: Void = Self.hash(configuration.checksum, buffer, runs, at: r.offset)
         // Compression, in this worker, before the turn to write.
         var pieces: [[CompressedPiece]] = []
         if let compressor, let compressed {
@@ -378,6 +391,31 @@ private struct WorkerContext: Sendable {
                 try await target.writeInOrder(writes, issued: issued)
             }
             tracker.complete(r, read: r.length, written: written, zeroed: zeroed, skipped: skipped, data: r.length - r.bridged)
+        }
+        await hashed
+    }
+
+    private static func hash(_ hasher: BlockHasher?, _ buffer: AlignedBuffer, _ runs: [ZeroScan.Run], at offset: Int64) async {
+        guard let hasher else { return }
+        for run in runs {
+            let at = offset + Int64(run.range.lowerBound)
+            if run.isZero {
+                hasher.addZeros(at: at, length: Int64(run.range.count))
+            } else {
+                hasher.add(at: at, UnsafeRawBufferPointer(rebasing: buffer.bytes[run.range]))
+            }
+        }
+    }
+
+    /// Reads a range the copy leaves to the target's backing file, for the checksum only.
+    private func hashThrough(_ r: CopyRequest, buffer: AlignedBuffer, _ hasher: BlockHasher) async throws {
+        var pos = r.offset
+        while pos < r.end {
+            let n = Int(min(Int64(buffer.count), r.end - pos))
+            let bytes = buffer.slice(0 ..< n)
+            try await source.read(at: pos, into: bytes)
+            hasher.add(at: pos, UnsafeRawBufferPointer(bytes))
+            pos += Int64(n)
         }
     }
 

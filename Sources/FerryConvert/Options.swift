@@ -69,6 +69,8 @@ public struct ConvertOptions: Sendable {
     public var copyOffload: Bool = false
     /// `--salvage`: read errors of the sources become zeros, reported, and the copy goes on.
     public var salvage: Bool = false
+    /// `--checksum[=ALG]`: the block hash (blkhash) of the guest data, computed as it passes.
+    public var checksum: String? = nil
     /// `--untrusted`: the sources came from strangers (see `EndpointOptions.untrusted`).
     public var untrusted: Bool = false
     /// `-r`: most data bytes per second, evenly spaced; nil for no limit.
@@ -160,6 +162,9 @@ public struct CopyStats: Sendable, Equatable {
     public var elapsed: Double = 0
     /// One-line notes for the user once the copy is done (a manifest digest that matched).
     public var notes: [String] = []
+    /// The block hash of the copy's guest data (`--checksum`), in hex, and its algorithm.
+    public var checksum: String?
+    public var checksumAlgorithm: String?
     /// Ranges of the sources (in guest offsets of the whole copy) that could not be read and
     /// were written as zeros (`--salvage`), in the order they were met.
     public var salvaged: [Range<Int64>] = []

@@ -29,7 +29,7 @@ struct Ferry: ParsableCommand {
         discussion: "Flags follow qemu-img's. Run 'ferry COMMAND --help' for a command's options.",
         version: "ferry version \(ferryVersion)",
         subcommands: [Convert.self, Create.self, Info.self, Map.self, Compare.self,
-                      Measure.self, Resize.self, Snapshot.self, Rebase.self, Amend.self])
+                      Measure.self, Resize.self, Snapshot.self, Rebase.self, Amend.self, Checksum.self])
 }
 
 // MARK: - convert
@@ -158,6 +158,10 @@ struct Convert: FerryCommand {
     @Flag(name: .customLong("salvage"), help: "Read errors of the sources become zeros, each reported with its offset, and the copy goes on.")
     var salvage = false
 
+    @Option(name: .customLong("checksum"),
+            help: ArgumentHelp("Print the block hash (blkhash, as ferry checksum and blksum print it) of the data copied, computed as it passes; --checksum alone is sha256.", valueName: "alg"))
+    var checksum: String?
+
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Read sources even while another process (a running VM) holds them open for writing.")
     var forceShare = false
 
@@ -236,6 +240,10 @@ struct Convert: FerryCommand {
         options.forceShare = forceShare
         options.untrusted = untrusted
         options.salvage = salvage
+        if let checksum {
+            _ = try BlockHasher(algorithm: checksum, size: 0)
+            options.checksum = checksum
+        }
         options.bitmaps = bitmaps
         options.skipBrokenBitmaps = skipBrokenBitmaps
         options.copyOffload = copyOffload
@@ -310,6 +318,10 @@ struct Convert: FerryCommand {
         for r in stats.salvaged {
             Terminal.warn("could not read \(r.count) bytes of the source at offset \(r.lowerBound); wrote zeros there (--salvage)")
         }
+        // Asked for, so printed even with -q: blksum's line (unless JSON progress has stdout).
+        if let digest = stats.checksum, !(jsonProgress && jsonFD == STDOUT_FILENO) {
+            Terminal.out("\(digest)  \(target.location)\n")
+        }
         if !quiet {
             Terminal.err(Self.summary(stats, seconds: seconds))
             for note in stats.notes { Terminal.err("ferry: \(note)\n") }
@@ -326,7 +338,8 @@ struct Convert: FerryCommand {
         let rate = seconds > 0 ? Int64(Double(s.virtualSize) / seconds) : 0
         return "ferry: converted \(ByteSize.human(s.virtualSize)) in \(Format.seconds(seconds)) (\(ByteSize.human(rate))/s): "
             + "read \(ByteSize.human(s.bytesRead)), wrote \(ByteSize.human(s.bytesWritten)), "
-            + "zeroed \(ByteSize.human(s.bytesZeroed)), skipped \(ByteSize.human(s.bytesSkipped))\n"
+            + "zeroed \(ByteSize.human(s.bytesZeroed)), skipped \(ByteSize.human(s.bytesSkipped))"
+            + (s.checksum.map { ", checksum \(s.checksumAlgorithm ?? "sha256"):\($0)" } ?? "") + "\n"
     }
 
     /// `-o a=b,c=d` (repeatable) as a dictionary. As in qemu-img, `,,` is a literal comma

@@ -7,11 +7,13 @@ import FerryCore
 struct Compare: FerryCommand {
     static let configuration = CommandConfiguration(
         abstract: "Check whether two images hold the same guest data, as qemu-img compare does.",
-        usage: "ferry compare [-f fmt] [-F fmt] [-s] [-q] [-p] [--output human|json] <image1> <image2>",
+        usage: "ferry compare [-f fmt] [-F fmt] [-s] [-q] [-p] [--output human|json] [--checksum[=alg]] <image1> <image2>",
         discussion: """
         Exit status: 0 if the images are identical, 1 if they differ, 2 on an error. Without -s, \
         images of different sizes are compared over the smaller size and the larger one's tail \
-        must read as zeros. Where neither image holds data nothing is read.
+        must read as zeros. Where neither image holds data nothing is read. With --checksum, \
+        the block hashes (ferry checksum) are compared, and either side may be a digest printed \
+        earlier (by ferry checksum or convert --checksum, or blksum): two digests read nothing.
         """)
 
     @Option(name: .customShort("f", allowingJoined: true),
@@ -38,6 +40,10 @@ struct Compare: FerryCommand {
     @Option(name: .customLong("output"), help: ArgumentHelp("Output format.", valueName: "human|json"))
     var output: OutputFormat = .human
 
+    @Option(name: .customLong("checksum"),
+            help: ArgumentHelp("Compare block hashes (--checksum alone: sha256); either image may be given as its digest.", valueName: "alg"))
+    var checksum: String?
+
     @Argument(help: ArgumentHelp("The two images.", valueName: "image"))
     var images: [String] = []
 
@@ -45,6 +51,7 @@ struct Compare: FerryCommand {
         guard images.count == 2 else {
             throw UsageError(message: "expecting two image names", command: "compare")
         }
+        if let checksum { return try await compareChecksums(algorithm: checksum) }
         var options = CompareOptions()
         options.strict = strict
         if let workers {
@@ -128,5 +135,55 @@ struct Compare: FerryCommand {
             "\"size2\": \(r.size2)",
         ]
         return "{\n    " + lines.joined(separator: ",\n    ") + "\n}\n"
+    }
+
+    /// A digest as given: hex of the algorithm's length, optionally after `ALG:`.
+    static func digest(_ text: String, algorithm: String, length: Int) -> String? {
+        var hex = Substring(text.lowercased())
+        if let colon = hex.firstIndex(of: ":") {
+            guard hex[..<colon] == algorithm.lowercased() else { return nil }
+            hex = hex[hex.index(after: colon)...]
+        }
+        guard hex.count == length * 2, hex.allSatisfy(\.isHexDigit) else { return nil }
+        return String(hex)
+    }
+
+    /// `--checksum`: each side's block hash, from the image (read in parallel with the
+    /// other) or as given.
+    func compareChecksums(algorithm: String) async throws -> Int32 {
+        guard images.count == 2 else {
+            throw UsageError(message: "expecting two image names or digests", command: "compare")
+        }
+        if strict { throw UsageError(message: "-s compares allocation, which a checksum does not keep", command: "compare") }
+        let length = try BlockHasher(algorithm: algorithm, size: 0).digestSize
+        let given = images.map { Self.digest($0, algorithm: algorithm, length: length) }
+        let specs = [ImageSpec(images[0], format: format1), ImageSpec(images[1], format: format2)]
+        let digests: [String]
+        do {
+            digests = try await SignalCancellation.run { () async throws -> [String] in
+                @Sendable func side(_ k: Int) async throws -> String {
+                    if let d = given[k] { return d }
+                    return try await ImageChecksum.checksum(specs[k], algorithm: algorithm).digest
+                }
+                async let first = side(0)
+                let second = try await side(1)
+                return [try await first, second]
+            }
+        } catch {
+            Terminal.complain((error as? FerryError)?.description ?? String(describing: error))
+            if let signal = SignalCancellation.receivedSignal { return 128 + signal }
+            return 2
+        }
+        let same = digests[0] == digests[1]
+        if !quiet {
+            if output == .json {
+                Terminal.out("{\n    \"identical\": \(same),\n    \"algorithm\": \"\(algorithm)\",\n"
+                             + "    \"checksum1\": \"\(digests[0])\",\n    \"checksum2\": \"\(digests[1])\"\n}\n")
+            } else {
+                Terminal.out(same ? "Images are identical.\n"
+                             : "Checksum mismatch: \(algorithm) \(digests[0]) (\(images[0])) against \(digests[1]) (\(images[1]))!\n")
+            }
+        }
+        return same ? 0 : 1
     }
 }

@@ -138,7 +138,8 @@ final class ProgressReporter: Sendable {
     /// `{"done":N,"total":N,"percent":P,"size":N,"elapsed":S,"rate":N,"read":N,"written":N,"zeroed":N,"skipped":N,"depth":N,"max_in_flight":N,"final":B}`
     /// (`depth`: requests allowed in flight now; `max_in_flight`: the cap on the bytes their
     /// buffers hold)
-    /// plus `"error"` on the final line of a failed copy.
+    /// plus `"checksum"` and `"checksum_algorithm"` on the final line of a `--checksum` copy,
+    /// `"error"` on the final line of a failed copy.
     private func jsonLine(_ s: CopyStats, rate: Double, elapsed: Double, final: Bool, error: String?) -> String {
         var fields: [(String, String)] = [
             ("done", "\(s.doneBytes)"),
@@ -155,6 +156,10 @@ final class ProgressReporter: Sendable {
             ("max_in_flight", "\(s.maxInFlight)"),
             ("final", final ? "true" : "false"),
         ]
+        if let c = s.checksum {
+            fields.append(("checksum", Format.jsonString(c)))
+            fields.append(("checksum_algorithm", Format.jsonString(s.checksumAlgorithm ?? "sha256")))
+        }
         if let error { fields.append(("error", Format.jsonString(error))) }
         return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}\n"
     }

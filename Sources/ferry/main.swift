@@ -30,10 +30,12 @@ let arguments: [String] = {
         let next = i + 1 < args.count ? args[i + 1] : nil
         if next != "json" && !(next?.hasPrefix("fd:") ?? false) { args[i] = "-p" }
     }
+    // `--checksum[=ALG]`: alone, the default digest.
+    for i in args.indices where args[i] == "--checksum" { args[i] = "--checksum=sha256" }
     return args
 }()
 let subcommands = ["convert", "create", "info", "map", "compare"]
-    + ["measure", "resize", "snapshot", "rebase", "amend"]
+    + ["measure", "resize", "snapshot", "rebase", "amend", "checksum"]
 
 /// `Try 'ferry convert --help' ...` for the subcommand being used, if any.
 func tryHelp(_ command: String?) -> String {
