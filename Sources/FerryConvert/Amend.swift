@@ -31,3 +31,22 @@ extension Images {
         }
     }
 }
+
+extension Images {
+    /// `ferry check [-r leaks|all]`: the image's format checks its metadata (`ImageFormat.check`),
+    /// in place. After a repair that fixed something, the image is checked again, as qemu-img
+    /// does: the second report is what the image is now.
+    public static func check(_ spec: ImageSpec, repair: CheckRepair? = nil) async throws -> (first: CheckReport, after: CheckReport?, format: String) {
+        let (report, name) = try await changeInPlace(spec, readOnly: repair == nil) { file, format in
+            guard format.hasCheck else {
+                throw FerryError(.notSupported, "This image format does not support checks", path: spec.location)
+            }
+            return (try await format.check(CheckRequest(location: spec.location, file: file.current, repair: repair)), format.name)
+        }
+        guard repair != nil, report.failure == nil, report.leaksFixed + report.corruptionsFixed > 0 else { return (report, nil, name) }
+        let again = try await changeInPlace(spec, readOnly: true) { file, format in
+            try await format.check(CheckRequest(location: spec.location, file: file.current))
+        }
+        return (report, again, name)
+    }
+}

@@ -13,9 +13,9 @@ extension Images {
 
     /// The file of the image at `spec` opened for writing, and its format (named, or probed:
     /// raw if nothing is recognised), for commands that change an image in place.
-    static func openForChange(_ spec: ImageSpec) async throws -> (any BlockDevice, any ImageFormat.Type) {
+    static func openForChange(_ spec: ImageSpec, readOnly: Bool = false) async throws -> (any BlockDevice, any ImageFormat.Type) {
         let format: (any ImageFormat.Type)? = try spec.format.map { try Formats.lookup($0, for: spec.location) }
-        let file = try await openEndpoint(spec.location, readOnly: false)
+        let file = try await openEndpoint(spec.location, readOnly: readOnly)
         do {
             var f = format
             if f == nil { f = try await probe(file) }
@@ -29,9 +29,9 @@ extension Images {
     /// Runs `body` with the file of the image at `spec` opened for writing (`openForChange`),
     /// its format, and a way to set the file's length (which opens the file again, so `body`
     /// asks `file.current` for it after); closes whichever file is current at the end.
-    static func changeInPlace<T>(_ spec: ImageSpec,
+    static func changeInPlace<T>(_ spec: ImageSpec, readOnly: Bool = false,
                                  _ body: (_ file: FileInPlace, _ format: any ImageFormat.Type) async throws -> T) async throws -> T {
-        let (first, format) = try await openForChange(spec)
+        let (first, format) = try await openForChange(spec, readOnly: readOnly)
         let file = FileInPlace(location: spec.location, file: first)
         let result: T
         do {

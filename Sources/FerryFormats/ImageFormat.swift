@@ -96,6 +96,11 @@ public protocol ImageFormat: Sendable {
     /// Writes data into clusters the image's own layer leaves to its backing file (a safe
     /// `rebase`); the default (in `LayerFill.swift`) refuses.
     static func fillLayer(_ fill: LayerFill) async throws
+    /// True for formats whose `check` looks at something (the default, in `Check.swift`, is false).
+    static var hasCheck: Bool { get }
+    /// Checks the image's metadata, and repairs what `request.repair` allows (`check`); the
+    /// default says the format does not support checks, as qemu-img says for raw.
+    static func check(_ request: CheckRequest) async throws -> CheckReport
 }
 
 extension ImageFormat {

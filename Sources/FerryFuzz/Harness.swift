@@ -4,7 +4,8 @@ import FerryFormats
 
 /// Feeds bytes to a format's reader as if they were an image file, and reads what it then
 /// claims to hold: the header and tables when it opens, the extent map, and the data of the
-/// first extents (compressed clusters and grains are inflated on the way). A bad image must
+/// first extents (compressed clusters and grains are inflated on the way), and runs the
+/// format's consistency check where it has one (`check`, without repairs). A bad image must
 /// end in a `FerryError`; a trap, a crash or a hang is a bug. Used by the libFuzzer target
 /// (`make fuzz`) and by the tests, which replay the corpus.
 public enum FuzzHarness {
@@ -44,6 +45,8 @@ public enum FuzzHarness {
         })
         // A backing file is named, not opened: its ranges read as zeros.
         context.opensBacking = false
+        // The consistency check walks every table too, whatever the reader thought of them.
+        if format.hasCheck { _ = try? await format.check(CheckRequest(location: "fuzz", file: file)) }
         do {
             let device = try await format.open(file: file, context: context)
             do {

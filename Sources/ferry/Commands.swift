@@ -29,7 +29,7 @@ struct Ferry: ParsableCommand {
         discussion: "Flags follow qemu-img's. Run 'ferry COMMAND --help' for a command's options.",
         version: "ferry version \(ferryVersion)",
         subcommands: [Convert.self, Create.self, Info.self, Map.self, Compare.self,
-                      Measure.self, Resize.self, Snapshot.self, Rebase.self, Amend.self, Checksum.self])
+                      Measure.self, Resize.self, Snapshot.self, Rebase.self, Amend.self, Checksum.self, Check.self])
 }
 
 // MARK: - convert

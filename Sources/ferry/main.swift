@@ -35,7 +35,7 @@ let arguments: [String] = {
     return args
 }()
 let subcommands = ["convert", "create", "info", "map", "compare"]
-    + ["measure", "resize", "snapshot", "rebase", "amend", "checksum"]
+    + ["measure", "resize", "snapshot", "rebase", "amend", "checksum", "check"]
 
 /// `Try 'ferry convert --help' ...` for the subcommand being used, if any.
 func tryHelp(_ command: String?) -> String {

@@ -33,7 +33,7 @@ final class FormatLayerTests: XCTestCase {
             XCTAssertEqual(e.path, "o.vmdk")
         }
         XCTAssertThrowsError(try Formats.require(.backingFile, of: VMDKFormat.self, options: ["subformat": "monolithicFlat"], for: "-B", path: nil)) { e in
-            XCTAssertTrue((e as! FerryError).message.hasSuffix("(qcow2, vmdk but not subformat=monolithicFlat|twoGbMaxExtentFlat), not vmdk subformat=monolithicFlat"), "\(e)")
+            XCTAssertTrue((e as! FerryError).message.hasSuffix("(qcow2, vmdk but not subformat=monolithicFlat|twoGbMaxExtentFlat, qed), not vmdk subformat=monolithicFlat"), "\(e)")
         }
         XCTAssertThrowsError(try Formats.require(.backingFile, of: RawFormat.self, options: [:], for: "-B", path: nil))
         XCTAssertTrue(VMDKFormat.features(options: ["subformat": "streamOptimized"]).contains(.sequentialWrites))

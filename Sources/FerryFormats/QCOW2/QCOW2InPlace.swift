@@ -17,7 +17,9 @@ struct QCOW2InPlace {
     static let copiedBit: UInt64 = 1 << 63
     static let compressedBit: UInt64 = 1 << 62
 
-    init(file: any BlockDevice, path: String, setFileLength: @escaping @Sendable (Int64) async throws -> any BlockDevice) async throws {
+    /// `checking`: opened to be checked (and repaired), so a dirty or corrupt mark is no reason to refuse.
+    init(file: any BlockDevice, path: String, checking: Bool = false,
+         setFileLength: @escaping @Sendable (Int64) async throws -> any BlockDevice) async throws {
         self.path = path
         self.file = file
         self.setFileLength = setFileLength
@@ -30,10 +32,10 @@ struct QCOW2InPlace {
         let h = try QCOW2Header(bytes, fileSize: file.size, path: path)
         header = h
         cs = Int64(h.clusterSize)
-        if h.dirty {
+        if h.dirty && !checking {
             throw FerryError(.notSupported, "qcow2 image is dirty (its refcounts are not up to date); run 'qemu-img check -r all' on it first", path: path)
         }
-        if h.corrupt {
+        if h.corrupt && !checking {
             throw FerryError(.corrupt, "qcow2 image is marked corrupt; run 'qemu-img check -r all' on it first", path: path)
         }
         if h.cryptMethod != 0 {

@@ -1,0 +1,60 @@
+import FerryCore
+
+/// What `check -r` may repair, as qemu-img's `-r leaks` and `-r all`.
+public enum CheckRepair: String, Sendable {
+    case leaks, all
+}
+
+/// A consistency check of an image's metadata (`ferry check`).
+public struct CheckRequest: Sendable {
+    /// The image as the user named it (for messages).
+    public var location: String
+    /// The image's file, opened for writing when `repair` is set.
+    public var file: any BlockDevice
+    public var repair: CheckRepair?
+
+    public init(location: String, file: any BlockDevice, repair: CheckRepair? = nil) {
+        self.location = location
+        self.file = file
+        self.repair = repair
+    }
+}
+
+/// What a check found, in qemu-img check's terms.
+public struct CheckReport: Sendable, Equatable {
+    /// The lines qemu-img prints on stderr while checking, in order ("Leaked cluster ...",
+    /// "ERROR ...", "Repairing ...").
+    public var lines: [String] = []
+    public var corruptions = 0
+    public var leaks = 0
+    /// Errors of the check itself (metadata it could not read).
+    public var checkErrors = 0
+    public var corruptionsFixed = 0
+    public var leaksFixed = 0
+    public var imageEndOffset: Int64?
+    /// Guest clusters, and how many are allocated, not next to the one before, compressed.
+    public var totalClusters: Int64?
+    public var allocatedClusters: Int64 = 0
+    public var fragmentedClusters: Int64 = 0
+    public var compressedClusters: Int64 = 0
+    /// Why a repair stopped (after `lines`): the image needs what this check cannot do.
+    public var failure: String?
+
+    public init() {}
+
+    /// qemu-img check's exit status: 0 clean, 2 corruptions (or errors of the check), 3
+    /// leaks only.
+    public var status: Int32 {
+        if corruptions > 0 || checkErrors > 0 { return 2 }
+        return leaks > 0 ? 3 : 0
+    }
+}
+
+extension ImageFormat {
+    /// By default a format has no check, as raw has none in qemu-img.
+    public static var hasCheck: Bool { false }
+
+    public static func check(_ request: CheckRequest) async throws -> CheckReport {
+        throw FerryError(.notSupported, "This image format does not support checks")
+    }
+}

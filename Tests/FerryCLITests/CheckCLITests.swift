@@ -1,0 +1,187 @@
+import Foundation
+import XCTest
+
+/// `ferry check` against `qemu-img check`: the same stdout, stderr and exit status on clean
+/// qcow2 images from qemu-img and from every Ferry writer, and on images whose refcounts and
+/// COPIED flags the tests break by editing their tables; repairs leave images qemu-img finds
+/// clean, with the guest data unchanged.
+final class CheckCLITests: XCTestCase {
+    var dir: URL!
+
+    override func setUpWithError() throws { dir = try makeScratchDirectory("check") }
+    override func tearDownWithError() throws { if let dir { try? FileManager.default.removeItem(at: dir) } }
+
+    func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+
+    func qemu(_ args: [String]) throws { try Tools.must("qemu-img", args, in: dir) }
+    func io(_ image: String, _ writes: [String], format: String = "qcow2") throws {
+        try Tools.must("qemu-io", ["-f", format] + writes.flatMap { ["-c", $0] } + [image], in: dir)
+    }
+
+    /// Both tools on `image` (a copy each, as a repair changes it): stdout, stderr and status.
+    func assertSameAsQemu(_ image: String, _ args: [String] = [], line: UInt = #line) throws {
+        for output in ["human", "json"] {
+            let mine = "f-\(image)", theirs = "q-\(image)"
+            try? FileManager.default.removeItem(atPath: path(mine))
+            try? FileManager.default.removeItem(atPath: path(theirs))
+            try FileManager.default.copyItem(atPath: path(image), toPath: path(mine))
+            try FileManager.default.copyItem(atPath: path(image), toPath: path(theirs))
+            let q = try Tools.run(try Tools.require("qemu-img"), ["check", "--output=\(output)"] + args + [theirs], in: dir)
+            let f = try Tools.ferry(["check", "--output=\(output)"] + args + [mine], in: dir)
+            XCTAssertEqual(f.stdout, q.stdout.replacingOccurrences(of: theirs, with: mine), "\(image) \(args) \(output): stdout", line: line)
+            // An error line is Ferry's ("ferry: FILE: ...") where qemu-img's says "qemu-img: ...".
+            XCTAssertEqual(f.stderr, q.stderr.replacingOccurrences(of: "qemu-img: ", with: "ferry: \(mine): "),
+                           "\(image) \(args) \(output): stderr", line: line)
+            XCTAssertEqual(f.status, q.status, "\(image) \(args) \(output): status", line: line)
+        }
+    }
+
+    // MARK: - editing an image's tables
+
+    func u32(_ d: Data, _ at: Int) -> UInt64 { d[at ..< at + 4].reduce(0) { $0 << 8 | UInt64($1) } }
+    func u64(_ d: Data, _ at: Int) -> UInt64 { d[at ..< at + 8].reduce(0) { $0 << 8 | UInt64($1) } }
+
+    func poke(_ image: String, at offset: Int, _ value: UInt64, bytes: Int) throws {
+        let h = try FileHandle(forUpdating: URL(fileURLWithPath: path(image)))
+        try h.seek(toOffset: UInt64(offset))
+        try h.write(contentsOf: Data((0 ..< bytes).map { UInt8(truncatingIfNeeded: value >> UInt64(8 * (bytes - 1 - $0))) }))
+        try h.close()
+    }
+
+    /// Sets the stored refcount of `cluster` (16-bit refcounts).
+    func setRefcount(_ image: String, cluster: Int, to value: UInt64) throws {
+        let d = try Data(contentsOf: URL(fileURLWithPath: path(image)))
+        let cs = 1 << Int(u32(d, 20))
+        XCTAssertEqual(u32(d, 96), 4, "16-bit refcounts")
+        let table = Int(u64(d, 48))
+        let perBlock = cs / 2
+        let block = Int(u64(d, table + 8 * (cluster / perBlock)))
+        XCTAssertNotEqual(block, 0)
+        try poke(image, at: block + 2 * (cluster % perBlock), value, bytes: 2)
+    }
+
+    /// Clears the COPIED flag of the first active L1 entry.
+    func clearL1Copied(_ image: String) throws {
+        let d = try Data(contentsOf: URL(fileURLWithPath: path(image)))
+        let l1 = Int(u64(d, 40))
+        try poke(image, at: l1, u64(d, l1) & ~(1 << 63), bytes: 8)
+    }
+
+    /// 64 MiB: data clusters 0-15 (cluster 5 is at file cluster 5), a compressed cluster.
+    func base(_ name: String) throws -> String {
+        try qemu(["create", "-q", "-f", "qcow2", path(name), "64M"])
+        try io(path(name), ["write -P 1 0 1M", "write -c -P 2 4M 64k"])
+        return name
+    }
+
+    // MARK: - tests
+
+    func testCleanImagesMatchQemuImg() throws {
+        var images: [String] = []
+        try qemu(["create", "-q", "-f", "qcow2", path("empty.qcow2"), "1M"]); images.append("empty.qcow2")
+        images.append(try base("plain.qcow2"))
+        try qemu(["create", "-q", "-f", "qcow2", path("snap.qcow2"), "64M"])
+        try io(path("snap.qcow2"), ["write -P 1 0 2M"])
+        try qemu(["snapshot", "-c", "s1", path("snap.qcow2")])
+        try io(path("snap.qcow2"), ["write -P 2 1M 2M"])
+        try qemu(["snapshot", "-c", "s2", path("snap.qcow2")])
+        try io(path("snap.qcow2"), ["write -P 3 10M 64k"]); images.append("snap.qcow2")
+        try qemu(["create", "-q", "-f", "qcow2", path("bitmaps.qcow2"), "64M"])
+        try io(path("bitmaps.qcow2"), ["write -P 1 0 2M"])
+        try qemu(["bitmap", "--add", path("bitmaps.qcow2"), "b0"])
+        try qemu(["bitmap", "--add", "-g", "64k", path("bitmaps.qcow2"), "b1"])
+        try io(path("bitmaps.qcow2"), ["write -P 1 8M 2M"]); images.append("bitmaps.qcow2")
+        for (name, options) in [("ext.qcow2", "extended_l2=on"), ("r1.qcow2", "refcount_bits=1"), ("r64.qcow2", "refcount_bits=64,cluster_size=4k"),
+                                ("v2.qcow2", "compat=0.10"), ("zstd.qcow2", "compression_type=zstd"), ("df.qcow2", "data_file=df.raw")] {
+            try qemu(["create", "-q", "-f", "qcow2", "-o", options, path(name), "64M"])
+            try io(path(name), ["write -P 1 0 2M", "write -P 2 5M 4k", "write -z 7M 1M"])
+            images.append(name)
+        }
+        // Every writer of Ferry's.
+        try qemu(["create", "-q", "-f", "raw", path("src.raw"), "64M"])
+        try io(path("src.raw"), ["write -P 1 0 3M", "write -P 2 9M 1M", "write -P 3 40M 64k"], format: "raw")
+        for (name, args) in [("f-plain.qcow2", [String]()), ("f-zlib.qcow2", ["-c"]), ("f-zstd.qcow2", ["-c", "-o", "compression_type=zstd"]),
+                             ("f-v2.qcow2", ["-o", "compat=0.10,cluster_size=4k"]), ("f-bitmaps.qcow2", ["--bitmaps"])] {
+            let src = name == "f-bitmaps.qcow2" ? "bitmaps.qcow2" : "src.raw"
+            let r = try Tools.ferry(["convert", "-q", "-O", "qcow2"] + args + [src, name], in: dir)
+            XCTAssertEqual(r.status, 0, r.stderr)
+            images.append(name)
+        }
+        try FileManager.default.copyItem(atPath: path("f-plain.qcow2"), toPath: path("f-changed.qcow2"))
+        for c in [["snapshot", "-c", "one", "f-changed.qcow2"], ["resize", "f-changed.qcow2", "+64M"],
+                  ["amend", "-o", "refcount_bits=4", "f-changed.qcow2"]] {
+            XCTAssertEqual(try Tools.ferry(c, in: dir).status, 0, "\(c)")
+        }
+        images.append("f-changed.qcow2")
+        for image in images {
+            try assertSameAsQemu(image)
+            XCTAssertEqual(try Tools.ferry(["check", image], in: dir).status, 0, image)
+        }
+    }
+
+    func testLeaksAndCorruptionsMatchQemuImg() throws {
+        // Refcounts above the references: leaks (and COPIED flags that no longer match).
+        try setRefcount(try base("leak.qcow2"), cluster: 5, to: 2)
+        try setRefcount("leak.qcow2", cluster: 6, to: 3)
+        // A cluster past the old end of the file, counted but not used.
+        let grown = try base("grown.qcow2")
+        // The file ends inside its last (compressed) cluster.
+        let end = (fileSize(path(grown)) + 65535) >> 16
+        XCTAssertEqual(truncate(path(grown), off_t((end + 2) << 16)), 0)
+        try setRefcount(grown, cluster: Int(end), to: 1)
+        // A refcount below the references: a corruption.
+        try setRefcount(try base("low.qcow2"), cluster: 5, to: 0)
+        // An L2 table whose refcount is 1 but whose L1 entry lacks COPIED.
+        try clearL1Copied(try base("copied.qcow2"))
+        for image in ["leak.qcow2", "grown.qcow2", "low.qcow2", "copied.qcow2"] {
+            try assertSameAsQemu(image)
+        }
+        XCTAssertEqual(try Tools.ferry(["check", "leak.qcow2"], in: dir).status, 2)
+        XCTAssertEqual(try Tools.ferry(["check", "grown.qcow2"], in: dir).status, 3)
+        XCTAssertEqual(try Tools.ferry(["check", "low.qcow2"], in: dir).status, 2)
+    }
+
+    func testRepairs() throws {
+        try setRefcount(try base("leak.qcow2"), cluster: 5, to: 2)
+        let grown = try base("grown.qcow2")
+        // The file ends inside its last (compressed) cluster.
+        let end = (fileSize(path(grown)) + 65535) >> 16
+        XCTAssertEqual(truncate(path(grown), off_t((end + 2) << 16)), 0)
+        try setRefcount(grown, cluster: Int(end), to: 1)
+        try clearL1Copied(try base("copied.qcow2"))
+        try setRefcount(try base("low.qcow2"), cluster: 5, to: 0)
+        _ = try base("original.qcow2")
+        // Leaks and COPIED flags: the same repair lines and reports as qemu-img's, either mode.
+        for image in ["leak.qcow2", "grown.qcow2", "copied.qcow2"] {
+            for mode in ["leaks", "all"] {
+                try assertSameAsQemu(image, ["-r", mode])
+                // assertSameAsQemu repaired f-IMAGE: qemu-img finds it clean, with the same data.
+                let check = try Tools.run(try Tools.require("qemu-img"), ["check", "f-\(image)"], in: dir)
+                XCTAssertEqual(check.status, 0, "\(image) -r \(mode): \(check.stdout)\(check.stderr)")
+                try Tools.must("qemu-img", ["compare", "original.qcow2", "f-\(image)"], in: dir)
+            }
+        }
+        // A refcount too low: -r leaks stops, as qemu-img does; -r all repairs it in place
+        // (qemu-img rebuilds the refcount structure instead), and qemu-img finds it clean.
+        try assertSameAsQemu("low.qcow2", ["-r", "leaks"])
+        let r = try Tools.ferry(["check", "-r", "all", "low.qcow2"], in: dir)
+        XCTAssertEqual(r.status, 0, r.stdout + r.stderr)
+        XCTAssertTrue(r.stderr.contains("Repairing cluster 5 refcount=0 reference=1\n"), r.stderr)
+        XCTAssertTrue(r.stdout.hasPrefix("The following inconsistencies were found and repaired:\n\n    0 leaked clusters\n    1 corruptions\n"), r.stdout)
+        XCTAssertEqual(try Tools.run(try Tools.require("qemu-img"), ["check", "low.qcow2"], in: dir).status, 0)
+        try Tools.must("qemu-img", ["compare", "original.qcow2", "low.qcow2"], in: dir)
+    }
+
+    func testFormatsWithoutChecksAndBadArguments() throws {
+        try qemu(["create", "-q", "-f", "raw", path("disk.raw"), "1M"])
+        let raw = try Tools.ferry(["check", "-f", "raw", "disk.raw"], in: dir)
+        XCTAssertEqual(raw.status, 63, "qemu-img's status for a format without checks")
+        XCTAssertEqual(raw.stderr, "ferry: disk.raw: This image format does not support checks\n")
+        let bad = try Tools.ferry(["check", "-r", "some", "disk.raw"], in: dir)
+        XCTAssertEqual(bad.status, 1)
+        XCTAssertTrue(bad.stderr.contains("Unknown option for -r: 'some'"), bad.stderr)
+        let missing = try Tools.ferry(["check", "nothere.qcow2"], in: dir)
+        XCTAssertEqual(missing.status, 1)
+        XCTAssertTrue(missing.stderr.contains("nothere.qcow2"), missing.stderr)
+    }
+}
