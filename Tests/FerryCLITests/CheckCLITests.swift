@@ -172,6 +172,21 @@ final class CheckCLITests: XCTestCase {
         try Tools.must("qemu-img", ["compare", "original.qcow2", "low.qcow2"], in: dir)
     }
 
+    /// QED keeps no refcounts: clusters no table uses are leaks, and nothing is repaired.
+    func testQEDImagesMatchQemuImg() throws {
+        try qemu(["create", "-q", "-f", "qed", path("empty.qed"), "1M"])
+        try qemu(["create", "-q", "-f", "qed", path("frag.qed"), "16M"])
+        try io(path("frag.qed"), ["write -P 1 1M 64k", "write -P 2 0 64k", "write -z 4M 128k", "write -P 3 8M 64k"], format: "qed")
+        try qemu(["create", "-q", "-f", "raw", path("src.raw"), "64M"])
+        try io(path("src.raw"), ["write -P 1 0 3M", "write -P 2 9M 1M"], format: "raw")
+        XCTAssertEqual(try Tools.ferry(["convert", "-q", "-O", "qed", "src.raw", "ferry.qed"], in: dir).status, 0)
+        try FileManager.default.copyItem(atPath: path("ferry.qed"), toPath: path("leaky.qed"))
+        XCTAssertEqual(truncate(path("leaky.qed"), off_t(fileSize(path("ferry.qed")) + (128 << 10))), 0)
+        for image in ["empty.qed", "frag.qed", "ferry.qed", "leaky.qed"] { try assertSameAsQemu(image) }
+        try assertSameAsQemu("leaky.qed", ["-r", "leaks"])
+        XCTAssertEqual(try Tools.ferry(["check", "leaky.qed"], in: dir).status, 3)
+    }
+
     func testFormatsWithoutChecksAndBadArguments() throws {
         try qemu(["create", "-q", "-f", "raw", path("disk.raw"), "1M"])
         let raw = try Tools.ferry(["check", "-f", "raw", "disk.raw"], in: dir)
