@@ -138,3 +138,46 @@ enum VDILayout {
         return out
     }
 }
+
+/// `check` of a VDI image, as qemu-img checks one: every block-map entry in range, no data
+/// block used twice, and as many blocks in use as the header says. Nothing is repaired
+/// (qemu-img cannot either: `-r` is refused as a check this format does not support).
+extension VDIFormat {
+    public static var hasCheck: Bool { true }
+
+    public static func check(_ request: CheckRequest) async throws -> CheckReport {
+        guard request.repair == nil else {
+            throw FerryError(.notSupported, "This image format does not support checks", path: request.location)
+        }
+        let context = FormatContext(location: request.location, readOnly: true) { location, _, _ in
+            throw FerryError(.notSupported, "vdi images have no backing files", path: location)
+        }
+        let device = try await VDIReader.open(file: request.file, context: context, checking: true)
+        let head = AlignedBuffer(count: 512)
+        try await readHost(request.file, at: 0, into: head.slice(0 ..< 512))
+        let declared = VDILayout.le32(head.bytes, 0x184)
+        let blocks = UInt32(device.bmap.count)
+        var report = CheckReport()
+        var used = Set<UInt32>()
+        var count: UInt32 = 0
+        for (i, e) in device.bmap.enumerated() where e < VDILayout.zero {
+            guard e < blocks else {
+                report.lines.append("ERROR: block index \(i) too large, is \(e)")
+                report.corruptions += 1
+                continue
+            }
+            if !used.insert(e).inserted {
+                // qemu-img names the block on both sides of this line.
+                report.lines.append("ERROR: block index \(e) also used by \(e)")
+                report.corruptions += 1
+            }
+            count += 1
+        }
+        if count != declared {
+            report.lines.append("ERROR: allocated blocks mismatch, is \(count), should be \(declared)")
+            report.corruptions += 1
+        }
+        try await device.close()
+        return report
+    }
+}

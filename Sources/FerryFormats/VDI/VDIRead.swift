@@ -3,7 +3,9 @@ import FerryCore
 /// Opens VDI 1.1 images, normal (dynamic) or fixed: the header, then the block map, read
 /// whole (never larger than the file), each entry checked.
 enum VDIReader {
-    static func open(file: any BlockDevice, context: FormatContext) async throws -> VDIReadDevice {
+    /// `checking`: the block map's entries are kept as they are (out of range or not), for
+    /// `check` to report.
+    static func open(file: any BlockDevice, context: FormatContext, checking: Bool = false) async throws -> VDIReadDevice {
         let name = context.location
         guard file.size >= Int64(VDILayout.headerEnd) else {
             throw FerryError(.corrupt, "vdi image is truncated: \(file.size) bytes cannot hold its \(VDILayout.headerEnd)-byte header", path: name, offset: 0)
@@ -63,7 +65,7 @@ enum VDIReader {
             for i in 0 ..< n {
                 let e = VDILayout.le32(r, i * 4)
                 bmap[i] = e
-                guard e < VDILayout.zero else { continue }
+                guard e < VDILayout.zero, !checking else { continue }
                 let at = bmapAt + Int64(i) * 4
                 guard Int64(e) < blocks else {
                     throw FerryError(.corrupt, "vdi block map entry \(i) (block \(e)) at offset \(at) is out of range (\(blocks) blocks)", path: name, offset: at)
