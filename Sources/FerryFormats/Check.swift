@@ -12,11 +12,17 @@ public struct CheckRequest: Sendable {
     /// The image's file, opened for writing when `repair` is set.
     public var file: any BlockDevice
     public var repair: CheckRepair?
+    /// Opens another file of the image (a VMDK extent named by its descriptor) to read.
+    public var openFile: @Sendable (_ location: String) async throws -> any BlockDevice
 
-    public init(location: String, file: any BlockDevice, repair: CheckRepair? = nil) {
+    public init(location: String, file: any BlockDevice, repair: CheckRepair? = nil,
+                openFile: @escaping @Sendable (_ location: String) async throws -> any BlockDevice = { location in
+                    throw FerryError(.notSupported, "this image refers to another file, which cannot be opened here", path: location)
+                }) {
         self.location = location
         self.file = file
         self.repair = repair
+        self.openFile = openFile
     }
 }
 
@@ -25,6 +31,9 @@ public struct CheckReport: Sendable, Equatable {
     /// The lines qemu-img prints on stderr while checking, in order ("Leaked cluster ...",
     /// "ERROR ...", "Repairing ...").
     public var lines: [String] = []
+    /// The indexes of `lines` that are error reports (qemu-img prefixes its name to them,
+    /// Ferry "ferry: "); each names the image.
+    public var complaints: Set<Int> = []
     public var corruptions = 0
     public var leaks = 0
     /// Errors of the check itself (metadata it could not read).
@@ -41,6 +50,12 @@ public struct CheckReport: Sendable, Equatable {
     public var failure: String?
 
     public init() {}
+
+    /// An error report about the image, printed as Ferry prints errors.
+    public mutating func complain(_ text: String) {
+        complaints.insert(lines.count)
+        lines.append(text)
+    }
 
     /// qemu-img check's exit status: 0 clean, 2 corruptions (or errors of the check), 3
     /// leaks only.

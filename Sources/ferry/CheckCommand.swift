@@ -52,7 +52,7 @@ struct Check: FerryCommand {
             Terminal.complain(e.description)
             return 63
         }
-        for line in result.first.lines { Terminal.err(line + "\n") }
+        Self.printLines(result.first)
         if let failure = result.first.failure {
             Terminal.complain(FerryError(.io, failure, path: image).description)
             return 1
@@ -62,7 +62,7 @@ struct Check: FerryCommand {
             text += "The following inconsistencies were found and repaired:\n\n"
             text += "    \(result.first.leaksFixed) leaked clusters\n    \(result.first.corruptionsFixed) corruptions\n\n"
             text += "Double checking the fixed image now...\n"
-            for line in after.lines { Terminal.err(line + "\n") }
+            Self.printLines(after)
         }
         let final = result.after ?? result.first
         if !quiet {
@@ -71,6 +71,12 @@ struct Check: FerryCommand {
                 : text + Self.human(final))
         }
         return final.status
+    }
+
+    static func printLines(_ r: CheckReport) {
+        for (i, line) in r.lines.enumerated() {
+            if r.complaints.contains(i) { Terminal.complain(line) } else { Terminal.err(line + "\n") }
+        }
     }
 
     /// printf's `%.2f`, which rounds as qemu-img's does (0.625 is "0.62").

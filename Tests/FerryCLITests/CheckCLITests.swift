@@ -243,11 +243,52 @@ final class CheckCLITests: XCTestCase {
         XCTAssertTrue(r.stderr.hasSuffix("ferry: leaky.parallels: ferry cannot repair parallels images yet (qemu-img check -r can)\n"), r.stderr)
     }
 
+    /// VMDK: every allocated grain starts inside its file; VHDX: every present block does.
+    func testVMDKAndVHDXImagesMatchQemuImg() throws {
+        try qemu(["create", "-q", "-f", "raw", path("src.raw"), "16M"])
+        try io(path("src.raw"), ["write -P 1 0 3M", "write -P 2 9M 1M"], format: "raw")
+        var images: [String] = []
+        for sub in ["monolithicSparse", "streamOptimized", "twoGbMaxExtentSparse", "monolithicFlat"] {
+            try qemu(["convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=\(sub)", path("src.raw"), path("q-\(sub).vmdk")])
+            XCTAssertEqual(try Tools.ferry(["convert", "-q", "-O", "vmdk", "-o", "subformat=\(sub)", "src.raw", "f-\(sub).vmdk"], in: dir).status, 0)
+            images += ["q-\(sub).vmdk", "f-\(sub).vmdk"]
+        }
+        for sub in ["dynamic", "fixed"] {
+            try qemu(["convert", "-q", "-f", "raw", "-O", "vhdx", "-o", "subformat=\(sub)", path("src.raw"), path("q-\(sub).vhdx")])
+            XCTAssertEqual(try Tools.ferry(["convert", "-q", "-O", "vhdx", "-o", "subformat=\(sub)", "src.raw", "f-\(sub).vhdx"], in: dir).status, 0)
+            images += ["q-\(sub).vhdx", "f-\(sub).vhdx"]
+        }
+        // A grain table entry (the 36th of the first table, after the header's gd_offset) and
+        // a BAT entry (the first, at the BAT region's offset) pointing far past the end.
+        try FileManager.default.copyItem(atPath: path("q-monolithicSparse.vmdk"), toPath: path("far.vmdk"))
+        var d = try Data(contentsOf: URL(fileURLWithPath: path("far.vmdk")))
+        func le(_ at: Int, _ n: Int) -> Int { (0 ..< n).reduce(0) { $0 | Int(d[at + $1]) << (8 * $1) } }
+        let gt = le(le(56, 8) * 512, 4) * 512
+        d.replaceSubrange(gt + 4 * 35 ..< gt + 4 * 36, with: [0x00, 0xff, 0xff, 0x7f])
+        try d.write(to: URL(fileURLWithPath: path("far.vmdk")))
+        try FileManager.default.copyItem(atPath: path("q-dynamic.vhdx"), toPath: path("far.vhdx"))
+        d = try Data(contentsOf: URL(fileURLWithPath: path("far.vhdx")))
+        let regions = 0x30000
+        var bat = 0
+        for i in 0 ..< le(regions + 8, 4) where d[regions + 16 + 32 * i] == 0x66 {  // 2DC27766-...: the BAT
+            bat = le(regions + 16 + 32 * i + 16, 8)
+        }
+        XCTAssertNotEqual(bat, 0)
+        let entry = UInt64(le(bat, 8)) & 0xFFFFF | UInt64(100_000) << 20
+        d.replaceSubrange(bat ..< bat + 8, with: (0 ..< 8).map { UInt8(truncatingIfNeeded: entry >> UInt64(8 * $0)) })
+        try d.write(to: URL(fileURLWithPath: path("far.vhdx")))
+        for image in images + ["far.vmdk", "far.vhdx"] { try assertSameAsQemu(image) }
+        XCTAssertEqual(try Tools.ferry(["check", "far.vmdk"], in: dir).status, 1)
+        XCTAssertEqual(try Tools.ferry(["check", "far.vhdx"], in: dir).status, 2)
+    }
+
     func testFormatsWithoutChecksAndBadArguments() throws {
         try qemu(["create", "-q", "-f", "raw", path("disk.raw"), "1M"])
         let raw = try Tools.ferry(["check", "-f", "raw", "disk.raw"], in: dir)
         XCTAssertEqual(raw.status, 63, "qemu-img's status for a format without checks")
         XCTAssertEqual(raw.stderr, "ferry: disk.raw: This image format does not support checks\n")
+        try qemu(["convert", "-q", "-f", "raw", "-O", "vpc", path("disk.raw"), path("disk.vhd")])
+        try assertSameAsQemu("disk.vhd")
         let bad = try Tools.ferry(["check", "-r", "some", "disk.raw"], in: dir)
         XCTAssertEqual(bad.status, 1)
         XCTAssertTrue(bad.stderr.contains("Unknown option for -r: 'some'"), bad.stderr)
