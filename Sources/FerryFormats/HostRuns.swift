@@ -136,3 +136,13 @@ func readMapped<R: MappedRun>(at offset: Int64, into buffer: UnsafeMutableRawBuf
         try await readTogether(reads)
     }
 }
+
+/// Adds a piece of a write: `count` bytes of the caller's buffer from `from`, going to `host`;
+/// joined to the last piece when it continues it both in the buffer and in the file.
+func appendJoining(_ runs: inout [(host: Int64, from: Int, count: Int)], host: Int64, from: Int, count: Int) {
+    if let last = runs.last, last.host + Int64(last.count) == host, last.from + last.count == from {
+        runs[runs.count - 1].count += count
+    } else {
+        runs.append((host, from, count))
+    }
+}

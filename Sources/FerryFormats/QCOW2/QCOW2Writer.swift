@@ -454,11 +454,7 @@ public final class QCOW2Writer: ClusterCompressingDevice, CommittingDevice, Laye
                 let from = Int(pos - offset)
                 switch try mapWrite(&s, cluster: c, within: within, length: n) {
                 case .host(let h):
-                    if let last = runs.last, last.host + Int64(last.count) == h, last.from + last.count == from {
-                        runs[runs.count - 1].count += Int(n)
-                    } else {
-                        runs.append((h, from, Int(n)))
-                    }
+                    appendJoining(&runs, host: h, from: from, count: Int(n))
                 case .slow: slowOnes.append((pos, from, Int(n)))
                 case .done: break
                 }

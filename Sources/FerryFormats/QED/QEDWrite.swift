@@ -238,11 +238,7 @@ final class QEDWriter: CommittingDevice, LayeredDevice, @unchecked Sendable {
                 let from = Int(pos - offset)
                 switch try map(&s, pos, n) {
                 case .host(let h):
-                    if let last = runs.last, last.host + Int64(last.count) == h, last.from + last.count == from {
-                        runs[runs.count - 1].count += Int(n)
-                    } else {
-                        runs.append((h, from, Int(n)))
-                    }
+                    appendJoining(&runs, host: h, from: from, count: Int(n))
                 case .slow: slowOnes.append((pos, from, Int(n)))
                 case .done: break
                 }

@@ -90,11 +90,7 @@ final class VDIWriter: CommittingDevice, @unchecked Sendable {
                 }
                 let host = layout.dataOffset + Int64(entry) * bs + (pos - Int64(b) * bs)
                 let from = Int(pos - offset)
-                if let last = runs.last, last.host + Int64(last.count) == host, last.from + last.count == from {
-                    runs[runs.count - 1].count += Int(n)
-                } else {
-                    runs.append((host, from, Int(n)))
-                }
+                appendJoining(&runs, host: host, from: from, count: Int(n))
                 pos += n
             }
         }

@@ -198,11 +198,7 @@ final class VHDDynamicWriter: CommittingDevice, @unchecked Sendable {
                 }
                 let host = Int64(entry) * VHDLayout.sector + VHDLayout.bitmapBytes(blockSize: bs) + (pos - Int64(b) * bs)
                 let from = Int(pos - offset)
-                if let last = runs.last, last.host + Int64(last.count) == host, last.from + last.count == from {
-                    runs[runs.count - 1].count += Int(n)
-                } else {
-                    runs.append((host, from, Int(n)))
-                }
+                appendJoining(&runs, host: host, from: from, count: Int(n))
                 pos += n
             }
         }

@@ -200,11 +200,7 @@ final class VHDXNewImage: CommittingDevice, @unchecked Sendable {
                 if host != 0 {
                     let h = host + pos % bs
                     let from = Int(pos - offset)
-                    if let last = runs.last, last.host + Int64(last.count) == h, last.from + last.count == from {
-                        runs[runs.count - 1].count += Int(n)
-                    } else {
-                        runs.append((h, from, Int(n)))
-                    }
+                    appendJoining(&runs, host: h, from: from, count: Int(n))
                 }
                 pos += n
             }
