@@ -48,7 +48,8 @@ extension Images {
         }
         let (report, name) = try await changeInPlace(spec, readOnly: repair == nil) { file, format in
             return (try await format.check(CheckRequest(location: spec.location, file: file.current, repair: repair,
-                                                        openFile: { try await openEndpoint($0, readOnly: true) })), format.name)
+                                                        openFile: { try await openEndpoint($0, readOnly: true) },
+                                                        setFileLength: repair == nil ? nil : file.setLength)), format.name)
         }
         guard repair != nil, report.failure == nil, report.leaksFixed + report.corruptionsFixed > 0 else { return (report, nil, name) }
         let again = try await changeInPlace(spec, readOnly: true) { file, format in

@@ -14,6 +14,9 @@ public struct CheckRequest: Sendable {
     public var repair: CheckRepair?
     /// Opens another file of the image (a VMDK extent named by its descriptor) to read.
     public var openFile: @Sendable (_ location: String) async throws -> any BlockDevice
+    /// Sets the length of the image's file and returns it opened again (a repair that cuts
+    /// leaked space off the end); nil where the file cannot change length.
+    public var setFileLength: (@Sendable (_ length: Int64) async throws -> any BlockDevice)?
 
     public init(location: String, file: any BlockDevice, repair: CheckRepair? = nil,
                 openFile: @escaping @Sendable (_ location: String) async throws -> any BlockDevice = { location in
@@ -23,6 +26,13 @@ public struct CheckRequest: Sendable {
         self.file = file
         self.repair = repair
         self.openFile = openFile
+    }
+
+    public init(location: String, file: any BlockDevice, repair: CheckRepair?,
+                openFile: @escaping @Sendable (_ location: String) async throws -> any BlockDevice,
+                setFileLength: (@Sendable (_ length: Int64) async throws -> any BlockDevice)?) {
+        self.init(location: location, file: file, repair: repair, openFile: openFile)
+        self.setFileLength = setFileLength
     }
 }
 

@@ -3,7 +3,8 @@ import FerryCore
 /// `check` of a Parallels image, as qemu-img checks one: an image left open for writing is
 /// an error, so is a BAT entry whose cluster lies outside the file, and space after the last
 /// cluster is leaked. Allocation and fragmentation as qemu-img counts them (a cluster not
-/// right after the one the BAT entry before it names). Repairs are not made by Ferry.
+/// right after the one the BAT entry before it names). `-r all` marks the image closed and
+/// drops BAT entries outside the file; either `-r` cuts leaked space off the end.
 extension ParallelsFormat {
     public static var hasCheck: Bool { true }
 
@@ -17,8 +18,14 @@ extension ParallelsFormat {
         let cs = h.clusterSize
         report.totalClusters = (h.virtualSize + cs - 1) / cs
         if h.dirty {
-            report.lines.append("ERROR image was not closed correctly")
-            report.corruptions += 1
+            if request.repair == .all {
+                report.lines.append("Repairing image was not closed correctly")
+                try await writeLE32(ParallelsHeader.inUseClosed, at: 44, in: file)
+                report.corruptionsFixed += 1
+            } else {
+                report.lines.append("ERROR image was not closed correctly")
+                report.corruptions += 1
+            }
         }
         var end = h.dataOffset
         if h.batEntries > 0 {
@@ -29,6 +36,12 @@ extension ParallelsFormat {
                 defer { previous = host }
                 guard host != 0 else { continue }
                 if host > file.size - cs {
+                    if request.repair == .all {
+                        report.lines.append("Repairing cluster \(i) is outside image")
+                        try await writeLE32(0, at: Int64(ParallelsHeader.size + i * 4), in: file)
+                        report.corruptionsFixed += 1
+                        continue
+                    }
                     report.lines.append("ERROR cluster \(i) is outside image")
                     report.corruptions += 1
                 }
@@ -38,13 +51,30 @@ extension ParallelsFormat {
             }
         }
         if file.size > end {
-            report.lines.append("ERROR space leaked at the end of the image \(file.size - end)")
-            report.leaks += Int((file.size - end + cs - 1) / cs)
+            let clusters = Int((file.size - end + cs - 1) / cs)
+            if request.repair != nil, let setFileLength = request.setFileLength {
+                report.lines.append("Repairing space leaked at the end of the image \(file.size - end)")
+                // The file is opened again at its new length; the cut is its last change.
+                try await setFileLength(end).flush()
+                report.leaksFixed += clusters
+                report.imageEndOffset = end
+                return report
+            } else {
+                report.lines.append("ERROR space leaked at the end of the image \(file.size - end)")
+                report.leaks += clusters
+            }
         }
         report.imageEndOffset = end
-        if request.repair != nil, report.corruptions + report.leaks > 0 {
-            report.failure = "ferry cannot repair parallels images yet (qemu-img check -r can)"
-        }
+        if report.leaksFixed + report.corruptionsFixed > 0 { try await file.flush() }
         return report
+    }
+
+    private static func writeLE32(_ value: UInt32, at offset: Int64, in file: any BlockDevice) async throws {
+        // One sector, read and written whole, for files opened with O_DIRECT.
+        let start = offset / 512 * 512
+        let buffer = AlignedBuffer(count: 512)
+        try await readHost(file, at: start, into: buffer.mutableBytes)
+        buffer.mutableBytes.storeBytes(of: value.littleEndian, toByteOffset: Int(offset - start), as: UInt32.self)
+        try await file.write(at: start, from: buffer.bytes, flags: [])
     }
 }
