@@ -190,7 +190,8 @@ final class FaultsCLITests: XCTestCase {
             let dst = path("read-\(rate.dropLast()).raw")
             let r = try Tools.ferry(["convert", "--buffer-size", "256k", "-f", "raw", "-O", "raw", url, dst], in: dir)
             XCTAssertEqual(r.status, 0, r.stderr)
-            XCTAssertTrue(r.stderr.contains("request(s) sent again"), r.stderr)
+            // At 1% a copy of about 170 requests meets no error one time in five; at 10% never.
+            if rate == "10%" { XCTAssertTrue(r.stderr.contains("request(s) sent again"), r.stderr) }
             try identical(src, dst)
 
             let mem = path("mem-\(rate.dropLast()).raw")
