@@ -86,7 +86,8 @@ public enum CopyEngine {
         let sequencer = inOrder ? Sequencer() : nil
         // A compressing worker holds a second buffer for what it compressed.
         let plan = DepthPlan(workers: configuration.workers, bufferSize: configuration.bufferSize * (compressor == nil ? 1 : 2),
-                             maxInFlight: configuration.maxInFlight)
+                             maxInFlight: configuration.maxInFlight,
+                             concurrency: max(source.concurrency, target.concurrency))
         let gate = DepthGate(limit: plan.initial)
         // Never more taken than the gate admits.
         let pool = pool ?? BufferPool(bufferSize: configuration.bufferSize, capacity: plan.workers)

@@ -19,7 +19,9 @@ struct DepthPlan: Sendable {
     /// Deepest an adaptive copy goes: past this the servers here gained nothing.
     static let adaptiveMaximum = 64
 
-    init(workers fixed: Int?, bufferSize: Int, maxInFlight: Int) {
+    /// `concurrency`: what the endpoints serve at once (`BlockDevice.concurrency`); an
+    /// adaptive copy starts at least that deep.
+    init(workers fixed: Int?, bufferSize: Int, maxInFlight: Int, concurrency: Int = 1) {
         // Buffers (and a compressed twin when compressing) are what a request in flight holds.
         let byMemory = max(1, maxInFlight / max(bufferSize, 1))
         if let fixed {
@@ -28,7 +30,7 @@ struct DepthPlan: Sendable {
             adaptive = false
         } else {
             workers = min(Self.adaptiveMaximum, byMemory)
-            initial = min(Self.adaptiveStart, workers)
+            initial = min(max(Self.adaptiveStart, concurrency), workers)
             adaptive = workers > initial
         }
     }

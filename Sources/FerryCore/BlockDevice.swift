@@ -78,6 +78,11 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// Makes every completed write durable. A device without `.flush` returns at once.
     func flush() async throws
 
+    /// Requests the device serves at once to best effect: its connections times what its
+    /// server takes from each. A copy that finds its own depth starts at least this deep.
+    /// 1 (the default) for a device that does not say.
+    var concurrency: Int { get }
+
     /// Releases the device's resources. Called once; no other call follows it.
     /// Does not flush: callers that want durability call `flush()` first.
     func close() async throws
@@ -176,6 +181,8 @@ public struct ZeroFlags: OptionSet, Sendable, Hashable {
 }
 
 extension BlockDevice {
+    public var concurrency: Int { 1 }
+
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
                       issued: @escaping @Sendable () -> Void) async throws {
         try await write(at: offset, from: buffer, flags: flags)

@@ -93,6 +93,21 @@ final class NBDTests: XCTestCase {
         for w in words { XCTAssertTrue(text.contains(w), "'\(text)' does not say '\(w)'", file: file, line: line) }
     }
 
+    /// A copy out of an export with four connections starts deep enough to fill them all
+    /// (64 requests: 16 each); with one connection, at 16. Read from the first progress line.
+    func testDefaultDepthFillsEveryConnection() throws {
+        let src = try sourceImage()
+        let url = try nbdkit(["file", src], name: "wide")
+        for (connections, depth) in [(4, 64), (1, 16)] {
+            let r = try Tools.ferry(["convert", "--progress=json", "--connections", "\(connections)", "-r", "8M", "-f", "raw", "-O", "raw",
+                                     url, path("wide-\(connections).raw")], in: dir)
+            XCTAssertEqual(r.status, 0, r.stderr)
+            let first = r.stdout.split(separator: "\n").first.map(String.init) ?? ""
+            XCTAssertTrue(first.contains("\"depth\":\(depth),"), "\(connections) connection(s): \(first)")
+            try compare(src, path("wide-\(connections).raw"))
+        }
+    }
+
     // MARK: Round trips
 
     func testLocalToNBDToLocalRoundTrip() throws {

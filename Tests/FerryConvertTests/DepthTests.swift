@@ -47,6 +47,13 @@ final class DepthTests: XCTestCase {
         let small = DepthPlan(workers: nil, bufferSize: 2 << 20, maxInFlight: 8 << 20)
         XCTAssertEqual([small.initial, small.workers], [4, 4])
         XCTAssertFalse(small.adaptive)
+        // Endpoints that serve more at once (four NBD connections of 16) start that deep,
+        // within the memory cap; a given -m still wins.
+        let wide = DepthPlan(workers: nil, bufferSize: 2 << 20, maxInFlight: 128 << 20, concurrency: 64)
+        XCTAssertEqual([wide.initial, wide.workers], [64, 64])
+        XCTAssertEqual(DepthPlan(workers: nil, bufferSize: 2 << 20, maxInFlight: 128 << 20, concurrency: 32).initial, 32)
+        XCTAssertEqual(DepthPlan(workers: nil, bufferSize: 2 << 20, maxInFlight: 32 << 20, concurrency: 64).initial, 16)
+        XCTAssertEqual(DepthPlan(workers: 8, bufferSize: 2 << 20, maxInFlight: 128 << 20, concurrency: 64).initial, 8)
     }
 
     /// A source 4 ms away: sixteen 64 KiB requests in flight leave it idle most of the time,
