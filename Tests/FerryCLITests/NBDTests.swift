@@ -28,7 +28,7 @@ final class NBDTests: XCTestCase {
         if tcp {
             // A port nobody holds: nbdkit exits at once when the port is taken; try another.
             for _ in 0 ..< 20 {
-                let port = Int.random(in: 20000 ..< 60000)
+                let port = Int.random(in: 20000 ..< 32000)
                 if let url = try? startNBDKit(["-i", "127.0.0.1", "-p", "\(port)"] + args, name: name,
                                               url: "nbd://127.0.0.1:\(port)") { return url }
             }
