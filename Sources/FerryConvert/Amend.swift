@@ -37,19 +37,18 @@ extension Images {
     /// in place. After a repair that fixed something, the image is checked again, as qemu-img
     /// does: the second report is what the image is now.
     public static func check(_ spec: ImageSpec, repair: CheckRepair? = nil) async throws -> (first: CheckReport, after: CheckReport?, format: String) {
-        // A format without a check still opens the image first, as qemu-img does: a broken one
-        // is reported as broken, not as unchecked.
-        let (probed, probedFormat) = try await openForChange(spec, readOnly: true)
-        try await probed.close()
-        if !probedFormat.hasCheck {
-            let image = try await open(ImageSpec(spec.location, format: probedFormat.name), readOnly: true)
-            try await image.device.close()
-            throw FerryError(.notSupported, "This image format does not support checks", path: spec.location)
-        }
-        let (report, name) = try await changeInPlace(spec, readOnly: repair == nil) { file, format in
+        let (checked, name) = try await changeInPlace(spec, readOnly: repair == nil) { file, format -> (CheckReport?, String) in
+            guard format.hasCheck else { return (nil, format.name) }
             return (try await format.check(CheckRequest(location: spec.location, file: file.current, repair: repair,
                                                         openFile: { try await openEndpoint($0, readOnly: true) },
                                                         setFileLength: repair == nil ? nil : file.setLength)), format.name)
+        }
+        guard let report = checked else {
+            // A format without a check still opens the image, as qemu-img does: a broken one
+            // is reported as broken, not as unchecked.
+            let image = try await open(ImageSpec(spec.location, format: name), readOnly: true)
+            try await image.device.close()
+            throw FerryError(.notSupported, "This image format does not support checks", path: spec.location)
         }
         guard repair != nil, report.failure == nil, report.leaksFixed + report.corruptionsFixed > 0 else { return (report, nil, name) }
         let again = try await changeInPlace(spec, readOnly: true) { file, format in

@@ -199,8 +199,7 @@ public final class BlockHasher: @unchecked Sendable {
             var out = [UInt8](repeating: 0, count: Int(EVP_MAX_MD_SIZE))
             var length: UInt32 = 0
             EVP_DigestFinal_ex(s.outer, &out, &length)
-            let hex = Array("0123456789abcdef".utf8)
-            let r = String(decoding: out.prefix(Int(length)).flatMap { [hex[Int($0 >> 4)], hex[Int($0 & 15)]] }, as: UTF8.self)
+            let r = Digest.hex(out.prefix(Int(length)))
             s.result = r
             return r
         }
@@ -223,10 +222,7 @@ public enum ImageChecksum {
                                 progress: (@Sendable (CopyStats) -> Void)? = nil,
                                 warning: (@Sendable (String) -> Void)? = nil) async throws -> Result {
         let image = try await Images.open(spec, readOnly: true, options: options)
-        if image.probedAsRaw {
-            warning?("\(image.location): image format was not specified and probing guessed raw; pass -f raw to say so and silence this warning")
-        }
-        for w in image.warnings { warning?(w) }
+        image.passWarnings(to: warning)
         do {
             let hasher = try BlockHasher(algorithm: algorithm, size: image.device.size)
             var config = CopyConfiguration()

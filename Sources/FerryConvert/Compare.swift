@@ -65,12 +65,7 @@ public enum ImageCompare {
             try? await first.device.close()
             throw error
         }
-        for image in [first, second] {
-            if image.probedAsRaw {
-                warning?("\(image.location): image format was not specified and probing guessed raw; pass -f raw to say so and silence this warning")
-            }
-            for w in image.warnings { warning?(w) }
-        }
+        for image in [first, second] { image.passWarnings(to: warning) }
         do {
             let result = try await compare(first.device, second.device, options: options, progress: progress)
             try await first.device.close()

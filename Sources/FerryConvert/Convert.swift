@@ -57,10 +57,7 @@ public func convert(
         for s in sources {
             let image = try await Images.open(s, readOnly: true, options: options.sourceEndpoint)
             opened.append(image)
-            if image.probedAsRaw {
-                warning?("\(s.location): image format was not specified and probing guessed raw; pass -f raw to say so and silence this warning")
-            }
-            for w in image.warnings { warning?(w) }
+            image.passWarnings(to: warning)
         }
     } catch {
         await closeSources()
@@ -119,20 +116,11 @@ public func convert(
     }
     config.sparseSize = options.sparseSize
     config.targetReadsZero = options.useExistingTarget ? options.targetIsZero : out.device.capabilities.contains(.zeroInit)
-    if let algorithm = options.checksum {
-        do {
-            config.checksum = try BlockHasher(algorithm: algorithm, size: copySource.size)
-        } catch {
-            try? await out.device.close()
-            await closeSources()
-            if created { out.removeCreatedFiles() }
-            throw error
-        }
-    }
 
     // Sources inside an OVA are checked against its manifest while the copy runs.
     let digestCheck = MemberDigestCheck.start(for: opened)
     do {
+        if let algorithm = options.checksum { config.checksum = try BlockHasher(algorithm: algorithm, size: copySource.size) }
         var stats = try await CopyEngine.copy(from: copySource, to: out.device, configuration: config, progress: progress)
         stats.notes = try await digestCheck.finish()
         if let hasher = config.checksum {

@@ -34,6 +34,22 @@ public struct OpenedImage: Sendable {
     }
 }
 
+extension OpenedImage {
+    /// Passes on what opening the image found worth a warning: a format only guessed, then
+    /// the formats' own.
+    public func passWarnings(to warning: (@Sendable (String) -> Void)?) {
+        if probedAsRaw { warning?(Images.probedAsRawWarning(location)) }
+        for w in warnings { warning?(w) }
+    }
+}
+
+extension Images {
+    /// The warning for an image whose format nothing recognised, so it is read as raw.
+    public static func probedAsRawWarning(_ location: String) -> String {
+        "\(location): image format was not specified and probing guessed raw; pass -f raw to say so and silence this warning"
+    }
+}
+
 /// Where a new local image is written until it is complete, and what it becomes.
 public struct PartialFile: Sendable {
     /// The temporary name, `NAME.ferry-partial` beside the target: in plain sight, so that

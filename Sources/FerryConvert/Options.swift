@@ -107,6 +107,7 @@ public struct ConvertOptions: Sendable {
         if bitmaps && useExistingTarget {
             throw FerryError(.notSupported, "--bitmaps copies bitmaps only into a target that ferry creates, not with -n")
         }
+        if let checksum { _ = try BlockHasher(algorithm: checksum, size: 0) }
         if let workers, !(1 ... Self.maxWorkers).contains(workers) {
             throw FerryError(.invalidArgument, "invalid number of parallel requests \(workers) (allowed: 1 to \(Self.maxWorkers))")
         }

@@ -240,10 +240,7 @@ struct Convert: FerryCommand {
         options.forceShare = forceShare
         options.untrusted = untrusted
         options.salvage = salvage
-        if let checksum {
-            _ = try BlockHasher(algorithm: checksum, size: 0)
-            options.checksum = checksum
-        }
+        options.checksum = checksum
         options.bitmaps = bitmaps
         options.skipBrokenBitmaps = skipBrokenBitmaps
         options.copyOffload = copyOffload
@@ -635,5 +632,5 @@ struct Map: FerryCommand {
 }
 
 func warnProbedAsRaw(_ image: String) {
-    Terminal.warn("\(image): image format was not specified and probing guessed raw; pass -f raw to say so and silence this warning")
+    Terminal.warn(Images.probedAsRawWarning(image))
 }

@@ -50,12 +50,17 @@ final class Digest {
         var out = [UInt8](repeating: 0, count: Int(EVP_MAX_MD_SIZE))
         var length: UInt32 = 0
         EVP_DigestFinal_ex(context, &out, &length)
-        let hex = Array("0123456789abcdef".utf8)
+        return Self.hex(out.prefix(Int(length)))
+    }
+
+    /// Bytes in lower-case hex.
+    static func hex(_ bytes: some Collection<UInt8>) -> String {
+        let digits = Array("0123456789abcdef".utf8)
         var s: [UInt8] = []
-        s.reserveCapacity(Int(length) * 2)
-        for b in out.prefix(Int(length)) {
-            s.append(hex[Int(b >> 4)])
-            s.append(hex[Int(b & 15)])
+        s.reserveCapacity(bytes.count * 2)
+        for b in bytes {
+            s.append(digits[Int(b >> 4)])
+            s.append(digits[Int(b & 15)])
         }
         return String(decoding: s, as: UTF8.self)
     }

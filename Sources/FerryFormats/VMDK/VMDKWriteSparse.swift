@@ -277,10 +277,8 @@ final class VMDKSparseWriter: CommittingDevice, LayeredDevice, @unchecked Sendab
             let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(pos - offset) ..< Int(pos - offset + n)])
             if entry > 1 {
                 try await extents[k].file.read(at: Int64(entry) * VMDKLayout.sector + rel % Self.gs, into: dst)
-            } else if entry == 0, let backing, pos < backing.size {
-                let m = Int(min(n, backing.size - pos))
-                try await backing.read(at: pos, into: UnsafeMutableRawBufferPointer(rebasing: dst[0 ..< m]))
-                if m < dst.count { UnsafeMutableRawBufferPointer(rebasing: dst[m...]).initializeMemory(as: UInt8.self, repeating: 0) }
+            } else if entry == 0 {
+                try await readFromBacking(backing, at: pos, into: dst)
             } else {
                 dst.initializeMemory(as: UInt8.self, repeating: 0)
             }
