@@ -77,6 +77,18 @@ final class FaultsCLITests: XCTestCase {
         throw XCTSkip("no proxy")
     }
 
+    func stop(_ link: RunningProcess) throws {
+        link.signal(SIGTERM)
+        _ = try link.wait(timeout: 10)
+    }
+
+    /// Cuts the link (the proxy killed) and brings it back 0.3 s later on the same port.
+    func cut(_ link: RunningProcess, _ port: Int, to target: Int) throws -> RunningProcess {
+        try stop(link)
+        usleep(300_000)
+        return try proxy(port, to: target)
+    }
+
     /// Starts `ferry convert ARGS` with JSON progress and returns once data is moving.
     func startCopy(_ args: [String]) throws -> RunningProcess {
         let p = try Tools.start(try Tools.require("ferry"), ["convert", "--progress=json"] + args, in: dir)
@@ -147,10 +159,7 @@ final class FaultsCLITests: XCTestCase {
             let copy = try startCopy(["--reconnects", "\(reconnects)", "-m", "4", "--buffer-size", "512k", "-f", "raw", "-O", "raw",
                                       "nbd://127.0.0.1:\(port)", dst])
             XCTAssertTrue(copy.process.isRunning, "the copy ended before the link could be cut")
-            link.signal(SIGTERM)
-            _ = try link.wait(timeout: 10)
-            usleep(300_000)
-            link = try proxy(port, to: serverPort)
+            link = try cut(link, port, to: serverPort)
             let r = try copy.wait(timeout: 60)
             if reconnects > 0 {
                 XCTAssertEqual(r.status, 0, r.stderr)
@@ -159,8 +168,7 @@ final class FaultsCLITests: XCTestCase {
             } else {
                 assertCleanFailure(r, target: dst, saying: "lost")
             }
-            link.signal(SIGTERM)
-            _ = try link.wait(timeout: 10)
+            try stop(link)
         }
         // qemu-img's copy through the same cut fails: it does not reconnect.
         let port = Int.random(in: 20000 ..< 32000)
@@ -170,14 +178,10 @@ final class FaultsCLITests: XCTestCase {
                                                                    "nbd://127.0.0.1:\(port)", dst], in: dir)
         usleep(1_000_000)
         XCTAssertTrue(qemu.process.isRunning, "qemu-img ended before the link could be cut")
-        link.signal(SIGTERM)
-        _ = try link.wait(timeout: 10)
-        usleep(300_000)
-        link = try proxy(port, to: serverPort)
+        link = try cut(link, port, to: serverPort)
         let q = try qemu.wait(timeout: 60)
         XCTAssertNotEqual(q.status, 0, "qemu-img rode out the cut: \(q.stderr)")
-        link.signal(SIGTERM)
-        _ = try link.wait(timeout: 10)
+        try stop(link)
     }
 
     // MARK: - Requests the server fails
@@ -230,17 +234,13 @@ final class FaultsCLITests: XCTestCase {
         let out = target(proxyPort)
         let copy = try startCopy(["-n", "-r", "16M", "-m", "4", "--buffer-size", "512k", "-f", "raw", "-O", "raw", src, out])
         XCTAssertTrue(copy.process.isRunning, "\(name): the copy ended before the link could be cut")
-        link.signal(SIGTERM)
-        _ = try link.wait(timeout: 10)
-        usleep(300_000)
-        link = try proxy(proxyPort, to: dataPort)
+        link = try cut(link, proxyPort, to: dataPort)
         let r = try copy.wait(timeout: 60)
         XCTAssertEqual(r.status, 0, "\(name): \(r.stderr)")
         XCTAssertTrue(r.stderr.contains("reconnect(s)"), "\(name): \(r.stderr)")
         let cmp = try Tools.run(try Tools.require("qemu-img"), ["compare", "-f", "raw", "-F", "raw", src, targetFile], in: dir)
         XCTAssertEqual(cmp.status, 0, "\(name): \(cmp.stdout)\(cmp.stderr)")
-        link.signal(SIGTERM)
-        _ = try link.wait(timeout: 10)
+        try stop(link)
 
         guard let pid else { return XCTFail("\(name): no server pid") }
         defer { kill(pid, SIGCONT) }
