@@ -6,7 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         // The embeddable library: the block-device protocol, endpoints, formats and the copy engine.
-        .library(name: "Ferry", targets: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryISCSI", "FerryFormats", "FerryConvert"]),
+        .library(name: "Ferry", targets: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryISCSI", "FerryRBD", "FerryFormats", "FerryConvert"]),
         .executable(name: "ferry", targets: ["ferry"]),
         // A TCP proxy that adds latency, for benchmarks of the NFS and iSCSI paths.
         .executable(name: "ferry-delay-proxy", targets: ["ferry-delay-proxy"]),
@@ -30,6 +30,10 @@ let package = Package(
         .target(name: "CFerryNBD", linkerSettings: [.linkedLibrary("dl")]),
         .systemLibrary(name: "CLibNFS", pkgConfig: "libnfs", providers: [.apt(["libnfs-dev"])]),
         .systemLibrary(name: "CLibISCSI", pkgConfig: "libiscsi", providers: [.apt(["libiscsi-dev"])]),
+        // librbd's and librados's declarations only; CFerryRBD loads them on first use (they
+        // bring most of Ceph's client with them).
+        .systemLibrary(name: "CLibRBD", providers: [.apt(["librbd-dev"])]),
+        .target(name: "CFerryRBD", dependencies: ["CLibRBD"], linkerSettings: [.linkedLibrary("dl")]),
         // OpenSSL's digests, to check an OVA's manifest (SHA-1, SHA-256, SHA-512).
         .systemLibrary(name: "CLibCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         .target(name: "FerryCore"),
@@ -37,8 +41,9 @@ let package = Package(
         .target(name: "FerryNBD", dependencies: ["FerryCore", "CLibNBD", "CFerryNBD"]),
         .target(name: "FerryNFS", dependencies: ["FerryCore", "CLibNFS"]),
         .target(name: "FerryISCSI", dependencies: ["FerryCore", "CFerryLinux", "CLibISCSI"]),
+        .target(name: "FerryRBD", dependencies: ["FerryCore", "CLibRBD", "CFerryRBD"]),
         .target(name: "FerryFormats", dependencies: ["FerryCore", "CZlib", "CZstd", "CLibDeflate"]),
-        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryISCSI", "FerryFormats", "CLibCrypto"]),
+        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryISCSI", "FerryRBD", "FerryFormats", "CLibCrypto"]),
         .executableTarget(
             name: "ferry",
             dependencies: [

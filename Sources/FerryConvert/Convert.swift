@@ -39,7 +39,7 @@ public func convert(
         if let f = options.backingFormat { targetOptions["backing_fmt"] = f }
     }
     if !options.useExistingTarget {
-        try Formats.validate(options: targetOptions, for: targetFormat, path: target.location)
+        try Images.validateCreateOptions(targetOptions, format: targetFormat, location: target.location)
     }
     if options.bitmaps && !targetFormat.features(options: targetOptions).contains(.persistentBitmaps) {
         throw FerryError(.notSupported, "Format driver '\(targetFormat.name)' does not support bitmaps (\(Formats.able(.persistentBitmaps)) can store them)",
@@ -87,7 +87,7 @@ public func convert(
         } else {
             out = try await Images.create(target.location, format: targetFormat.name, size: source.size,
                                           options: targetOptions, endpoint: options.targetEndpoint)
-            created = out.createdNewFile
+            created = out.createdNewFile || out.createdStorage
             for w in out.warnings { warning?(w) }
         }
     } catch {
@@ -145,6 +145,7 @@ public func convert(
         return stats
     } catch {
         await digestCheck.cancel()
+        if created { out.markCreatedStorageForRemoval() }
         try? await out.device.close()
         await closeSources()
         var e = (error as? FerryError) ?? FerryError(.io, "\(error)", path: target.location)

@@ -2,6 +2,7 @@ import FerryCore
 import FerryFile
 import FerryFormats
 import FerryNBD
+import FerryRBD
 
 /// Where images live: a local file or block device, or a network endpoint named by URL.
 /// Every kind of storage is reached through these calls, so adding one means adding a case
@@ -27,6 +28,9 @@ public struct EndpointOptions: Sendable {
     /// How network sessions ride out a server that hangs, drops the connection or fails a
     /// request (`--timeout`, `--reconnects`, `--retries`).
     public var resilience: Resilience
+    /// `-o` options for the storage of a new image rather than its format (an RBD image's
+    /// object size): see `Images.splitCreateOptions`.
+    public var storage: [String: String] = [:]
 
     public init(cache: CacheMode = .writeback, fileEngine: FileDevice.IOEngine = .auto, connections: Int? = nil,
                 directIfCold: Bool = false, forceShare: Bool = false, untrusted: Bool = false,
@@ -84,6 +88,8 @@ extension Images {
             }
         case "iscsi":
             return try await openISCSI(location, readOnly: readOnly, options: options)
+        case "rbd":
+            return try await openRBD(location, readOnly: readOnly, options: options)
         case let scheme?:
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }
@@ -130,6 +136,8 @@ extension Images {
             }
         case "iscsi":
             return try await createISCSI(location, size: size, options: options)
+        case "rbd":
+            return try await createRBD(location, size: size, options: options)
         case let scheme?:
             throw FerryError(.notSupported, "\(scheme):// URLs are not supported yet", path: location)
         }
@@ -139,8 +147,10 @@ extension Images {
         return try await FileDevice.create(path: location, size: size, options: options.fileOptions(readOnly: false))
     }
 
-    /// The scheme of a URL location (`nbd`, `nbd+unix`, `nfs`, `iscsi`), or nil for a path.
+    /// The scheme of a URL location (`nbd`, `nbd+unix`, `nfs`, `iscsi`, and `rbd` for qemu's
+    /// `rbd:POOL/IMAGE`, which has no `//`), or nil for a path.
     static func urlScheme(_ location: String) -> String? {
+        if RBDDevice.handles(location) { return "rbd" }
         let chars = Array(location.utf8)
         guard let colon = chars.firstIndex(of: UInt8(ascii: ":")), colon > 0,
               chars.count >= colon + 3, chars[colon + 1] == UInt8(ascii: "/"), chars[colon + 2] == UInt8(ascii: "/") else { return nil }

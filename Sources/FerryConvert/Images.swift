@@ -27,6 +27,15 @@ public struct OpenedImage: Sendable {
     /// the target's name, and a target that existed stays as it was until the copy is done.
     public var partial: PartialFile?
 
+    /// True if `Images.create` made the storage itself (a new RBD image), which closing the
+    /// device after `markCreatedStorageForRemoval` removes.
+    public var createdStorage: Bool { (file as? CreatedStorage)?.created ?? false }
+
+    /// Has storage `Images.create` made removed when the device closes (a failed copy).
+    public func markCreatedStorageForRemoval() {
+        (file as? CreatedStorage)?.removeWhenClosed()
+    }
+
     /// Removes the files `Images.create` made (after a failed copy).
     public func removeCreatedFiles() {
         if createdNewFile { unlink(partial?.path ?? location) }
@@ -244,13 +253,15 @@ public enum Images {
     public static func create(_ location: String, format: String, size: Int64?, options: [String: String],
                               endpoint: EndpointOptions = EndpointOptions()) async throws -> OpenedImage {
         let f = try Formats.lookup(format, for: location)
-        var opts = options
+        let (formatOptions, storageOptions) = splitCreateOptions(options, format: f, location: location)
+        var opts = formatOptions
         if let s = opts.removeValue(forKey: "size") {
             guard ByteSize.parse(s) != nil else {
                 throw FerryError(.invalidArgument, "invalid size '\(s)'", path: location)
             }
         }
-        try Formats.validate(options: options, for: f, path: location)
+        try validateCreateOptions(options, format: f, location: location)
+        let endpoint = { var e = endpoint; e.storage = storageOptions; return e }()
         var backing: OpenedImage?
         if let name = opts["backing_file"], !name.isEmpty {
             try Formats.require(.backingFile, of: f, options: opts, for: "a backing file", path: location)
@@ -299,6 +310,7 @@ public enum Images {
                                createdNewFile: isNewFile, warnings: backing?.warnings ?? [], createdFiles: extra.all,
                                partial: isNewFile ? partial : nil)
         } catch let e as FerryError {
+            (file as? CreatedStorage)?.removeWhenClosed()
             try? await file.close()
             if let backing { try? await backing.device.close() }
             if isNewFile { unlink(partial?.path ?? location) }

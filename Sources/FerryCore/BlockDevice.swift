@@ -203,3 +203,13 @@ extension BlockDevice {
         }
     }
 }
+
+/// Storage that opening the device made (a new image in a cluster) and that the device can
+/// delete again: a copy into it that fails asks for that before closing it. (New local files
+/// are removed by path instead.)
+public protocol CreatedStorage: BlockDevice {
+    /// True if this device made its storage when it was opened.
+    var created: Bool { get }
+    /// Deletes the storage when the device is closed, if the device made it.
+    func removeWhenClosed()
+}

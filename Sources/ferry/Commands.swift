@@ -278,7 +278,7 @@ struct Convert: FerryCommand {
         if let sourceFormat { _ = try Formats.lookup(sourceFormat) }
         let targetType = try Formats.lookup(format, writing: true)
         if !noCreate {
-            try Formats.validate(options: options.targetOptions, for: targetType, path: target.location)
+            try Images.validateCreateOptions(options.targetOptions, format: targetType, location: target.location)
         }
         if compress {
             try Formats.require(.compression, of: targetType, options: options.targetOptions, for: "-c (compression)", path: nil)
@@ -494,7 +494,7 @@ struct Create: FerryCommand {
             bytes = v
         }
         opts.removeValue(forKey: "size")
-        try Formats.validate(options: opts, for: f, path: image)
+        try Images.validateCreateOptions(opts, format: f, location: image)
         if bytes == nil && opts["backing_file"] == nil {
             throw FerryError(.invalidArgument, "expecting a size for the new image (a size may only be omitted with -b)")
         }

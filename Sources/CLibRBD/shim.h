@@ -1,0 +1,1 @@
+#include <rbd/librbd.h>
