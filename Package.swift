@@ -66,6 +66,7 @@ let package = Package(
         .target(name: "FerryTestServers", path: "Tests/FerryTestServers"),
         .testTarget(name: "FerryNFSTests", dependencies: ["FerryNFS", "FerryConvert", "FerryCore", "FerryTestServers"]),
         .testTarget(name: "FerryISCSITests", dependencies: ["FerryISCSI", "FerryCore", "FerryTestServers"]),
+        .testTarget(name: "FerryRBDTests", dependencies: ["FerryRBD", "FerryCore"]),
         .testTarget(name: "FerryFormatsTests", dependencies: ["FerryFormats", "FerryConvert", "FerryFile", "FerryCore"]),
         .testTarget(name: "FerryFuzzTests", dependencies: ["FerryFuzz"]),
         .testTarget(name: "FerryConvertTests", dependencies: ["FerryConvert", "FerryFormats", "FerryFile", "FerryCore"]),

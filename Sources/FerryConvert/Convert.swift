@@ -146,14 +146,20 @@ public func convert(
     } catch {
         await digestCheck.cancel()
         if created { out.markCreatedStorageForRemoval() }
-        try? await out.device.close()
+        // Closing removes storage the copy made (an RBD image): that may fail too.
+        var removal: (any Error)?
+        do { try await out.device.close() } catch { if out.createdStorage { removal = error } }
         await closeSources()
         var e = (error as? FerryError) ?? FerryError(.io, "\(error)", path: target.location)
         if created {
             out.removeCreatedFiles()
             // The place first, then the note, so the sentence reads in order.
             if let offset = e.offset, !e.message.contains("offset") { e.message += " at offset \(offset)" }
-            e.message += "; the incomplete target was removed"
+            if let removal {
+                e.message += "; the incomplete target could not be removed (\((removal as? FerryError)?.message ?? "\(removal)"))"
+            } else {
+                e.message += "; the incomplete target was removed"
+            }
         }
         throw e
     }

@@ -30,6 +30,7 @@ public final class RBDDevice: BlockDevice, CreatedStorage {
     private let cluster: RBDCluster
     private let image: ImageHandle
     private let removeOnClose = Locked(false)
+    private let closed = Locked(false)
 
     /// Requests librbd takes at once to best effect. `rbd import` keeps 10 object writes in
     /// flight; more let a single OSD's queue and librbd's threads overlap.
@@ -318,7 +319,10 @@ public final class RBDDevice: BlockDevice, CreatedStorage {
         removeOnClose.withLock { $0 = true }
     }
 
+    /// Closing twice (a copy that failed while finishing closes again) does nothing the
+    /// second time.
     public func close() async throws {
+        guard closed.withLock({ was in defer { was = true }; return !was }) else { return }
         let remove = removeOnClose.withLock { $0 }
         let location = cluster.location
         let result = try? await blocking { [self] () -> Int32 in

@@ -127,3 +127,29 @@ public final class ISCSITarget: ScriptServer, @unchecked Sendable {
     }
 
 }
+
+/// A one-node Ceph cluster started by the project's scripts/ceph-start.sh on loopback ports
+/// below the ephemeral range: one monitor, one manager, one bluestore OSD, and the pool
+/// `rbdpool` for RBD images. About 15 s to start, so a test run starts it once.
+public final class CephCluster: ScriptServer, @unchecked Sendable {
+    public let state: String
+    public static let pool = "rbdpool"
+
+    public init(name: String, monPort: Int = 19300) throws {
+        state = "/tmp/ferry-ceph-test-\(name)"
+        try ProjectScripts.startServer("ceph", state: state, env: [
+            "CEPH_MON_PORT": "\(monPort)", "CEPH_MON_PORT_V1": "\(monPort + 1)",
+            "CEPH_PORT_MIN": "\(monPort + 2)", "CEPH_PORT_MAX": "\(monPort + 200)",
+        ], stopFirst: true)
+    }
+
+    public func stop() { ProjectScripts.stopServer("ceph", state: state) }
+
+    public var conf: String { "\(state)/ceph.conf" }
+
+    /// The OSD's process, for the tests that stop it.
+    public var osdPid: Int32? { ProjectScripts.pid(in: "\(state)/run/osd.0.pid") }
+
+    /// qemu's name of IMAGE (`POOL/IMAGE`, `POOL/NS/IMAGE`, with `@SNAP`) in this cluster.
+    public func url(_ image: String) -> String { "rbd:\(image):conf=\(conf)" }
+}
