@@ -32,6 +32,11 @@ PACKAGES=(
     iproute2        # network namespaces for qemu-img's nfs:// (needs a portmapper on 111)
     qemu-block-extra # qemu-img's nfs:// and iscsi:// drivers, the baselines of bench/
     python3         # hashlib: the independent blkhash reference in the tests
+    librbd-dev      # the RBD endpoint's declarations (librbd itself is loaded on first use)
+    ceph-common     # rbd, rados, ceph: the cluster's own tools, and librbd1/librados2
+    ceph-mon        # the one-node test cluster of scripts/ceph-start.sh
+    ceph-mgr
+    ceph-osd
 )
 
 missing=()
