@@ -94,12 +94,13 @@ ceph-authtool "$STATE/keyring.mon.a" --import-keyring "$STATE/keyring.client.adm
 
 monmaptool --create --fsid "$FSID" --addv a "[v2:127.0.0.1:$MON,v1:127.0.0.1:$MON1]" "$STATE/monmap" >/dev/null
 ceph-mon -c "$CONF" --mkfs -i a --monmap "$STATE/monmap" --keyring "$STATE/keyring.mon.a"
-ceph-mon -c "$CONF" -i a
+# The daemons' start-up chatter goes to their logs, not the caller's terminal.
+ceph-mon -c "$CONF" -i a 2>>"$STATE/log/start.log"
 for _ in $(seq 60); do "${CEPH[@]}" mon stat >/dev/null 2>&1 && break; sleep 0.5; done
 "${CEPH[@]}" mon stat >/dev/null
 
 "${CEPH[@]}" auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' -o "$STATE/keyring.mgr.x"
-ceph-mgr -c "$CONF" -i x
+ceph-mgr -c "$CONF" -i x 2>>"$STATE/log/start.log"
 
 OSD_UUID=$(cat /proc/sys/kernel/random/uuid)
 OSD_KEY=$(ceph-authtool --gen-print-key)
@@ -108,7 +109,7 @@ ID=$(echo "{\"cephx_secret\": \"$OSD_KEY\"}" | "${CEPH[@]}" osd new "$OSD_UUID" 
 ceph-authtool --create-keyring "$STATE/keyring.osd.0" --name osd.0 --add-key "$OSD_KEY" >/dev/null
 ceph-osd -c "$CONF" -i 0 --mkfs --osd-uuid "$OSD_UUID" >"$STATE/log/osd.0.mkfs" 2>&1 \
     || { cat "$STATE/log/osd.0.mkfs" >&2; exit 1; }
-ceph-osd -c "$CONF" -i 0
+ceph-osd -c "$CONF" -i 0 2>>"$STATE/log/start.log"
 for _ in $(seq 120); do "${CEPH[@]}" osd stat -f json 2>/dev/null | grep -q '"num_up_osds":1' && break; sleep 0.5; done
 
 "${CEPH[@]}" osd pool create "$POOL" 8 8 >/dev/null 2>&1

@@ -183,7 +183,7 @@ struct Convert: FerryCommand {
         let format = targetFormat ?? Formats.fallback.name
         let optionText = targetOptions
         if optionText.contains(where: { $0 == "help" || $0 == "?" }) {
-            Terminal.out(Self.optionHelp(for: try Formats.lookup(format, writing: true)))
+            Terminal.out(Self.optionHelp(for: try Formats.lookup(format, writing: true), location: images.last))
             return 0
         }
         guard images.count >= 2 else {
@@ -422,12 +422,20 @@ struct Convert: FerryCommand {
         return mode
     }
 
-    static func optionHelp(for format: any ImageFormat.Type) -> String {
+    /// `-o help`: the format's options, then those the storage at `location` (an RBD image)
+    /// takes that the format does not.
+    static func optionHelp(for format: any ImageFormat.Type, location: String? = nil) -> String {
         var s = "Supported \(format.name) options:\n"
         for o in format.createOptions.sorted(by: { $0.name < $1.name }) {
             s += "  " + Format.pad(o.name, 22) + " - " + o.help + "\n"
         }
         if format.createOptions.isEmpty { s += "  (none)\n" }
+        let mine = Set(format.createOptions.map(\.name))
+        let storage = location.map { Images.storageOptions(for: $0).filter { !mine.contains($0.name) } } ?? []
+        if !storage.isEmpty {
+            s += "\nSupported options of the target's storage:\n"
+            for o in storage { s += "  " + Format.pad(o.name, 22) + " - " + o.help + "\n" }
+        }
         return s
     }
 }
@@ -472,7 +480,7 @@ struct Create: FerryCommand {
 
     func execute() async throws -> Int32 {
         if options.contains(where: { $0 == "help" || $0 == "?" }) {
-            Terminal.out(Convert.optionHelp(for: try Formats.lookup(format, writing: true)))
+            Terminal.out(Convert.optionHelp(for: try Formats.lookup(format, writing: true), location: image))
             return 0
         }
         guard let image else { throw UsageError(message: "expecting an image name", command: "create") }
@@ -504,6 +512,10 @@ struct Create: FerryCommand {
             try await Images.finish(created, durable: true)
         } catch {
             if created.createdNewFile { _ = image.withCString { unlink($0) } }
+            if created.createdStorage {
+                created.markCreatedStorageForRemoval()
+                try? await created.device.close()
+            }
             throw error
         }
         return 0
