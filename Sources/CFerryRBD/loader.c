@@ -17,6 +17,7 @@
     X(rados, int, rados_ioctx_create, (rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx), (cluster, pool_name, ioctx)) \
     X(rados, void, rados_ioctx_destroy, (rados_ioctx_t io), (io)) \
     X(rados, void, rados_ioctx_set_namespace, (rados_ioctx_t io, const char *nspace), (io, nspace)) \
+    X(rados, void, rados_set_pool_full_try, (rados_ioctx_t io), (io)) \
     X(rbd, int, rbd_open, (rados_ioctx_t io, const char *name, rbd_image_t *image, const char *snap_name), (io, name, image, snap_name)) \
     X(rbd, int, rbd_open_read_only, (rados_ioctx_t io, const char *name, rbd_image_t *image, const char *snap_name), \
         (io, name, image, snap_name)) \

@@ -66,6 +66,9 @@ final class RBDCluster: @unchecked Sendable {
                 throw fail(r, "could not open the pool '\(location.pool)'")
             }
             if let ns = location.namespace { rados_ioctx_set_namespace(io, ns) }
+            // A full pool or cluster fails a write with ENOSPC/EDQUOT instead of holding it
+            // until space appears, which would hang the copy until the timeout.
+            rados_set_pool_full_try(io)
             return RBDCluster(cluster: cluster, io: io, location: location, name: name)
         }
     }
@@ -86,7 +89,8 @@ final class RBDCluster: @unchecked Sendable {
         case ETIMEDOUT: message += ": the cluster did not answer in time"
         case EACCES, EPERM: message += ": permission denied (check the client id and keyring)"
         case ENOENT: message += ": not found"
-        case ENOSPC, EDQUOT: message += ": the cluster is full"
+        case ENOSPC: message += ": the cluster is full"
+        case EDQUOT: message += ": the pool is over its quota"
         default: message += ": \(String(cString: strerror(e)))"
         }
         return FerryError(e == ETIMEDOUT ? .io : FerryError.Code(errno: e), message, path: name, offset: offset, errno: e)

@@ -193,6 +193,34 @@ final class RBDTests: ServerCLITestCase {
         XCTAssertTrue(e.stderr.contains("expected rbd:POOL"), e.stderr)
     }
 
+    func testAFullPoolFailsAtOnce() throws {
+        let src = try Self.image.build(in: dir)
+        let ceph = { (args: [String]) throws -> String in try Tools.must("ceph", ["-c", self.cluster.conf] + args, in: self.dir) }
+        let quota = name("quota")
+        _ = try ceph(["osd", "pool", "create", quota, "8", "8"])
+        _ = try ceph(["osd", "pool", "application", "enable", quota, "rbd"])
+        try rbd(["pool", "init", quota])
+        try rbd(["create", "--size", "64M", "\(quota)/existing"])
+        // A quota of one byte, which the pool's own RBD metadata exceeds: the monitors mark
+        // the pool full once the OSD's statistics reach them.
+        _ = try ceph(["osd", "pool", "set-quota", quota, "max_bytes", "1"])
+        let deadline = Date().addingTimeInterval(90)
+        while !(try ceph(["osd", "pool", "ls", "detail"])).split(separator: "\n").contains(where: { $0.contains("'\(quota)'") && $0.contains("full_quota") }),
+              Date() < deadline {
+            usleep(500_000)
+        }
+        let new = cluster.url("\(quota)/new")
+        let started = Date()
+        let a = try failedConvert(["-f", "raw", "-O", "raw", src, new], url: new)
+        XCTAssertTrue(a.stderr.contains("over its quota"), a.stderr)
+        XCTAssertFalse(try rbd(["ls", quota]).contains("new"), "no image is left in the full pool")
+        let existing = cluster.url("\(quota)/existing")
+        let b = try failedConvert(["-n", "-f", "raw", "-O", "raw", src, existing], url: existing)
+        XCTAssertTrue(b.stderr.contains("over its quota") && b.stderr.contains("at offset"), b.stderr)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 20, "a full pool fails the copy at once, not after the timeout")
+        _ = try ceph(["osd", "pool", "delete", quota, quota, "--yes-i-really-really-mean-it"])
+    }
+
     func testAFailedCopyRemovesTheImageItCreated() throws {
         // A qcow2 source cut short: its last data cluster lies past the end of the file, so
         // the copy fails after writing the first clusters into the new image.
