@@ -10,6 +10,8 @@
 #   nbd            nbdkit file export -> local raw, no delay
 #   nbd-2ms        the same export with 2 ms per read command
 #   nbd-nbd        the 2 ms export -> nbdkit memory (qemu-img and ferry with -n)
+#   rbd-in         raw -> a new RBD image in a one-node Ceph cluster (scripts/ceph-start.sh)
+#   rbd-out        that cluster's raw image -> local raw
 #   overwrite      raw -> raw over an existing target, unflushed (-t unsafe), against qemu-img
 #                  and against ferry into a new file (the 0.6-0.7 s against 0.33 s defect)
 # Then: the machine's own limit for the local copy (cp --sparse=always, then sync) and the
@@ -21,10 +23,10 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 bench_defaults 3
-PATHS=${PATHS:-local-raw local-qcow2 nbd nbd-2ms nbd-nbd overwrite}
+PATHS=${PATHS:-local-raw local-qcow2 nbd nbd-2ms nbd-nbd rbd-in rbd-out overwrite}
 bench_workdir ferry-bench-defaults
 export FERRY_NBD_DIR=$OUT/nbd
-trap '"$HERE/../scripts/nbd-stop.sh" src src2 dst >/dev/null 2>&1 || true; rm -rf "$OUT"' EXIT
+trap '"$HERE/../scripts/nbd-stop.sh" src src2 dst >/dev/null 2>&1 || true; "$HERE/../scripts/ceph-stop.sh" "$OUT/ceph" >/dev/null 2>&1 || true; rm -rf "$OUT"' EXIT
 check_drop_caches
 
 guest_image
@@ -34,6 +36,16 @@ if [[ " $PATHS " == *" nbd"* ]]; then
     URL0=$("$HERE/../scripts/nbd-start.sh" src unix file "$SRC")
     URL2=$("$HERE/../scripts/nbd-start.sh" src2 unix --filter=delay file "$SRC" delay-read=2ms)
     MEM=$("$HERE/../scripts/nbd-start.sh" dst unix memory "${SIZE_MIB}M")
+fi
+
+RBD_IN= RBD_OUT= CONF=
+if [[ " $PATHS " == *" rbd-"* ]]; then
+    CEPH_MON_PORT=19500 CEPH_MON_PORT_V1=19501 CEPH_PORT_MIN=19502 CEPH_PORT_MAX=19700 \
+        "$HERE/../scripts/ceph-start.sh" "$OUT/ceph" >/dev/null
+    CONF=$OUT/ceph/ceph.conf
+    rbd -c "$CONF" import --no-progress "$SRC" rbdpool/src >/dev/null
+    RBD_IN="rbd:rbdpool/dst:conf=$CONF"
+    RBD_OUT="rbd:rbdpool/src:conf=$CONF"
 fi
 
 # path|name|command (T: the local target)|target to check|its format
@@ -61,6 +73,8 @@ for p in $PATHS; do
         nbd)         sweep "$p" "$URL0" "$T" "$T" raw "-O raw" "-O raw" file ;;
         nbd-2ms)     sweep "$p" "$URL2" "$T" "$T" raw "-O raw" "-O raw" file ;;
         nbd-nbd)     sweep "$p" "$URL2" "$MEM" "$MEM" raw "-O raw -n" "-O raw -n" nbd ;;
+        rbd-in)      sweep "$p" "$SRC" "$RBD_IN" "$RBD_IN" raw "-O raw" "-O raw" none ;;
+        rbd-out)     sweep "$p" "$RBD_OUT" "$T" "$T" raw "-O raw" "-O raw" none ;;
         overwrite)
             ROWS+=("$p|ferry -t unsafe, over a file|cp --sparse=always '$SRC' '$T' && sync && $FERRY convert -q -t unsafe -f raw '$SRC' '$T'|$T|raw"
                    "$p|ferry -t unsafe, new file|$FERRY convert -q -t unsafe -f raw '$SRC' '$T'|$T|raw"
@@ -74,6 +88,8 @@ row() {   # RUN ROW
     local run=$1 p name cmd check fmt
     IFS='|' read -r p name cmd check fmt <<<"$2"
     rm -f "$T"
+    # A new RBD image each run (removing it is not timed).
+    [ "$p" != rbd-in ] || rbd -c "$CONF" rm --no-progress rbdpool/dst >/dev/null 2>&1 || true
     # The overwrite rows time their setup too; time it alone and take it off.
     if [[ $name == *"over a file"* ]]; then
         timed "$p/$name/setup" "cp --sparse=always '$SRC' '$T' && sync"
