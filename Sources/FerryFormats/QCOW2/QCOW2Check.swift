@@ -11,8 +11,10 @@ import FerryCore
 /// flag exactly when its refcount is 1.
 ///
 /// Repairs (`-r leaks`: leaks and COPIED flags; `-r all`: refcounts that are too low too)
-/// are made in place in the refcount blocks and tables; a refcount that has no refcount block
-/// to hold it is not repaired (qemu-img rebuilds the whole refcount structure then).
+/// are made in place in the refcount blocks and tables. A cluster in use whose refcount is 0
+/// may have been handed out again, so `-r all` then rebuilds the refcount structure instead,
+/// as qemu-img does: new refcount blocks and table, from the counted references, in the first
+/// free clusters, then the old ones released as leaks.
 extension QCOW2Format {
     public static var hasCheck: Bool { true }
 
@@ -28,6 +30,25 @@ extension QCOW2Format {
         try await c.count()
         try await c.compare(repair: request.repair)
         if c.report.failure != nil { return c.report }
+        if c.needsRebuild {
+            guard let setFileLength = request.setFileLength else {
+                throw FerryError(.notSupported, "the refcount structure needs rebuilding, which needs the file to grow", path: path)
+            }
+            let file = try await c.rebuild(setFileLength: setFileLength)
+            // Counted again against the new structure: the old one is leaked now, and released
+            // without counting as a leak found (it was not in the image as given).
+            let again = try await QCOW2InPlace(file: file, path: path, checking: true) { _ in
+                throw FerryError(.notSupported, "a check does not change the length of the file", path: path)
+            }
+            var after = QCOW2Checker(again)
+            try await after.count()
+            let lines = after.report.lines
+            after.report = c.report
+            after.report.lines += lines
+            try await after.releaseAfterRebuild()
+            c = after
+            if c.report.failure != nil { return c.report }
+        }
         try await c.copiedFlags(repair: request.repair != nil)
         if request.repair != nil, c.report.leaksFixed + c.report.corruptionsFixed > 0 {
             try await c.clearMarks()
@@ -50,6 +71,8 @@ struct QCOW2Checker {
     /// The active L1 table and its L2 tables, for the COPIED flags.
     var l1: [UInt64] = []
     var l2Tables: [Int: (offset: Int64, bytes: [UInt8])] = [:]
+    /// Set by `compare` under `-r all` when a cluster in use has refcount 0.
+    var needsRebuild = false
 
     init(_ m: QCOW2InPlace) {
         self.m = m
@@ -242,6 +265,16 @@ struct QCOW2Checker {
             }
         }
         guard let repair else { return }
+        if repair == .all && low.contains(where: { $0.1 == 0 }) {
+            // Everything found is mended by the rebuild.
+            report.lines.append("Rebuilding refcount structure")
+            report.leaksFixed += report.leaks
+            report.corruptionsFixed += report.corruptions
+            report.leaks = 0
+            report.corruptions = 0
+            needsRebuild = true
+            return
+        }
         if !low.isEmpty && repair == .leaks {
             report.lines.append("ERROR need to rebuild refcount structures")
             report.failure = "Check failed: Input/output error"
@@ -268,6 +301,103 @@ struct QCOW2Checker {
         }
         changedBlocks = []
         if report.failure != nil { try await m.flush() }
+    }
+
+    // MARK: - rebuilding
+
+    /// Writes a new refcount structure from the counted references: each refcount block in
+    /// the first free cluster from the start of the range it covers (counting the blocks and
+    /// the table themselves), then the table in the first free run long enough, the file
+    /// grown to hold them, and the header pointed at the new table last (qemu-img's layout).
+    /// Returns the file (reopened if it grew).
+    mutating func rebuild(setFileLength: @Sendable (Int64) async throws -> any BlockDevice) async throws -> any BlockDevice {
+        var counts = [UInt64](repeating: 0, count: Int(max(fileClusters, (refs.keys.max() ?? -1) + 1)))
+        for (c, n) in refs where c >= 0 { counts[Int(c)] = n }
+        func allocate(_ run: Int, from: Int = 0) -> Int {
+            var start = from
+            while true {
+                if start + run > counts.count { counts += [UInt64](repeating: 0, count: start + run - counts.count) }
+                if let used = (start ..< start + run).last(where: { counts[$0] != 0 }) {
+                    start = used + 1
+                    continue
+                }
+                for c in start ..< start + run { counts[c] = 1 }
+                return start
+            }
+        }
+        let per = Int(m.perBlock)
+        var blockAt: [Int: Int] = [:]
+        var table: (at: Int, clusters: Int)?
+        // Allocating can put a cluster in use in a range no block covers yet, or need a
+        // larger table: go round until nothing changes.
+        while true {
+            var changed = false
+            for index in 0 ..< (counts.count + per - 1) / per where blockAt[index] == nil {
+                guard counts[(index * per) ..< min(counts.count, (index + 1) * per)].contains(where: { $0 != 0 }) else { continue }
+                // In the range it covers if it can be, else the first free cluster after.
+                blockAt[index] = allocate(1, from: index * per)
+                changed = true
+            }
+            let entries = (blockAt.keys.max() ?? 0) + 1
+            let clusters = max(1, (entries * 8 + Int(cs) - 1) / Int(cs))
+            if table == nil || table!.clusters < clusters {
+                if let old = table { for c in old.at ..< old.at + old.clusters { counts[c] = 0 } }
+                table = (allocate(clusters), clusters)
+                changed = true
+            }
+            if !changed { break }
+        }
+        guard let table else { return m.file }
+        var file = m.file
+        let end = Int64(counts.lastIndex(where: { $0 != 0 }) ?? 0) + 1
+        if end * cs > file.size { file = try await setFileLength(end * cs) }
+        func write(_ bytes: [UInt8], at offset: Int64) async throws {
+            let buffer = AlignedBuffer(count: bytes.count)
+            bytes.withUnsafeBytes { buffer.mutableBytes.copyMemory(from: $0) }
+            try await file.write(at: offset, from: buffer.bytes, flags: [])
+        }
+        for (index, at) in blockAt.sorted(by: { $0.key < $1.key }) {
+            var block = [UInt8](repeating: 0, count: Int(cs))
+            for c in (index * per) ..< min(counts.count, (index + 1) * per) where counts[c] != 0 {
+                QCOW2InPlace.setEntry(&block, c - index * per, bits: m.refcountBits, min(counts[c], m.maxRefcount))
+            }
+            try await write(block, at: Int64(at) * cs)
+        }
+        var entries = [UInt8](repeating: 0, count: table.clusters * Int(cs))
+        for (index, at) in blockAt { QCOW2InPlace.setEntry(&entries, index, bits: 64, UInt64(at) * UInt64(cs)) }
+        try await write(entries, at: Int64(table.at) * cs)
+        try await file.flush()
+        // The header's refcount_table_offset (48) and refcount_table_clusters (56), in one
+        // write of the bytes between.
+        var header = try await QCOW2Format.readBytes(file, at: 48, count: 12)
+        for k in 0 ..< 8 { header[k] = UInt8(truncatingIfNeeded: (UInt64(table.at) * UInt64(cs)) >> UInt64(56 - 8 * k)) }
+        for k in 0 ..< 4 { header[8 + k] = UInt8(truncatingIfNeeded: UInt32(table.clusters) >> UInt32(24 - 8 * k)) }
+        try await write(header, at: 48)
+        try await file.flush()
+        return file
+    }
+
+    /// After a rebuild: the clusters of the old structure are leaks, released (and said, as
+    /// qemu-img says them) without counting as leaks of the image. Anything else that differs
+    /// means the rebuilt structure is wrong.
+    mutating func releaseAfterRebuild() async throws {
+        let n = max(fileClusters, (refs.keys.max() ?? -1) + 1)
+        for c in 0 ..< n {
+            let reference = refs[c] ?? 0
+            let refcount = try await stored(c)
+            guard refcount != reference else { continue }
+            guard refcount > reference, try await setStored(c, reference) else {
+                report.lines.append("ERROR rebuilt refcount structure is still broken")
+                report.failure = "Check failed: cluster \(c) has refcount \(refcount) but \(reference) references after the rebuild"
+                break
+            }
+            report.lines.append("Repairing cluster \(c) refcount=\(refcount) reference=\(reference)")
+        }
+        for index in changedBlocks.sorted() {
+            try await m.write(blocks[index]!, at: Int64(m.reftable[Int(index)]))
+        }
+        changedBlocks = []
+        try await m.flush()
     }
 
     /// The COPIED flag of each active L1 and L2 entry says whether its cluster's refcount is 1.
