@@ -73,6 +73,8 @@ struct QCOW2Checker {
     var l2Tables: [Int: (offset: Int64, bytes: [UInt8])] = [:]
     /// Set by `compare` under `-r all` when a cluster in use has refcount 0.
     var needsRebuild = false
+    /// Most clusters a rebuild counts in memory (8 bytes each): 4 TiB of 64 KiB clusters.
+    static let rebuildLimit: Int64 = 1 << 26
 
     init(_ m: QCOW2InPlace) {
         self.m = m
@@ -311,7 +313,12 @@ struct QCOW2Checker {
     /// grown to hold them, and the header pointed at the new table last (qemu-img's layout).
     /// Returns the file (reopened if it grew).
     mutating func rebuild(setFileLength: @Sendable (Int64) async throws -> any BlockDevice) async throws -> any BlockDevice {
-        var counts = [UInt64](repeating: 0, count: Int(max(fileClusters, (refs.keys.max() ?? -1) + 1)))
+        let n = max(fileClusters, (refs.keys.max() ?? -1) + 1)
+        // One count per cluster of the file in memory: bounded, whatever the file claims.
+        guard n <= Self.rebuildLimit else {
+            throw FerryError(.notSupported, "the refcount structure needs rebuilding, but the file has \(n) clusters (ferry rebuilds up to \(Self.rebuildLimit))", path: m.path)
+        }
+        var counts = [UInt64](repeating: 0, count: Int(n))
         for (c, n) in refs where c >= 0 { counts[Int(c)] = n }
         func allocate(_ run: Int, from: Int = 0) -> Int {
             var start = from
