@@ -257,6 +257,27 @@ final class RBDTests: ServerCLITestCase {
         try rbd(["rm", "--no-progress", "\(pool)/\(img)"])
     }
 
+    func testYAnOSDKilledAndRestartedMidCopyIsRiddenOut() throws {
+        // Named to run late: the cluster loses its OSD for a while.
+        let src = path("data.raw")
+        try Tools.must("qemu-img", ["create", "-q", "-f", "raw", src, "512M"], in: dir)
+        try Tools.must("qemu-io", ["-f", "raw", "-c", "write -P 0x3d 0 256M", "-c", "write -P 0x4e 384M 128M", src], in: dir)
+        let img = name("restarted")
+        guard let osd = cluster.osdPid else { return XCTFail("no OSD pid") }
+        let copy = try Tools.start(try Tools.require("ferry"), ["convert", "--progress=json", "-m", "1", "-f", "raw", "-O", "raw",
+                                                                src, cluster.url("\(pool)/\(img)")], in: dir)
+        let deadline = Date().addingTimeInterval(20)
+        while !copy.stdoutSoFar.contains("\"done\":") && Date() < deadline { usleep(20_000) }
+        XCTAssertEqual(kill(osd, SIGKILL), 0)
+        usleep(500_000)
+        XCTAssertTrue(cluster.startOSD(), "the OSD starts again")
+        // librados sends what was in flight again once the OSD is back: the copy completes.
+        let r = try copy.wait(timeout: 120)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        try compare(src, cluster.url("\(pool)/\(img)"))
+        try rbd(["rm", "--no-progress", "\(pool)/\(img)"])
+    }
+
     func testZStoppedOSDFailsTheCopyWithinTheTimeout() throws {
         // Named to run last: the cluster is stopped for a while.
         let src = path("data.raw")
@@ -286,6 +307,6 @@ final class RBDTests: ServerCLITestCase {
         // The cluster serves again once the OSD runs, and the copy then completes.
         try convert(["-n", "-f", "raw", "-O", "raw", src, cluster.url("\(pool)/\(img)")])
         try compare(src, cluster.url("\(pool)/\(img)"))
-        try rbd(["rm", "--no-progress", "\(pool)/\(img)"])
+        // Not removed: the failed copy's watch on the image lasts until the OSD times it out.
     }
 }

@@ -27,6 +27,19 @@ public enum ProjectScripts {
         return (status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f), output)
     }
 
+    /// Runs a shell command line and waits for it; true if it succeeded.
+    public static func runCommand(_ line: String) -> Bool {
+        var pid: pid_t = 0
+        let argv: [String] = ["/bin/bash", "-c", line + " >/dev/null 2>&1 </dev/null"]
+        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
+        cargs.append(nil)
+        defer { for a in cargs { free(a) } }
+        guard posix_spawn(&pid, "/bin/bash", nil, nil, cargs, environ) == 0 else { return false }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        return status == 0
+    }
+
     /// Starts a server with scripts/NAME-start.sh STATE (its state directory, emptied first,
     /// after NAME-stop.sh STATE when `stopFirst`); throws with the script's output if it fails.
     static func startServer(_ name: String, state: String, env: [String: String], stopFirst: Bool = false) throws {
@@ -149,6 +162,11 @@ public final class CephCluster: ScriptServer, @unchecked Sendable {
 
     /// The OSD's process, for the tests that stop it.
     public var osdPid: Int32? { ProjectScripts.pid(in: "\(state)/run/osd.0.pid") }
+
+    /// Starts the OSD again (after a test killed it); it daemonizes and takes its data back.
+    public func startOSD() -> Bool {
+        ProjectScripts.runCommand("ceph-osd -c '\(conf)' -i 0")
+    }
 
     /// qemu's name of IMAGE (`POOL/IMAGE`, `POOL/NS/IMAGE`, with `@SNAP`) in this cluster.
     public func url(_ image: String) -> String { "rbd:\(image):conf=\(conf)" }
