@@ -221,6 +221,24 @@ final class RBDTests: ServerCLITestCase {
         _ = try ceph(["osd", "pool", "delete", quota, quota, "--yes-i-really-really-mean-it"])
     }
 
+    func testOptionHelpListsWhatTheStorageTakes() throws {
+        let raw = try Tools.ferry(["convert", "-O", "raw", "-o", "help", "src", cluster.url("\(pool)/x")], in: dir)
+        XCTAssertEqual(raw.status, 0, raw.stderr)
+        let storage = raw.stdout.components(separatedBy: "Supported options of the target's storage:").last ?? ""
+        for name in ["object_size", "cluster_size", "features", "stripe_unit", "stripe_count", "data_pool"] {
+            XCTAssertTrue(storage.contains("  \(name) "), "\(name) in: \(raw.stdout)")
+        }
+        // With -O qcow2, cluster_size is qcow2's: listed once, among the format's options.
+        let qcow = try Tools.ferry(["create", "-f", "qcow2", "-o", "help", cluster.url("\(pool)/x")], in: dir)
+        let parts = qcow.stdout.components(separatedBy: "Supported options of the target's storage:")
+        XCTAssertEqual(parts.count, 2, qcow.stdout)
+        XCTAssertTrue(parts[0].contains("  cluster_size "), qcow.stdout)
+        XCTAssertFalse(parts[1].contains("cluster_size"), qcow.stdout)
+        // A local target has no storage options.
+        let local = try Tools.ferry(["convert", "-O", "raw", "-o", "help", "src", "dst"], in: dir)
+        XCTAssertFalse(local.stdout.contains("storage"), local.stdout)
+    }
+
     func testAFailedCopyRemovesTheImageItCreated() throws {
         // A qcow2 source cut short: its last data cluster lies past the end of the file, so
         // the copy fails after writing the first clusters into the new image.
