@@ -113,7 +113,7 @@ ceph-osd -c "$CONF" -i 0 2>>"$STATE/log/start.log"
 for _ in $(seq 120); do "${CEPH[@]}" osd stat -f json 2>/dev/null | grep -q '"num_up_osds":1' && break; sleep 0.5; done
 
 "${CEPH[@]}" osd pool create "$POOL" 8 8 >/dev/null 2>&1
-"${CEPH[@]}" osd pool application enable "$POOL" rbd >/dev/null
+"${CEPH[@]}" osd pool application enable "$POOL" rbd >/dev/null 2>&1
 rbd -c "$CONF" pool init "$POOL"
 # Ready when an object can be written (the placement groups are active).
 for _ in $(seq 120); do

@@ -11,7 +11,8 @@
 # 2. nbdkit's error filter fails reads (a source export) or writes (a target export) at
 #    0.1% to 10%; each copy must end with exact data (qemu-img compare) or fail with one line
 #    naming the offset, leaving no new target. Then copies from NBD and NFS and into iSCSI
-#    with the link cut once and restored (ferry-delay-proxy killed and started again).
+#    with the link cut once and restored (ferry-delay-proxy killed and started again), and
+#    into Ceph RBD with the OSD killed once and started again.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -28,6 +29,7 @@ cleanup() {
     "$HERE/nbd-stop.sh" src dst far >/dev/null 2>&1 || true
     "$HERE/nfs-stop.sh" "$OUT/nfs" >/dev/null 2>&1 || true
     "$HERE/iscsi-stop.sh" "$OUT/iscsi" >/dev/null 2>&1 || true
+    "$HERE/ceph-stop.sh" "$OUT/ceph" >/dev/null 2>&1 || true
     rm -rf "$OUT"
 }
 trap cleanup EXIT
@@ -157,6 +159,33 @@ ISCSI_PORT=$(( PORT + 4 )) ISCSI_CTL=$(( 100 + RANDOM % 100 )) ISCSI_SIZE=64M "$
 cut_link "an iSCSI target" $(( PORT + 4 )) "$OUT/iscsi/thin.img" no -n -r 32M -f raw -O raw "$SRC" \
     "iscsi://127.0.0.1:$LPORT/iqn.2026-01.dev.ferry:thin/1"
 "$HERE/iscsi-stop.sh" "$OUT/iscsi" >/dev/null 2>&1 || true
+
+# Ceph: the OSD under a copy into a new RBD image is killed (SIGKILL) 0.5 s in and started
+# again 0.3 s later; librados must carry the copy through, or it fails cleanly and the image
+# it made is gone.
+if command -v ceph-osd >/dev/null; then
+    CEPH_MON_PORT=$(( PORT + 10 )) CEPH_MON_PORT_V1=$(( PORT + 11 )) CEPH_PORT_MIN=$(( PORT + 12 )) \
+        CEPH_PORT_MAX=$(( PORT + 200 )) "$HERE/ceph-start.sh" "$OUT/ceph" >/dev/null
+    CONF=$OUT/ceph/ceph.conf
+    exact=0 clean=0 other=0
+    for (( r = 0; r < RUNS; r++ )); do
+        url="rbd:rbdpool/h$r:conf=$CONF"
+        rc=0
+        ( "$FERRY" convert -q -r 32M -f raw -O raw "$SRC" "$url" 2>"$OUT/err" ) & C=$!
+        sleep 0.5; kill -KILL "$(cat "$OUT/ceph/run/osd.0.pid")"; sleep 0.3
+        ceph-osd -c "$CONF" -i 0 2>/dev/null
+        wait "$C" || rc=$?
+        err=$(cat "$OUT/err")
+        if (( rc == 0 )) && qemu-img compare -q -f raw -F raw "$SRC" "$url" 2>/dev/null; then exact=$((exact + 1))
+        elif (( rc == 1 )) && [ "$(grep -c '^ferry: ' <<<"$err")" = 1 ] && ! rbd -c "$CONF" ls rbdpool | grep -qx "h$r"; then
+            clean=$((clean + 1)); echo "hardening: failed cleanly: $err" >&2
+        else other=$((other + 1)); echo "hardening: exit $rc: $err" >&2
+        fi
+    done
+    "$HERE/ceph-stop.sh" "$OUT/ceph" >/dev/null 2>&1 || true
+    OTHER_TOTAL=$((OTHER_TOTAL + other))
+    echo "| OSD killed once, started again after 0.3 s | an RBD target | $RUNS | $exact | $clean | $other |"
+fi
 echo
 echo "anything else, in all: $OTHER_TOTAL"
 (( OTHER_TOTAL == 0 ))
