@@ -204,6 +204,16 @@ extension BlockDevice {
     }
 }
 
+/// A device that implements `write(at:from:flags:issued:)` itself (it can tell when a write is
+/// queued): plain `write` is that call with nobody to tell.
+public protocol HandsOverWrites: BlockDevice {}
+
+extension HandsOverWrites {
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
+        try await write(at: offset, from: buffer, flags: flags, issued: {})
+    }
+}
+
 /// Storage that opening the device made (a new image in a cluster) and that the device can
 /// delete again: a copy into it that fails asks for that before closing it. (New local files
 /// are removed by path instead.)

@@ -7,7 +7,7 @@ import Synchronization
 /// punched out) takes no memory and reports as `.zero` (or `.unallocated`, if
 /// `holesAreUnallocated`). Tests can make it slow (`latency`), make it fail (`failure`), and
 /// read back every operation it received (`operations`).
-public final class MemoryDevice: BlockDevice, @unchecked Sendable {
+public final class MemoryDevice: HandsOverWrites, @unchecked Sendable {
     public enum Operation: Sendable, Equatable {
         case read(offset: Int64, length: Int64)
         case write(offset: Int64, length: Int64)
@@ -126,10 +126,6 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
                 done += n
             }
         }
-    }
-
-    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
-        try await write(at: offset, from: buffer, flags: flags, issued: {})
     }
 
     /// Issued once recorded in `operations`, before the latency.

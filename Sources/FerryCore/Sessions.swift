@@ -226,7 +226,7 @@ public final class HighWaterMark: Sendable {
 
 /// A `BlockDevice` whose calls go out as pieces over a `SessionPool` (the network endpoints).
 /// Its `issued` forms of `write` are the real ones; the plain form hands over to nobody.
-public protocol PooledDevice: BlockDevice {
+public protocol PooledDevice: HandsOverWrites {
     /// Opened for reading only: write calls throw `.readOnly`.
     var readOnly: Bool { get }
     /// What the device is, in messages: "NBD export", "NFS file", "iSCSI LUN".
@@ -252,9 +252,6 @@ extension PooledDevice {
         return buffer.count > 0 ? buffer.baseAddress : nil
     }
 
-    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
-        try await write(at: offset, from: buffer, flags: flags, issued: {})
-    }
 }
 
 /// A C library's message, or "unknown error" when it has none.

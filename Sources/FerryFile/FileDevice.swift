@@ -17,7 +17,7 @@ import FerryCore
 ///
 /// A request is never abandoned half way, not even when its task is cancelled: the kernel may
 /// be reading or writing the caller's buffer until the completion arrives.
-public final class FileDevice: RangeCopyingDevice {
+public final class FileDevice: RangeCopyingDevice, HandsOverWrites {
     /// How I/O is issued.
     public enum IOEngine: String, Sendable {
         /// io_uring if the kernel allows it, else the thread pool. `FERRY_IO=threads` in the
@@ -209,10 +209,6 @@ public final class FileDevice: RangeCopyingDevice {
         guard let base = buffer.baseAddress, buffer.count > 0 else { return }
         let r = request(.read, buffer: base, length: Int64(buffer.count), offset: offset)
         try await run(r, "read failed")
-    }
-
-    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
-        try await write(at: offset, from: buffer, flags: flags, issued: {})
     }
 
     /// The write is issued once it is in the engine's queue, which submits in order.

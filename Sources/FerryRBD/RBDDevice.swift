@@ -14,7 +14,7 @@ import Glibc
 /// in whole objects (the object map when the image has fast-diff), and a range no object
 /// holds reads as zeros. An image created here reads as zeros (`.zeroInit`) and is removed
 /// again by `removeWhenClosed` when the copy into it fails. A snapshot is read-only.
-public final class RBDDevice: BlockDevice, CreatedStorage {
+public final class RBDDevice: HandsOverWrites, CreatedStorage {
     public let name: String
     public let size: Int64
     public let limits: BlockLimits
@@ -209,10 +209,6 @@ public final class RBDDevice: BlockDevice, CreatedStorage {
         if r != buffer.count {
             throw FerryError(.shortRead, "read \(r) of \(buffer.count) bytes", path: name, offset: offset)
         }
-    }
-
-    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws {
-        try await write(at: offset, from: buffer, flags: flags, issued: {})
     }
 
     /// Issued once librbd has queued the write.
