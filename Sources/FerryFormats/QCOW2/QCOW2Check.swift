@@ -20,9 +20,11 @@ extension QCOW2Format {
 
     public static func check(_ request: CheckRequest) async throws -> CheckReport {
         let path = request.location
-        let m = try await QCOW2InPlace(file: request.file, path: path, checking: true) { _ in
-            throw FerryError(.notSupported, "a check does not change the length of the file", path: path)
+        // Only a rebuild of the refcount structure (under -r all) may grow the file.
+        let setFileLength: @Sendable (Int64) async throws -> any BlockDevice = request.setFileLength ?? { _ in
+            throw FerryError(.notSupported, "repairing this image needs its file to grow, which cannot be done here", path: path)
         }
+        let m = try await QCOW2InPlace(file: request.file, path: path, checking: true, setFileLength: setFileLength)
         guard m.header.cryptMethod == 0 else {
             throw FerryError(.notSupported, "encrypted qcow2 images cannot be checked by ferry", path: path)
         }
@@ -31,15 +33,10 @@ extension QCOW2Format {
         try await c.compare(repair: request.repair)
         if c.report.failure != nil { return c.report }
         if c.needsRebuild {
-            guard let setFileLength = request.setFileLength else {
-                throw FerryError(.notSupported, "the refcount structure needs rebuilding, which needs the file to grow", path: path)
-            }
-            let file = try await c.rebuild(setFileLength: setFileLength)
+            try await c.rebuild()
             // Counted again against the new structure: the old one is leaked now, and released
             // without counting as a leak found (it was not in the image as given).
-            let again = try await QCOW2InPlace(file: file, path: path, checking: true) { _ in
-                throw FerryError(.notSupported, "a check does not change the length of the file", path: path)
-            }
+            let again = try await QCOW2InPlace(file: c.m.file, path: path, checking: true, setFileLength: setFileLength)
             var after = QCOW2Checker(again)
             try await after.count()
             let lines = after.report.lines
@@ -59,7 +56,8 @@ extension QCOW2Format {
 }
 
 struct QCOW2Checker {
-    let m: QCOW2InPlace
+    /// Mutable only for a rebuild, which may grow the file.
+    var m: QCOW2InPlace
     let h: QCOW2Header
     let cs: Int64
     var report = CheckReport()
@@ -85,6 +83,8 @@ struct QCOW2Checker {
     static func hex(_ v: UInt64) -> String { String(v, radix: 16) }
 
     var fileClusters: Int64 { (m.file.size + cs - 1) / cs }
+    /// Clusters to compare: the file's, and any a reference names past its end.
+    var countedClusters: Int64 { max(fileClusters, (refs.keys.max() ?? -1) + 1) }
 
     mutating func corrupt(_ line: String) {
         report.lines.append(line)
@@ -251,7 +251,7 @@ struct QCOW2Checker {
     // MARK: - comparing
 
     mutating func compare(repair: CheckRepair?) async throws {
-        let n = max(fileClusters, (refs.keys.max() ?? -1) + 1)
+        let n = countedClusters
         var leaked: [(Int64, UInt64, UInt64)] = [], low: [(Int64, UInt64, UInt64)] = []
         for c in 0 ..< n {
             let reference = refs[c] ?? 0
@@ -298,10 +298,7 @@ struct QCOW2Checker {
             }
         }
         // What was repaired before a failure stays repaired.
-        for index in changedBlocks.sorted() {
-            try await m.write(blocks[index]!, at: Int64(m.reftable[Int(index)]))
-        }
-        changedBlocks = []
+        try await writeChangedBlocks()
         if report.failure != nil { try await m.flush() }
     }
 
@@ -311,9 +308,9 @@ struct QCOW2Checker {
     /// the first free cluster from the start of the range it covers (counting the blocks and
     /// the table themselves), then the table in the first free run long enough, the file
     /// grown to hold them, and the header pointed at the new table last (qemu-img's layout).
-    /// Returns the file (reopened if it grew).
-    mutating func rebuild(setFileLength: @Sendable (Int64) async throws -> any BlockDevice) async throws -> any BlockDevice {
-        let n = max(fileClusters, (refs.keys.max() ?? -1) + 1)
+    /// `m.file` is the file afterwards (reopened if it grew).
+    mutating func rebuild() async throws {
+        let n = countedClusters
         // One count per cluster of the file in memory: bounded, whatever the file claims.
         guard n <= Self.rebuildLimit else {
             throw FerryError(.notSupported, "the refcount structure needs rebuilding, but the file has \(n) clusters (ferry rebuilds up to \(Self.rebuildLimit))", path: m.path)
@@ -354,41 +351,34 @@ struct QCOW2Checker {
             }
             if !changed { break }
         }
-        guard let table else { return m.file }
-        var file = m.file
+        guard let table else { return }
         let end = Int64(counts.lastIndex(where: { $0 != 0 }) ?? 0) + 1
-        if end * cs > file.size { file = try await setFileLength(end * cs) }
-        func write(_ bytes: [UInt8], at offset: Int64) async throws {
-            let buffer = AlignedBuffer(count: bytes.count)
-            bytes.withUnsafeBytes { buffer.mutableBytes.copyMemory(from: $0) }
-            try await file.write(at: offset, from: buffer.bytes, flags: [])
-        }
+        if end * cs > m.file.size { try await m.setLength(end * cs) }
         for (index, at) in blockAt.sorted(by: { $0.key < $1.key }) {
             var block = [UInt8](repeating: 0, count: Int(cs))
             for c in (index * per) ..< min(counts.count, (index + 1) * per) where counts[c] != 0 {
                 QCOW2InPlace.setEntry(&block, c - index * per, bits: m.refcountBits, min(counts[c], m.maxRefcount))
             }
-            try await write(block, at: Int64(at) * cs)
+            try await m.write(block, at: Int64(at) * cs)
         }
         var entries = [UInt8](repeating: 0, count: table.clusters * Int(cs))
-        for (index, at) in blockAt { QCOW2InPlace.setEntry(&entries, index, bits: 64, UInt64(at) * UInt64(cs)) }
-        try await write(entries, at: Int64(table.at) * cs)
-        try await file.flush()
-        // The header's refcount_table_offset (48) and refcount_table_clusters (56), in one
-        // write of the bytes between.
-        var header = try await QCOW2Format.readBytes(file, at: 48, count: 12)
-        for k in 0 ..< 8 { header[k] = UInt8(truncatingIfNeeded: (UInt64(table.at) * UInt64(cs)) >> UInt64(56 - 8 * k)) }
-        for k in 0 ..< 4 { header[8 + k] = UInt8(truncatingIfNeeded: UInt32(table.clusters) >> UInt32(24 - 8 * k)) }
-        try await write(header, at: 48)
-        try await file.flush()
-        return file
+        for (index, at) in blockAt { QCOW2HeaderWriter.put64(&entries, index * 8, UInt64(at) * UInt64(cs)) }
+        try await m.write(entries, at: Int64(table.at) * cs)
+        try await m.flush()
+        // The header's refcount_table_offset (48) and refcount_table_clusters (56): the 12
+        // bytes from 48, written once the structure they point at is on disk.
+        var header = [UInt8](repeating: 0, count: 12)
+        QCOW2HeaderWriter.put64(&header, 0, UInt64(table.at) * UInt64(cs))
+        QCOW2HeaderWriter.put32(&header, 8, UInt32(table.clusters))
+        try await m.write(header, at: 48)
+        try await m.flush()
     }
 
     /// After a rebuild: the clusters of the old structure are leaks, released (and said, as
     /// qemu-img says them) without counting as leaks of the image. Anything else that differs
     /// means the rebuilt structure is wrong.
     mutating func releaseAfterRebuild() async throws {
-        let n = max(fileClusters, (refs.keys.max() ?? -1) + 1)
+        let n = countedClusters
         for c in 0 ..< n {
             let reference = refs[c] ?? 0
             let refcount = try await stored(c)
@@ -400,11 +390,16 @@ struct QCOW2Checker {
             }
             report.lines.append("Repairing cluster \(c) refcount=\(refcount) reference=\(reference)")
         }
+        try await writeChangedBlocks()
+        try await m.flush()
+    }
+
+    /// Writes the refcount blocks that repairs changed back where they came from.
+    mutating func writeChangedBlocks() async throws {
         for index in changedBlocks.sorted() {
             try await m.write(blocks[index]!, at: Int64(m.reftable[Int(index)]))
         }
         changedBlocks = []
-        try await m.flush()
     }
 
     /// The COPIED flag of each active L1 and L2 entry says whether its cluster's refcount is 1.
