@@ -224,16 +224,17 @@ public final class HighWaterMark: Sendable {
     }
 }
 
-/// A `BlockDevice` whose calls go out as pieces over a `SessionPool` (the network endpoints).
-/// Its `issued` forms of `write` are the real ones; the plain form hands over to nobody.
-public protocol PooledDevice: HandsOverWrites {
+/// A network endpoint's `BlockDevice`: its calls go out as pieces over a `SessionPool` (NBD,
+/// NFS, iSCSI) or as a library's own requests (RBD). Its `issued` forms of `write` are the
+/// real ones; the plain form hands over to nobody.
+public protocol NetworkDevice: HandsOverWrites {
     /// Opened for reading only: write calls throw `.readOnly`.
     var readOnly: Bool { get }
-    /// What the device is, in messages: "NBD export", "NFS file", "iSCSI LUN".
+    /// What the device is, in messages: "NBD export", "NFS file", "iSCSI LUN", "RBD image".
     var kind: String { get }
 }
 
-extension PooledDevice {
+extension NetworkDevice {
     /// Throws `.readOnly` for a write call on a device opened read-only.
     public func checkWritable(_ offset: Int64) throws {
         if readOnly { throw FerryError(.readOnly, "the \(kind) was opened read-only", path: name, offset: offset) }
@@ -251,7 +252,6 @@ extension PooledDevice {
         try checkWrite(offset, Int64(buffer.count))
         return buffer.count > 0 ? buffer.baseAddress : nil
     }
-
 }
 
 /// A C library's message, or "unknown error" when it has none.

@@ -30,7 +30,7 @@ import Glibc
 /// - Discard: UNMAP, on a LUN that has it (LBPU); otherwise nothing.
 /// - Extents: GET LBA STATUS on a thin-provisioned LUN (LBPME); otherwise all data.
 /// - Flush: SYNCHRONIZE CACHE(16).
-public final class ISCSIDevice: PooledDevice {
+public final class ISCSIDevice: NetworkDevice {
     public let name: String
     public let size: Int64
     public let limits: BlockLimits

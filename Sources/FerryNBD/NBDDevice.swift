@@ -21,7 +21,7 @@ import Glibc
 /// server's). Write-zeroes, trim and block-status requests are split at `commandLimit`, under
 /// the protocol's 32-bit lengths (nbdkit's blocksize-policy filter in error mode accepts those
 /// above the maximum block size; it refuses only oversized reads and writes).
-public final class NBDDevice: PooledDevice {
+public final class NBDDevice: NetworkDevice {
     public let name: String
     public let size: Int64
     /// What callers keep to: the server's minimum block size as the alignment, its preferred

@@ -20,7 +20,7 @@ import Glibc
 /// cheap zeroing or allocation map that libnfs 4.0 exposes: zeroes are written as zero
 /// bytes, and the whole file is one data extent. `flush` sends COMMIT (`nfs_fsync`) on every
 /// connection.
-public final class NFSDevice: PooledDevice, TruncatableDevice {
+public final class NFSDevice: NetworkDevice, TruncatableDevice {
     public let name: String
     public let size: Int64
     public let limits: BlockLimits

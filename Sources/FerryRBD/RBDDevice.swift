@@ -14,12 +14,13 @@ import Glibc
 /// in whole objects (the object map when the image has fast-diff), and a range no object
 /// holds reads as zeros. An image created here reads as zeros (`.zeroInit`) and is removed
 /// again by `removeWhenClosed` when the copy into it fails. A snapshot is read-only.
-public final class RBDDevice: HandsOverWrites, CreatedStorage {
+public final class RBDDevice: NetworkDevice, CreatedStorage {
     public let name: String
     public let size: Int64
     public let limits: BlockLimits
     public let capabilities: BlockCapabilities
     public let readOnly: Bool
+    public var kind: String { "RBD image" }
     /// The image's object size in bytes.
     public let objectSize: Int64
     /// Whether the image keeps an object map with fast-diff that is valid: allocation is then
@@ -147,7 +148,8 @@ public final class RBDDevice: HandsOverWrites, CreatedStorage {
         self.readOnly = readOnly
         self.created = created
         self.fastDiff = fastDiff
-        // Whole objects per request where the object size allows: one OSD operation each.
+        // An object is what one OSD operation serves (the copy keeps its own 2 MiB requests:
+        // object-sized ones measured the same).
         limits = BlockLimits(alignment: 1, preferredTransfer: Int(min(self.objectSize, 4 << 20)), maximumTransfer: 32 << 20)
         var caps: BlockCapabilities = [.extents, .flush, .cheapZeroReads]
         if !readOnly { caps.formUnion([.write, .zero, .discard, .anyWriteOrder]) }
@@ -194,10 +196,6 @@ public final class RBDDevice: HandsOverWrites, CreatedStorage {
         if r < 0 { throw RBDCluster.error(Int32(r), what, name: name, offset: offset) }
     }
 
-    private func checkWritable() throws {
-        if readOnly { throw FerryError(.readOnly, "the image was opened read-only", path: name) }
-    }
-
     // MARK: BlockDevice
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
@@ -214,9 +212,7 @@ public final class RBDDevice: HandsOverWrites, CreatedStorage {
     /// Issued once librbd has queued the write.
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
                       issued: @escaping @Sendable () -> Void) async throws {
-        try checkWritable()
-        try checkRange(offset, Int64(buffer.count))
-        guard let base = buffer.baseAddress, buffer.count > 0 else { issued(); return }
+        guard let base = try checkWrite(offset, buffer) else { issued(); return }
         let image = image.raw
         let fua = flags.contains(.fua)
         let r = await aio(issued: fua ? nil : issued) {
@@ -230,8 +226,7 @@ public final class RBDDevice: HandsOverWrites, CreatedStorage {
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws {
-        try checkWritable()
-        try checkRange(offset, length)
+        try checkWrite(offset, length)
         guard length > 0 else { return }
         let image = image.raw
         // librbd zeroes whole objects by removing them and the rest by writing zeros, both
@@ -248,8 +243,7 @@ public final class RBDDevice: HandsOverWrites, CreatedStorage {
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
-        try checkWritable()
-        try checkRange(offset, length)
+        try checkWrite(offset, length)
         guard length > 0 else { return }
         let image = image.raw
         let r = await aio { rbd_aio_discard(image, UInt64(offset), UInt64(length), $0) }
