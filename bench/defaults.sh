@@ -40,8 +40,7 @@ fi
 
 RBD_IN= RBD_OUT= CONF=
 if [[ " $PATHS " == *" rbd-"* ]]; then
-    CEPH_MON_PORT=19500 CEPH_MON_PORT_V1=19501 CEPH_PORT_MIN=19502 CEPH_PORT_MAX=19700 \
-        "$HERE/../scripts/ceph-start.sh" "$OUT/ceph" >/dev/null
+    CEPH_MON_PORT=19500 "$HERE/../scripts/ceph-start.sh" "$OUT/ceph" >/dev/null
     CONF=$OUT/ceph/ceph.conf
     rbd -c "$CONF" import --no-progress "$SRC" rbdpool/src >/dev/null
     RBD_IN="rbd:rbdpool/dst:conf=$CONF"

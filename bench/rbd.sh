@@ -26,9 +26,7 @@ bench_workdir ferry-bench-rbd
 STATE=$OUT/ceph
 trap '"$HERE/../scripts/ceph-stop.sh" "$STATE" >/dev/null 2>&1 || true; rm -rf "$OUT"' EXIT
 echo "bench: starting a one-node Ceph cluster" >&2
-CEPH_MON_PORT=${CEPH_MON_PORT:-19500} CEPH_MON_PORT_V1=$(( ${CEPH_MON_PORT:-19500} + 1 )) \
-    CEPH_PORT_MIN=$(( ${CEPH_MON_PORT:-19500} + 2 )) CEPH_PORT_MAX=$(( ${CEPH_MON_PORT:-19500} + 200 )) \
-    "$HERE/../scripts/ceph-start.sh" "$STATE" >/dev/null
+CEPH_MON_PORT=${CEPH_MON_PORT:-19500} "$HERE/../scripts/ceph-start.sh" "$STATE" >/dev/null
 CONF=$STATE/ceph.conf
 POOL=rbdpool
 RBD=(rbd -c "$CONF")

@@ -6,8 +6,10 @@
 #   scripts/ceph-start.sh [STATE_DIR]      (default /tmp/ferry-ceph)
 #
 # What the caller can set:
-#   CEPH_MON_PORT=40300 CEPH_MON_PORT_V1=40789   the monitor's msgr2 and msgr1 ports
-#   CEPH_PORT_MIN=46800 CEPH_PORT_MAX=47300      where the OSD and manager bind
+#   CEPH_MON_PORT=40300                          the monitor's msgr2 port; the ports after it
+#                                                are the cluster's: msgr1 (+1), and the OSD
+#                                                and manager bind in +2 to +200
+#   CEPH_MON_PORT_V1, CEPH_PORT_MIN, CEPH_PORT_MAX   to place those elsewhere
 #   CEPH_POOL=rbdpool                            the RBD pool
 #   CEPH_OSD_SIZE=20G                            the OSD's sparse block file
 # Writes STATE_DIR/ceph.conf (whose [client] section names the admin keyring, so
@@ -19,9 +21,9 @@ STATE=${1:-/tmp/ferry-ceph}
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib/servers.sh"
 MON=${CEPH_MON_PORT:-40300}
-MON1=${CEPH_MON_PORT_V1:-40789}
-PMIN=${CEPH_PORT_MIN:-46800}
-PMAX=${CEPH_PORT_MAX:-47300}
+MON1=${CEPH_MON_PORT_V1:-$(( MON + 1 ))}
+PMIN=${CEPH_PORT_MIN:-$(( MON + 2 ))}
+PMAX=${CEPH_PORT_MAX:-$(( MON + 200 ))}
 POOL=${CEPH_POOL:-rbdpool}
 OSD_SIZE=${CEPH_OSD_SIZE:-20G}
 

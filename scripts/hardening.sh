@@ -164,8 +164,7 @@ cut_link "an iSCSI target" $(( PORT + 4 )) "$OUT/iscsi/thin.img" no -n -r 32M -f
 # again 0.3 s later; librados must carry the copy through, or it fails cleanly and the image
 # it made is gone.
 if command -v ceph-osd >/dev/null; then
-    CEPH_MON_PORT=$(( PORT + 10 )) CEPH_MON_PORT_V1=$(( PORT + 11 )) CEPH_PORT_MIN=$(( PORT + 12 )) \
-        CEPH_PORT_MAX=$(( PORT + 200 )) "$HERE/ceph-start.sh" "$OUT/ceph" >/dev/null
+    CEPH_MON_PORT=$(( PORT + 10 )) "$HERE/ceph-start.sh" "$OUT/ceph" >/dev/null
     CONF=$OUT/ceph/ceph.conf
     exact=0 clean=0 other=0
     for (( r = 0; r < RUNS; r++ )); do

@@ -41,11 +41,14 @@ extension Images {
         return (mine, storage)
     }
 
-    /// Checks `-o` options for a new image in `format` at `location`: the format's and the
-    /// storage's.
-    public static func validateCreateOptions(_ options: [String: String], format: any ImageFormat.Type, location: String) throws {
+    /// Checks `-o` options for a new image in `format` at `location`, the format's and the
+    /// storage's, and returns them parted (`splitCreateOptions`).
+    @discardableResult
+    public static func validateCreateOptions(_ options: [String: String], format: any ImageFormat.Type,
+                                             location: String) throws -> (format: [String: String], storage: [String: String]) {
         let (mine, storage) = splitCreateOptions(options, format: format, location: location)
         try Formats.validate(options: mine, for: format, path: location)
         if !storage.isEmpty { _ = try RBDCreateOptions(storage, path: location) }
+        return (mine, storage)
     }
 }

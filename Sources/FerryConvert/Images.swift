@@ -253,14 +253,12 @@ public enum Images {
     public static func create(_ location: String, format: String, size: Int64?, options: [String: String],
                               endpoint: EndpointOptions = EndpointOptions()) async throws -> OpenedImage {
         let f = try Formats.lookup(format, for: location)
-        let (formatOptions, storageOptions) = splitCreateOptions(options, format: f, location: location)
-        var opts = formatOptions
-        if let s = opts.removeValue(forKey: "size") {
-            guard ByteSize.parse(s) != nil else {
-                throw FerryError(.invalidArgument, "invalid size '\(s)'", path: location)
-            }
+        if let s = options["size"], ByteSize.parse(s) == nil {
+            throw FerryError(.invalidArgument, "invalid size '\(s)'", path: location)
         }
-        try validateCreateOptions(options, format: f, location: location)
+        let (formatOptions, storageOptions) = try validateCreateOptions(options, format: f, location: location)
+        var opts = formatOptions
+        opts.removeValue(forKey: "size")
         let endpoint = { var e = endpoint; e.storage = storageOptions; return e }()
         var backing: OpenedImage?
         if let name = opts["backing_file"], !name.isEmpty {

@@ -150,10 +150,8 @@ public final class CephCluster: ScriptServer, @unchecked Sendable {
 
     public init(name: String, monPort: Int = 19300) throws {
         state = "/tmp/ferry-ceph-test-\(name)"
-        try ProjectScripts.startServer("ceph", state: state, env: [
-            "CEPH_MON_PORT": "\(monPort)", "CEPH_MON_PORT_V1": "\(monPort + 1)",
-            "CEPH_PORT_MIN": "\(monPort + 2)", "CEPH_PORT_MAX": "\(monPort + 200)",
-        ], stopFirst: true)
+        // The cluster's other ports follow monPort (see the script).
+        try ProjectScripts.startServer("ceph", state: state, env: ["CEPH_MON_PORT": "\(monPort)"], stopFirst: true)
     }
 
     public func stop() { ProjectScripts.stopServer("ceph", state: state) }
