@@ -15,29 +15,28 @@ public enum ProjectScripts {
         var command = env.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
         command += " " + ([root.appendingPathComponent("scripts/\(name)").path] + args).map { "'\($0)'" }.joined(separator: " ")
         command += " >'\(log)' 2>&1 </dev/null"
-        let argv: [String] = ["/bin/bash", "-c", command]
-        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
-        cargs.append(nil)
-        defer { for a in cargs { free(a) } }
-        var pid: pid_t = 0
-        guard posix_spawn(&pid, "/bin/bash", nil, nil, cargs, environ) == 0 else { return (127, "cannot spawn bash") }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        guard let status = bash(command) else { return (127, "cannot spawn bash") }
         let output = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-        return (status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f), output)
+        return (status, output)
     }
 
     /// Runs a shell command line and waits for it; true if it succeeded.
     public static func runCommand(_ line: String) -> Bool {
-        var pid: pid_t = 0
-        let argv: [String] = ["/bin/bash", "-c", line + " >/dev/null 2>&1 </dev/null"]
+        bash(line + " >/dev/null 2>&1 </dev/null") == 0
+    }
+
+    /// `bash -c LINE`, waited for: its exit status (128 + N for signal N), nil if it could not
+    /// start.
+    private static func bash(_ line: String) -> Int32? {
+        let argv: [String] = ["/bin/bash", "-c", line]
         var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
         cargs.append(nil)
         defer { for a in cargs { free(a) } }
-        guard posix_spawn(&pid, "/bin/bash", nil, nil, cargs, environ) == 0 else { return false }
+        var pid: pid_t = 0
+        guard posix_spawn(&pid, "/bin/bash", nil, nil, cargs, environ) == 0 else { return nil }
         var status: Int32 = 0
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        return status == 0
+        return status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
     }
 
     /// Starts a server with scripts/NAME-start.sh STATE (its state directory, emptied first,
