@@ -151,7 +151,10 @@ final class FaultsCLITests: XCTestCase {
     /// cut fails the copy cleanly, and so does qemu-img's copy through it.
     func testACutLinkIsReconnectedAndTheCopyCompletes() throws {
         let src = try sourceImage()
-        let serverPort = try nbdkitTCP(["--filter=delay", "file", src, "rdelay=5ms"], name: "far")
+        // One thread per connection: nbdkit 1.32 aborts (connections.c: raw_send_socket:
+        // Assertion `sock >= 0') when a connection is reset while several of its threads are
+        // sending replies, which a cut link does. That took the server down one run in six.
+        let serverPort = try nbdkitTCP(["--threads", "1", "--filter=delay", "file", src, "rdelay=5ms"], name: "far")
         for reconnects in [5, 0] {
             let port = Int.random(in: 20000 ..< 32000)
             var link = try proxy(port, to: serverPort)
