@@ -28,8 +28,8 @@ deps:
 build: deps
 	$(SWIFT) build $(SCRATCH_FLAG)
 
-# The Swift runtime and Foundation linked in: a cold start (nothing in the page cache) then
-# reads 36 MiB instead of 60 and takes 0.05 s instead of 0.09 s.
+# The Swift runtime linked in: a cold start (nothing in the page cache) then reads 38 MiB
+# instead of 51 and takes 0.06-0.07 s instead of 0.10-0.12 s (bench/ times cold starts).
 release: deps
 	$(SWIFT) build -c release --static-swift-stdlib $(SCRATCH_FLAG)
 
