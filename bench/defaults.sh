@@ -106,14 +106,13 @@ row() {   # RUN ROW
 }
 run_rounds row
 
-
 echo
 echo "Ferry's default against every fixed setting, ${SIZE_MIB} MiB image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(nproc) CPUs; every command flushes"
 echo
 printf '| %-12s | %-30s | %8s | %7s | %10s |\n' path command "median s" "MiB/s" "ratio"
 printf '|%s|%s|%s|%s|%s|\n' -------------- -------------------------------- ---------- --------- ------------
-median_us_of() { median_us "${TIMES[$1]}"; }
 declare -A BEST BEST_NAME QBEST NBDC DEFAULT AGAIN
+median_us_of() { median_us "${TIMES[$1]}"; }
 r() { awk -v a="$1" -v b="${2:-}" 'BEGIN { if (b == "" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 for row in "${ROWS[@]}"; do
     IFS='|' read -r p name _ <<<"$row"

@@ -17,8 +17,9 @@ public final class AlignedBuffer: @unchecked Sendable {
         precondition(count > 0)
         var p: UnsafeMutableRawPointer?
         // No MADV_HUGEPAGE: on a VM whose memory the host backs as it is first touched
-        // (Firecracker here), a fresh 2 MiB huge page took 2-7 ms to fault in (128 MiB: 277-442
-        // ms, against 70 ms in 4 KiB pages), and an NBD copy spent half its CPU time there.
+        // (Firecracker here), 128 MiB of fresh huge pages took 124-512 ms to fault in (11-15
+        // ms when reused), against a steady 70-117 ms in 4 KiB pages; an NBD copy's loop
+        // threads spent most of their CPU there when its buffers came fresh.
         let rc = posix_memalign(&p, AlignedBuffer.alignment, count)
         guard rc == 0, let p else { fatalError("out of memory allocating \(count) bytes") }
         base = p
