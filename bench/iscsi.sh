@@ -36,20 +36,15 @@ qemu-img --help | grep -qw nfs || { echo "bench: qemu-img has no nfs driver (ins
 qemu-img --help | grep -qw iscsi || { echo "bench: qemu-img has no iscsi driver (install qemu-block-extra)" >&2; exit 1; }
 
 OUT=$(mktemp -d "${BENCH_DIR:-/dev/shm}/ferry-bench-iscsi.XXXXXX")
-NFSSTATE=$OUT/nfs
-ISTATE=$OUT/iscsi
-IN=(ip netns exec "$NETNS")
-PROXY_PID=
+. "$HERE/lib/nfs-iscsi.sh"
+rig_dirs "$OUT"
 cleanup() {
-    [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null
-    "$HERE/../scripts/iscsi-stop.sh" "$ISTATE" >/dev/null 2>&1 || true
-    "$HERE/../scripts/nfs-stop.sh" "$NFSSTATE" >/dev/null 2>&1 || true
+    rig_stop
     rm -rf "$OUT"
 }
 trap cleanup EXIT
 
 echo "bench: building the images (${SIZE_MIB} MiB) in $OUT" >&2
-mkdir -p "$NFSSTATE/export" "$ISTATE"
 RAW=$NFSSTATE/export/src.raw
 QCOW=$NFSSTATE/export/src.qcow2
 head -c "${SIZE_MIB}M" /dev/urandom >"$RAW"
@@ -64,49 +59,10 @@ rm -f "$HALF"
 # The LUN backed up to NFS holds the random image from the start.
 cp "$RAW" "$ISTATE/thick.img"
 
-NETNS=$NETNS "$HERE/../scripts/nfs-start.sh" "$NFSSTATE" >&2
-NETNS=$NETNS ISCSI_PORT=3260 ISCSI_CTL=60 ISCSI_SIZE="${SIZE_MIB}M" "$HERE/../scripts/iscsi-start.sh" "$ISTATE" >&2
-"${IN[@]}" setsid "$PROXY" 3360 127.0.0.1:3260 "$DELAY_MS" 3049 127.0.0.1:2049 "$DELAY_MS" 30048 127.0.0.1:20048 "$DELAY_MS" \
-    4360 127.0.0.1:3260 0 4049 127.0.0.1:2049 0 40048 127.0.0.1:20048 0 >"$OUT/proxy.log" 2>&1 </dev/null &
-PROXY_PID=$!
-for _ in $(seq 200); do grep -q listening "$OUT/proxy.log" && break; sleep 0.02; done
-grep -q listening "$OUT/proxy.log" || { echo "bench: the proxy did not start: $(cat "$OUT/proxy.log")" >&2; exit 1; }
+rig_start "$SIZE_MIB" "$DELAY_MS"
 
-# Portmapper entries for NFSv3 (100003) and MOUNT (100005 v1 and v3): UNSET then SET, portmap
-# v2 over TCP from a reserved port (rpcbind accepts changes from root on loopback only).
-pmap() {   # NFS_PORT MOUNT_PORT
-    "${IN[@]}" python3 - "$1" "$2" <<'PY'
-import random, socket, struct, sys
-nfs, mnt = int(sys.argv[1]), int(sys.argv[2])
-def rpc(proc, prog, vers, port):
-    s = socket.socket()
-    for p in range(1023, 511, -1):
-        try:
-            s.bind(("127.0.0.1", p)); break
-        except OSError:
-            pass
-    s.connect(("127.0.0.1", 111))
-    call = struct.pack(">6I", random.getrandbits(32), 0, 2, 100000, 2, proc)   # CALL, rpc v2, portmap v2
-    call += struct.pack(">4I", 0, 0, 0, 0)                                        # AUTH_NONE cred and verifier
-    call += struct.pack(">4I", prog, vers, 6, port)                               # the mapping, TCP
-    s.sendall(struct.pack(">I", 0x80000000 | len(call)) + call)
-    n = struct.unpack(">I", s.recv(4))[0] & 0x7fffffff
-    reply = b""
-    while len(reply) < n:
-        reply += s.recv(n - len(reply))
-    s.close()
-    return struct.unpack(">I", reply[-4:])[0] == 1
-for prog, vers, port in ((100003, 3, nfs), (100005, 3, mnt), (100005, 1, mnt)):
-    rpc(2, prog, vers, 0)
-    if not rpc(1, prog, vers, port):
-        sys.exit("portmapper SET %d v%d -> %d failed" % (prog, vers, port))
-PY
-}
-
-LUN=iqn.2026-01.dev.ferry:thin
-BACK=iqn.2026-01.dev.ferry:thick
-# Ports by delay: iSCSI, NFS, MOUNT.
-ports() { case $1 in 0) echo "3260 2049 20048";; p0) echo "4360 4049 40048";; *) echo "3360 3049 30048";; esac; }
+LUN=$RIG_LUN
+BACK=$RIG_BACK
 
 # line id | label | what
 LINES=(
@@ -125,7 +81,7 @@ fi
 # The command of one cell: LINE COLUMN DELAY(0|1|p0)
 command_for() {
     local line=$1 col=$2 d=$3 ip np mp
-    read -r ip np mp <<<"$(ports "$d")"
+    read -r ip np mp <<<"$(rig_ports "$d")"
     local nfsF="nfs://127.0.0.1/export/FILE?nfsport=$np&mountport=$mp" nfsQ="nfs://127.0.0.1/export/FILE"
     local src dst fmt out=raw
     case $line in
@@ -168,7 +124,7 @@ measure() {   # LINE COLUMN DELAY
 }
 for (( run = 1; run <= RUNS; run++ )); do
     for d in 0 1; do
-        if [ "$d" = 1 ]; then pmap 3049 30048; else pmap 2049 20048; fi
+        rig_pmap "$d"
         for l in "${LINES[@]}"; do
             line=${l%%|*}
             mapfile -t ORDER < <(shuffle "$run" "${COLS[@]}")
