@@ -6,7 +6,7 @@
 # rows ("again / default": the noise floor), since the best of twelve noisy fixed rows beats
 # any one command's median by chance.
 #
-# Paths (PATHS picks some; the NFS -> iSCSI lines are bench/iscsi.sh's, with SWEEP=1):
+# Paths (PATHS picks some):
 #   local-raw      raw -> raw, local files (page cache dropped before each run)
 #   local-qcow2    raw -> qcow2, local files
 #   nbd            nbdkit file export -> local raw, no delay
@@ -14,10 +14,15 @@
 #   nbd-nbd        the 2 ms export -> nbdkit memory (qemu-img and ferry with -n)
 #   rbd-in         raw -> a new RBD image in a one-node Ceph cluster (scripts/ceph-start.sh)
 #   rbd-out        that cluster's raw image -> local raw
+#   nfs-iscsi      raw on NFS (nfs-ganesha) -> an iSCSI LUN (tgtd), both in a private network
+#                  namespace with their files on tmpfs (bench/lib/nfs-iscsi.sh; qemu-img -n)
+#   nfs-iscsi-1ms  the same with 1 ms added each way on both links (ferry-delay-proxy)
 #   overwrite      raw -> raw over an existing target, unflushed (-t unsafe), against qemu-img
 #                  and against ferry into a new file (the 0.6-0.7 s against 0.33 s defect)
-# Then: the machine's own limit for the local copy (cp --sparse=always, then sync) and the
-# peak RSS of `ferry -m 1024` (the cap on bytes in flight holds it).
+# The machine's own limit, for the paths that read and write this disk: the same data copied
+# by cp --sparse=always, then sync (local and NBD -> local paths), or read into memory by cp
+# (NBD -> NBD memory); "default / limit" is the default's time over that. Then the peak RSS of
+# `ferry -m 1024` (the cap on bytes in flight holds it).
 #
 #   FERRY=path/to/ferry RUNS=3 SIZE_MIB=512 PATHS="local-raw nbd-2ms" bench/defaults.sh
 set -euo pipefail
@@ -25,10 +30,18 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 bench_defaults 3
-PATHS=${PATHS:-local-raw local-qcow2 nbd nbd-2ms nbd-nbd rbd-in rbd-out overwrite}
+PATHS=${PATHS:-local-raw local-qcow2 nbd nbd-2ms nbd-nbd rbd-in rbd-out nfs-iscsi nfs-iscsi-1ms overwrite}
 bench_workdir ferry-bench-defaults
 export FERRY_NBD_DIR=$OUT/nbd
-trap '"$HERE/../scripts/nbd-stop.sh" src src2 dst >/dev/null 2>&1 || true; "$HERE/../scripts/ceph-stop.sh" "$OUT/ceph" >/dev/null 2>&1 || true; rm -rf "$OUT"' EXIT
+RIG=
+cleanup() {
+    "$HERE/../scripts/nbd-stop.sh" src src2 dst >/dev/null 2>&1 || true
+    "$HERE/../scripts/ceph-stop.sh" "$OUT/ceph" >/dev/null 2>&1 || true
+    if [ -n "$RIG" ]; then rig_stop; rm -rf "$RIG"; fi
+    rm -f "${LIMIT_MEM:-}"
+    rm -rf "$OUT"
+}
+trap cleanup EXIT
 check_drop_caches
 
 guest_image
@@ -49,10 +62,30 @@ if [[ " $PATHS " == *" rbd-"* ]]; then
     RBD_OUT="rbd:rbdpool/src:conf=$CONF"
 fi
 
+NFS_URL= QNFS_URL= ISCSI_URL= NFS_URL1= ISCSI_URL1=
+if [[ " $PATHS " == *" nfs-iscsi"* ]]; then
+    PROXY=${PROXY:-$(dirname "$FERRY")/ferry-delay-proxy}
+    NETNS=${NETNS:-ferry-bench-defaults}
+    [ -x "$PROXY" ] || { echo "bench: no ferry-delay-proxy at $PROXY (swift build -c release)" >&2; exit 1; }
+    qemu-img --help | grep -qw nfs && qemu-img --help | grep -qw iscsi ||
+        { echo "bench: qemu-img has no nfs or iscsi driver (install qemu-block-extra)" >&2; exit 1; }
+    . "$HERE/lib/nfs-iscsi.sh"
+    RIG=$(mktemp -d /dev/shm/ferry-bench-defaults.XXXXXX)
+    rig_dirs "$RIG"
+    cp --sparse=always "$SRC" "$NFSSTATE/export/src.raw"
+    rig_start "$SIZE_MIB" 1
+    read -r ip np mp <<<"$(rig_ports 0)"
+    NFS_URL="nfs://127.0.0.1/export/src.raw?nfsport=$np&mountport=$mp" ISCSI_URL="iscsi://127.0.0.1:$ip/$RIG_LUN/1"
+    read -r ip np mp <<<"$(rig_ports 1)"
+    NFS_URL1="nfs://127.0.0.1/export/src.raw?nfsport=$np&mountport=$mp" ISCSI_URL1="iscsi://127.0.0.1:$ip/$RIG_LUN/1"
+    # qemu-img finds the NFS ports through the portmapper (rig_pmap before each of its rows).
+    QNFS_URL="nfs://127.0.0.1/export/src.raw"
+fi
+
 # path|name|command (T: the local target)|target to check|its format
 ROWS=()
-sweep() {   # PATH SOURCE TARGET CHECK FORMAT FERRY_ARGS QEMU_ARGS NBDCOPY(file, nbd or none)
-    local p=$1 s=$2 t=$3 c=$4 f=$5 fa=$6 qa=$7 m w
+sweep() {   # PATH SOURCE TARGET CHECK FORMAT FERRY_ARGS QEMU_ARGS NBDCOPY(file, nbd or none) [QEMU_SOURCE QEMU_TARGET]
+    local p=$1 s=$2 t=$3 c=$4 f=$5 fa=$6 qa=$7 m w qs=${9:-$2} qt=${10:-$3}
     # The default twice, as two rows: how far apart one command's medians land is the noise
     # floor that "default / best" (the luckiest of twelve fixed rows) is to be read against.
     ROWS+=("$p|ferry|$FERRY convert -q -f raw $fa '$s' '$t'|$c|$f"
@@ -61,8 +94,8 @@ sweep() {   # PATH SOURCE TARGET CHECK FORMAT FERRY_ARGS QEMU_ARGS NBDCOPY(file,
         ROWS+=("$p|ferry -m $m --in-order|$FERRY convert -q -f raw $fa -m $m --in-order '$s' '$t'|$c|$f"
                "$p|ferry -m $m -W|$FERRY convert -q -f raw $fa -m $m -W '$s' '$t'|$c|$f")
     done
-    ROWS+=("$p|qemu-img|qemu-img convert -t writeback -f raw $qa '$s' '$t'|$c|$f"
-           "$p|qemu-img -m 16 -W|qemu-img convert -t writeback -f raw $qa -m 16 -W '$s' '$t'|$c|$f")
+    ROWS+=("$p|qemu-img|qemu-img convert -t writeback -f raw $qa '$qs' '$qt'|$c|$f"
+           "$p|qemu-img -m 16 -W|qemu-img convert -t writeback -f raw $qa -m 16 -W '$qs' '$qt'|$c|$f")
     # nbdcopy writes into an existing file or export of the right size.
     case $8 in
         file) ROWS+=("$p|nbdcopy|truncate -s ${SIZE_MIB}M '$t' && nbdcopy --flush '$s' '$t'|$c|$f") ;;
@@ -79,6 +112,8 @@ for p in $PATHS; do
         nbd-nbd)     sweep "$p" "$URL2" "$MEM" "$MEM" raw "-O raw -n" "-O raw -n" nbd ;;
         rbd-in)      sweep "$p" "$SRC" "$RBD_IN" "$RBD_IN" raw "-O raw" "-O raw" none ;;
         rbd-out)     sweep "$p" "$RBD_OUT" "$T" "$T" raw "-O raw" "-O raw" none ;;
+        nfs-iscsi)   sweep "$p" "$NFS_URL" "$ISCSI_URL" "$ISTATE/thin.img" raw "-O raw" "-O raw -n" none "$QNFS_URL" "$ISCSI_URL" ;;
+        nfs-iscsi-1ms) sweep "$p" "$NFS_URL1" "$ISCSI_URL1" "$ISTATE/thin.img" raw "-O raw" "-O raw -n" none "$QNFS_URL" "$ISCSI_URL1" ;;
         overwrite)
             ROWS+=("$p|ferry -t unsafe, over a file|$FERRY convert -q -t unsafe -f raw '$SRC' '$T'|$T|raw"
                    "$p|ferry -t unsafe, new file|$FERRY convert -q -t unsafe -f raw '$SRC' '$T'|$T|raw"
@@ -86,12 +121,20 @@ for p in $PATHS; do
         *) echo "bench: unknown path $p" >&2; exit 1 ;;
     esac
 done
-[[ " $PATHS " == *" local-raw "* ]] && ROWS+=("local-raw|cp --sparse=always + sync|cp --sparse=always '$SRC' '$T' && sync|$T|raw")
+# The machine's limits (see the top), once each, shared by the paths that name them.
+LIMIT_MEM=/dev/shm/ferry-bench-limit.$$
+declare -A LIMIT=([local-raw]=disk [local-qcow2]=disk [nbd]=disk [nbd-2ms]=disk [nbd-nbd]=memory)
+if [[ " $PATHS " =~ \ (local-raw|local-qcow2|nbd|nbd-2ms)\  ]]; then
+    ROWS+=("limit|cp --sparse=always + sync|cp --sparse=always '$SRC' '$T' && sync|$T|raw")
+fi
+if [[ " $PATHS " == *" nbd-nbd "* ]]; then
+    ROWS+=("limit|cp --sparse=always to memory|cp --sparse=always '$SRC' '$LIMIT_MEM'|$LIMIT_MEM|raw")
+fi
 
 row() {   # RUN ROW
     local run=$1 p name cmd check fmt
     IFS='|' read -r p name cmd check fmt <<<"$2"
-    rm -f "$T"
+    rm -f "$T" "$LIMIT_MEM"
     # A new RBD image each run (removing it is not timed).
     [ "$p" != rbd-in ] || rbd -c "$CONF" rm --no-progress rbdpool/dst >/dev/null 2>&1 || true
     # The overwrite rows' target exists first, written back, and is not part of the time.
@@ -99,29 +142,39 @@ row() {   # RUN ROW
     if [[ $name == *"over a file"* ]]; then
         cp --sparse=always "$SRC" "$T" && sync
     fi
-    timed "$p/$name" "$cmd"
+    if [[ $p == nfs-iscsi* ]]; then
+        # The servers live in a namespace; qemu-img finds the right NFS ports by portmapper.
+        [[ $name == qemu-img* ]] && rig_pmap "$([ "$p" = nfs-iscsi ] && echo 0 || echo 1)"
+        local -a BENCH_IN=("${IN[@]}")
+        timed "$p/$name" "$cmd"
+    else
+        timed "$p/$name" "$cmd"
+    fi
     if (( run == 1 )); then
         qemu-img compare -q -f raw -F "$fmt" "$SRC" "$check" || { echo "bench: $p: $name produced a different image" >&2; exit 1; }
     fi
 }
 run_rounds row
+rm -f "$LIMIT_MEM"
 
 echo
 echo "Ferry's default against every fixed setting, ${SIZE_MIB} MiB image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(nproc) CPUs; every command flushes"
 echo
-printf '| %-12s | %-30s | %8s | %7s | %10s |\n' path command "median s" "MiB/s" "ratio"
-printf '|%s|%s|%s|%s|%s|\n' -------------- -------------------------------- ---------- --------- ------------
+printf '| %-13s | %-30s | %8s | %7s | %10s |\n' path command "median s" "MiB/s" "ratio"
+printf '|%s|%s|%s|%s|%s|\n' --------------- -------------------------------- ---------- --------- ------------
 declare -A BEST BEST_NAME QBEST NBDC DEFAULT AGAIN
 median_us_of() { median_us "${TIMES[$1]}"; }
 r() { awk -v a="$1" -v b="${2:-}" 'BEGIN { if (b == "" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 for row in "${ROWS[@]}"; do
     IFS='|' read -r p name _ <<<"$row"
     us=$(median_us_of "$p/$name")
-    # Against Ferry's default; the overwrite rows against qemu-img over a file.
+    # Against Ferry's default; the overwrite rows against qemu-img over a file; limits alone.
     ref="$p/ferry"
     [ -n "${TIMES[$ref]:-}" ] || ref="$p/qemu-img, over a file"
-    read -r secs rate ratio <<<"$(row_figures "$us" "$(median_us_of "$ref")")"
-    printf '| %-12s | %-30s | %8s | %7s | %10s |\n' "$p" "$name" "$secs" "$rate" "$ratio"
+    refus=
+    [ -z "${TIMES[$ref]:-}" ] || refus=$(median_us_of "$ref")
+    read -r secs rate ratio <<<"$(row_figures "$us" "$refus")"
+    printf '| %-13s | %-30s | %8s | %7s | %10s |\n' "$p" "$name" "$secs" "$rate" "${ratio:-}"
     case $name in
         "ferry -m "*) if [ -z "${BEST[$p]:-}" ] || (( us < BEST[$p] )); then BEST[$p]=$us; BEST_NAME[$p]=$name; fi ;;
         qemu-img*) if [ -z "${QBEST[$p]:-}" ] || (( us < QBEST[$p] )); then QBEST[$p]=$us; fi ;;
@@ -133,17 +186,18 @@ done
 echo
 echo "ratio: the command's median over Ferry's default's on the same path (> 1: the default is faster); overwrite rows over qemu-img's over a file."
 echo
-printf '| %-12s | %-22s | %16s | %15s | %18s | %17s |\n' path "best fixed setting" "default / best" "again / default" "default / qemu-img" "default / nbdcopy"
-printf '|%s|%s|%s|%s|%s|%s|\n' -------------- ------------------------ ------------------ ----------------- -------------------- -------------------
+declare -A LIMIT_ROW=([disk]="limit/cp --sparse=always + sync" [memory]="limit/cp --sparse=always to memory")
+printf '| %-13s | %-22s | %14s | %15s | %18s | %17s | %15s |\n' path "best fixed setting" "default / best" "again / default" "default / qemu-img" "default / nbdcopy" "default / limit"
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' --------------- ------------------------ ---------------- ----------------- -------------------- ------------------- -----------------
 for p in $PATHS; do
     [ -n "${DEFAULT[$p]:-}" ] || continue
-    printf '| %-12s | %-22s | %16s | %15s | %18s | %17s |\n' "$p" "${BEST_NAME[$p]}" "$(r "${DEFAULT[$p]}" "${BEST[$p]}")" \
-        "$(r "${AGAIN[$p]:-}" "${DEFAULT[$p]}")" "$(r "${DEFAULT[$p]}" "${QBEST[$p]}")" "$(r "${DEFAULT[$p]}" "${NBDC[$p]:-}")"
+    lim=
+    if [ -n "${LIMIT[$p]:-}" ]; then lim=$(median_us_of "${LIMIT_ROW[${LIMIT[$p]}]}"); fi
+    printf '| %-13s | %-22s | %14s | %15s | %18s | %17s | %15s |\n' "$p" "${BEST_NAME[$p]}" "$(r "${DEFAULT[$p]}" "${BEST[$p]}")" \
+        "$(r "${AGAIN[$p]:-}" "${DEFAULT[$p]}")" "$(r "${DEFAULT[$p]}" "${QBEST[$p]}")" "$(r "${DEFAULT[$p]}" "${NBDC[$p]:-}")" "$(r "${DEFAULT[$p]}" "$lim")"
 done
-if [[ " $PATHS " == *" local-raw "* ]]; then
-    echo
-    echo "The machine's limit (local-raw): Ferry's default takes $(r "${DEFAULT[local-raw]}" "$(median_us_of "local-raw/cp --sparse=always + sync")") of the time of cp --sparse=always + sync."
-fi
+echo
+echo "default / limit: the default's time over the same data moved by cp --sparse=always on this disk (then sync), or read into memory for nbd-nbd; the RBD and NFS/iSCSI paths' limits are the servers', not measured."
 
 # Memory: -m 1024 asks for 2 GiB of buffers; the cap on bytes in flight (128 MiB) holds it.
 rm -f "$T"
