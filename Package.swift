@@ -27,23 +27,30 @@ let package = Package(
         // libnbd's declarations only; CFerryNBD defines the functions and loads libnbd on
         // first use (it brings GnuTLS, libxml2 and ICU: most of a cold start's reading).
         .systemLibrary(name: "CLibNBD"),
-        .target(name: "CFerryNBD", linkerSettings: [.linkedLibrary("dl")]),
+        .target(name: "CFerryNBD", dependencies: ["CFerryLoad"]),
+        // dlopen and dlsym for the loaders above and below.
+        .target(name: "CFerryLoad", linkerSettings: [.linkedLibrary("dl")]),
         .systemLibrary(name: "CLibNFS", pkgConfig: "libnfs", providers: [.apt(["libnfs-dev"])]),
-        .systemLibrary(name: "CLibISCSI", pkgConfig: "libiscsi", providers: [.apt(["libiscsi-dev"])]),
+        // libiscsi's declarations only; CFerryISCSI loads it on first use (it brings the RDMA
+        // stack: libibverbs, librdmacm, libnl).
+        .systemLibrary(name: "CLibISCSI", providers: [.apt(["libiscsi-dev"])]),
+        .target(name: "CFerryISCSI", dependencies: ["CFerryLoad"]),
         // librbd's and librados's declarations only; CFerryRBD loads them on first use (they
         // bring most of Ceph's client with them).
         .systemLibrary(name: "CLibRBD", providers: [.apt(["librbd-dev"])]),
-        .target(name: "CFerryRBD", dependencies: ["CLibRBD"], linkerSettings: [.linkedLibrary("dl")]),
-        // OpenSSL's digests, to check an OVA's manifest (SHA-1, SHA-256, SHA-512).
-        .systemLibrary(name: "CLibCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
+        .target(name: "CFerryRBD", dependencies: ["CLibRBD", "CFerryLoad"]),
+        // OpenSSL's digests (checksums, an OVA's manifest): declarations only; CFerryCrypto
+        // loads libcrypto on first use.
+        .systemLibrary(name: "CLibCrypto", providers: [.apt(["libssl-dev"])]),
+        .target(name: "CFerryCrypto", dependencies: ["CFerryLoad"]),
         .target(name: "FerryCore"),
         .target(name: "FerryFile", dependencies: ["FerryCore", "CFerryLinux"]),
         .target(name: "FerryNBD", dependencies: ["FerryCore", "CLibNBD", "CFerryNBD"]),
         .target(name: "FerryNFS", dependencies: ["FerryCore", "CLibNFS"]),
-        .target(name: "FerryISCSI", dependencies: ["FerryCore", "CFerryLinux", "CLibISCSI"]),
+        .target(name: "FerryISCSI", dependencies: ["FerryCore", "CFerryLinux", "CLibISCSI", "CFerryISCSI"]),
         .target(name: "FerryRBD", dependencies: ["FerryCore", "CLibRBD", "CFerryRBD"]),
         .target(name: "FerryFormats", dependencies: ["FerryCore", "CZlib", "CZstd", "CLibDeflate"]),
-        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryISCSI", "FerryRBD", "FerryFormats", "CLibCrypto"]),
+        .target(name: "FerryConvert", dependencies: ["FerryCore", "FerryFile", "FerryNBD", "FerryNFS", "FerryISCSI", "FerryRBD", "FerryFormats", "CLibCrypto", "CFerryCrypto"]),
         .executableTarget(
             name: "ferry",
             dependencies: [

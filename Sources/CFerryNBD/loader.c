@@ -1,11 +1,9 @@
 // See include/ferry_nbd.h.
-#define _GNU_SOURCE
-#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
-#include <stdio.h>
 #include <libnbd.h>
 
+#include "ferry_load.h"
 #include "ferry_nbd.h"
 
 // X(return type, name, (parameters), (arguments))
@@ -48,37 +46,34 @@
     X(int, nbd_set_pread_initialize, (struct nbd_handle *h, bool request), (h, request)) \
     X(int, nbd_shutdown, (struct nbd_handle *h, uint32_t flags), (h, flags))
 
-static struct {
-#define FIELD(ret, name, params, args) ret (*name) params;
-    FERRY_NBD_FUNCTIONS(FIELD)
-#undef FIELD
-    struct nbd_handle *(*nbd_create)(void);
-    void (*nbd_close)(struct nbd_handle *);
-    const char *(*nbd_get_error)(void);
-    int (*nbd_get_errno)(void);
-} real;
+enum {
+#define INDEX(ret, name, params, args) index_##name,
+    FERRY_NBD_FUNCTIONS(INDEX)
+#undef INDEX
+    index_nbd_create,
+    index_nbd_close,
+    index_nbd_get_error,
+    index_nbd_get_errno,
+    functionCount
+};
 
+static const char *const names[functionCount] = {
+#define NAME(ret, name, params, args) #name,
+    FERRY_NBD_FUNCTIONS(NAME)
+#undef NAME
+    "nbd_create",
+    "nbd_close",
+    "nbd_get_error",
+    "nbd_get_errno",
+};
+
+static void *slots[functionCount];
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static char load_error[512];
 
 static void load(void) {
-    void *lib = dlopen("libnbd.so.0", RTLD_NOW | RTLD_LOCAL);
-    if (!lib) {
-        snprintf(load_error, sizeof load_error, "cannot load libnbd (libnbd.so.0): %s", dlerror());
-        return;
-    }
-#define LOOKUP(ret, name, params, args) \
-    if (!(*(void **)&real.name = dlsym(lib, #name))) goto missing;
-    FERRY_NBD_FUNCTIONS(LOOKUP)
-    LOOKUP(_, nbd_create, _, _)
-    LOOKUP(_, nbd_close, _, _)
-    LOOKUP(_, nbd_get_error, _, _)
-    LOOKUP(_, nbd_get_errno, _, _)
-#undef LOOKUP
-    return;
-missing:
-    snprintf(load_error, sizeof load_error, "libnbd.so.0 lacks a function ferry needs: %s", dlerror());
-    real.nbd_create = NULL;
+    static const char *const libraries[] = {"libnbd.so.0", NULL};
+    ferry_load_library(libraries, "libnbd0", names, slots, functionCount, load_error, sizeof load_error);
 }
 
 const char *ferry_nbd_load_error(void) {
@@ -87,24 +82,25 @@ const char *ferry_nbd_load_error(void) {
 }
 
 // Every function but these four is only reached with a handle, so after nbd_create succeeded.
-#define FORWARD(ret, name, params, args) ret name params { return real.name args; }
+#define FORWARD(ret, name, params, args) \
+    ret name params { return ((ret (*) params) slots[index_##name]) args; }
 FERRY_NBD_FUNCTIONS(FORWARD)
 #undef FORWARD
 
 struct nbd_handle *nbd_create(void) {
     if (ferry_nbd_load_error()) return NULL;
-    return real.nbd_create();
+    return ((struct nbd_handle *(*)(void))slots[index_nbd_create])();
 }
 
 void nbd_close(struct nbd_handle *h) {
-    if (h && real.nbd_close) real.nbd_close(h);
+    if (h && !ferry_nbd_load_error()) ((void (*)(struct nbd_handle *))slots[index_nbd_close])(h);
 }
 
 const char *nbd_get_error(void) {
     const char *why = ferry_nbd_load_error();
-    return why ? why : real.nbd_get_error();
+    return why ? why : ((const char *(*)(void))slots[index_nbd_get_error])();
 }
 
 int nbd_get_errno(void) {
-    return ferry_nbd_load_error() ? ENOSYS : real.nbd_get_errno();
+    return ferry_nbd_load_error() ? ENOSYS : ((int (*)(void))slots[index_nbd_get_errno])();
 }

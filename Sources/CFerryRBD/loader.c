@@ -1,14 +1,13 @@
 // See include/ferry_rbd.h.
-#define _GNU_SOURCE
-#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
-#include <stdio.h>
 #include <rbd/librbd.h>
 
+#include "ferry_load.h"
 #include "ferry_rbd.h"
 
-// X(library, return type, name, (parameters), (arguments))
+// X(library, return type, name, (parameters), (arguments)); each is looked up in librados,
+// then librbd, so the library named is only what it documents.
 #define FERRY_RBD_FUNCTIONS(X) \
     X(rados, int, rados_conf_read_file, (rados_t cluster, const char *path), (cluster, path)) \
     X(rados, int, rados_conf_set, (rados_t cluster, const char *option, const char *value), (cluster, option, value)) \
@@ -44,35 +43,30 @@
         uint8_t include_parent, uint8_t whole_object, int (*cb)(uint64_t, size_t, int, void *), void *arg), \
         (image, fromsnapname, ofs, len, include_parent, whole_object, cb, arg))
 
-static struct {
-#define FIELD(lib, ret, name, params, args) ret (*name) params;
-    FERRY_RBD_FUNCTIONS(FIELD)
-#undef FIELD
-    int (*rados_create)(rados_t *cluster, const char *id);
-    int (*rbd_aio_create_completion)(void *cb_arg, rbd_callback_t complete_cb, rbd_completion_t *c);
-} real;
+enum {
+#define INDEX(lib, ret, name, params, args) index_##name,
+    FERRY_RBD_FUNCTIONS(INDEX)
+#undef INDEX
+    index_rados_create,
+    index_rbd_aio_create_completion,
+    functionCount
+};
 
+static const char *const names[functionCount] = {
+#define NAME(lib, ret, name, params, args) #name,
+    FERRY_RBD_FUNCTIONS(NAME)
+#undef NAME
+    "rados_create",
+    "rbd_aio_create_completion",
+};
+
+static void *slots[functionCount];
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static char load_error[512];
 
 static void load(void) {
-    void *rados = dlopen("librados.so.2", RTLD_NOW | RTLD_LOCAL);
-    void *rbd = rados ? dlopen("librbd.so.1", RTLD_NOW | RTLD_LOCAL) : NULL;
-    if (!rados || !rbd) {
-        snprintf(load_error, sizeof load_error, "cannot load Ceph's client library (%s): %s; install librbd1",
-                 rados ? "librbd.so.1" : "librados.so.2", dlerror());
-        return;
-    }
-#define LOOKUP(lib, ret, name, params, args) \
-    if (!(*(void **)&real.name = dlsym(lib, #name))) goto missing;
-    FERRY_RBD_FUNCTIONS(LOOKUP)
-    LOOKUP(rados, _, rados_create, _, _)
-    LOOKUP(rbd, _, rbd_aio_create_completion, _, _)
-#undef LOOKUP
-    return;
-missing:
-    snprintf(load_error, sizeof load_error, "librbd lacks a function ferry needs: %s", dlerror());
-    real.rados_create = NULL;
+    static const char *const libraries[] = {"librados.so.2", "librbd.so.1", NULL};
+    ferry_load_library(libraries, "librbd1", names, slots, functionCount, load_error, sizeof load_error);
 }
 
 const char *ferry_rbd_load_error(void) {
@@ -82,16 +76,17 @@ const char *ferry_rbd_load_error(void) {
 
 // Every function but these two is only reached with a cluster handle, so after rados_create
 // succeeded.
-#define FORWARD(lib, ret, name, params, args) ret name params { return real.name args; }
+#define FORWARD(lib, ret, name, params, args) \
+    ret name params { return ((ret (*) params) slots[index_##name]) args; }
 FERRY_RBD_FUNCTIONS(FORWARD)
 #undef FORWARD
 
 int rados_create(rados_t *cluster, const char *id) {
     if (ferry_rbd_load_error()) return -ENOSYS;
-    return real.rados_create(cluster, id);
+    return ((int (*)(rados_t *, const char *))slots[index_rados_create])(cluster, id);
 }
 
 int rbd_aio_create_completion(void *cb_arg, rbd_callback_t complete_cb, rbd_completion_t *c) {
     if (ferry_rbd_load_error()) return -ENOSYS;
-    return real.rbd_aio_create_completion(cb_arg, complete_cb, c);
+    return ((int (*)(void *, rbd_callback_t, rbd_completion_t *))slots[index_rbd_aio_create_completion])(cb_arg, complete_cb, c);
 }

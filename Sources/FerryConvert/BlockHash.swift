@@ -1,3 +1,4 @@
+import CFerryCrypto
 import CLibCrypto
 import FerryCore
 import Synchronization
@@ -51,6 +52,9 @@ public final class BlockHasher: @unchecked Sendable {
 
     /// `algorithm` is any digest OpenSSL knows by name (sha256, sha512, sha1, blake2b512...).
     public init(algorithm: String = "sha256", size: Int64) throws {
+        if let why = ferry_crypto_load_error() {
+            throw FerryError(.notSupported, "checksums need OpenSSL's libcrypto: \(String(cString: why))")
+        }
         // Fetched once: a digest looked up by name is fetched again at every EVP_Digest call.
         guard let md = EVP_MD_fetch(nil, algorithm, nil) else {
             throw FerryError(.invalidArgument, "unknown checksum algorithm '\(algorithm)' (for example sha256, sha512, sha1, blake2b512)")

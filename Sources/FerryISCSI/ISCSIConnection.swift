@@ -1,3 +1,4 @@
+import CFerryISCSI
 import CFerryLinux
 import CLibISCSI
 import FerryCore
@@ -314,6 +315,9 @@ final class ISCSIContext: EventLoopLibrary {
         connectFinished = false
         connectStatus = 0
         loggedIn = false
+        if let why = ferry_iscsi_load_error() {
+            throw FerryError(.notSupported, String(cString: why), path: name)
+        }
         guard let ctx = iscsi_create_context(initiator) else {
             throw FerryError(.other, "cannot create an iSCSI context", path: name)
         }

@@ -56,6 +56,36 @@ final class ChecksumCLITests: XCTestCase {
         return fields.first.map(String.init) ?? ""
     }
 
+    /// OpenSSL's libcrypto is loaded for a digest, not at every start.
+    func testLibcryptoIsLoadedOnlyForDigests() throws {
+        let src = try source()
+        var (r, libraries) = try Tools.ferryLoading(["convert", "-f", "raw", "-O", "qcow2", src, path("copy.qcow2")], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertFalse(libraries.contains { $0.hasPrefix("libcrypto") }, "a copy without --checksum loaded libcrypto: \(libraries)")
+        (r, libraries) = try Tools.ferryLoading(["checksum", "-f", "qcow2", path("copy.qcow2")], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(libraries.contains("libcrypto.so.3"), "a checksum loads libcrypto: \(libraries)")
+        XCTAssertEqual(r.stdout.split(separator: " ").first.map(String.init), try reference(src))
+    }
+
+    /// Without a usable libcrypto a checksum fails with one line naming it, and a copy without
+    /// one still works. (Root only: see Tools.ferryWithout.)
+    func testMissingLibcryptoIsAClearError() throws {
+        let src = try source()
+        for args in [["checksum", "-f", "raw", src], ["convert", "--checksum", "-f", "raw", "-O", "raw", src, path("c.raw")]] {
+            let r = try Tools.ferryWithout("libcrypto.so.3", args, in: dir)
+            XCTAssertNotEqual(r.status, 0, "\(args)")
+            XCTAssertFalse(r.signalled, r.stderr)
+            XCTAssertTrue(r.stderr.contains("libcrypto"), r.stderr)
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        }
+        XCTAssertFalse(fileExists(path("c.raw")), "a copy that could not checksum left its target")
+        let r = try Tools.ferryWithout("libcrypto.so.3", ["convert", "-f", "raw", "-O", "raw", src, path("plain.raw")], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(try Tools.must("qemu-img", ["compare", "-f", "raw", "-F", "raw", src, path("plain.raw")], in: dir),
+                       "Images are identical.\n")
+    }
+
     func testTheSameDigestInEveryFormatAndOverNBD() throws {
         let src = try source()
         let expected = try reference(src)

@@ -144,6 +144,37 @@ final class ISCSITests: ServerCLITestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: path("o.raw")))
     }
 
+    // MARK: libiscsi, loaded on first use
+
+    /// libiscsi (and the RDMA stack behind it) is loaded when an iscsi:// image is opened, not
+    /// at every start.
+    func testLibiscsiIsLoadedOnlyForISCSI() throws {
+        let src = try Self.image.build(in: dir)
+        var (r, libraries) = try Tools.ferryLoading(["convert", "-f", "raw", "-O", "raw", src, path("local.raw")], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertFalse(libraries.contains { $0.hasPrefix("libiscsi") || $0.hasPrefix("libibverbs") }, "a local copy loaded libiscsi: \(libraries)")
+        (r, libraries) = try Tools.ferryLoading(["convert", "-f", "raw", "-O", "raw", src, target.url("thin")], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(libraries.contains("libiscsi.so.7"), "an iSCSI copy loads libiscsi: \(libraries)")
+        try compare(src, try head(target.backingFile("thin")))
+    }
+
+    /// Without a usable libiscsi an iSCSI copy fails with one line naming the library and the
+    /// URL, and a local copy still works. (Root only: see Tools.ferryWithout.)
+    func testMissingLibiscsiIsAClearError() throws {
+        let src = try Self.image.build(in: dir)
+        let url = target.url("thin")
+        var r = try Tools.ferryWithout("libiscsi.so.7", ["convert", "-f", "raw", "-O", "raw", src, url], in: dir)
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertFalse(r.signalled, r.stderr)
+        XCTAssertTrue(r.stderr.contains("libiscsi"), r.stderr)
+        XCTAssertTrue(r.stderr.contains(url), r.stderr)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        r = try Tools.ferryWithout("libiscsi.so.7", ["convert", "-f", "raw", "-O", "raw", src, path("local.raw")], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        try compare(src, path("local.raw"))
+    }
+
     // MARK: Through the delay proxy
 
     private func startProxy(_ args: [String]) throws -> RunningProcess {

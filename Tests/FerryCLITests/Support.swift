@@ -84,6 +84,36 @@ enum Tools {
 }
 
 extension Tools {
+    /// The shared libraries `ferry ARGS` loaded (from ld.so's LD_DEBUG=files report), and how
+    /// it ended. Libraries that only some commands need are loaded on first use.
+    static func ferryLoading(_ arguments: [String], in dir: URL) throws -> (result: ProcessResult, libraries: Set<String>) {
+        let r = try run(try require("ferry"), arguments, in: dir, environment: ["LD_DEBUG": "files"])
+        var libraries = Set<String>()
+        // "     12345:     file=libcrypto.so.3 [0];  needed by ..." or "... dynamically loaded by ..."
+        for line in r.stderr.split(separator: "\n") {
+            guard let start = line.range(of: "file=") else { continue }
+            libraries.insert(String(line[start.upperBound...].prefix { $0 != " " && $0 != "[" }))
+        }
+        XCTAssertTrue(libraries.contains("libc.so.6"), "LD_DEBUG reports the libraries loaded: \(r.stderr.prefix(500))")
+        return (r, libraries)
+    }
+
+    /// Runs `ferry ARGS` with the library `soname` unusable: /dev/null mounted over it in a
+    /// private mount namespace. Skips unless root may do that here.
+    static func ferryWithout(_ soname: String, _ arguments: [String], in dir: URL) throws -> ProcessResult {
+        let ferry = try require("ferry")
+        guard getuid() == 0 else { throw XCTSkip("needs root for a private mount namespace") }
+        guard let lib = ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib/aarch64-linux-gnu"]
+            .map({ "\($0)/\(soname)" }).first(where: { FileManager.default.fileExists(atPath: $0) }) else {
+            throw XCTSkip("\(soname) not found")
+        }
+        guard try run("/usr/bin/unshare", ["-m", "true"], in: dir).status == 0 else {
+            throw XCTSkip("unshare -m is not permitted here")
+        }
+        let quoted = ([ferry] + arguments).map { "'" + $0 + "'" }.joined(separator: " ")
+        return try run("/usr/bin/unshare", ["-m", "sh", "-c", "mount --bind /dev/null \"$(readlink -f \(lib))\" && exec \(quoted)"], in: dir)
+    }
+
     /// `nbdkit -f ARGS` on the unix socket `NAME.sock` in `dir`; returns the server (for the
     /// caller to stop) and its URL once it listens (its pid file appears then).
     static func nbdkit(_ args: [String], socket name: String, in dir: URL,

@@ -1,3 +1,4 @@
+import CFerryCrypto
 import CLibCrypto
 import FerryCore
 
@@ -22,6 +23,9 @@ final class Digest {
     private let context: OpaquePointer
 
     init(_ algorithm: DigestAlgorithm) throws {
+        if let why = ferry_crypto_load_error() {
+            throw FerryError(.notSupported, "checking a manifest needs OpenSSL's libcrypto: \(String(cString: why))")
+        }
         guard let ctx = EVP_MD_CTX_new() else {
             throw FerryError(.other, "could not allocate a digest context")
         }
