@@ -28,7 +28,7 @@ final class CompareCLITests: XCTestCase {
     }
 
     func sparse(_ name: String, _ size: UInt64) throws {
-        FileManager.default.createFile(atPath: path(name), contents: nil)
+        _ = FileManager.default.createFile(atPath: path(name), contents: nil)
         let h = try FileHandle(forWritingTo: dir.appendingPathComponent(name))
         try h.truncate(atOffset: size)
         try h.close()
