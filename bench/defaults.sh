@@ -19,10 +19,13 @@
 #   nfs-iscsi-1ms  the same with 1 ms added each way on both links (ferry-delay-proxy)
 #   overwrite      raw -> raw over an existing target, unflushed (-t unsafe), against qemu-img
 #                  and against ferry into a new file (the 0.6-0.7 s against 0.33 s defect)
-# The machine's own limit, for the paths that read and write this disk: the same data copied
-# by cp --sparse=always, then sync (local and NBD -> local paths), or read into memory by cp
-# (NBD -> NBD memory); "default / limit" is the default's time over that. Then the peak RSS of
-# `ferry -m 1024` (the cap on bytes in flight holds it).
+# The machine's own limit, for the paths that read and write this disk: fio reading as many
+# bytes as the image holds data (O_DIRECT, 2 MiB at depth 16) while writing as many to a new
+# file through the page cache and fsyncing it (local and NBD -> local paths), or only reading
+# them (NBD -> NBD memory). Its time is the one fio counts, its own start left out (a cold fio
+# takes 0.35-0.4 s to start: it loads librbd and more). "default / limit" is the default's
+# time, start included, over that. Then the peak RSS of `ferry -m 1024` (the cap on bytes in
+# flight holds it).
 #
 #   FERRY=path/to/ferry RUNS=3 SIZE_MIB=512 PATHS="local-raw nbd-2ms" bench/defaults.sh
 set -euo pipefail
@@ -38,7 +41,6 @@ cleanup() {
     "$HERE/../scripts/nbd-stop.sh" src src2 dst >/dev/null 2>&1 || true
     "$HERE/../scripts/ceph-stop.sh" "$OUT/ceph" >/dev/null 2>&1 || true
     if [ -n "$RIG" ]; then rig_stop; rm -rf "$RIG"; fi
-    rm -f "${LIMIT_MEM:-}"
     rm -rf "$OUT"
 }
 trap cleanup EXIT
@@ -121,20 +123,37 @@ for p in $PATHS; do
         *) echo "bench: unknown path $p" >&2; exit 1 ;;
     esac
 done
-# The machine's limits (see the top), once each, shared by the paths that name them.
-LIMIT_MEM=/dev/shm/ferry-bench-limit.$$
+# The machine's limits (see the top), once each, shared by the paths that name them. The
+# file read holds as many bytes as the image's data (contents do not matter to the disk).
 declare -A LIMIT=([local-raw]=disk [local-qcow2]=disk [nbd]=disk [nbd-2ms]=disk [nbd-nbd]=memory)
-if [[ " $PATHS " =~ \ (local-raw|local-qcow2|nbd|nbd-2ms)\  ]]; then
-    ROWS+=("limit|cp --sparse=always + sync|cp --sparse=always '$SRC' '$T' && sync|$T|raw")
+declare -A LIMIT_ROW=([disk]="limit/fio read + write, fsync" [memory]="limit/fio read")
+FIO_READ=
+if [[ " $PATHS " =~ \ (local-raw|local-qcow2|nbd|nbd-2ms|nbd-nbd)\  ]]; then
+    command -v fio >/dev/null || { echo "bench: fio is missing (scripts/install-deps.sh)" >&2; exit 1; }
+    data_mib=$(( $(du -k "$SRC" | cut -f1) / 1024 ))
+    head -c "${data_mib}M" /dev/urandom >"$OUT/data.raw"
+    FIO_READ="--name=read --ioengine=io_uring --iodepth=16 --direct=1 --rw=read --bs=2M --size=${data_mib}M --filename=$OUT/data.raw"
+    # Buffered writes, as the copies make them; psync, because io_uring serializes buffered
+    # writes to one file on its workers (0.86 s against 0.31-0.35 s here).
+    FIO_WRITE="--name=write --ioengine=psync --rw=write --bs=2M --size=${data_mib}M --end_fsync=1 --filename=$T"
 fi
-if [[ " $PATHS " == *" nbd-nbd "* ]]; then
-    ROWS+=("limit|cp --sparse=always to memory|cp --sparse=always '$SRC' '$LIMIT_MEM'|$LIMIT_MEM|raw")
-fi
+if [[ " $PATHS " =~ \ (local-raw|local-qcow2|nbd|nbd-2ms)\  ]]; then ROWS+=("limit|fio read + write, fsync|$FIO_READ $FIO_WRITE"); fi
+if [[ " $PATHS " == *" nbd-nbd "* ]]; then ROWS+=("limit|fio read|$FIO_READ"); fi
+
+# fio_limit KEY ARGS: settles, runs fio and adds the time it counts to TIMES[KEY]: its longest
+# job's runtime (in ms), its own start left out.
+fio_limit() {
+    settle
+    # shellcheck disable=SC2086 # the arguments are words
+    fio --output-format=json --output="$OUT/fio.json" $2 >/dev/null || { echo "bench: fio failed: $2" >&2; exit 1; }
+    TIMES[$1]+="$(python3 -c 'import json, sys; print(1000 * max(max(j["read"]["runtime"], j["write"]["runtime"]) for j in json.load(open(sys.argv[1]))["jobs"]))' "$OUT/fio.json") "
+}
 
 row() {   # RUN ROW
     local run=$1 p name cmd check fmt
     IFS='|' read -r p name cmd check fmt <<<"$2"
-    rm -f "$T" "$LIMIT_MEM"
+    rm -f "$T"
+    if [ "$p" = limit ]; then fio_limit "$p/$name" "$cmd"; return; fi
     # A new RBD image each run (removing it is not timed).
     [ "$p" != rbd-in ] || rbd -c "$CONF" rm --no-progress rbdpool/dst >/dev/null 2>&1 || true
     # The overwrite rows' target exists first, written back, and is not part of the time.
@@ -155,7 +174,6 @@ row() {   # RUN ROW
     fi
 }
 run_rounds row
-rm -f "$LIMIT_MEM"
 
 echo
 echo "Ferry's default against every fixed setting, ${SIZE_MIB} MiB image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(nproc) CPUs; every command flushes"
@@ -186,7 +204,6 @@ done
 echo
 echo "ratio: the command's median over Ferry's default's on the same path (> 1: the default is faster); overwrite rows over qemu-img's over a file."
 echo
-declare -A LIMIT_ROW=([disk]="limit/cp --sparse=always + sync" [memory]="limit/cp --sparse=always to memory")
 printf '| %-13s | %-22s | %14s | %15s | %18s | %17s | %15s |\n' path "best fixed setting" "default / best" "again / default" "default / qemu-img" "default / nbdcopy" "default / limit"
 printf '|%s|%s|%s|%s|%s|%s|%s|\n' --------------- ------------------------ ---------------- ----------------- -------------------- ------------------- -----------------
 for p in $PATHS; do
@@ -197,7 +214,7 @@ for p in $PATHS; do
         "$(r "${AGAIN[$p]:-}" "${DEFAULT[$p]}")" "$(r "${DEFAULT[$p]}" "${QBEST[$p]}")" "$(r "${DEFAULT[$p]}" "${NBDC[$p]:-}")" "$(r "${DEFAULT[$p]}" "$lim")"
 done
 echo
-echo "default / limit: the default's time over the same data moved by cp --sparse=always on this disk (then sync), or read into memory for nbd-nbd; the RBD and NFS/iSCSI paths' limits are the servers', not measured."
+echo "default / limit: the default's time (its start included) over fio's, moving as many bytes as the image's data on this disk (reading and writing with fsync; reading only for nbd-nbd, whose target is memory). The RBD and NFS/iSCSI paths' limits are their servers', not measured."
 
 # Memory: -m 1024 asks for 2 GiB of buffers; the cap on bytes in flight (128 MiB) holds it.
 rm -f "$T"

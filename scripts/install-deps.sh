@@ -18,6 +18,7 @@ PACKAGES=(
     libnbd-dev      # the NBD endpoint
     util-linux      # losetup, fallocate
     strace          # tests see convert -C's copy_file_range calls
+    fio             # bench/defaults.sh: the disk's own limit
     groff-base      # renders the generated man page in the tests
     pkg-config      # finds libnbd, libnfs, zlib and libzstd for the C modules
     libnfs-dev      # the NFS endpoint
