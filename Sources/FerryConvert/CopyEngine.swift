@@ -11,8 +11,9 @@ public struct CopyConfiguration: Sendable {
     /// Requests in flight, each with its own buffer (`-m`); nil finds the depth while
     /// copying (see `DepthPlan`).
     public var workers: Int? = nil
-    /// Bytes per buffer: the largest data request.
-    public var bufferSize: Int = 2 << 20
+    /// Bytes per buffer: the largest data request (the default is `ConvertOptions`', which
+    /// says why 1 MiB).
+    public var bufferSize: Int = 1 << 20
     /// Most bytes the buffers of requests in flight may hold (as nbdcopy's `--queue-size`):
     /// caps the depth, given or found, so memory is known whatever `-m` says.
     public var maxInFlight: Int = 128 << 20

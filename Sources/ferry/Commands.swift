@@ -108,7 +108,7 @@ struct Convert: FerryCommand {
     var sourceCache: String?
 
     @Option(name: .customLong("buffer-size"),
-            help: ArgumentHelp("Largest single read or write, a multiple of 4k (default: 2M).", valueName: "size"))
+            help: ArgumentHelp("Largest single read or write, a multiple of 4k (default: 1M).", valueName: "size"))
     var bufferSize: String?
 
     @Option(name: .customLong("connections"),

@@ -268,22 +268,28 @@ final class OracleTests: XCTestCase {
         XCTAssertEqual(cmp.status, 0)
     }
 
-    /// `-m 1024` is held to `--max-in-flight` (8 MiB of 2 MiB buffers: 4 requests), which the
-    /// JSON progress reports; -W and --in-order contradict each other.
+    /// `-m 1024` is held to `--max-in-flight` (8 MiB of the default 1 MiB buffers: 8 requests;
+    /// of 2 MiB ones: 4), which the JSON progress reports; -W and --in-order contradict each other.
     func testBytesInFlightCapHoldsTheDepth() throws {
         let src = try TestImage(name: "cap.raw", size: 16 << 20, writes: ["write -P 0x05 0 16M"]).build(in: dir)
         let r = try Tools.ferry(["convert", "--progress=json", "-f", "raw", "-m", "1024", "--max-in-flight", "8M", src, path("cap-out.raw")], in: dir)
         XCTAssertEqual(r.status, 0, r.stderr)
         let last = try XCTUnwrap(r.stdout.split(separator: "\n").last.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] })
-        XCTAssertEqual((last["depth"] as? NSNumber)?.intValue, 4)
+        XCTAssertEqual((last["depth"] as? NSNumber)?.intValue, 8)
         XCTAssertEqual((last["max_in_flight"] as? NSNumber)?.intValue, 8 << 20)
         try Tools.must("qemu-img", ["compare", "-q", "-f", "raw", "-F", "raw", src, path("cap-out.raw")], in: dir)
+        let big = try Tools.ferry(["convert", "--progress=json", "-f", "raw", "-m", "1024", "--max-in-flight", "8M", "--buffer-size", "2M",
+                                   src, path("cap-2m.raw")], in: dir)
+        XCTAssertEqual(big.status, 0, big.stderr)
+        let bigLast = try XCTUnwrap(big.stdout.split(separator: "\n").last.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] })
+        XCTAssertEqual((bigLast["depth"] as? NSNumber)?.intValue, 4)
+        try Tools.must("qemu-img", ["compare", "-q", "-f", "raw", "-F", "raw", src, path("cap-2m.raw")], in: dir)
         let both = try Tools.ferry(["convert", "-W", "--in-order", "-f", "raw", src, path("both.raw")], in: dir)
         XCTAssertNotEqual(both.status, 0)
         XCTAssertTrue(both.stderr.contains("-W and --in-order cannot be used together"), both.stderr)
-        let small = try Tools.ferry(["convert", "--max-in-flight", "1M", "-f", "raw", src, path("small.raw")], in: dir)
+        let small = try Tools.ferry(["convert", "--max-in-flight", "512k", "-f", "raw", src, path("small.raw")], in: dir)
         XCTAssertNotEqual(small.status, 0)
-        XCTAssertTrue(small.stderr.contains("invalid bytes in flight 1048576"), small.stderr)
+        XCTAssertTrue(small.stderr.contains("invalid bytes in flight 524288"), small.stderr)
     }
 
     // MARK: - map and info
