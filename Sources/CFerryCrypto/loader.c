@@ -27,43 +27,20 @@
     X(const EVP_MD *, EVP_sha512, (void), ())
 
 enum {
-#define INDEX(ret, name, params, args) index_##name,
-    FERRY_CRYPTO_FUNCTIONS(INDEX)
-    FERRY_CRYPTO_ENTRIES(INDEX)
-#undef INDEX
+    FERRY_CRYPTO_FUNCTIONS(FERRY_INDEX)
+    FERRY_CRYPTO_ENTRIES(FERRY_INDEX)
     functionCount
 };
 
 static const char *const names[functionCount] = {
-#define NAME(ret, name, params, args) #name,
-    FERRY_CRYPTO_FUNCTIONS(NAME)
-    FERRY_CRYPTO_ENTRIES(NAME)
-#undef NAME
+    FERRY_CRYPTO_FUNCTIONS(FERRY_NAME)
+    FERRY_CRYPTO_ENTRIES(FERRY_NAME)
 };
 
-static void *slots[functionCount];
-static pthread_once_t once = PTHREAD_ONCE_INIT;
-static char load_error[512];
-
-static void load(void) {
-    static const char *const libraries[] = {"libcrypto.so.3", NULL};
-    ferry_load_library(libraries, "libssl3", names, slots, functionCount, load_error, sizeof load_error);
-}
-
-const char *ferry_crypto_load_error(void) {
-    pthread_once(&once, load);
-    return load_error[0] ? load_error : NULL;
-}
-
-#define FORWARD(ret, name, params, args) \
-    ret name params { return ((ret (*) params) slots[index_##name]) args; }
-FERRY_CRYPTO_FUNCTIONS(FORWARD)
-#undef FORWARD
+FERRY_LOADER(ferry_crypto_load_error, "libssl3", "libcrypto.so.3")
+FERRY_CRYPTO_FUNCTIONS(FERRY_FORWARD)
 
 #define ENTRY(ret, name, params, args) \
-    ret name params { \
-        if (ferry_crypto_load_error()) return NULL; \
-        return ((ret (*) params) slots[index_##name]) args; \
-    }
+    ret name params { return ferry_crypto_load_error() ? NULL : FERRY_CALL(ret, name, params) args; }
 FERRY_CRYPTO_ENTRIES(ENTRY)
 #undef ENTRY

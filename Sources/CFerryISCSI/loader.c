@@ -58,40 +58,20 @@
     X(const char *, scsi_sense_key_str, (int key), (key))
 
 enum {
-#define INDEX(ret, name, params, args) index_##name,
-    FERRY_ISCSI_FUNCTIONS(INDEX)
-#undef INDEX
+    FERRY_ISCSI_FUNCTIONS(FERRY_INDEX)
     index_iscsi_create_context,
     functionCount
 };
 
 static const char *const names[functionCount] = {
-#define NAME(ret, name, params, args) #name,
-    FERRY_ISCSI_FUNCTIONS(NAME)
-#undef NAME
+    FERRY_ISCSI_FUNCTIONS(FERRY_NAME)
     "iscsi_create_context",
 };
 
-static void *slots[functionCount];
-static pthread_once_t once = PTHREAD_ONCE_INIT;
-static char load_error[512];
-
-static void load(void) {
-    static const char *const libraries[] = {"libiscsi.so.7", NULL};
-    ferry_load_library(libraries, "libiscsi7", names, slots, functionCount, load_error, sizeof load_error);
-}
-
-const char *ferry_iscsi_load_error(void) {
-    pthread_once(&once, load);
-    return load_error[0] ? load_error : NULL;
-}
-
-#define FORWARD(ret, name, params, args) \
-    ret name params { return ((ret (*) params) slots[index_##name]) args; }
-FERRY_ISCSI_FUNCTIONS(FORWARD)
-#undef FORWARD
+FERRY_LOADER(ferry_iscsi_load_error, "libiscsi7", "libiscsi.so.7")
+FERRY_ISCSI_FUNCTIONS(FERRY_FORWARD)
 
 struct iscsi_context *iscsi_create_context(const char *initiator_name) {
     if (ferry_iscsi_load_error()) return NULL;
-    return ((struct iscsi_context *(*)(const char *))slots[index_iscsi_create_context])(initiator_name);
+    return FERRY_CALL(struct iscsi_context *, iscsi_create_context, (const char *))(initiator_name);
 }

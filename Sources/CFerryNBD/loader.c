@@ -47,9 +47,7 @@
     X(int, nbd_shutdown, (struct nbd_handle *h, uint32_t flags), (h, flags))
 
 enum {
-#define INDEX(ret, name, params, args) index_##name,
-    FERRY_NBD_FUNCTIONS(INDEX)
-#undef INDEX
+    FERRY_NBD_FUNCTIONS(FERRY_INDEX)
     index_nbd_create,
     index_nbd_close,
     index_nbd_get_error,
@@ -58,49 +56,32 @@ enum {
 };
 
 static const char *const names[functionCount] = {
-#define NAME(ret, name, params, args) #name,
-    FERRY_NBD_FUNCTIONS(NAME)
-#undef NAME
+    FERRY_NBD_FUNCTIONS(FERRY_NAME)
     "nbd_create",
     "nbd_close",
     "nbd_get_error",
     "nbd_get_errno",
 };
 
-static void *slots[functionCount];
-static pthread_once_t once = PTHREAD_ONCE_INIT;
-static char load_error[512];
-
-static void load(void) {
-    static const char *const libraries[] = {"libnbd.so.0", NULL};
-    ferry_load_library(libraries, "libnbd0", names, slots, functionCount, load_error, sizeof load_error);
-}
-
-const char *ferry_nbd_load_error(void) {
-    pthread_once(&once, load);
-    return load_error[0] ? load_error : NULL;
-}
+FERRY_LOADER(ferry_nbd_load_error, "libnbd0", "libnbd.so.0")
 
 // Every function but these four is only reached with a handle, so after nbd_create succeeded.
-#define FORWARD(ret, name, params, args) \
-    ret name params { return ((ret (*) params) slots[index_##name]) args; }
-FERRY_NBD_FUNCTIONS(FORWARD)
-#undef FORWARD
+FERRY_NBD_FUNCTIONS(FERRY_FORWARD)
 
 struct nbd_handle *nbd_create(void) {
     if (ferry_nbd_load_error()) return NULL;
-    return ((struct nbd_handle *(*)(void))slots[index_nbd_create])();
+    return FERRY_CALL(struct nbd_handle *, nbd_create, (void))();
 }
 
 void nbd_close(struct nbd_handle *h) {
-    if (h && !ferry_nbd_load_error()) ((void (*)(struct nbd_handle *))slots[index_nbd_close])(h);
+    if (h && !ferry_nbd_load_error()) FERRY_CALL(void, nbd_close, (struct nbd_handle *))(h);
 }
 
 const char *nbd_get_error(void) {
     const char *why = ferry_nbd_load_error();
-    return why ? why : ((const char *(*)(void))slots[index_nbd_get_error])();
+    return why ? why : FERRY_CALL(const char *, nbd_get_error, (void))();
 }
 
 int nbd_get_errno(void) {
-    return ferry_nbd_load_error() ? ENOSYS : ((int (*)(void))slots[index_nbd_get_errno])();
+    return ferry_nbd_load_error() ? ENOSYS : FERRY_CALL(int, nbd_get_errno, (void))();
 }

@@ -114,6 +114,22 @@ extension Tools {
         return try run("/usr/bin/unshare", ["-m", "sh", "-c", "mount --bind /dev/null \"$(readlink -f \(lib))\" && exec \(quoted)"], in: dir)
     }
 
+    /// With `soname` hidden (see ferryWithout), `ferry convert -f raw -O raw SOURCE TARGET` (one
+    /// of them `url`, whose endpoint needs the library) fails with one line naming `library` and
+    /// `url`, and a local copy of `source` to `local` still succeeds (its bytes are the caller's
+    /// to compare).
+    static func assertOnlyURLNeeds(_ soname: String, library: String, source: String, target: String, url: String,
+                                   local: String, in dir: URL, file: StaticString = #filePath, line: UInt = #line) throws {
+        var r = try ferryWithout(soname, ["convert", "-f", "raw", "-O", "raw", source, target], in: dir)
+        XCTAssertNotEqual(r.status, 0, file: file, line: line)
+        XCTAssertFalse(r.signalled, r.stderr, file: file, line: line)
+        XCTAssertTrue(r.stderr.contains(library), r.stderr, file: file, line: line)
+        XCTAssertTrue(r.stderr.contains(url), r.stderr, file: file, line: line)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr, file: file, line: line)
+        r = try ferryWithout(soname, ["convert", "-f", "raw", "-O", "raw", source, local], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr, file: file, line: line)
+    }
+
     /// `nbdkit -f ARGS` on the unix socket `NAME.sock` in `dir`; returns the server (for the
     /// caller to stop) and its URL once it listens (its pid file appears then).
     static func nbdkit(_ args: [String], socket name: String, in dir: URL,

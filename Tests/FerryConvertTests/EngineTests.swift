@@ -198,7 +198,8 @@ final class EngineTests: XCTestCase {
             let src = try await source(cheap: true, unallocated: unallocated)
             let dst = MemoryDevice(name: "dst", size: size, chunkSize: Int(run), capabilities: [.write, .zero, .extents, .flush])
             if !targetReadsZero { try await dst.write(at: 0, bytes: [UInt8](repeating: 9, count: Int(size))) }
-            let stats = try await copy(src, dst) { $0.targetReadsZero = targetReadsZero }
+            // 2 MiB buffers, so the first 2 MiB of short runs fit one request.
+            let stats = try await copy(src, dst) { $0.targetReadsZero = targetReadsZero; $0.bufferSize = 2 << 20 }
             XCTAssertEqual(dst.contents(), src.contents())
             if targetReadsZero { XCTAssertEqual(dst.allocatedChunks, src.allocatedChunks, "holes stay holes") }
             // 0 ..< 2 MiB in one read; the 1 MiB hole is too long; 3 ..< 4 MiB in one read.
@@ -244,7 +245,7 @@ final class EngineTests: XCTestCase {
             try await src.write(at: k, bytes: [UInt8](repeating: UInt8(1 + k / run), count: Int(run)))
         }
         let dst = MemoryDevice(name: "dst", size: size, chunkSize: Int(run), latency: .milliseconds(5))
-        _ = try await copy(src, dst) { $0.workers = 1; $0.targetReadsZero = true }
+        _ = try await copy(src, dst) { $0.workers = 1; $0.targetReadsZero = true; $0.bufferSize = Int(size) }
         XCTAssertEqual(dst.contents(), src.contents())
         XCTAssertEqual(src.operations.count { if case .read = $0 { true } else { false } }, 1, "one request")
         let offsets = dst.operations.compactMap { $0.range?.0 }
@@ -254,7 +255,7 @@ final class EngineTests: XCTestCase {
         let failing = MemoryDevice(name: "dst", size: size, chunkSize: Int(run), latency: .milliseconds(5))
         failing.failure = .init(range: 10 * run ..< 10 * run + 1, onRead: false, onWrite: true)
         do {
-            _ = try await copy(src, failing) { $0.workers = 1; $0.targetReadsZero = true }
+            _ = try await copy(src, failing) { $0.workers = 1; $0.targetReadsZero = true; $0.bufferSize = Int(size) }
             XCTFail("copy should fail")
         } catch let e as FerryError {
             XCTAssertEqual(e.path, "dst")
