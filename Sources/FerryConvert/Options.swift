@@ -32,12 +32,8 @@ public struct ConvertOptions: Sendable {
     /// `-m`: requests in flight (workers), each with one buffer; nil finds the depth while
     /// copying, from what it measures.
     public var workers: Int?
-    /// Size of each worker's buffer: the largest single read or write. 1 MiB rather than 2:
-    /// the buffers of a copy are mostly memory it touches for the first time, which this VM's
-    /// host backs only then, and half of it cut a 512 MiB NBD copy's page faults from 29-30
-    /// thousand to 17.5 thousand and its time to 0.76 and 0.83 of the 2 MiB default's (two
-    /// sets of 9 interleaved cold runs); local, NBD and NBD -> NBD copies took 0.92-0.96.
-    public var bufferSize: Int = 1 << 20
+    /// Size of each worker's buffer: the largest single read or write.
+    public var bufferSize: Int = CopyConfiguration.defaultBufferSize
     /// `-W` (true): writes may complete out of order; `--in-order` (false): they go out in
     /// guest order; nil: the target decides (in any order on files, devices and exports,
     /// in order into images that allocate as data arrives).
