@@ -56,12 +56,12 @@ ROWS=(
 row() {
     local run=$1 pair tool cmd
     IFS='|' read -r pair tool cmd <<<"$2"
+    local BENCH_SETTLE=${BENCH_SETTLE:-drop}
     if [[ $pair == *warm ]]; then
         cat "$SRC" "$COPY" "$QCOPY" >/dev/null
-        BENCH_SETTLE=none timed "$pair/$tool" "$cmd"
-    else
-        timed "$pair/$tool" "$cmd"
+        BENCH_SETTLE=none
     fi
+    timed "$pair/$tool" "$cmd"
 }
 run_rounds row
 

@@ -24,8 +24,8 @@
 # and NBD -> local paths), or only reading them (NBD -> NBD memory); O_DIRECT, 2 MiB at depth
 # 16 each, so the disk does nothing else. Its time is the one fio counts, its own start left
 # out (a cold fio takes 0.35-0.4 s to start: it loads librbd and more). "default / limit" is
-# the default's time, start included, over that. Then the peak RSS of `ferry -m 1024` (the cap on bytes in
-# flight holds it).
+# the default's time, start included, over that. Then the peak RSS of `ferry -m 1024` (the
+# cap on bytes in flight holds it).
 #
 #   FERRY=path/to/ferry RUNS=3 SIZE_MIB=512 PATHS="local-raw nbd-2ms" bench/defaults.sh
 set -euo pipefail
@@ -68,10 +68,8 @@ NFS_URL= QNFS_URL= ISCSI_URL= NFS_URL1= ISCSI_URL1=
 if [[ " $PATHS " == *" nfs-iscsi"* ]]; then
     PROXY=${PROXY:-$(dirname "$FERRY")/ferry-delay-proxy}
     NETNS=${NETNS:-ferry-bench-defaults}
-    [ -x "$PROXY" ] || { echo "bench: no ferry-delay-proxy at $PROXY (swift build -c release)" >&2; exit 1; }
-    qemu-img --help | grep -qw nfs && qemu-img --help | grep -qw iscsi ||
-        { echo "bench: qemu-img has no nfs or iscsi driver (install qemu-block-extra)" >&2; exit 1; }
     . "$HERE/lib/nfs-iscsi.sh"
+    rig_check
     RIG=$(mktemp -d /dev/shm/ferry-bench-defaults.XXXXXX)
     rig_dirs "$RIG"
     cp --sparse=always "$SRC" "$NFSSTATE/export/src.raw"
@@ -86,8 +84,8 @@ fi
 
 # path|name|command (T: the local target)|target to check|its format
 ROWS=()
-sweep() {   # PATH SOURCE TARGET CHECK FORMAT FERRY_ARGS QEMU_ARGS NBDCOPY(file, nbd or none) [QEMU_SOURCE QEMU_TARGET]
-    local p=$1 s=$2 t=$3 c=$4 f=$5 fa=$6 qa=$7 m w qs=${9:-$2} qt=${10:-$3}
+sweep() {   # PATH SOURCE TARGET CHECK FORMAT FERRY_ARGS QEMU_ARGS NBDCOPY(file, nbd or none) [QEMU_SOURCE]
+    local p=$1 s=$2 t=$3 c=$4 f=$5 fa=$6 qa=$7 m w qs=${9:-$2}
     # The default twice, as two rows: how far apart one command's medians land is the noise
     # floor that "default / best" (the luckiest of twelve fixed rows) is to be read against.
     ROWS+=("$p|ferry|$FERRY convert -q -f raw $fa '$s' '$t'|$c|$f"
@@ -96,8 +94,8 @@ sweep() {   # PATH SOURCE TARGET CHECK FORMAT FERRY_ARGS QEMU_ARGS NBDCOPY(file,
         ROWS+=("$p|ferry -m $m --in-order|$FERRY convert -q -f raw $fa -m $m --in-order '$s' '$t'|$c|$f"
                "$p|ferry -m $m -W|$FERRY convert -q -f raw $fa -m $m -W '$s' '$t'|$c|$f")
     done
-    ROWS+=("$p|qemu-img|qemu-img convert -t writeback -f raw $qa '$qs' '$qt'|$c|$f"
-           "$p|qemu-img -m 16 -W|qemu-img convert -t writeback -f raw $qa -m 16 -W '$qs' '$qt'|$c|$f")
+    ROWS+=("$p|qemu-img|qemu-img convert -t writeback -f raw $qa '$qs' '$t'|$c|$f"
+           "$p|qemu-img -m 16 -W|qemu-img convert -t writeback -f raw $qa -m 16 -W '$qs' '$t'|$c|$f")
     # nbdcopy writes into an existing file or export of the right size.
     case $8 in
         file) ROWS+=("$p|nbdcopy|truncate -s ${SIZE_MIB}M '$t' && nbdcopy --flush '$s' '$t'|$c|$f") ;;
@@ -114,8 +112,8 @@ for p in $PATHS; do
         nbd-nbd)     sweep "$p" "$URL2" "$MEM" "$MEM" raw "-O raw -n" "-O raw -n" nbd ;;
         rbd-in)      sweep "$p" "$SRC" "$RBD_IN" "$RBD_IN" raw "-O raw" "-O raw" none ;;
         rbd-out)     sweep "$p" "$RBD_OUT" "$T" "$T" raw "-O raw" "-O raw" none ;;
-        nfs-iscsi)   sweep "$p" "$NFS_URL" "$ISCSI_URL" "$ISTATE/thin.img" raw "-O raw" "-O raw -n" none "$QNFS_URL" "$ISCSI_URL" ;;
-        nfs-iscsi-1ms) sweep "$p" "$NFS_URL1" "$ISCSI_URL1" "$ISTATE/thin.img" raw "-O raw" "-O raw -n" none "$QNFS_URL" "$ISCSI_URL1" ;;
+        nfs-iscsi)   sweep "$p" "$NFS_URL" "$ISCSI_URL" "$ISTATE/thin.img" raw "-O raw" "-O raw -n" none "$QNFS_URL" ;;
+        nfs-iscsi-1ms) sweep "$p" "$NFS_URL1" "$ISCSI_URL1" "$ISTATE/thin.img" raw "-O raw" "-O raw -n" none "$QNFS_URL" ;;
         overwrite)
             ROWS+=("$p|ferry -t unsafe, over a file|$FERRY convert -q -t unsafe -f raw '$SRC' '$T'|$T|raw"
                    "$p|ferry -t unsafe, new file|$FERRY convert -q -t unsafe -f raw '$SRC' '$T'|$T|raw"
@@ -126,9 +124,10 @@ done
 # The machine's limits (see the top), once each, shared by the paths that name them. The
 # file read holds as many bytes as the image's data (contents do not matter to the disk).
 declare -A LIMIT=([local-raw]=disk [local-qcow2]=disk [nbd]=disk [nbd-2ms]=disk [nbd-nbd]=memory)
-declare -A LIMIT_ROW=([disk]="limit/fio read + write, fsync" [memory]="limit/fio read")
-FIO_READ=
-if [[ " $PATHS " =~ \ (local-raw|local-qcow2|nbd|nbd-2ms|nbd-nbd)\  ]]; then
+declare -A LIMIT_NAME=([disk]="fio read + write, fsync" [memory]="fio read")
+declare -A NEEDED=()
+for p in $PATHS; do [ -z "${LIMIT[$p]:-}" ] || NEEDED[${LIMIT[$p]}]=1; done
+if (( ${#NEEDED[@]} )); then
     command -v fio >/dev/null || { echo "bench: fio is missing (scripts/install-deps.sh)" >&2; exit 1; }
     data_mib=$(( $(du -k "$SRC" | cut -f1) / 1024 ))
     head -c "${data_mib}M" /dev/urandom >"$OUT/data.raw"
@@ -137,8 +136,8 @@ if [[ " $PATHS " =~ \ (local-raw|local-qcow2|nbd|nbd-2ms|nbd-nbd)\  ]]; then
     # since nothing reached the disk before the fsync.
     FIO_WRITE="--name=write --ioengine=io_uring --iodepth=16 --direct=1 --rw=write --bs=2M --size=${data_mib}M --end_fsync=1 --filename=$T"
 fi
-if [[ " $PATHS " =~ \ (local-raw|local-qcow2|nbd|nbd-2ms)\  ]]; then ROWS+=("limit|fio read + write, fsync|$FIO_READ $FIO_WRITE"); fi
-if [[ " $PATHS " == *" nbd-nbd "* ]]; then ROWS+=("limit|fio read|$FIO_READ"); fi
+[ -z "${NEEDED[disk]:-}" ] || ROWS+=("limit|${LIMIT_NAME[disk]}|$FIO_READ $FIO_WRITE")
+[ -z "${NEEDED[memory]:-}" ] || ROWS+=("limit|${LIMIT_NAME[memory]}|$FIO_READ")
 
 # fio_limit KEY ARGS: settles, runs fio and adds the time it counts to TIMES[KEY]: its longest
 # job's runtime (in ms), its own start left out.
@@ -161,14 +160,13 @@ row() {   # RUN ROW
     if [[ $name == *"over a file"* ]]; then
         cp --sparse=always "$SRC" "$T" && sync
     fi
+    local -a BENCH_IN=()
     if [[ $p == nfs-iscsi* ]]; then
         # The servers live in a namespace; qemu-img finds the right NFS ports by portmapper.
-        [[ $name == qemu-img* ]] && rig_pmap "$([ "$p" = nfs-iscsi ] && echo 0 || echo 1)"
-        local -a BENCH_IN=("${IN[@]}")
-        timed "$p/$name" "$cmd"
-    else
-        timed "$p/$name" "$cmd"
+        BENCH_IN=("${IN[@]}")
+        [[ $name != qemu-img* ]] || rig_pmap "$([ "$p" = nfs-iscsi ] && echo 0 || echo 1)"
     fi
+    timed "$p/$name" "$cmd"
     if (( run == 1 )); then
         qemu-img compare -q -f raw -F "$fmt" "$SRC" "$check" || { echo "bench: $p: $name produced a different image" >&2; exit 1; }
     fi
@@ -209,7 +207,7 @@ printf '|%s|%s|%s|%s|%s|%s|%s|\n' --------------- ------------------------ -----
 for p in $PATHS; do
     [ -n "${DEFAULT[$p]:-}" ] || continue
     lim=
-    if [ -n "${LIMIT[$p]:-}" ]; then lim=$(median_us_of "${LIMIT_ROW[${LIMIT[$p]}]}"); fi
+    if [ -n "${LIMIT[$p]:-}" ]; then lim=$(median_us_of "limit/${LIMIT_NAME[${LIMIT[$p]}]}"); fi
     printf '| %-13s | %-22s | %14s | %15s | %18s | %17s | %15s |\n' "$p" "${BEST_NAME[$p]}" "$(r "${DEFAULT[$p]}" "${BEST[$p]}")" \
         "$(r "${AGAIN[$p]:-}" "${DEFAULT[$p]}")" "$(r "${DEFAULT[$p]}" "${QBEST[$p]}")" "$(r "${DEFAULT[$p]}" "${NBDC[$p]:-}")" "$(r "${DEFAULT[$p]}" "$lim")"
 done

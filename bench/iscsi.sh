@@ -31,12 +31,10 @@ SIZE_MIB=${SIZE_MIB:-1024}
 DELAY_MS=${DELAY_MS:-1}
 NETNS=${NETNS:-ferry-bench-iscsi}
 [ -x "$FERRY" ] || { echo "bench: no ferry binary at $FERRY (make release)" >&2; exit 1; }
-[ -x "$PROXY" ] || { echo "bench: no ferry-delay-proxy at $PROXY (swift build -c release)" >&2; exit 1; }
-qemu-img --help | grep -qw nfs || { echo "bench: qemu-img has no nfs driver (install qemu-block-extra)" >&2; exit 1; }
-qemu-img --help | grep -qw iscsi || { echo "bench: qemu-img has no iscsi driver (install qemu-block-extra)" >&2; exit 1; }
+. "$HERE/lib/nfs-iscsi.sh"
+rig_check
 
 OUT=$(mktemp -d "${BENCH_DIR:-/dev/shm}/ferry-bench-iscsi.XXXXXX")
-. "$HERE/lib/nfs-iscsi.sh"
 rig_dirs "$OUT"
 cleanup() {
     rig_stop

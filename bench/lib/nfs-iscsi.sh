@@ -3,6 +3,8 @@
 # portmapper on its port 111 (qemu-img 7.2's nfs:// takes no port options), and
 # ferry-delay-proxy in front of both for the lines with added latency.
 #
+#   rig_check                  exits with a message unless PROXY and qemu-img's nfs and iscsi
+#                              drivers are there
 #   rig_dirs DIR               NFSSTATE (DIR/nfs, its export in NFSSTATE/export) and ISTATE
 #                              (DIR/iscsi, the LUNs' files), made; fill them, then rig_start
 #   rig_start SIZE_MIB DELAY_MS the servers (LUNs of SIZE_MIB; a LUN file already there is
@@ -18,6 +20,12 @@
 RIG_LUN=iqn.2026-01.dev.ferry:thin
 RIG_BACK=iqn.2026-01.dev.ferry:thick
 RIG_PROXY_PID=
+
+rig_check() {
+    [ -x "$PROXY" ] || { echo "bench: no ferry-delay-proxy at $PROXY (swift build -c release)" >&2; exit 1; }
+    qemu-img --help | grep -qw nfs || { echo "bench: qemu-img has no nfs driver (install qemu-block-extra)" >&2; exit 1; }
+    qemu-img --help | grep -qw iscsi || { echo "bench: qemu-img has no iscsi driver (install qemu-block-extra)" >&2; exit 1; }
+}
 
 rig_dirs() {
     NFSSTATE=$1/nfs
