@@ -85,7 +85,11 @@ fi
 exec 9>/run/ferry-nfs-rpcbind.lock
 if [ -n "$RPCNS" ]; then
     flock -w 60 9 || { echo "nfs-start: another NFS server start holds the rpcbind lock" >&2; exit 1; }
-    if [ -e /run/rpcbind.lock ] && pgrep -x rpcbind >/dev/null; then
+    # A stopped rpcbind can linger as a zombie until whoever adopted it reaps it: only a live
+    # one counts (see alive).
+    live=
+    for p in $(pgrep -x rpcbind); do alive "$p" && live=$p; done
+    if [ -e /run/rpcbind.lock ] && [ -n "$live" ]; then
         echo "nfs-start: an rpcbind is already running (another NETNS server?); ganesha would register with it" >&2
         exit 1
     fi
