@@ -12,6 +12,9 @@
 # Local rows start from a cold page cache (settle drops it), so both tools read from disk; the
 # "warm" rows read both images into the page cache first (untimed), as they are right after
 # the copy that made one of them, so both tools compare from memory.
+# The disk's limit for the cold rows: fio reading as many bytes as both images hold data,
+# O_DIRECT, 1 MiB at depth 16 (this disk's best), on fio's own clock. A tool at limit L cannot
+# take less than 1/L of another's time on those rows.
 # Every pair is identical, so both commands read everything they read; the first run checks
 # that each says so (exit 0). Runs interleave, in an order shuffled afresh each run; the table
 # gives medians and Ferry's time over qemu-img's on the same pair.
@@ -23,7 +26,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 bench_defaults 5
 DELAY=${DELAY:-2ms}
-for t in nbdkit qemu-img; do
+for t in nbdkit qemu-img fio; do
     command -v $t >/dev/null || { echo "bench: $t is missing (scripts/install-deps.sh)" >&2; exit 1; }
 done
 check_drop_caches
@@ -53,9 +56,14 @@ ROWS=(
     "nbd $DELAY|qemu-img|qemu-img compare -q -f raw -F raw '$U1' '$U2'"
 )
 
+data_mib=$(( 2 * $(du -k "$SRC" | cut -f1) / 1024 ))
+head -c "${data_mib}M" /dev/urandom >"$OUT/data.raw"
+ROWS+=("limit|fio|--name=read --ioengine=io_uring --iodepth=16 --direct=1 --rw=read --bs=1M --size=${data_mib}M --filename=$OUT/data.raw")
+
 row() {
     local run=$1 pair tool cmd
     IFS='|' read -r pair tool cmd <<<"$2"
+    if [ "$pair" = limit ]; then fio_limit limit "$cmd"; return; fi
     local BENCH_SETTLE=${BENCH_SETTLE:-drop}
     if [[ $pair == *warm ]]; then
         cat "$SRC" "$COPY" "$QCOPY" >/dev/null
@@ -76,5 +84,15 @@ for pair in "raw / raw" "raw / qcow2" "raw / raw warm" "raw / qcow2 warm" "nbd $
         printf '| %-16s | %-9s | %8s | %7s | %6s |\n' "$pair" "$tool" "$secs" "$rate" "$ratio"
     done
 done
+read -r secs _ <<<"$(figures limit)"
+printf '| %-16s | %-9s | %8s | %7s | %6s |\n' "disk limit" fio "$secs" "" ""
 echo
-echo "ratio: the command's median over qemu-img compare's on the same pair (< 1: faster)."
+echo "ratio: the command's median over qemu-img compare's on the same pair (< 1: faster). disk limit: fio reading both images' data (${data_mib} MiB) from this disk, O_DIRECT at depth 16, its own start left out."
+echo
+printf '| %-16s | %13s | %16s |\n' "cold pair" "ferry / limit" "qemu-img / limit"
+printf '|%s|%s|%s|\n' "------------------" "---------------" "------------------"
+lim=$(median_us "${TIMES[limit]}")
+for pair in "raw / raw" "raw / qcow2"; do
+    printf '| %-16s | %13s | %16s |\n' "$pair" "$(row_figures "$(median_us "${TIMES[$pair/ferry]}")" "$lim" | cut -d' ' -f3)" \
+        "$(row_figures "$(median_us "${TIMES[$pair/qemu-img]}")" "$lim" | cut -d' ' -f3)"
+done

@@ -142,15 +142,6 @@ fi
 [ -z "${NEEDED[disk]:-}" ] || ROWS+=("limit|${LIMIT_NAME[disk]}|$FIO_READ $FIO_WRITE")
 [ -z "${NEEDED[memory]:-}" ] || ROWS+=("limit|${LIMIT_NAME[memory]}|$FIO_READ")
 
-# fio_limit KEY ARGS: settles, runs fio and adds the time it counts to TIMES[KEY]: its longest
-# job's runtime (in ms), its own start left out.
-fio_limit() {
-    settle
-    # shellcheck disable=SC2086 # the arguments are words
-    fio --output-format=json --output="$OUT/fio.json" $2 >/dev/null || { echo "bench: fio failed: $2" >&2; exit 1; }
-    TIMES[$1]+="$(python3 -c 'import json, sys; print(1000 * max(max(j["read"]["runtime"], j["write"]["runtime"]) for j in json.load(open(sys.argv[1]))["jobs"]))' "$OUT/fio.json") "
-}
-
 row() {   # RUN ROW
     local run=$1 p name cmd check fmt
     IFS='|' read -r p name cmd check fmt <<<"$2"

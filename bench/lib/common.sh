@@ -184,6 +184,16 @@ timed() {
     TIMES[$key]+="$(( (t1 - t0) / 1000 )) "
 }
 
+# fio_limit KEY ARGS: settles, runs fio with ARGS (words) and adds the time it counts to
+# TIMES[KEY]: its longest job's runtime, its own start left out (a cold fio takes 0.35-0.4 s to
+# start). The machine's limit for a table's row.
+fio_limit() {
+    settle
+    # shellcheck disable=SC2086 # the arguments are words
+    fio --output-format=json --output="$OUT/fio.json" $2 >/dev/null || { echo "bench: fio failed: $2" >&2; exit 1; }
+    TIMES[$1]+="$(python3 -c 'import json, sys; print(1000 * max(max(j["read"]["runtime"], j["write"]["runtime"]) for j in json.load(open(sys.argv[1]))["jobs"]))' "$OUT/fio.json") "
+}
+
 # figures KEY [REFERENCE_KEY]: "seconds MiB/s ratio" of KEY's median (see row_figures), the
 # ratio against REFERENCE_KEY's median when one is given.
 figures() {
