@@ -8,6 +8,8 @@
 # default, the best fixed setting, qemu-img's better row and nbdcopy of each path (CONFIRM_RUNS
 # runs, default RUNS; 0 skips it): a row picked as the fastest of twelve is lucky by its
 # selection, so the summary's ratios come from this round, where it is measured anew.
+# Before each run the page cache is dropped and the programs read back in (settle): the image
+# comes from disk, the tools from memory (BENCH_PROGRAMS=cold: from disk too).
 #
 # Paths (PATHS picks some):
 #   local-raw      raw -> raw, local files (page cache dropped before each run)
@@ -169,7 +171,7 @@ ROUND=
 run_rounds row
 
 echo
-echo "Ferry's default against every fixed setting, ${SIZE_MIB} MiB image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(nproc) CPUs; every command flushes"
+echo "Ferry's default against every fixed setting, ${SIZE_MIB} MiB image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(nproc) CPUs; every command flushes; programs ${BENCH_PROGRAMS:-warm}, images cold"
 echo
 printf '| %-13s | %-30s | %8s | %7s | %10s |\n' path command "median s" "MiB/s" "ratio"
 printf '|%s|%s|%s|%s|%s|\n' --------------- -------------------------------- ---------- --------- ------------

@@ -30,6 +30,7 @@ RUNS=${RUNS:-3}
 SIZE_MIB=${SIZE_MIB:-1024}
 DELAY_MS=${DELAY_MS:-1}
 NETNS=${NETNS:-ferry-bench-iscsi}
+program_files
 [ -x "$FERRY" ] || { echo "bench: no ferry binary at $FERRY (make release)" >&2; exit 1; }
 . "$HERE/lib/nfs-iscsi.sh"
 rig_check
