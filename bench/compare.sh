@@ -13,8 +13,8 @@
 # "warm" rows read both images into the page cache first (untimed), as they are right after
 # the copy that made one of them, so both tools compare from memory.
 # The disk's limit for the cold rows: fio reading as many bytes as both images hold data,
-# O_DIRECT, 1 MiB at depth 16 (this disk's best), on fio's own clock. A tool at limit L cannot
-# take less than 1/L of another's time on those rows.
+# O_DIRECT, 1 MiB at depth 16 (this disk's best), on fio's own clock. Against a tool that takes
+# L times the limit's time, no tool can take less than 1/L of its time on those rows.
 # Every pair is identical, so both commands read everything they read; the first run checks
 # that each says so (exit 0). Runs interleave, in an order shuffled afresh each run; the table
 # gives medians and Ferry's time over qemu-img's on the same pair.
@@ -56,8 +56,7 @@ ROWS=(
     "nbd $DELAY|qemu-img|qemu-img compare -q -f raw -F raw '$U1' '$U2'"
 )
 
-data_mib=$(( 2 * $(du -k "$SRC" | cut -f1) / 1024 ))
-head -c "${data_mib}M" /dev/urandom >"$OUT/data.raw"
+limit_data 2
 ROWS+=("limit|fio|--name=read --ioengine=io_uring --iodepth=16 --direct=1 --rw=read --bs=1M --size=${data_mib}M --filename=$OUT/data.raw")
 
 row() {
@@ -91,8 +90,7 @@ echo "ratio: the command's median over qemu-img compare's on the same pair (< 1:
 echo
 printf '| %-16s | %13s | %16s |\n' "cold pair" "ferry / limit" "qemu-img / limit"
 printf '|%s|%s|%s|\n' "------------------" "---------------" "------------------"
-lim=$(median_us "${TIMES[limit]}")
 for pair in "raw / raw" "raw / qcow2"; do
-    printf '| %-16s | %13s | %16s |\n' "$pair" "$(row_figures "$(median_us "${TIMES[$pair/ferry]}")" "$lim" | cut -d' ' -f3)" \
-        "$(row_figures "$(median_us "${TIMES[$pair/qemu-img]}")" "$lim" | cut -d' ' -f3)"
+    printf '| %-16s | %13s | %16s |\n' "$pair" "$(figures "$pair/ferry" limit | cut -d' ' -f3)" \
+        "$(figures "$pair/qemu-img" limit | cut -d' ' -f3)"
 done

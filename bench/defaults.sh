@@ -134,8 +134,7 @@ declare -A NEEDED=()
 for p in $PATHS; do [ -z "${LIMIT[$p]:-}" ] || NEEDED[${LIMIT[$p]}]=1; done
 if (( ${#NEEDED[@]} )); then
     command -v fio >/dev/null || { echo "bench: fio is missing (scripts/install-deps.sh)" >&2; exit 1; }
-    data_mib=$(( $(du -k "$SRC" | cut -f1) / 1024 ))
-    head -c "${data_mib}M" /dev/urandom >"$OUT/data.raw"
+    limit_data 1
     FIO_READ="--name=read --ioengine=io_uring --iodepth=16 --direct=1 --rw=read --bs=2M --size=${data_mib}M --filename=$OUT/data.raw"
     # Direct: buffered writes flushed at the end (psync) took 0.96 s where Ferry took 0.51,
     # since nothing reached the disk before the fsync.
@@ -212,9 +211,7 @@ if (( CONFIRM_RUNS > 0 )); then
         esac
     done
     ROUND=again:
-    SWEEP_RUNS=$RUNS RUNS=$CONFIRM_RUNS
-    run_rounds row
-    RUNS=$SWEEP_RUNS
+    RUNS=$CONFIRM_RUNS run_rounds row
     for p in $PATHS; do
         [ -n "${DEFAULT[$p]:-}" ] || continue
         DEFAULT[$p]=$(median_us_of "again:$p/ferry")

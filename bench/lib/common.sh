@@ -21,9 +21,9 @@ bench_defaults() {
 
 PROGRAM_FILES=()
 
-# PROGRAM_FILES (program_files sets it): the programs the tables time (ferry, qemu-img, nbdcopy), the libraries they
-# link, the ones they load on demand (libnbd, libiscsi, librbd, libcrypto; qemu's block
-# modules) and theirs. settle reads them back after dropping the page cache
+# PROGRAM_FILES (program_files sets it): the programs the tables time (ferry, qemu-img,
+# nbdcopy), the libraries they link, the ones they load on demand (libnbd, libiscsi, librbd,
+# libcrypto; qemu's block modules) and theirs. settle reads them back after dropping the page cache
 # (BENCH_PROGRAMS=cold leaves them out): the images are what a run must read from disk, not
 # the tools. A cold start costs each tool differently: `ferry --version` took 42-52 ms with
 # nothing cached, 37 MiB of it the program itself (the Swift runtime is linked in); nbdcopy
@@ -208,6 +208,14 @@ timed() {
     "${BENCH_IN[@]}" bash -c "$cmd" >/dev/null || { echo "bench: failed: $cmd" >&2; exit 1; }
     t1=$(now_ns)
     TIMES[$key]+="$(( (t1 - t0) / 1000 )) "
+}
+
+# limit_data COPIES: $OUT/data.raw, COPIES times as many random bytes as $SRC holds data, for
+# fio to read as the limit rows' stand-in for the image (contents do not matter to the disk);
+# sets data_mib to its size in MiB.
+limit_data() {
+    data_mib=$(( $1 * $(du -k "$SRC" | cut -f1) / 1024 ))
+    head -c "${data_mib}M" /dev/urandom >"$OUT/data.raw"
 }
 
 # fio_limit KEY ARGS: settles, runs fio with ARGS (words) and adds the time it counts to
