@@ -153,6 +153,13 @@ int64_t ferry_pread(int fd, void *buffer, size_t length, int64_t offset) {
     return r < 0 ? -errno : (int64_t)r;
 }
 
+int64_t ferry_pread_cached(int fd, void *buffer, size_t length, int64_t offset) {
+    struct iovec iov = { .iov_base = buffer, .iov_len = length };
+    ssize_t r;
+    do { r = preadv2(fd, &iov, 1, (off_t)offset, RWF_NOWAIT); } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : (int64_t)r;
+}
+
 int64_t ferry_pwrite(int fd, const void *buffer, size_t length, int64_t offset, int rw_flags) {
     ssize_t r;
     if (rw_flags) {

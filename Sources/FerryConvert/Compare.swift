@@ -9,8 +9,8 @@ import Glibc
 public struct CompareOptions: Sendable {
     /// `-s`: sizes must match, and so must allocation (the kind and extent of every run).
     public var strict = false
-    /// Requests in flight.
-    public var workers = 16
+    /// Requests in flight, each reading one image at a time.
+    public var workers = 32
     /// Largest single read of each image.
     public var chunkSize = 1 << 20
     /// How the images' storage is opened.
@@ -94,21 +94,31 @@ public enum ImageCompare {
         let end = max(d1.size, d2.size)
         let planner = ComparePlanner(d1, d2, end: end, alignment: alignment, chunk: chunk, strict: options.strict)
         let counters = CompareCounters(total: end, progress: progress)
+        // Buffers are taken per request, the last given back first: where reads come from the
+        // page cache and never wait, the few in use stay in the CPU's caches, and memory is
+        // what is in flight, not a pair per worker.
+        let pool = BufferPool(bufferSize: Int(chunk), capacity: 2 * options.workers)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for _ in 0 ..< options.workers {
                 group.addTask {
-                    let b1 = AlignedBuffer(count: Int(chunk)), b2 = AlignedBuffer(count: Int(chunk))
                     while let r = try await planner.next() {
                         try Task.checkCancellation()
                         if r.skip {
                             counters.add(done: r.length, read: 0)
                             continue
                         }
+                        let b1 = await pool.take(), b2 = await pool.take()
+                        defer {
+                            pool.give(b2)
+                            pool.give(b1)
+                        }
                         let n = Int(r.length)
-                        // Both sides at once: over a network each read waits a round trip.
-                        async let first = fill(b1, from: d1, r, r.read1)
+                        // One side after the other: reading both at once (a child task per
+                        // request) queued each worker's second read behind the other workers'
+                        // tasks, so every worker held its buffers at once and a warm compare
+                        // ran 1.3 times as long. Twice the workers keep as many reads in flight.
+                        let read1 = try await fill(b1, from: d1, r, r.read1)
                         let read2 = try await fill(b2, from: d2, r, r.read2)
-                        let read1 = try await first
                         let p1 = UnsafeRawBufferPointer(b1.slice(0 ..< n)), p2 = UnsafeRawBufferPointer(b2.slice(0 ..< n))
                         let at: Int?
                         switch (r.read1, r.read2) {

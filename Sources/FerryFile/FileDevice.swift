@@ -116,6 +116,13 @@ public final class FileDevice: RangeCopyingDevice, HandsOverWrites {
         /// Bytes written since write-back was last started (see `Options.writeBehind`).
         var sinceWriteBack: Int64 = 0
         var startingWriteBack = false
+        /// The file system takes RWF_NOWAIT reads (see `readCached`).
+        var cachedReads = true
+        /// Reads copying from the page cache on their callers' threads right now; `close`
+        /// waits for them before the descriptors go.
+        var inlineReads = 0
+        var closer: CheckedContinuation<Void, Never>?
+        var cachedBytes: Int64 = 0
     }
     private let state = Locked(State())
 
@@ -207,8 +214,49 @@ public final class FileDevice: RangeCopyingDevice, HandsOverWrites {
         try checkRange(offset, Int64(buffer.count))
         try checkOpen()
         guard let base = buffer.baseAddress, buffer.count > 0 else { return }
-        let r = request(.read, buffer: base, length: Int64(buffer.count), offset: offset)
+        let done = directFd < 0 ? readCached(base, count: buffer.count, at: offset) : 0
+        guard done < buffer.count else { return }
+        let r = request(.read, buffer: base + done, length: Int64(buffer.count - done), offset: offset + Int64(done))
         try await run(r, "read failed")
+    }
+
+    /// Bytes reads took from the page cache on their callers' threads (see `readCached`).
+    public var cachedReadBytes: Int64 { state.withLock { $0.cachedBytes } }
+
+    /// Copies what the page cache holds of a read on the caller's thread and returns its
+    /// length; the engine reads the rest. Handing a cached read to the ring thread and back
+    /// cost more than the copy, and put every copy of a file on that one thread (a warm
+    /// `compare` of two 1 GiB raw files took 0.16 s that way, against 0.07 s for a plain
+    /// two-thread pread loop). RWF_NOWAIT stops where the disk would have to be waited for.
+    private func readCached(_ base: UnsafeMutableRawPointer, count: Int, at offset: Int64) -> Int {
+        let go = state.withLock { s in
+            guard s.cachedReads, !s.closed else { return false }
+            s.inlineReads += 1
+            return true
+        }
+        guard go else { return 0 }
+        var done = 0
+        var unsupported = false
+        while done < count {
+            let n = ferry_pread_cached(fd, base + done, count - done, offset + Int64(done))
+            if n > 0 {
+                done += Int(n)
+                continue
+            }
+            // 0 is the end of the file and an error may be anything: the engine says which.
+            unsupported = n == -Int64(EOPNOTSUPP) || n == -Int64(EINVAL)
+            break
+        }
+        let closer = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            if unsupported { s.cachedReads = false }
+            s.cachedBytes += Int64(done)
+            s.inlineReads -= 1
+            guard s.inlineReads == 0, let c = s.closer else { return nil }
+            s.closer = nil
+            return c
+        }
+        closer?.resume()
+        return done
     }
 
     /// The write is issued once it is in the engine's queue, which submits in order.
@@ -506,6 +554,14 @@ public final class FileDevice: RangeCopyingDevice, HandsOverWrites {
             return !s.closed
         }
         guard first else { return }
+        await withCheckedContinuation { c in
+            let now = state.withLock { s in
+                guard s.inlineReads > 0 else { return true }
+                s.closer = c
+                return false
+            }
+            if now { c.resume() }
+        }
         let (fd, directFd) = (self.fd, self.directFd)
         let err: Int32 = await withCheckedContinuation { c in
             executor.shutdown { c.resume(returning: Self.closeDescriptors(fd, directFd)) }

@@ -34,7 +34,7 @@ struct Compare: FerryCommand {
     var showProgress = false
 
     @Option(name: .customShort("m", allowingJoined: true),
-            help: ArgumentHelp("Requests in flight, 1 to \(ConvertOptions.maxWorkers) (default: 16).", valueName: "n"))
+            help: ArgumentHelp("Requests in flight, 1 to \(ConvertOptions.maxWorkers) (default: 32).", valueName: "n"))
     var workers: Int?
 
     @Option(name: .customLong("output"), help: ArgumentHelp("Output format.", valueName: "human|json"))

@@ -85,6 +85,43 @@ final class IOTests: FileTestCase {
         }
     }
 
+    /// A read of what the page cache holds is copied on the caller's thread; where the cache
+    /// stops, the engine reads the rest, and the bytes are the file's either way.
+    func testCachedPartReadOnCallersThread() async throws {
+        let mib = 1 << 20
+        for engine in engines {
+            let p = path("cached-\(engine).img")
+            var rng = Pattern(seed: 11)
+            let bytes = rng.bytes(4 * mib)
+            try Data(bytes).write(to: URL(fileURLWithPath: p))
+            // Out of the cache: the second half, then (for the second device) all of it.
+            func evict(from: Int, count: Int) throws {
+                let fd = Glibc.open(p, O_RDONLY)
+                XCTAssertGreaterThanOrEqual(fd, 0)
+                defer { Glibc.close(fd) }
+                XCTAssertEqual(fsync(fd), 0)
+                XCTAssertEqual(posix_fadvise(fd, off_t(from), off_t(count), POSIX_FADV_DONTNEED), 0)
+            }
+            try evict(from: 2 * mib, count: 2 * mib)
+            let d = try await open(p, engine: engine, readOnly: true)
+            let all = try await d.read(4 * mib, at: 0)
+            XCTAssertTrue(all == bytes, "\(engine): the bytes read")
+            XCTAssertEqual(d.cachedReadBytes, Int64(2 * mib), "\(engine): the cached half, on the caller's thread")
+            // The engine's read left the second half in the cache.
+            let again = try await d.read(mib, at: Int64(3 * mib))
+            XCTAssertTrue(again[...] == bytes[3 * mib ..< 4 * mib], "\(engine)")
+            XCTAssertEqual(d.cachedReadBytes, Int64(3 * mib), "\(engine)")
+            try await d.close()
+
+            try evict(from: 0, count: 4 * mib)
+            let cold = try await open(p, engine: engine, readOnly: true)
+            let read = try await cold.read(4 * mib, at: 0)
+            XCTAssertTrue(read == bytes, "\(engine): the bytes read cold")
+            XCTAssertEqual(cold.cachedReadBytes, 0, "\(engine): nothing cached, all through the engine")
+            try await cold.close()
+        }
+    }
+
     /// O_DIRECT on an image whose size is not a multiple of 512: the aligned part goes direct,
     /// the tail through the page cache, and both read back.
     func testDirectWithUnalignedTail() async throws {

@@ -76,6 +76,10 @@ int ferry_cachestat(int fd, ferry_cache_state *out);
 /// pread(2)/pwritev2(2) of at most `length` bytes, retried on EINTR; returns bytes moved or -errno.
 /// `rw_flags` (RWF_DSYNC) selects pwritev2; 0 uses plain pwrite.
 int64_t ferry_pread(int fd, void *buffer, size_t length, int64_t offset);
+/// preadv2(2) with RWF_NOWAIT: only what the page cache holds, never waiting for the disk.
+/// Returns bytes read (short where the cache stops; 0 at the end of the file) or -errno
+/// (EAGAIN when the first page is not cached, EOPNOTSUPP where the file system cannot).
+int64_t ferry_pread_cached(int fd, void *buffer, size_t length, int64_t offset);
 int64_t ferry_pwrite(int fd, const void *buffer, size_t length, int64_t offset, int rw_flags);
 
 /// Block devices: size in bytes (BLKGETSIZE64) and logical block size (BLKSSZGET).
