@@ -5,6 +5,7 @@ import FerryFormats
 
 struct Amend: FerryCommand {
     static let configuration = CommandConfiguration(
+        commandName: "amend",
         abstract: "Change an image's options in place, as qemu-img amend does.",
         usage: "ferry amend [-f fmt] -o options [-q] <image>",
         discussion: """

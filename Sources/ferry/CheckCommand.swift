@@ -10,6 +10,7 @@ import FerryFormats
 
 struct Check: FerryCommand {
     static let configuration = CommandConfiguration(
+        commandName: "check",
         abstract: "Check an image's metadata for errors and leaks, and repair them, as qemu-img check does.",
         usage: "ferry check [-f fmt] [-q] [-r leaks|all] [--output human|json] <image>",
         discussion: """

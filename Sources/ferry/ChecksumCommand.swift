@@ -7,6 +7,7 @@ import FerryFormats
 
 struct Checksum: FerryCommand {
     static let configuration = CommandConfiguration(
+        commandName: "checksum",
         abstract: "Print the block hash of an image's guest data, as blksum and nbdcopy --blkhash print it.",
         usage: "ferry checksum [-f fmt] [--algorithm alg] [-m n] [-p] [--output human|json] <image>",
         discussion: """

@@ -36,6 +36,7 @@ struct Ferry: ParsableCommand {
 
 struct Convert: FerryCommand {
     static let configuration = CommandConfiguration(
+        commandName: "convert",
         abstract: "Copy one or more images into a new or existing image.",
         usage: "ferry convert [<options>] <src> ... <dst>",
         discussion: """
@@ -444,6 +445,7 @@ struct Convert: FerryCommand {
 
 struct Create: FerryCommand {
     static let configuration = CommandConfiguration(
+        commandName: "create",
         abstract: "Create a new image, as qemu-img create does.",
         usage: "ferry create [-f fmt] [-o options] [-b backing [-F backing_fmt]] <image> [<size>]",
         discussion: """
@@ -530,6 +532,7 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
 
 struct Info: FerryCommand {
     static let configuration = CommandConfiguration(
+        commandName: "info",
         abstract: "Show an image's format and sizes, as qemu-img info does.",
         discussion: """
         Given an OVA (a tar archive named *.ova or *.tar), lists its members and disks and checks \
@@ -607,6 +610,7 @@ struct Info: FerryCommand {
 
 struct Map: FerryCommand {
     static let configuration = CommandConfiguration(
+        commandName: "map",
         abstract: "Show where an image holds data and where it reads as zeros, as qemu-img map does.",
         discussion: "Not supported: -s/--start-offset and -l/--max-length (the whole image is mapped), --object.")
 

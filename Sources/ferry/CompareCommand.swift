@@ -6,6 +6,7 @@ import FerryCore
 
 struct Compare: FerryCommand {
     static let configuration = CommandConfiguration(
+        commandName: "compare",
         abstract: "Check whether two images hold the same guest data, as qemu-img compare does.",
         usage: "ferry compare [-f fmt] [-F fmt] [-s] [-q] [-p] [--output human|json] [--checksum[=alg]] <image1> <image2>",
         discussion: """

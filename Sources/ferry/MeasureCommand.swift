@@ -5,6 +5,7 @@ import FerryFormats
 
 struct Measure: FerryCommand {
     static let configuration = CommandConfiguration(
+        commandName: "measure",
         abstract: "Show the file size a new image would need, as qemu-img measure does.",
         usage: "ferry measure [-O fmt] [-o options] [--output human|json] (--size N | [-f fmt] [-l snapshot] <image>)",
         discussion: """

@@ -5,6 +5,7 @@ import FerryFormats
 
 struct Rebase: FerryCommand {
     static let configuration = CommandConfiguration(
+        commandName: "rebase",
         abstract: "Change an overlay's backing file, as qemu-img rebase does.",
         usage: "ferry rebase [-u] [-f fmt] [-b backing [-F backing_fmt]] [-q] <image>",
         discussion: """

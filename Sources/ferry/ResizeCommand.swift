@@ -5,6 +5,7 @@ import FerryFormats
 
 struct Resize: FerryCommand {
     static let configuration = CommandConfiguration(
+        commandName: "resize",
         abstract: "Change an image's virtual size in place, as qemu-img resize does.",
         usage: "ferry resize [-f fmt] [--shrink] [--preallocation=mode] [-q] <image> [+|-]<size>",
         discussion: """

@@ -5,6 +5,7 @@ import FerryFormats
 
 struct Snapshot: FerryCommand {
     static let configuration = CommandConfiguration(
+        commandName: "snapshot",
         abstract: "List, create, apply or delete an image's internal snapshots, as qemu-img snapshot does.",
         usage: "ferry snapshot [-f fmt] [-q] (-l | -c name | -a snapshot | -d snapshot) <image>",
         discussion: """
