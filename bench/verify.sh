@@ -66,12 +66,15 @@ run_rounds row
 echo
 echo "Verified copies, ${SIZE_MIB} MiB guest image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(df -T "$OUT" | awk 'NR == 2 { print $2 }') on $(nproc) CPUs, cold page cache"
 echo
-printf '| %-22s | %8s | %7s | %6s | %-22s |\n' command "median s" "MiB/s" ratio "ratio is time against"
-printf '|%s|%s|%s|%s|%s|\n' "------------------------" "----------" "---------" "--------" "------------------------"
+printf '| %-22s | %8s | %7s | %6s | %6s | %-22s |\n' command "median s" "MiB/s" ratio paired "ratio is time against"
+printf '|%s|%s|%s|%s|%s|%s|\n' "------------------------" "----------" "---------" "--------" "--------" "------------------------"
 for r in "${ROWS[@]}"; do
     IFS='|' read -r name cmd ref <<<"$r"
     read -r secs rate ratio <<<"$(figures "$name" "$ref")"
-    printf '| %-22s | %8s | %7s | %6s | %-22s |\n' "$name" "$secs" "$rate" "${ratio:-}" "$ref"
+    paired=""
+    [ -z "$ref" ] || paired=$(paired_ratio "$name" "$ref")
+    printf '| %-22s | %8s | %7s | %6s | %6s | %-22s |\n' "$name" "$secs" "$rate" "${ratio:-}" "$paired" "$ref"
 done
 echo
+echo "ratio: the median over the reference's median; paired: the median of the two commands' ratios run by run (see paired_ratio in bench/lib/common.sh)."
 echo "MiB/s is the image's virtual size over the time. Digest: blkhash, SHA-256, 64 KiB blocks (the same from every row that prints one)."

@@ -236,6 +236,16 @@ figures() {
     row_figures "$(median_us "${TIMES[$1]}")" "$r"
 }
 
+# paired_ratio KEY REFERENCE_KEY: the median, over runs, of KEY's time over REFERENCE_KEY's in
+# the same run (run_rounds times each row once per run, so the Nth times pair up). The machine
+# drifts between runs (the same command's medians moved by 10-25% from one table to the next);
+# a pair timed within one run shares that drift, and the ratio cancels it.
+paired_ratio() {
+    paste -d' ' <(tr ' ' '\n' <<<"${TIMES[$1]}" | grep -v '^$') <(tr ' ' '\n' <<<"${TIMES[$2]}" | grep -v '^$') |
+        awk 'NF == 2 && $2 > 0 { print $1 / $2 }' | sort -g |
+        awk '{ a[NR] = $1 } END { if (NR) printf "%.2f\n", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+
 # format_table TITLE CHECKED: runs every row of ROWS ("name|command|target format|reference
 # row"; SRC and DST in the command stand for the raw image $SRC and the target $DST.FORMAT)
 # RUNS times (run_rounds, timed); checks each output on the first run (qemu-img check for the
