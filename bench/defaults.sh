@@ -177,6 +177,9 @@ printf '|%s|%s|%s|%s|%s|\n' --------------- -------------------------------- ---
 declare -A BEST BEST_NAME QBEST QBEST_NAME NBDC DEFAULT AGAIN
 median_us_of() { median_us "${TIMES[$1]}"; }
 r() { awk -v a="$1" -v b="${2:-}" 'BEGIN { if (b == "" || b == 0) print "-"; else printf "%.2f", a / b }'; }
+# pr PATH NAME: " (P)", the default's paired ratio against NAME in the second round; nothing
+# without one.
+pr() { (( ${CONFIRM_RUNS:-0} > 0 )) && [ -n "${TIMES["again:$1/$2"]:-}" ] && echo " ($(paired_ratio "again:$1/ferry" "again:$1/$2"))" || true; }
 for row in "${ROWS[@]}"; do
     IFS='|' read -r p name _ <<<"$row"
     us=$(median_us_of "$p/$name")
@@ -234,10 +237,14 @@ for p in $PATHS; do
     [ -n "${DEFAULT[$p]:-}" ] || continue
     lim=
     if [ -n "${LIMIT[$p]:-}" ]; then lim=$(median_us_of "limit/${LIMIT_NAME[${LIMIT[$p]}]}"); fi
-    printf '| %-13s | %-22s | %14s | %15s | %18s | %17s | %15s |\n' "$p" "${BEST_NAME[$p]}" "$(r "${DEFAULT[$p]}" "${BEST[$p]}")" \
-        "$(r "${AGAIN[$p]:-}" "${DEFAULT[$p]}")" "$(r "${DEFAULT[$p]}" "${QBEST[$p]}")" "$(r "${DEFAULT[$p]}" "${NBDC[$p]:-}")" "$(r "${DEFAULT[$p]}" "$lim")"
+    printf '| %-13s | %-22s | %14s | %15s | %18s | %17s | %15s |\n' "$p" "${BEST_NAME[$p]}" "$(r "${DEFAULT[$p]}" "${BEST[$p]}")$(pr "$p" "${BEST_NAME[$p]}")" \
+        "$(r "${AGAIN[$p]:-}" "${DEFAULT[$p]}")" "$(r "${DEFAULT[$p]}" "${QBEST[$p]}")$(pr "$p" "${QBEST_NAME[$p]}")" \
+        "$(r "${DEFAULT[$p]}" "${NBDC[$p]:-}")$([ -z "${NBDC[$p]:-}" ] || pr "$p" nbdcopy)" "$(r "${DEFAULT[$p]}" "$lim")"
 done
 echo
+if (( CONFIRM_RUNS > 0 )); then
+    echo "In brackets: the paired ratio, the median of the two commands' ratios run by run in the second round (paired_ratio in bench/lib/common.sh), which the machine's drift between runs does not move."
+fi
 echo "default / limit: the default's time (its start included) over fio's, moving as many bytes as the image's data on this disk with O_DIRECT (reading and writing, then fsync; reading only for nbd-nbd, whose target is memory). The RBD and NFS/iSCSI paths' limits are their servers', not measured."
 
 # Memory: -m 1024 asks for 2 GiB of buffers; the cap on bytes in flight (128 MiB) holds it.
