@@ -119,10 +119,15 @@ public func convert(
 
     // Sources inside an OVA are checked against its manifest while the copy runs.
     let digestCheck = MemberDigestCheck.start(for: opened)
+    // Once nothing reads them, the sources close while the target is finished: closing an NBD
+    // export waits for the server to hang up (3-4 ms here), a flush is longer.
+    var sourcesClosing: Task<Void, Never>?
     do {
         if let algorithm = options.checksum { config.checksum = try BlockHasher(algorithm: algorithm, size: copySource.size) }
         var stats = try await CopyEngine.copy(from: copySource, to: out.device, configuration: config, progress: progress)
         stats.notes = try await digestCheck.finish()
+        let sources = opened
+        sourcesClosing = Task { for image in sources { try? await image.device.close() } }
         if let hasher = config.checksum {
             stats.checksum = try hasher.finish()
             stats.checksumAlgorithm = hasher.algorithm
@@ -139,7 +144,7 @@ public func convert(
         } else {
             try await Images.finish(out, durable: options.targetCache.flushes)
         }
-        await closeSources()
+        await sourcesClosing?.value
         // The time the caller waited, flush included.
         stats.elapsed = Tracker.now() - started
         return stats
@@ -149,7 +154,7 @@ public func convert(
         // Closing removes storage the copy made (an RBD image): that may fail too.
         var removal: (any Error)?
         do { try await out.device.close() } catch { if out.createdStorage { removal = error } }
-        await closeSources()
+        if let sourcesClosing { await sourcesClosing.value } else { await closeSources() }
         var e = (error as? FerryError) ?? FerryError(.io, "\(error)", path: target.location)
         if created {
             out.removeCreatedFiles()
