@@ -178,8 +178,8 @@ declare -A BEST BEST_NAME QBEST QBEST_NAME NBDC DEFAULT AGAIN
 median_us_of() { median_us "${TIMES[$1]}"; }
 r() { awk -v a="$1" -v b="${2:-}" 'BEGIN { if (b == "" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 # pr PATH NAME: " (P)", the default's paired ratio against NAME in the second round; nothing
-# without one.
-pr() { (( ${CONFIRM_RUNS:-0} > 0 )) && [ -n "${TIMES["again:$1/$2"]:-}" ] && echo " ($(paired_ratio "again:$1/ferry" "again:$1/$2"))" || true; }
+# without that round or that row.
+pr() { [ -z "${TIMES["again:$1/$2"]:-}" ] || echo " ($(paired_ratio "again:$1/ferry" "again:$1/$2"))"; }
 for row in "${ROWS[@]}"; do
     IFS='|' read -r p name _ <<<"$row"
     us=$(median_us_of "$p/$name")
@@ -239,7 +239,7 @@ for p in $PATHS; do
     if [ -n "${LIMIT[$p]:-}" ]; then lim=$(median_us_of "limit/${LIMIT_NAME[${LIMIT[$p]}]}"); fi
     printf '| %-13s | %-22s | %14s | %15s | %18s | %17s | %15s |\n' "$p" "${BEST_NAME[$p]}" "$(r "${DEFAULT[$p]}" "${BEST[$p]}")$(pr "$p" "${BEST_NAME[$p]}")" \
         "$(r "${AGAIN[$p]:-}" "${DEFAULT[$p]}")" "$(r "${DEFAULT[$p]}" "${QBEST[$p]}")$(pr "$p" "${QBEST_NAME[$p]}")" \
-        "$(r "${DEFAULT[$p]}" "${NBDC[$p]:-}")$([ -z "${NBDC[$p]:-}" ] || pr "$p" nbdcopy)" "$(r "${DEFAULT[$p]}" "$lim")"
+        "$(r "${DEFAULT[$p]}" "${NBDC[$p]:-}")$(pr "$p" nbdcopy)" "$(r "${DEFAULT[$p]}" "$lim")"
 done
 echo
 if (( CONFIRM_RUNS > 0 )); then

@@ -50,9 +50,6 @@ public func convert(
     }
 
     var opened: [OpenedImage] = []
-    func closeSources() async {
-        for image in opened { try? await image.device.close() }
-    }
     do {
         for s in sources {
             let image = try await Images.open(s, readOnly: true, options: options.sourceEndpoint)
@@ -60,7 +57,7 @@ public func convert(
             image.passWarnings(to: warning)
         }
     } catch {
-        await closeSources()
+        await closeImages(opened)
         throw error
     }
     let source: any BlockDevice = opened.count == 1 ? opened[0].device : ConcatDevice(opened.map(\.device))
@@ -69,7 +66,7 @@ public func convert(
         do {
             bitmaps = try await copiedBitmaps(of: opened, sources: sources, options: options, warning: warning)
         } catch {
-            await closeSources()
+            await closeImages(opened)
             throw error
         }
     }
@@ -91,7 +88,7 @@ public func convert(
             for w in out.warnings { warning?(w) }
         }
     } catch {
-        await closeSources()
+        await closeImages(opened)
         throw error
     }
 
@@ -126,8 +123,7 @@ public func convert(
         if let algorithm = options.checksum { config.checksum = try BlockHasher(algorithm: algorithm, size: copySource.size) }
         var stats = try await CopyEngine.copy(from: copySource, to: out.device, configuration: config, progress: progress)
         stats.notes = try await digestCheck.finish()
-        let sources = opened
-        sourcesClosing = Task { for image in sources { try? await image.device.close() } }
+        sourcesClosing = Task { [opened] in await closeImages(opened) }
         if let hasher = config.checksum {
             stats.checksum = try hasher.finish()
             stats.checksumAlgorithm = hasher.algorithm
@@ -154,7 +150,7 @@ public func convert(
         // Closing removes storage the copy made (an RBD image): that may fail too.
         var removal: (any Error)?
         do { try await out.device.close() } catch { if out.createdStorage { removal = error } }
-        if let sourcesClosing { await sourcesClosing.value } else { await closeSources() }
+        if let sourcesClosing { await sourcesClosing.value } else { await closeImages(opened) }
         var e = (error as? FerryError) ?? FerryError(.io, "\(error)", path: target.location)
         if created {
             out.removeCreatedFiles()
@@ -168,6 +164,12 @@ public func convert(
         }
         throw e
     }
+}
+
+/// Closes images a conversion opened and no longer reads; a failure to close changes nothing
+/// for the copy.
+private func closeImages(_ images: [OpenedImage]) async {
+    for image in images { try? await image.device.close() }
 }
 
 /// The persistent bitmaps `--bitmaps` copies: every one of the single source's, read before
