@@ -9,7 +9,9 @@
 # runs, default RUNS; 0 skips it): a row picked as the fastest of twelve is lucky by its
 # selection, so the summary's ratios come from this round, where it is measured anew.
 # Before each run the page cache is dropped and the programs read back in (settle): the image
-# comes from disk, the tools from memory (BENCH_PROGRAMS=cold: from disk too).
+# comes from disk, the tools from memory (BENCH_PROGRAMS=cold: from disk too). Rows are only
+# compared within a path, so the paths run in phases by the servers they need (local and NBD,
+# then Ceph, then NFS/iSCSI), each phase's servers up only during its two rounds.
 #
 # Paths (PATHS picks some):
 #   local-raw      raw -> raw, local files (page cache dropped before each run)
@@ -60,14 +62,17 @@ if [[ " $PATHS " == *" nbd"* ]]; then
     MEM=$("$HERE/../scripts/nbd-start.sh" dst unix memory "${SIZE_MIB}M")
 fi
 
-RBD_IN= RBD_OUT= CONF=
-if [[ " $PATHS " == *" rbd-"* ]]; then
+# The RBD and NFS/iSCSI servers run only while their own paths are timed (see phase): an idle
+# Ceph cluster beside the NBD rows gave Ferry's runs a slow tail (0.71-0.81 s where the others
+# took 0.50-0.64) and moved the paired ratio of two identical commands to 1.13.
+CONF=$OUT/ceph/ceph.conf
+RBD_IN="rbd:rbdpool/dst:conf=$CONF"
+RBD_OUT="rbd:rbdpool/src:conf=$CONF"
+ceph_up() {
     CEPH_MON_PORT=19500 "$HERE/../scripts/ceph-start.sh" "$OUT/ceph" >/dev/null
-    CONF=$OUT/ceph/ceph.conf
     rbd -c "$CONF" import --no-progress "$SRC" rbdpool/src >/dev/null
-    RBD_IN="rbd:rbdpool/dst:conf=$CONF"
-    RBD_OUT="rbd:rbdpool/src:conf=$CONF"
-fi
+}
+ceph_down() { "$HERE/../scripts/ceph-stop.sh" "$OUT/ceph" >/dev/null 2>&1 || true; }
 
 NFS_URL= QNFS_URL= ISCSI_URL= NFS_URL1= ISCSI_URL1=
 if [[ " $PATHS " == *" nfs-iscsi"* ]]; then
@@ -78,7 +83,6 @@ if [[ " $PATHS " == *" nfs-iscsi"* ]]; then
     RIG=$(mktemp -d /dev/shm/ferry-bench-defaults.XXXXXX)
     rig_dirs "$RIG"
     cp --sparse=always "$SRC" "$NFSSTATE/export/src.raw"
-    rig_start "$SIZE_MIB" 1
     read -r ip np mp <<<"$(rig_ports 0)"
     NFS_URL="nfs://127.0.0.1/export/src.raw?nfsport=$np&mountport=$mp" ISCSI_URL="iscsi://127.0.0.1:$ip/$RIG_LUN/1"
     read -r ip np mp <<<"$(rig_ports 1)"
@@ -86,6 +90,12 @@ if [[ " $PATHS " == *" nfs-iscsi"* ]]; then
     # qemu-img finds the NFS ports through the portmapper (rig_pmap before each of its rows).
     QNFS_URL="nfs://127.0.0.1/export/src.raw"
 fi
+rig_up() { rig_start "$SIZE_MIB" 1; }
+rig_down() { rig_stop; }
+base_up() { :; }
+base_down() { :; }
+# The servers a path's rows need beyond nbdkit's (idle when not read): ceph, rig or base.
+group_of() { case $1 in rbd-*) echo ceph ;; nfs-iscsi*) echo rig ;; *) echo base ;; esac; }
 
 # path|name|command (T: the local target)|target to check|its format
 ROWS=()
@@ -166,16 +176,74 @@ row() {   # RUN ROW
         qemu-img compare -q -f raw -F "$fmt" "$SRC" "$check" || { echo "bench: $p: $name produced a different image" >&2; exit 1; }
     fi
 }
-ROUND=
-run_rounds row
+declare -A BEST BEST_NAME QBEST QBEST_NAME NBDC DEFAULT AGAIN
+median_us_of() { median_us "${TIMES[$1]}"; }
+# pick: from the first round's medians of ROWS, each path's best fixed setting, qemu-img's
+# better row, nbdcopy's, and the two default rows.
+pick() {
+    local row p name us
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r p name _ <<<"$row"
+        us=$(median_us_of "$p/$name")
+        case $name in
+            "ferry -m "*) if [ -z "${BEST[$p]:-}" ] || (( us < BEST[$p] )); then BEST[$p]=$us; BEST_NAME[$p]=$name; fi ;;
+            qemu-img*) if [ -z "${QBEST[$p]:-}" ] || (( us < QBEST[$p] )); then QBEST[$p]=$us; QBEST_NAME[$p]=$name; fi ;;
+            nbdcopy) NBDC[$p]=$us ;;
+            ferry) DEFAULT[$p]=$us ;;
+            "ferry (again)") AGAIN[$p]=$us ;;
+        esac
+    done
+}
+# The second round: the rows the summary compares, measured again (see the top).
+CONFIRM_RUNS=${CONFIRM_RUNS:-$RUNS}
+confirm() {
+    local sweep=("${ROWS[@]}") row p name
+    ROWS=()
+    for row in "${sweep[@]}"; do
+        IFS='|' read -r p name _ <<<"$row"
+        [ -n "${DEFAULT[$p]:-}" ] || continue
+        case $name in
+            ferry|nbdcopy|"${BEST_NAME[$p]}"|"${QBEST_NAME[$p]}") ROWS+=("$row") ;;
+        esac
+    done
+    (( ${#ROWS[@]} )) || return 0
+    ROUND=again: RUNS=$CONFIRM_RUNS run_rounds row
+    ROUND=
+    for p in $PATHS; do
+        [ -n "${DEFAULT[$p]:-}" ] && [ -n "${TIMES["again:$p/ferry"]:-}" ] || continue
+        DEFAULT[$p]=$(median_us_of "again:$p/ferry")
+        BEST[$p]=$(median_us_of "again:$p/${BEST_NAME[$p]}")
+        QBEST[$p]=$(median_us_of "again:$p/${QBEST_NAME[$p]}")
+        [ -z "${NBDC[$p]:-}" ] || NBDC[$p]=$(median_us_of "again:$p/nbdcopy")
+    done
+}
+# phase GROUP: the group's servers up, both rounds over its rows (rows are only ever compared
+# within a path, so a path's rows need interleaving only with each other), its servers down.
+ALL_ROWS=("${ROWS[@]}")
+phase() {
+    local g=$1 row p
+    ROWS=()
+    for row in "${ALL_ROWS[@]}"; do
+        IFS='|' read -r p _ <<<"$row"
+        [ "$(group_of "$p")" != "$g" ] || ROWS+=("$row")
+    done
+    (( ${#ROWS[@]} )) || return 0
+    echo "bench: the $g paths" >&2
+    "${g}_up"
+    ROUND=
+    run_rounds row
+    pick
+    (( CONFIRM_RUNS == 0 )) || confirm
+    "${g}_down"
+}
+for g in base ceph rig; do phase "$g"; done
+ROWS=("${ALL_ROWS[@]}")
 
 echo
 echo "Ferry's default against every fixed setting, ${SIZE_MIB} MiB image (half data: binaries and text), median of $RUNS runs, $(uname -r), $(nproc) CPUs; every command flushes; programs ${BENCH_PROGRAMS:-warm}, images cold"
 echo
 printf '| %-13s | %-30s | %8s | %7s | %10s |\n' path command "median s" "MiB/s" "ratio"
 printf '|%s|%s|%s|%s|%s|\n' --------------- -------------------------------- ---------- --------- ------------
-declare -A BEST BEST_NAME QBEST QBEST_NAME NBDC DEFAULT AGAIN
-median_us_of() { median_us "${TIMES[$1]}"; }
 r() { awk -v a="$1" -v b="${2:-}" 'BEGIN { if (b == "" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 # pr PATH NAME: " (P)", the default's paired ratio against NAME in the second round; nothing
 # without that round or that row.
@@ -190,39 +258,9 @@ for row in "${ROWS[@]}"; do
     [ -z "${TIMES[$ref]:-}" ] || refus=$(median_us_of "$ref")
     read -r secs rate ratio <<<"$(row_figures "$us" "$refus")"
     printf '| %-13s | %-30s | %8s | %7s | %10s |\n' "$p" "$name" "$secs" "$rate" "${ratio:-}"
-    case $name in
-        "ferry -m "*) if [ -z "${BEST[$p]:-}" ] || (( us < BEST[$p] )); then BEST[$p]=$us; BEST_NAME[$p]=$name; fi ;;
-        qemu-img*) if [ -z "${QBEST[$p]:-}" ] || (( us < QBEST[$p] )); then QBEST[$p]=$us; QBEST_NAME[$p]=$name; fi ;;
-        nbdcopy) NBDC[$p]=$us ;;
-        ferry) DEFAULT[$p]=$us ;;
-        "ferry (again)") AGAIN[$p]=$us ;;
-    esac
 done
 echo
 echo "ratio: the command's median over Ferry's default's on the same path (> 1: the default is faster); overwrite rows over qemu-img's over a file."
-
-# The second round: the rows the summary compares, measured again (see the top).
-CONFIRM_RUNS=${CONFIRM_RUNS:-$RUNS}
-if (( CONFIRM_RUNS > 0 )); then
-    SWEEP=("${ROWS[@]}")
-    ROWS=()
-    for row in "${SWEEP[@]}"; do
-        IFS='|' read -r p name _ <<<"$row"
-        [ -n "${DEFAULT[$p]:-}" ] || continue
-        case $name in
-            ferry|nbdcopy|"${BEST_NAME[$p]}"|"${QBEST_NAME[$p]}") ROWS+=("$row") ;;
-        esac
-    done
-    ROUND=again:
-    RUNS=$CONFIRM_RUNS run_rounds row
-    for p in $PATHS; do
-        [ -n "${DEFAULT[$p]:-}" ] || continue
-        DEFAULT[$p]=$(median_us_of "again:$p/ferry")
-        BEST[$p]=$(median_us_of "again:$p/${BEST_NAME[$p]}")
-        QBEST[$p]=$(median_us_of "again:$p/${QBEST_NAME[$p]}")
-        [ -z "${NBDC[$p]:-}" ] || NBDC[$p]=$(median_us_of "again:$p/nbdcopy")
-    done
-fi
 
 echo
 if (( CONFIRM_RUNS > 0 )); then
