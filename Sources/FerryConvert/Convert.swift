@@ -95,6 +95,7 @@ public func convert(
     var config = CopyConfiguration()
     config.workers = options.workers
     config.bufferSize = options.bufferSize
+    config.requestWindow = options.requestWindow
     config.outOfOrder = options.outOfOrder
     config.maxInFlight = options.maxInFlight
     config.rateLimit = options.rateLimit

@@ -19,6 +19,13 @@ public struct CopyConfiguration: Sendable {
     /// 2 MiB default's (two sets of 9 interleaved cold runs); local, NBD and NBD -> NBD copies
     /// took 0.92-0.96.
     public static let defaultBufferSize = 1 << 20
+    /// When set, and neither `workers` nor a buffer pool is given, buffers shrink (to no less
+    /// than `DepthPlan.smallestFitted`) until the depth the copy starts at holds at most this
+    /// many bytes: endpoints that take many requests at once get more, smaller ones (see
+    /// `DepthPlan.fittedBufferSize`). nil keeps `bufferSize`.
+    public var requestWindow: Int? = nil
+    /// What `convert` passes as `requestWindow` when no buffer size is given.
+    public static let defaultRequestWindow = 32 << 20
     /// Most bytes the buffers of requests in flight may hold (as nbdcopy's `--queue-size`):
     /// caps the depth, given or found, so memory is known whatever `-m` says.
     public var maxInFlight: Int = 128 << 20
@@ -75,9 +82,15 @@ public enum CopyEngine {
             throw FerryError(.tooSmall, "target is smaller (\(target.size) bytes) than the source (\(source.size) bytes)", path: target.name)
         }
         let alignment = max(source.limits.alignment, target.limits.alignment)
-        let maxData = min(configuration.bufferSize, source.limits.maximumTransfer) / alignment * alignment
-        precondition(maxData > 0, "buffer smaller than the devices' alignment")
         let granularity = configuration.sparseSize == 0 ? 0 : roundUp(configuration.sparseSize, to: target.limits.alignment)
+        let concurrency = max(source.concurrency, target.concurrency)
+        var bufferSize = configuration.bufferSize
+        if let window = configuration.requestWindow, configuration.workers == nil, pool == nil {
+            bufferSize = DepthPlan.fittedBufferSize(bufferSize, window: window, concurrency: concurrency,
+                                                    alignment: alignment, atLeast: granularity)
+        }
+        let maxData = min(bufferSize, source.limits.maximumTransfer) / alignment * alignment
+        precondition(maxData > 0, "buffer smaller than the devices' alignment")
         let planner = Planner(source: source, alignment: alignment, maxData: maxData,
                               bridge: granularity > 0 && source.capabilities.contains(.cheapZeroReads) ? bridge : 0,
                               granule: max(granularity, 1), bridgeUnallocated: !configuration.skipUnallocated)
@@ -91,12 +104,11 @@ public enum CopyEngine {
             || !(configuration.outOfOrder ?? target.capabilities.contains(.anyWriteOrder))
         let sequencer = inOrder ? Sequencer() : nil
         // A compressing worker holds a second buffer for what it compressed.
-        let plan = DepthPlan(workers: configuration.workers, bufferSize: configuration.bufferSize * (compressor == nil ? 1 : 2),
-                             maxInFlight: configuration.maxInFlight,
-                             concurrency: max(source.concurrency, target.concurrency))
+        let plan = DepthPlan(workers: configuration.workers, bufferSize: bufferSize * (compressor == nil ? 1 : 2),
+                             maxInFlight: configuration.maxInFlight, concurrency: concurrency)
         let gate = DepthGate(limit: plan.initial)
         // Never more taken than the gate admits.
-        let pool = pool ?? BufferPool(bufferSize: configuration.bufferSize, capacity: plan.workers)
+        let pool = pool ?? BufferPool(bufferSize: bufferSize, capacity: plan.workers)
         tracker.setDepth(plan.initial, maxInFlight: configuration.maxInFlight)
         let context = WorkerContext(
             source: source, target: target, configuration: configuration,

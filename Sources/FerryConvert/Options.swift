@@ -34,6 +34,10 @@ public struct ConvertOptions: Sendable {
     public var workers: Int?
     /// Size of each worker's buffer: the largest single read or write.
     public var bufferSize: Int = CopyConfiguration.defaultBufferSize
+    /// Without `-m`, buffers shrink so the starting depth holds at most this many bytes (see
+    /// `CopyConfiguration.requestWindow`); nil keeps `bufferSize`, as the command line does
+    /// when `--buffer-size` is given.
+    public var requestWindow: Int? = CopyConfiguration.defaultRequestWindow
     /// `-W` (true): writes may complete out of order; `--in-order` (false): they go out in
     /// guest order; nil: the target decides (in any order on files, devices and exports,
     /// in order into images that allocate as data arrives).

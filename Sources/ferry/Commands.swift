@@ -109,7 +109,7 @@ struct Convert: FerryCommand {
     var sourceCache: String?
 
     @Option(name: .customLong("buffer-size"),
-            help: ArgumentHelp("Largest single read or write, a multiple of 4k (default: 1M).", valueName: "size"))
+            help: ArgumentHelp("Largest single read or write, a multiple of 4k (default: 1M; without -m, smaller where the endpoints take many requests at once, down to 256k, so the starting depth holds 32M).", valueName: "size"))
     var bufferSize: String?
 
     @Option(name: .customLong("connections"),
@@ -223,7 +223,10 @@ struct Convert: FerryCommand {
             throw UsageError(message: "-W and --in-order cannot be used together", command: "convert")
         }
         options.outOfOrder = outOfOrder ? true : (inOrder ? false : nil)
-        if let bufferSize { options.bufferSize = try Self.size(bufferSize, what: "buffer size") }
+        if let bufferSize {
+            options.bufferSize = try Self.size(bufferSize, what: "buffer size")
+            options.requestWindow = nil
+        }
         if let sparseSize {
             options.sparseSize = try Self.size(sparseSize, what: "sparse size")
             // A larger -S than the default buffer is honoured by growing the buffer, unless

@@ -108,6 +108,29 @@ final class NBDTests: XCTestCase {
         }
     }
 
+    /// Out of four connections (64 deep) the default reads 512 KiB at a time, so the starting
+    /// depth holds 32 MiB; one connection (16 deep), --buffer-size or -m keep 1 MiB. From
+    /// nbdkit's own log of the reads it served.
+    func testDefaultRequestSizeFollowsTheStartingDepth() throws {
+        let src = try sourceImage()
+        let log = path("reads.log")
+        let url = try nbdkit(["--filter=log", "file", src, "logfile=\(log)"], name: "reads")
+        for (args, largest) in [([], 512 << 10), (["--connections", "1"], 1 << 20),
+                                (["--buffer-size", "1M"], 1 << 20), (["-m", "64"], 1 << 20)] {
+            try "".write(toFile: log, atomically: false, encoding: .utf8)
+            let out = path("reads-\(args.joined()).raw")
+            let r = try Tools.ferry(["convert", "-f", "raw", "-O", "raw"] + args + [url, out], in: dir)
+            XCTAssertEqual(r.status, 0, r.stderr)
+            try compare(src, out)
+            let counts = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n")
+                .filter { $0.contains("Read ") }
+                .compactMap { line in line.split(separator: " ").first { $0.hasPrefix("count=") }
+                    .flatMap { Int($0.dropFirst("count=0x".count), radix: 16) } }
+            XCTAssertFalse(counts.isEmpty, "\(args): nbdkit logged no reads")
+            XCTAssertEqual(counts.max(), largest, "\(args)")
+        }
+    }
+
     // MARK: Round trips
 
     func testLocalToNBDToLocalRoundTrip() throws {

@@ -56,6 +56,22 @@ final class DepthTests: XCTestCase {
         XCTAssertEqual(DepthPlan(workers: 8, bufferSize: 2 << 20, maxInFlight: 128 << 20, concurrency: 64).initial, 8)
     }
 
+    /// Without -m and --buffer-size, the starting depth's buffers hold at most the window:
+    /// 1 MiB at the 16 a local copy starts at, 512 KiB at four NBD connections' 64, never
+    /// under 256 KiB, the alignment or the zero-detection granule.
+    func testBufferSizeFitsTheStartingDepth() {
+        func fit(_ concurrency: Int, window: Int = 32 << 20, alignment: Int = 512, atLeast: Int = 4096) -> Int {
+            DepthPlan.fittedBufferSize(1 << 20, window: window, concurrency: concurrency, alignment: alignment, atLeast: atLeast)
+        }
+        XCTAssertEqual(fit(1), 1 << 20)
+        XCTAssertEqual(fit(32), 1 << 20)
+        XCTAssertEqual(fit(64), 512 << 10)
+        XCTAssertEqual(fit(1024), 256 << 10)
+        XCTAssertEqual(fit(64, window: 1 << 20), 256 << 10)
+        XCTAssertEqual(fit(64, atLeast: 768 << 10), 768 << 10)
+        XCTAssertEqual(fit(48, alignment: 192 << 10), 576 << 10, "a multiple of the alignment")
+    }
+
     /// A source 4 ms away: sixteen 64 KiB requests in flight leave it idle most of the time,
     /// and the copy finds that more depth pays.
     func testAdaptiveCopyGoesDeeperOnASlowSource() async throws {
