@@ -231,6 +231,9 @@ public enum ImageChecksum {
             let hasher = try BlockHasher(algorithm: algorithm, size: image.device.size)
             var config = CopyConfiguration()
             config.workers = workers
+            // As convert reads: out of an NBD export 512 KiB at a time, which took 0.91 and
+            // 0.93 of the time of 1 MiB reads at 0 and 2 ms (11 interleaved runs, paired).
+            config.requestWindow = CopyConfiguration.defaultRequestWindow
             config.checksum = hasher
             config.targetReadsZero = true
             let sink = DiscardingDevice(size: image.device.size)

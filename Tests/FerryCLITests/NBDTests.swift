@@ -122,13 +122,36 @@ final class NBDTests: XCTestCase {
             let r = try Tools.ferry(["convert", "-f", "raw", "-O", "raw"] + args + [url, out], in: dir)
             XCTAssertEqual(r.status, 0, r.stderr)
             try compare(src, out)
-            let counts = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n")
-                .filter { $0.contains("Read ") }
-                .compactMap { line in line.split(separator: " ").first { $0.hasPrefix("count=") }
-                    .flatMap { Int($0.dropFirst("count=0x".count), radix: 16) } }
-            XCTAssertFalse(counts.isEmpty, "\(args): nbdkit logged no reads")
-            XCTAssertEqual(counts.max(), largest, "\(args)")
+            XCTAssertEqual(try largestRead(in: log), largest, "\(args)")
         }
+    }
+
+    /// `ferry checksum` reads an export the same way: 512 KiB at a time over four
+    /// connections, 1 MiB with -m; the digest is the local file's either way.
+    func testChecksumRequestSizeFollowsTheStartingDepth() throws {
+        let src = try sourceImage()
+        let log = path("sum.log")
+        let url = try nbdkit(["--filter=log", "file", src, "logfile=\(log)"], name: "sum")
+        let local = try Tools.ferry(["checksum", "-f", "raw", src], in: dir)
+        XCTAssertEqual(local.status, 0, local.stderr)
+        let digest = local.stdout.split(separator: " ").first.map(String.init) ?? ""
+        XCTAssertEqual(digest.count, 64, local.stdout)
+        for (args, largest) in [([], 512 << 10), (["-m", "64"], 1 << 20)] {
+            try "".write(toFile: log, atomically: false, encoding: .utf8)
+            let r = try Tools.ferry(["checksum", "-f", "raw"] + args + [url], in: dir)
+            XCTAssertEqual(r.status, 0, r.stderr)
+            XCTAssertTrue(r.stdout.hasPrefix(digest + " "), "\(args): \(r.stdout)")
+            XCTAssertEqual(try largestRead(in: log), largest, "\(args)")
+        }
+    }
+
+    /// The longest read nbdkit's log filter recorded.
+    func largestRead(in log: String) throws -> Int? {
+        try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n")
+            .filter { $0.contains("Read ") }
+            .compactMap { line in line.split(separator: " ").first { $0.hasPrefix("count=") }
+                .flatMap { Int($0.dropFirst("count=0x".count), radix: 16) } }
+            .max()
     }
 
     // MARK: Round trips
