@@ -198,19 +198,19 @@ pick() {
 CONFIRM_RUNS=${CONFIRM_RUNS:-$RUNS}
 confirm() {
     local sweep=("${ROWS[@]}") row p name
+    local -A paths=()
     ROWS=()
     for row in "${sweep[@]}"; do
         IFS='|' read -r p name _ <<<"$row"
         [ -n "${DEFAULT[$p]:-}" ] || continue
+        paths[$p]=1
         case $name in
             ferry|nbdcopy|"${BEST_NAME[$p]}"|"${QBEST_NAME[$p]}") ROWS+=("$row") ;;
         esac
     done
     (( ${#ROWS[@]} )) || return 0
     ROUND=again: RUNS=$CONFIRM_RUNS run_rounds row
-    ROUND=
-    for p in $PATHS; do
-        [ -n "${DEFAULT[$p]:-}" ] && [ -n "${TIMES["again:$p/ferry"]:-}" ] || continue
+    for p in "${!paths[@]}"; do
         DEFAULT[$p]=$(median_us_of "again:$p/ferry")
         BEST[$p]=$(median_us_of "again:$p/${BEST_NAME[$p]}")
         QBEST[$p]=$(median_us_of "again:$p/${QBEST_NAME[$p]}")

@@ -30,11 +30,14 @@ struct DepthPlan: Sendable {
     /// time of 1 MiB ones into a local file at 0 and 2 ms (paired, 15 and 11 interleaved cold
     /// runs of 512 MiB, 256 KiB level with 512), and were level into an NBD export.
     static func fittedBufferSize(_ bufferSize: Int, window: Int, concurrency: Int, alignment: Int, atLeast: Int) -> Int {
-        let start = max(adaptiveStart, concurrency)
-        let fitted = min(bufferSize, max(smallestFitted, window / start))
+        let fitted = min(bufferSize, max(smallestFitted, window / startDepth(concurrency: concurrency)))
         let aligned = max(alignment, fitted / alignment * alignment)
         return max(aligned, (atLeast + alignment - 1) / alignment * alignment)
     }
+
+    /// The depth an adaptive copy starts at, before the memory cap: as deep as the endpoints
+    /// serve at once, and at least `adaptiveStart`.
+    static func startDepth(concurrency: Int) -> Int { max(adaptiveStart, concurrency) }
 
     /// `concurrency`: what the endpoints serve at once (`BlockDevice.concurrency`); an
     /// adaptive copy starts at least that deep.
@@ -47,7 +50,7 @@ struct DepthPlan: Sendable {
             adaptive = false
         } else {
             workers = min(Self.adaptiveMaximum, byMemory)
-            initial = min(max(Self.adaptiveStart, concurrency), workers)
+            initial = min(Self.startDepth(concurrency: concurrency), workers)
             adaptive = workers > initial
         }
     }
