@@ -11,8 +11,8 @@ struct DepthPlan: Sendable {
     /// True when the limit follows the measured throughput.
     let adaptive: Bool
 
-    /// Where an adaptive copy starts: qemu-img's best setting (-m 16), which a copy through
-    /// the page cache does not need but does not mind, and which an NBD export gains from before the first
+    /// Where an adaptive copy starts: qemu-img's best setting (-m 16), which a local copy
+    /// does not need but does not mind, and which an NBD export gains from before the first
     /// measurement is in (bench/nbd.sh: -m 16 took 0.86-0.89 of -m 8's time); a server far
     /// away earns more as the copy measures it.
     static let adaptiveStart = 16
@@ -25,8 +25,7 @@ struct DepthPlan: Sendable {
     /// The buffer size of a copy that finds its depth and was given no buffer size: at most
     /// `bufferSize`, and small enough that the depth it starts at (`concurrency` or
     /// `adaptiveStart`) holds at most `window` bytes, but not below `smallestFitted`, the
-    /// `alignment` or `atLeast`. A local copy starts 16 deep (32 from a disk read with O_DIRECT)
-    /// and keeps 1 MiB buffers; out of
+    /// `alignment` or `atLeast`. A local copy starts 16 deep and keeps 1 MiB buffers; out of
     /// an NBD export (64 deep over four connections) 512 KiB ones took 0.78 and 0.63 of the
     /// time of 1 MiB ones into a local file at 0 and 2 ms (paired, 15 and 11 interleaved cold
     /// runs of 512 MiB, 256 KiB level with 512), and were level into an NBD export.

@@ -88,13 +88,6 @@ public final class FileDevice: RangeCopyingDevice, HandsOverWrites {
     public let engineInUse: IOEngine
     /// Whether aligned requests bypass the page cache (O_DIRECT).
     public let isDirect: Bool
-    /// Requests a file read or written with O_DIRECT serves at once to best effect: each one
-    /// waits on the disk, which gains from a deeper queue. Copying a cold 512 MiB image (half
-    /// data) on this VM's virtio disk, starting 16 deep took 1.07 and 1.04 of the time of
-    /// starting 32 deep (41 and 25 interleaved runs, paired). Through the page cache depth
-    /// matters little, so a buffered file does not say.
-    public static let directConcurrency = 32
-    public var concurrency: Int { isDirect ? Self.directConcurrency : 1 }
     /// Bytes written between starts of write-back; 0 when write-back is left to the kernel
     /// (see `Options.writeBehind`).
     public let writeBehind: Int64

@@ -268,21 +268,6 @@ final class OracleTests: XCTestCase {
         XCTAssertEqual(cmp.status, 0)
     }
 
-    /// A source read with O_DIRECT (`-T none` here; by default a large cold one) starts the
-    /// copy 32 deep, a disk's queue to fill; through the page cache it starts 16 deep. A given
-    /// `-m` wins over both.
-    func testDirectSourceStartsTheCopyDeeper() throws {
-        let src = try TestImage(name: "deep.raw", size: 16 << 20, writes: ["write -P 0x07 0 6M", "write -P 0x08 9M 5M"]).build(in: dir)
-        for (flags, depth) in [(["-T", "none"], 32), (["-T", "writeback"], 16), (["-T", "none", "-m", "8"], 8)] {
-            let out = path("deep-\(depth).raw")
-            let r = try Tools.ferry(["convert", "--progress=json", "-f", "raw", "-O", "raw"] + flags + [src, out], in: dir)
-            XCTAssertEqual(r.status, 0, r.stderr)
-            let first = try XCTUnwrap(r.stdout.split(separator: "\n").first.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] })
-            XCTAssertEqual((first["depth"] as? NSNumber)?.intValue, depth, "\(flags): \(r.stdout)")
-            try Tools.must("qemu-img", ["compare", "-q", "-f", "raw", "-F", "raw", src, out], in: dir)
-        }
-    }
-
     /// `-m 1024` is held to `--max-in-flight` (8 MiB of the default 1 MiB buffers: 8 requests;
     /// of 2 MiB ones: 4), which the JSON progress reports; -W and --in-order contradict each other.
     func testBytesInFlightCapHoldsTheDepth() throws {
