@@ -32,7 +32,7 @@ struct DepthPlan: Sendable {
     static func fittedBufferSize(_ bufferSize: Int, window: Int, concurrency: Int, alignment: Int, atLeast: Int) -> Int {
         let fitted = min(bufferSize, max(smallestFitted, window / startDepth(concurrency: concurrency)))
         let aligned = max(alignment, fitted / alignment * alignment)
-        return max(aligned, (atLeast + alignment - 1) / alignment * alignment)
+        return max(aligned, CopyEngine.roundUp(atLeast, to: alignment))
     }
 
     /// The depth an adaptive copy starts at, before the memory cap: as deep as the endpoints
