@@ -117,8 +117,8 @@ public func convert(
 
     // Sources inside an OVA are checked against its manifest while the copy runs.
     let digestCheck = MemberDigestCheck.start(for: opened)
-    // Once nothing reads them, the sources close while the target is finished: closing an NBD
-    // export waits for the server to hang up (3-4 ms here), a flush is longer.
+    // Once nothing reads them, the sources close while the target is finished: closing a
+    // network source takes round trips (an iSCSI logout, an NFS unmount), a flush longer.
     var sourcesClosing: Task<Void, Never>?
     do {
         if let algorithm = options.checksum { config.checksum = try BlockHasher(algorithm: algorithm, size: copySource.size) }

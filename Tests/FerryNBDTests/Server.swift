@@ -14,8 +14,12 @@ final class NBDServer {
     var url: String { "nbd+unix:///?socket=\(socket)" }
     func url(export: String) -> String { "nbd+unix:///\(export)?socket=\(socket)" }
 
-    /// Starts `nbdkit [args]` (filters, plugin, parameters) and waits until it listens.
-    init(_ args: [String], in dir: URL, name: String = "srv") throws {
+    /// nbdkit's debug messages (`-v`), when started with `debug`.
+    let debugFile: String
+
+    /// Starts `nbdkit [args]` (filters, plugin, parameters) and waits until it listens; with
+    /// `debug`, its debug messages go to `debugFile`.
+    init(_ args: [String], in dir: URL, name: String = "srv", debug: Bool = false) throws {
         guard let nbdkit = NBDServer.tool("nbdkit") else {
             XCTFail("nbdkit is not installed; run scripts/install-deps.sh")
             throw XCTSkip("no nbdkit")
@@ -23,11 +27,17 @@ final class NBDServer {
         socket = dir.appendingPathComponent("\(name).sock").path
         pidFile = dir.appendingPathComponent("\(name).pid").path
         logFile = dir.appendingPathComponent("\(name).nbdlog").path
+        debugFile = dir.appendingPathComponent("\(name).debug").path
         process.executableURL = URL(fileURLWithPath: nbdkit)
-        process.arguments = ["-f", "-P", pidFile, "-U", socket] + args
+        process.arguments = ["-f", "-P", pidFile, "-U", socket] + (debug ? ["-v"] : []) + args
         process.standardInput = FileHandle.nullDevice
         process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
+        if debug {
+            FileManager.default.createFile(atPath: debugFile, contents: nil)
+            process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: debugFile))
+        } else {
+            process.standardError = FileHandle.nullDevice
+        }
         try process.run()
         // The pid file appears once nbdkit listens.
         let deadline = Date().addingTimeInterval(10)
@@ -55,6 +65,9 @@ final class NBDServer {
     /// The log filter's lines so far (start nbdkit with `--filter=log logfile=\(logFile)`).
     var log: String { (try? String(contentsOfFile: logFile, encoding: .utf8)) ?? "" }
 
+    /// nbdkit's debug messages so far (started with `debug`).
+    var debugOutput: String { (try? String(contentsOfFile: debugFile, encoding: .utf8)) ?? "" }
+
     static func tool(_ name: String) -> String? {
         for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") {
             let p = "\(dir)/\(name)"
@@ -80,8 +93,8 @@ class NBDTestCase: XCTestCase {
         if let dir { try? FileManager.default.removeItem(at: dir) }
     }
 
-    func server(_ args: [String], name: String = "srv") throws -> NBDServer {
-        let s = try NBDServer(args, in: dir, name: name)
+    func server(_ args: [String], name: String = "srv", debug: Bool = false) throws -> NBDServer {
+        let s = try NBDServer(args, in: dir, name: name, debug: debug)
         servers.append(s)
         return s
     }
