@@ -49,6 +49,12 @@ public func convert(
         throw FerryError(.invalidArgument, "the target is the same file as the source '\(s.location)'", path: target.location)
     }
 
+    // A target that exists needs nothing from the sources: it opens while they do (over the
+    // network, each takes handshakes). A source's error still comes first.
+    let existingTarget: Task<OpenedImage, any Error>? = options.useExistingTarget ? Task {
+        try await Images.open(ImageSpec(target.location, format: targetFormat.name), readOnly: false,
+                              options: options.targetEndpoint)
+    } : nil
     var opened: [OpenedImage] = []
     do {
         for s in sources {
@@ -58,6 +64,7 @@ public func convert(
         }
     } catch {
         await closeImages(opened)
+        await closeUnused(existingTarget)
         throw error
     }
     let source: any BlockDevice = opened.count == 1 ? opened[0].device : ConcatDevice(opened.map(\.device))
@@ -67,6 +74,7 @@ public func convert(
             bitmaps = try await copiedBitmaps(of: opened, sources: sources, options: options, warning: warning)
         } catch {
             await closeImages(opened)
+            await closeUnused(existingTarget)
             throw error
         }
     }
@@ -74,9 +82,8 @@ public func convert(
     let out: OpenedImage
     var created = false
     do {
-        if options.useExistingTarget {
-            out = try await Images.open(ImageSpec(target.location, format: targetFormat.name), readOnly: false,
-                                        options: options.targetEndpoint)
+        if let existingTarget {
+            out = try await existingTarget.value
             if out.device.size < source.size {
                 try? await out.device.close()
                 throw FerryError(.tooSmall, "target is too small: \(out.device.size) bytes, but the source has \(source.size)", path: target.location)
@@ -165,6 +172,11 @@ public func convert(
         }
         throw e
     }
+}
+
+/// Closes the target `task` opened, if it did, for a conversion that ends before using it.
+private func closeUnused(_ task: Task<OpenedImage, any Error>?) async {
+    if let image = try? await task?.value { try? await image.device.close() }
 }
 
 /// Closes images a conversion opened and no longer reads; a failure to close changes nothing

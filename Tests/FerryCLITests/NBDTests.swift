@@ -320,6 +320,44 @@ final class NBDTests: XCTestCase {
         try compare(src, url)
     }
 
+    /// With -n the target needs nothing from the source, so it is connected while the
+    /// source's handshakes are still going (here each takes 1 s: delay-open), not after them.
+    func testExistingTargetOpensWhileTheSourceDoes() throws {
+        let src = try sourceImage()
+        let sourceLog = path("src.log"), targetLog = path("dst.log")
+        let source = try nbdkit(["--filter=log", "--filter=delay", "-r", "file", src, "delay-open=1", "logfile=\(sourceLog)"], name: "src")
+        let target = try nbdkit(["--filter=log", "memory", "32M", "logfile=\(targetLog)"], name: "dst")
+        let r = try Tools.ferry(["convert", "-n", "-f", "raw", "-O", "raw", source, target], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        try compare(src, target)
+        // nbdkit logs a connection once its handshake is through.
+        func connectTimes(_ log: String) throws -> [Double] {
+            try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").filter { $0.contains(" Connect ") }.map { line in
+                let fields = line.split(separator: " ")
+                let day = fields[0].split(separator: "-").last.flatMap { Double($0) } ?? .nan
+                let clock = fields[1].split(separator: ":").compactMap { Double($0) }
+                return clock.count == 3 ? day * 86400 + clock[0] * 3600 + clock[1] * 60 + clock[2] : .nan
+            }
+        }
+        let sourceDone = try XCTUnwrap(connectTimes(sourceLog).max())
+        let targetFirst = try XCTUnwrap(connectTimes(targetLog).min())
+        XCTAssertLessThan(targetFirst, sourceDone - 0.5, "the target was connected only once the source was open")
+    }
+
+    /// A source that cannot be opened leaves an existing target as it was, though the target
+    /// was being opened at the same time.
+    func testExistingTargetUntouchedWhenTheSourceFails() throws {
+        let target = path("dst.qcow2")
+        try Tools.must("qemu-img", ["create", "-q", "-f", "qcow2", target, "32M"], in: dir)
+        try Tools.must("qemu-io", ["-f", "qcow2", "-c", "write -P 0x42 1M 1M", target], in: dir)
+        let before = try Data(contentsOf: URL(fileURLWithPath: target))
+        let missing = "nbd+unix:///?socket=\(path("nobody.sock"))"
+        let r = try Tools.ferry(["convert", "-n", "-f", "raw", "-O", "qcow2", missing, target], in: dir)
+        assertOneErrorLine(r, naming: missing, containing: ["connect"])
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: target)), before, "the target changed")
+        try Tools.must("qemu-img", ["check", "-q", target], in: dir)
+    }
+
     // MARK: Errors
 
     func testServerNotListening() throws {
