@@ -95,7 +95,14 @@ public enum CopyEngine {
                               bridge: granularity > 0 && source.capabilities.contains(.cheapZeroReads) ? bridge : 0,
                               granule: max(granularity, 1), bridgeUnallocated: !configuration.skipUnallocated)
         let tracker = Tracker(virtualSize: source.size, interval: configuration.progressInterval, progress: progress)
-        let allocated = try await countAllocated(source, skipUnallocated: configuration.skipUnallocated)
+        await planner.prefetch()
+        let allocated: Int64
+        do {
+            allocated = try await countAllocated(source, skipUnallocated: configuration.skipUnallocated)
+        } catch {
+            await planner.settle()
+            throw error
+        }
         tracker.setAllocated(allocated)
         let compressor = (target as? ClusterCompressingDevice).flatMap { $0.compressesWrites ? $0 : nil }
         // Compressed clusters are appended, and a streamed target only grows: both in order,

@@ -89,6 +89,21 @@ actor Planner {
         }
     }
 
+    /// Starts asking the source for its first extents without waiting for them, so that the
+    /// question is on its way while the caller does other work (counting the data to copy):
+    /// over the network each is a round trip before the first request.
+    func prefetch() {
+        guard fetching == nil, known.isEmpty, cursor < end else { return }
+        let from = knownEnd
+        fetching = Task { try await self.fetch(from: from) }
+    }
+
+    /// Waits for a fetch under way (its error is the next `next()`'s to meet): a copy that
+    /// stops before its first request leaves nothing asking the source once it returns.
+    func settle() async {
+        _ = try? await fetching?.value
+    }
+
     /// End of what `known` covers.
     private var knownEnd: Int64 { known.last?.end ?? cursor }
 

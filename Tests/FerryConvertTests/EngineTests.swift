@@ -470,6 +470,27 @@ final class EngineTests: XCTestCase {
         for (x, y) in zip(all, all.dropFirst()) { XCTAssertLessThanOrEqual(x.doneBytes, y.doneBytes) }
     }
 
+    /// The planner asks for its first extents as soon as it is told to prefetch (the engine
+    /// does, before it counts the data), and the first request comes from that answer.
+    func testPlannerPrefetchAsksAheadOnce() async throws {
+        let memory = MemoryDevice(name: "src", size: 4 << 20)
+        try await memory.write(at: 1 << 20, bytes: [UInt8](repeating: 7, count: 65536))
+        let source = ExtentCountingDevice(memory)
+        let planner = Planner(source: source, alignment: 512, maxData: 1 << 20)
+        await planner.prefetch()
+        let deadline = Date().addingTimeInterval(10)
+        while source.queries.withLock({ $0 }) == 0 && Date() < deadline { try await Task.sleep(nanoseconds: 1_000_000) }
+        XCTAssertEqual(source.queries.withLock { $0 }, 1, "asked ahead")
+        await planner.prefetch()
+        let first = try await planner.next()
+        XCTAssertEqual(first?.offset, 0)
+        XCTAssertEqual(first?.kind, .zero)
+        XCTAssertEqual(first?.length, 1 << 20)
+        let second = try await planner.next()
+        XCTAssertEqual(second?.kind, .data)
+        XCTAssertEqual(source.queries.withLock { $0 }, 1, "the requests came from the answer fetched ahead")
+    }
+
     func testTargetSmallerThanSourceIsRefused() async throws {
         let src = MemoryDevice(name: "src", size: 8192)
         let dst = MemoryDevice(name: "dst", size: 4096)
