@@ -20,11 +20,30 @@ enum SignalCancellation {
         return s == 0 ? nil : s
     }
 
+    /// Cancels the task `run` is running (nil outside `run`).
+    private static let cancelRunning = Mutex<(@Sendable () -> Void)?>(nil)
+
+    /// Stops the running task as SIGPIPE would stop a program that writes to a closed pipe,
+    /// but cleanly: the reader of stdout (or of the progress descriptor) went away. SIGPIPE
+    /// itself is ignored (`main`): a server's socket closing must not stop a copy that can
+    /// reconnect.
+    static func outputClosed() {
+        let cancel: (@Sendable () -> Void)? = received.withLock { r in
+            guard r == 0, let cancel = cancelRunning.withLock({ $0 }) else { return nil }
+            r = SIGPIPE
+            return cancel
+        }
+        guard let cancel else { return }
+        Terminal.complain("the output was closed (broken pipe); stopping")
+        cancel()
+    }
+
     /// Runs `operation` in a task that SIGINT / SIGTERM cancel; SIGUSR1 calls `onUSR1`
     /// meanwhile (when given).
     static func run<T: Sendable>(onUSR1: (@Sendable () -> Void)? = nil,
                                  _ operation: @escaping @Sendable () async throws -> T) async throws -> T {
         let task = Task { try await operation() }
+        cancelRunning.withLock { $0 = { task.cancel() } }
         let queue = DispatchQueue(label: "ferry.signals")
         var sources: [any DispatchSourceSignal] = []
         if let onUSR1 {
@@ -54,6 +73,7 @@ enum SignalCancellation {
             sources.append(source)
         }
         defer {
+            cancelRunning.withLock { $0 = nil }
             for s in sources { s.cancel() }
             signal(SIGINT, SIG_DFL)
             signal(SIGTERM, SIG_DFL)

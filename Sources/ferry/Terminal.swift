@@ -15,8 +15,9 @@ private func sysWrite(_ fd: Int32, _ p: UnsafeRawPointer, _ n: Int) -> Int {
 /// Plain output through `write(2)`, so that lines from the progress ticker, warnings and the
 /// final result never interleave inside a line (stdio buffers would).
 enum Terminal {
-    /// Writes all of `text` to `fd`, retrying on EINTR and short writes. Output errors are
-    /// ignored: there is nowhere left to report them.
+    /// Writes all of `text` to `fd`, retrying on EINTR and short writes. A closed pipe stops
+    /// the command that is running (`SignalCancellation.outputClosed`); other output errors
+    /// are ignored: there is nowhere left to report them.
     static func write(_ text: String, to fd: Int32) {
         var text = text
         text.withUTF8 { bytes in
@@ -25,6 +26,7 @@ enum Terminal {
                 let n = sysWrite(fd, bytes.baseAddress! + done, bytes.count - done)
                 if n < 0 {
                     if errno == EINTR { continue }
+                    if errno == EPIPE { SignalCancellation.outputClosed() }
                     return
                 }
                 done += n

@@ -21,6 +21,9 @@ ferry_malloc_thresholds(32 << 20, 256 << 20)
 // qemu-img prints its progress on SIGUSR1 (Incus and LXD send it); until a copy installs
 // its handler the signal must not kill the process.
 signal(SIGUSR1, SIG_IGN)
+// A closed stdout is seen as EPIPE and stops a copy cleanly (Terminal.write), instead of
+// killing it with its target half written.
+signal(SIGPIPE, SIG_IGN)
 
 /// The command line, with qemu-img 10's bare `--progress` (its `-p`) told apart from
 /// Ferry's `--progress=json` / `--progress json`.

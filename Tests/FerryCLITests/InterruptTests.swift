@@ -67,6 +67,28 @@ final class InterruptTests: XCTestCase {
         try checkInterrupted(by: SIGTERM, status: 143)
     }
 
+    /// `ferry convert --progress=json ... | head -1`: the reader goes after the first line.
+    /// The copy stops as if SIGPIPE had killed it (status 141), but cleanly: it says why, and
+    /// the half-written target is removed (killed by the signal, it was left behind as
+    /// `piped.qcow2.ferry-partial`).
+    func testClosedOutputStopsTheCopyAndRemovesTheTarget() throws {
+        let src = try TestImage(name: "big.raw", size: 512 << 20, writes: [
+            "write -P 0x5a 0 128M", "write -P 0xa5 256M 128M",
+        ]).build(in: dir)
+        let dst = path("piped.qcow2")
+        let script = "\"$0\" convert --progress=json -f raw -O qcow2 -m 1 --buffer-size 4k -t writethrough \"$1\" \"$2\" 2>err | head -n 1 >first; echo ${PIPESTATUS[0]} >status"
+        let r = try Tools.run("/bin/bash", ["-c", script, try Tools.require("ferry"), src, dst], in: dir, timeout: 120)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        func read(_ name: String) -> String { (try? String(contentsOfFile: path(name), encoding: .utf8)) ?? "" }
+        XCTAssertTrue(read("first").contains("\"final\":false"), "the reader saw a progress line: \(read("first"))")
+        XCTAssertEqual(read("status").trimmingCharacters(in: .whitespacesAndNewlines), "141")
+        let err = read("err")
+        XCTAssertTrue(err.contains("ferry: the output was closed (broken pipe)"), err)
+        XCTAssertTrue(err.contains("offset"), "the error should say where the copy stopped: \(err)")
+        let left = try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.hasPrefix("piped.qcow2") }
+        XCTAssertEqual(left, [], "the half-written target was left behind")
+    }
+
     /// A target on a 1 MiB tmpfs: the copy fails with ENOSPC, says so in one line naming the
     /// target and an offset, and removes the target. Needs permission to mount.
     func testNoSpaceLeftOnTarget() throws {
