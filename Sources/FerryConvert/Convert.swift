@@ -176,7 +176,7 @@ public func convert(
 
 /// Closes the target `task` opened, if it did, for a conversion that ends before using it.
 private func closeUnused(_ task: Task<OpenedImage, any Error>?) async {
-    if let image = try? await task?.value { try? await image.device.close() }
+    if let image = try? await task?.value { await closeImages([image]) }
 }
 
 /// Closes images a conversion opened and no longer reads; a failure to close changes nothing

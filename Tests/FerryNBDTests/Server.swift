@@ -32,12 +32,14 @@ final class NBDServer {
         process.arguments = ["-f", "-P", pidFile, "-U", socket] + (debug ? ["-v"] : []) + args
         process.standardInput = FileHandle.nullDevice
         process.standardOutput = FileHandle.nullDevice
+        var debugHandle: FileHandle?
         if debug {
-            FileManager.default.createFile(atPath: debugFile, contents: nil)
-            process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: debugFile))
-        } else {
-            process.standardError = FileHandle.nullDevice
+            _ = FileManager.default.createFile(atPath: debugFile, contents: nil)
+            debugHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: debugFile))
         }
+        process.standardError = debugHandle ?? FileHandle.nullDevice
+        // nbdkit has its own copy once started; ours is closed either way.
+        defer { try? debugHandle?.close() }
         try process.run()
         // The pid file appears once nbdkit listens.
         let deadline = Date().addingTimeInterval(10)
