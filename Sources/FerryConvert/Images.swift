@@ -396,11 +396,13 @@ public enum Images {
     }
 
     /// Opens `spec` read-only, runs `body`, and closes the image whatever happens. Without
-    /// `withBacking` the image's backing chain is not opened (only described).
+    /// `withBacking` the image's backing chain is not opened (only described). One connection
+    /// to a network server: what runs here (info, map, measure) asks one question at a time.
     public static func withImage<T>(_ spec: ImageSpec, withBacking: Bool = true, forceShare: Bool = false, untrusted: Bool = false,
                                     _ body: (OpenedImage) async throws -> T) async throws -> T {
         let warnings = WarningLog()
-        var image = try await open(spec, readOnly: true, options: EndpointOptions(forceShare: forceShare, untrusted: untrusted), depth: 0, chain: [], warnings: warnings,
+        let endpoint = EndpointOptions(connections: 1, forceShare: forceShare, untrusted: untrusted)
+        var image = try await open(spec, readOnly: true, options: endpoint, depth: 0, chain: [], warnings: warnings,
                                    withBacking: withBacking)
         image.warnings = warnings.all
         let result: T

@@ -344,6 +344,27 @@ final class NBDTests: XCTestCase {
         XCTAssertLessThan(targetFirst, sourceDone - 0.5, "the target was connected only once the source was open")
     }
 
+    /// info, map and measure ask one question at a time: one connection each, not the four a
+    /// copy opens to a multi-conn server (they opened four).
+    func testInfoMapAndMeasureOpenOneConnection() throws {
+        let src = try sourceImage()
+        for command in [["info"], ["map", "--output=json"], ["measure", "-O", "qcow2"]] {
+            let log = path("\(command[0]).log")
+            let url = try nbdkit(["--filter=log", "-r", "file", src, "logfile=\(log)"], name: command[0])
+            let r = try Tools.ferry(command + ["-f", "raw", url], in: dir)
+            XCTAssertEqual(r.status, 0, r.stderr)
+            XCTAssertFalse(r.stdout.isEmpty)
+            let connections = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").filter { $0.contains(" Connect ") }
+            XCTAssertEqual(connections.count, 1, "ferry \(command[0]): \(connections)")
+        }
+        // A copy from the same kind of server still opens several.
+        let log = path("convert.log")
+        let url = try nbdkit(["--filter=log", "-r", "file", src, "logfile=\(log)"], name: "convert")
+        let r = try Tools.ferry(["convert", "-f", "raw", "-O", "raw", url, path("copy.raw")], in: dir)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").filter { $0.contains(" Connect ") }.count, 4)
+    }
+
     /// A source that cannot be opened leaves an existing target as it was, though the target
     /// was being opened at the same time.
     func testExistingTargetUntouchedWhenTheSourceFails() throws {
