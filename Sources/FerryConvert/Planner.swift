@@ -90,7 +90,7 @@ actor Planner {
     }
 
     /// Starts asking the source for its first extents without waiting for them, so that the
-    /// question is on its way while the caller does other work (counting the data to copy):
+    /// question is on its way before the workers start (and before the data is counted):
     /// over the network each is a round trip before the first request.
     func prefetch() {
         guard fetching == nil, known.isEmpty, cursor < end else { return }

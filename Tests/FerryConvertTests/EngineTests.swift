@@ -491,6 +491,33 @@ final class EngineTests: XCTestCase {
         XCTAssertEqual(source.queries.withLock { $0 }, 1, "the requests came from the answer fetched ahead")
     }
 
+    /// The data is counted beside the copy, not before it: with a source whose block status
+    /// takes 100 ms a call and answers at most 4,096 extents of its 12,288, the planner
+    /// starts from the first answer while the count needs three (before, the first read
+    /// waited for all three). Progress waits for the count: every report has the total.
+    func testCopyStartsBeforeTheDataIsCounted() async throws {
+        let memory = MemoryDevice(name: "src", size: 48 << 20)
+        for k in stride(from: Int64(0), to: 48 << 20, by: 8192) {
+            try await memory.write(at: k, bytes: [UInt8](repeating: UInt8(truncatingIfNeeded: k >> 13 | 1), count: 4096))
+        }
+        let source = SlowExtentsDevice(memory)
+        let dst = MemoryDevice(name: "dst", size: 48 << 20)
+        let seen = Reports()
+        let counted = Locked<UInt64?>(nil)
+        var c = CopyConfiguration()
+        c.progressInterval = 0
+        let stats = try await CopyEngine.copy(from: source, to: dst, configuration: c) { s in
+            counted.withLock { $0 = $0 ?? monotonicNanoseconds() }
+            seen.add(s)
+        }
+        XCTAssertEqual(dst.contents(), memory.contents())
+        XCTAssertEqual(stats.allocatedBytes, 24 << 20)
+        XCTAssertTrue(seen.all.allSatisfy { $0.allocatedBytes == 24 << 20 }, "a report came before the count")
+        let firstRead = try XCTUnwrap(source.firstRead.withLock { $0 })
+        let firstReport = try XCTUnwrap(counted.withLock { $0 })
+        XCTAssertLessThan(firstRead + 100_000_000, firstReport, "the copy waited for the count")
+    }
+
     func testTargetSmallerThanSourceIsRefused() async throws {
         let src = MemoryDevice(name: "src", size: 8192)
         let dst = MemoryDevice(name: "dst", size: 4096)
@@ -521,4 +548,29 @@ struct SplitMix {
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)
     }
+}
+
+/// A source whose block status takes 100 ms and answers at most 4,096 extents (as a server
+/// may: the caller asks again for the rest).
+final class SlowExtentsDevice: BlockDevice, @unchecked Sendable {
+    let inner: MemoryDevice
+    let firstRead = Locked<UInt64?>(nil)
+    init(_ inner: MemoryDevice) { self.inner = inner }
+    var name: String { inner.name }
+    var size: Int64 { inner.size }
+    var limits: BlockLimits { inner.limits }
+    var capabilities: BlockCapabilities { inner.capabilities }
+    func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        firstRead.withLock { $0 = $0 ?? monotonicNanoseconds() }
+        try await inner.read(at: offset, into: buffer)
+    }
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws { try await inner.write(at: offset, from: buffer, flags: flags) }
+    func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws { try await inner.writeZeroes(at: offset, length: length, flags: flags) }
+    func discard(at offset: Int64, length: Int64) async throws { try await inner.discard(at: offset, length: length) }
+    func extents(in range: Range<Int64>) async throws -> [Extent] {
+        try await Task.sleep(nanoseconds: 100_000_000)
+        return Array(try await inner.extents(in: range).prefix(4096))
+    }
+    func flush() async throws {}
+    func close() async throws {}
 }
