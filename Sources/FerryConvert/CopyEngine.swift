@@ -100,11 +100,13 @@ public enum CopyEngine {
         // total, and it waits for it. Counted first, a 1 TiB qcow2 with 2,048 L2 tables (cold)
         // was read twice over before a byte was copied: 1.5 times this copy's time. A count
         // that fails leaves the copy to meet the error itself, if it is real.
-        let counting = Task {
+        let counting = Task { () -> Bool in
             do {
                 tracker.setAllocated(try await countAllocated(source, skipUnallocated: configuration.skipUnallocated))
+                return true
             } catch {
                 if !Task.isCancelled { tracker.setAllocated(source.size) }
+                return false
             }
         }
         let compressor = (target as? ClusterCompressingDevice).flatMap { $0.compressesWrites ? $0 : nil }
@@ -156,7 +158,7 @@ public enum CopyEngine {
             }
         } catch {
             counting.cancel()
-            await counting.value
+            _ = await counting.value
             // Workers stopped before their first request leave the prefetch to wait for.
             await planner.settle()
             // A zero write that failed behind its worker stopped the others with cancellation.
@@ -169,7 +171,8 @@ public enum CopyEngine {
             if let e = error as? FerryError { throw e }
             throw FerryError(.io, "\(error)", path: source.name, offset: stats.completedThrough)
         }
-        await counting.value
+        // A failed count left the image's size as the total: the data is what was copied.
+        if !(await counting.value) { tracker.setAllocated(tracker.snapshot().doneBytes) }
         return tracker.finish()
     }
 

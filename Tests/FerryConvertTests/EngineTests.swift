@@ -518,6 +518,29 @@ final class EngineTests: XCTestCase {
         XCTAssertLessThan(firstRead + 100_000_000, firstReport, "the copy waited for the count")
     }
 
+    /// A count that fails does not fail the copy (the planner's own questions are answered),
+    /// and the final report's total is the data copied, not the image's size: 100%.
+    func testCopySucceedsWhenOnlyTheCountFails() async throws {
+        let size: Int64 = 3 << 29 // past the planner's 1 GiB window, so the count alone asks for all of it
+        let memory = MemoryDevice(name: "src", size: size)
+        let offsets: [Int64] = [0, 700 << 20, size - 65536]
+        for (i, o) in offsets.enumerated() { try await memory.write(at: o, bytes: [UInt8](repeating: UInt8(i + 1), count: 65536)) }
+        let source = WholeRangeFailingDevice(memory)
+        let dst = MemoryDevice(name: "dst", size: size)
+        let seen = Reports()
+        var c = CopyConfiguration()
+        c.progressInterval = 0
+        let stats = try await CopyEngine.copy(from: source, to: dst, configuration: c) { seen.add($0) }
+        XCTAssertGreaterThan(source.refused.withLock { $0 }, 0, "the count asked for the whole image")
+        for (i, o) in offsets.enumerated() {
+            let back = try await dst.read(at: o, count: 65536)
+            XCTAssertEqual(back, [UInt8](repeating: UInt8(i + 1), count: 65536), "offset \(o)")
+        }
+        XCTAssertEqual(stats.doneBytes, 3 * 65536)
+        XCTAssertEqual(stats.allocatedBytes, stats.doneBytes)
+        XCTAssertEqual(seen.all.last?.fraction, 1)
+    }
+
     func testTargetSmallerThanSourceIsRefused() async throws {
         let src = MemoryDevice(name: "src", size: 8192)
         let dst = MemoryDevice(name: "dst", size: 4096)
@@ -570,6 +593,31 @@ final class SlowExtentsDevice: BlockDevice, @unchecked Sendable {
     func extents(in range: Range<Int64>) async throws -> [Extent] {
         try await Task.sleep(nanoseconds: 100_000_000)
         return Array(try await inner.extents(in: range).prefix(4096))
+    }
+    func flush() async throws {}
+    func close() async throws {}
+}
+
+/// A source that refuses block status for the whole image at once (what the count asks) and
+/// answers any smaller range.
+final class WholeRangeFailingDevice: BlockDevice, @unchecked Sendable {
+    let inner: MemoryDevice
+    let refused = Locked(0)
+    init(_ inner: MemoryDevice) { self.inner = inner }
+    var name: String { inner.name }
+    var size: Int64 { inner.size }
+    var limits: BlockLimits { inner.limits }
+    var capabilities: BlockCapabilities { inner.capabilities }
+    func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws { try await inner.read(at: offset, into: buffer) }
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags) async throws { try await inner.write(at: offset, from: buffer, flags: flags) }
+    func writeZeroes(at offset: Int64, length: Int64, flags: ZeroFlags) async throws { try await inner.writeZeroes(at: offset, length: length, flags: flags) }
+    func discard(at offset: Int64, length: Int64) async throws { try await inner.discard(at: offset, length: length) }
+    func extents(in range: Range<Int64>) async throws -> [Extent] {
+        if range == 0 ..< size {
+            refused.withLock { $0 += 1 }
+            throw FerryError(.io, "block status refused", path: name, offset: 0)
+        }
+        return try await inner.extents(in: range)
     }
     func flush() async throws {}
     func close() async throws {}
