@@ -67,7 +67,7 @@ let package = Package(
         .executableTarget(name: "ferry-example", dependencies: ["FerryConvert"], path: "Examples/ConvertWithProgress"),
         .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
         .testTarget(name: "FerryFileTests", dependencies: ["FerryFile", "FerryCore"]),
-        .testTarget(name: "FerryNBDTests", dependencies: ["FerryNBD", "FerryCore", "FerryTestServers"]),
+        .testTarget(name: "FerryNBDTests", dependencies: ["FerryNBD", "FerryConvert", "FerryCore", "FerryTestServers"]),
         // NFS and iSCSI test servers that several test targets start, and the fixtures the network
         // endpoints' tests share (not part of the library).
         .target(name: "FerryTestServers", path: "Tests/FerryTestServers"),

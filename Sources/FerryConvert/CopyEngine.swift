@@ -140,8 +140,10 @@ public enum CopyEngine {
 
         do {
             try await withThrowingTaskGroup(of: Void.self) { group in
+                let executor = workersExecutor(source: source, target: target, compressor: compressor,
+                                               checksum: configuration.checksum)
                 for _ in 0 ..< plan.workers {
-                    group.addTask { try await context.run() }
+                    group.addTask(executorPreference: executor) { try await context.run() }
                 }
                 do {
                     while try await group.next() != nil {}
@@ -174,6 +176,20 @@ public enum CopyEngine {
         // A failed count left the image's size as the total: the data is what was copied.
         if !(await counting.value) { tracker.setAllocated(tracker.snapshot().doneBytes) }
         return tracker.finish()
+    }
+
+    /// Where the workers run: on the source's event loop when both ends have one (NBD), so
+    /// a read goes out, and its completion resumes the worker, without a thread switch; only
+    /// the write's hand-over and completion cross threads. NBD (2 ms reads) -> NBD memory took
+    /// 0.93-0.98 of the time (cold, interleaved sets of 11-21 runs), with a third fewer
+    /// context switches; on the target's loop, 1.04-1.06. NFS and iSCSI do not offer their
+    /// loops: NFS has no block status, and the zero scan of every byte on its loop made
+    /// NFS -> iSCSI 1.05-1.07. Never with compression or a checksum, whose CPU time would hold
+    /// the loop up.
+    static func workersExecutor(source: any BlockDevice, target: any BlockDevice,
+                                compressor: (any ClusterCompressingDevice)?, checksum: BlockHasher?) -> (any TaskExecutor)? {
+        guard compressor == nil, checksum == nil, target.completionExecutor != nil else { return nil }
+        return source.completionExecutor
     }
 
     /// Changes the depth every `window` seconds by what the copy achieved (see `DepthClimber`).

@@ -75,6 +75,11 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// `.extents` answers one `.data` extent.
     func extents(in range: Range<Int64>) async throws -> [Extent]
 
+    /// The thread that completes this device's requests, as an executor, when work between
+    /// its requests may run there (an NBD connection's event loop): a copy between two such
+    /// devices runs its workers on the source's (`CopyEngine.workersExecutor`). nil: none.
+    var completionExecutor: (any TaskExecutor)? { get }
+
     /// Makes every completed write durable. A device without `.flush` returns at once.
     func flush() async throws
 
@@ -182,6 +187,8 @@ public struct ZeroFlags: OptionSet, Sendable, Hashable {
 
 extension BlockDevice {
     public var concurrency: Int { 1 }
+
+    public var completionExecutor: (any TaskExecutor)? { nil }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: WriteFlags,
                       issued: @escaping @Sendable () -> Void) async throws {

@@ -14,7 +14,11 @@ import Darwin
 /// Lifecycle: `post` until `stop` (or the loop's own end); the loop calls `finish` once, which
 /// hands back what was still queued, makes later posts fail with the same error, and resumes
 /// every `stop` waiter.
-public final class EventLoopQueue<Item>: @unchecked Sendable {
+///
+/// It is also a `TaskExecutor`: a task that prefers it runs on the loop thread between polls,
+/// so a request it posts there, and the completion that resumes it, need no thread switch.
+/// Jobs that arrive after `finish` run on Swift's global executor.
+public final class EventLoopQueue<Item>: TaskExecutor, @unchecked Sendable {
     /// The read end of the wake-up pipe: the loop polls it for POLLIN.
     public let wakeFd: Int32
     private let wakeWrite: Int32
@@ -28,6 +32,10 @@ public final class EventLoopQueue<Item>: @unchecked Sendable {
         var stopping = false
         var finished: FerryError?
         var onStopped: [@Sendable () -> Void] = []
+        /// Jobs of tasks that prefer this loop as their executor.
+        var jobs: [UnownedJob] = []
+        /// The loop's thread, once it runs: what it posts or enqueues needs no wake-up.
+        var thread: pthread_t?
     }
     private let shared = Locked(Shared())
 
@@ -56,11 +64,34 @@ public final class EventLoopQueue<Item>: @unchecked Sendable {
             if let f = s.finished { return (false, f) }
             if s.stopping { return (false, FerryError(.other, "the connection is closing", path: name)) }
             s.queue.append(item)
-            defer { s.signaled = true }
-            return (!s.signaled, nil)
+            return (Self.needsWake(&s), nil)
         }
         if outcome.wake { wake() }
         return outcome.failed
+    }
+
+    /// Under the lock, after queueing: whether the loop must be woken. Not from its own
+    /// thread (it looks at the queue before it polls), nor when a wake-up is on its way.
+    private static func needsWake(_ s: inout Shared) -> Bool {
+        if let t = s.thread, pthread_equal(t, pthread_self()) != 0 { return false }
+        defer { s.signaled = true }
+        return !s.signaled
+    }
+
+    /// Runs a job of a task that prefers this loop, on the loop thread between polls; after
+    /// the loop has ended, on Swift's global executor.
+    public func enqueue(_ job: consuming ExecutorJob) {
+        let unowned = UnownedJob(job)
+        let wake: Bool? = shared.withLock { s in
+            if s.finished != nil { return nil }
+            s.jobs.append(unowned)
+            return Self.needsWake(&s)
+        }
+        switch wake {
+        case nil: globalConcurrentExecutor.enqueue(ExecutorJob(unowned))
+        case true?: self.wake()
+        case false?: break
+        }
     }
 
     /// Asks the loop to let what is in flight finish and end, and waits until it has.
@@ -86,12 +117,18 @@ public final class EventLoopQueue<Item>: @unchecked Sendable {
 
     /// Loop thread: moves what was posted into `batch` (which should be empty) and says
     /// whether `stop` was called.
-    public func take(into batch: inout [Item]) -> Bool {
+    public func take(into batch: inout [Item], jobs: inout [UnownedJob]) -> Bool {
         shared.withLock { s in
             s.signaled = false
             swap(&batch, &s.queue)
+            swap(&jobs, &s.jobs)
             return s.stopping
         }
+    }
+
+    /// Loop thread: whether anything was posted or enqueued since the last `take`.
+    private func pending() -> Bool {
+        shared.withLock { s in !s.queue.isEmpty || !s.jobs.isEmpty }
     }
 
     /// Loop thread: empties the wake-up pipe after poll said it is readable.
@@ -103,11 +140,12 @@ public final class EventLoopQueue<Item>: @unchecked Sendable {
     /// Loop thread, once, at the end: later posts fail with `error`; returns the items still
     /// queued (the caller fails them) after resuming every `stop` waiter.
     public func finish(_ error: FerryError) -> [Item] {
-        let (waiters, left): ([@Sendable () -> Void], [Item]) = shared.withLock { s in
+        let (waiters, left, jobs): ([@Sendable () -> Void], [Item], [UnownedJob]) = shared.withLock { s in
             s.finished = error
-            defer { s.onStopped = []; s.queue = [] }
-            return (s.onStopped, s.queue)
+            defer { s.onStopped = []; s.queue = []; s.jobs = [] }
+            return (s.onStopped, s.queue, s.jobs)
         }
+        for j in jobs { globalConcurrentExecutor.enqueue(ExecutorJob(j)) }
         for w in waiters { w() }
         return left
     }
@@ -123,12 +161,19 @@ public final class EventLoopQueue<Item>: @unchecked Sendable {
                     timeout: () -> Int32 = { -1 }, serviceOnTimeout: Bool = false,
                     service: (Int16) -> Void, failed: (FerryError) -> Void, tick: () -> Void = {}) {
         var batch: [Item] = []
+        var jobs: [UnownedJob] = []
         var fds = [pollfd](repeating: pollfd(), count: 2)
+        shared.withLock { $0.thread = pthread_self() }
+        let me = asUnownedTaskExecutor()
         while true {
-            let stopping = take(into: &batch)
+            let stopping = take(into: &batch, jobs: &jobs)
             for item in batch { issue(item) }
             batch.removeAll(keepingCapacity: true)
-            if stopping && idle() { return }
+            for job in jobs { job.runSynchronously(on: me) }
+            jobs.removeAll(keepingCapacity: true)
+            // What those jobs posted is issued after a look at the socket, without waiting.
+            let more = pending()
+            if stopping && idle() && !more { return }
 
             fds[0] = pollfd(fd: wakeFd, events: Int16(POLLIN), revents: 0)
             var count = 1
@@ -136,7 +181,7 @@ public final class EventLoopQueue<Item>: @unchecked Sendable {
                 fds[1] = pollfd(fd: s.fd, events: s.events, revents: 0)
                 count = 2
             }
-            if poll(&fds, nfds_t(count), timeout()) < 0 {
+            if poll(&fds, nfds_t(count), more ? 0 : timeout()) < 0 {
                 if errno != EINTR { failed(FerryError.posix(errno, "poll", path: name)) }
                 continue
             }
@@ -282,6 +327,10 @@ public final class EventLoopSession<Library: EventLoopLibrary>: PooledSession, @
     }
 
     public var busy: Int { load.load(ordering: .relaxed) }
+
+    /// The loop thread as an executor: a task that prefers it runs between polls, and what it
+    /// submits here goes out without a wake-up.
+    public var executor: any TaskExecutor { inbox }
 
     public func submit(_ piece: Piece) {
         load.add(1, ordering: .relaxed)

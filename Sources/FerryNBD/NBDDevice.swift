@@ -97,6 +97,9 @@ public final class NBDDevice: NetworkDevice {
     /// its depth climbs (nbdkit, 1 GiB half data, cold: the default took 1.6 times -m 64's time).
     public var concurrency: Int { pool.count * Self.perConnection }
 
+    /// The first connection's loop: the one a light load keeps to (`perConnection`).
+    public var completionExecutor: (any TaskExecutor)? { pool.sessions[0].executor }
+
     init(name: String, info: ServerInfo, readOnly: Bool, pool: SessionPool<NBDConnection>) {
         self.name = name
         self.info = info

@@ -233,4 +233,60 @@ final class EventLoopSessionTests: XCTestCase {
         }
         XCTAssertEqual(library.closes.withLock { $0 }.count, 1)
     }
+
+    /// A task that prefers the session's loop as its executor runs on the loop thread, and
+    /// what it submits there goes out without a wake-up byte: the loop looks at its queue
+    /// before it polls. Without that look, this poll waited for ever (the fake server's pipe
+    /// and the wake-up pipe both quiet).
+    func testATaskPreferringTheLoopRunsThereAndItsPiecesGoOut() async throws {
+        let library = PipeLibrary()
+        let (session, _) = try await EventLoopSession.start(library, index: 1, name: "fake://e", thread: "ferry-fake",
+                                                            closed: "closed")
+        let threads = try await within(seconds: 10) {
+            try await withTaskExecutorPreference(session.executor) {
+                var seen = [threadName()]
+                for round in 0 ..< 20 {
+                    try await SessionPool([session]).perform(count: 3, step: 1) { done, n, call in FakePiece(done + Int64(3 * round), n, call) }
+                    seen.append(threadName())
+                }
+                return seen
+            }
+        }
+        XCTAssertEqual(Set(threads ?? []), ["ferry-fake-1"], "resumed off the loop")
+        XCTAssertEqual(session.busy, 0)
+        await session.stop()
+        // Once the loop has ended, a task that still prefers it runs on Swift's own threads.
+        let after = try await within(seconds: 10) {
+            await withTaskExecutorPreference(session.executor) {
+                await Task.yield()
+                return threadName()
+            }
+        }
+        XCTAssertNotNil(after, "a job for a finished loop was never run")
+        XCTAssertNotEqual(after, "ferry-fake-1")
+    }
+}
+
+/// The calling thread's name.
+private func threadName() -> String {
+    ((try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "?")
+        .trimmingCharacters(in: .whitespacesAndNewlines)
+}
+
+/// `body`'s result, or nil (after a test failure) when it has not finished in `seconds`: the
+/// task is left behind rather than waited for, so a hang fails the test instead of the run.
+private func within<T: Sendable>(seconds: Double, _ body: @escaping @Sendable () async throws -> T) async throws -> T? {
+    let result = Locked<Result<T, any Error>?>(nil)
+    Task {
+        let r: Result<T, any Error>
+        do { r = .success(try await body()) } catch { r = .failure(error) }
+        result.withLock { $0 = r }
+    }
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        if let r = result.withLock({ $0 }) { return try r.get() }
+        try await Task.sleep(nanoseconds: 5_000_000)
+    }
+    XCTFail("did not finish in \(seconds) s")
+    return nil
 }

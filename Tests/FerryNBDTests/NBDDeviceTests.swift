@@ -1,3 +1,4 @@
+import FerryConvert
 import FerryCore
 import FerryNBD
 import Foundation
@@ -328,5 +329,38 @@ final class NBDDeviceTests: NBDTestCase {
             XCTAssertTrue(e.description.contains("connection"), e.description)
         }
         try await d.close()
+    }
+
+    /// An NBD -> NBD copy runs its workers on the source's first loop thread (progress is
+    /// reported from the worker that finished a request), and copies exactly.
+    func testACopyBetweenExportsRunsOnTheSourcesLoop() async throws {
+        // 24 runs of 1 MiB, 1.5 MiB apart.
+        var runs: [(Int64, Int, UInt8)] = []
+        for i in 0 ..< 24 { runs.append((Int64(i) * (5 << 19), 1 << 20, UInt8(i + 1))) }
+        let path = try makeFile("src.raw", size: 64 << 20, data: runs)
+        let a = try server(["file", path], name: "a")
+        let b = try server(["memory", "64M"], name: "b")
+        let source = try await NBDDevice.open(a.url, readOnly: true)
+        let target = try await NBDDevice.open(b.url, readOnly: false)
+        let loop = await withTaskExecutorPreference(source.completionExecutor) { pthread_self() }
+        var config = CopyConfiguration()
+        config.progressInterval = 0
+        let seen = Locked<[pthread_t]>([])
+        let stats = try await CopyEngine.copy(from: source, to: target, configuration: config) { _ in
+            let me = pthread_self()
+            seen.withLock { $0.append(me) }
+        }
+        XCTAssertEqual(stats.bytesRead, 24 << 20)
+        let reports = seen.withLock { $0 }
+        let onLoop = reports.filter { pthread_equal($0, loop) != 0 }.count
+        // The count's first report and the last come from other tasks.
+        XCTAssertGreaterThanOrEqual(onLoop, reports.count - 2, "\(onLoop) of \(reports.count) reports on the source's loop")
+        XCTAssertGreaterThan(onLoop, 20)
+        let want = TestBuffer(count: 64 << 20), got = TestBuffer(count: 64 << 20)
+        try await source.read(at: 0, into: want.bytes)
+        try await target.read(at: 0, into: got.bytes)
+        XCTAssertEqual(memcmp(want.bytes.baseAddress!, got.bytes.baseAddress!, 64 << 20), 0, "the copy differs")
+        try await source.close()
+        try await target.close()
     }
 }
