@@ -1,6 +1,7 @@
 import FerryCore
 import FerryFile
 import FerryFormats
+import FerryISCSI
 import FerryNBD
 import FerryRBD
 
@@ -145,6 +146,27 @@ extension Images {
             throw ArchiveLocation.refuseWrite(archive: archive, location: location)
         }
         return try await FileDevice.create(path: location, size: size, options: options.fileOptions(readOnly: false))
+    }
+
+    /// Starts loading, each on a thread of its own, the libraries of the network endpoints
+    /// that `arguments` name (a whole command line will do: only URLs an endpoint handles
+    /// count), so they load while the command parses its arguments and opens the rest.
+    /// Returns the kinds of endpoint it started loading for.
+    @discardableResult
+    public static func preloadLibraries(for arguments: [String]) -> [String] {
+        var started: [String] = []
+        for a in arguments {
+            if NBDDevice.handles(a) {
+                if NBDDevice.preloading.start() { started.append("NBD") }
+                continue
+            }
+            switch urlScheme(a) {
+            case "iscsi": if ISCSIDevice.preloading.start() { started.append("iSCSI") }
+            case "rbd": if RBDDevice.preloading.start() { started.append("RBD") }
+            default: break
+            }
+        }
+        return started
     }
 
     /// The scheme of a URL location (`nbd`, `nbd+unix`, `nfs`, `iscsi`, and `rbd` for qemu's

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import Synchronization
 
 /// A value behind a pthread mutex, for state shared between Swift tasks and the I/O threads
 /// endpoints own.
@@ -74,4 +75,23 @@ public func monotonicNanoseconds() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// A library that a thread of its own may load ahead of first use, once per process: a
+/// command that will open an NBD export starts loading libnbd while it parses its arguments.
+public final class LibraryPreload: Sendable {
+    private let started = Atomic<Bool>(false)
+    private let load: @Sendable () -> Void
+
+    /// `load` loads the library if it is not loaded yet (the loaders' own `pthread_once`
+    /// makes a first use that comes meanwhile wait for it rather than load it twice).
+    public init(_ load: @escaping @Sendable () -> Void) { self.load = load }
+
+    /// Starts loading, the first time only; false when it was started before.
+    @discardableResult
+    public func start() -> Bool {
+        guard !started.exchange(true, ordering: .relaxed) else { return false }
+        if !startDetachedThread(name: "ferry-preload", load) { load() }
+        return true
+    }
 }

@@ -1,3 +1,4 @@
+import CFerryISCSI
 import CLibISCSI
 import FerryCore
 
@@ -63,6 +64,9 @@ public final class ISCSIDevice: NetworkDevice {
     }
 
     /// True if `location` is an iSCSI URL.
+    /// Loads libiscsi ahead of the first session (`LibraryPreload`).
+    public static let preloading = LibraryPreload { _ = ferry_iscsi_load_error() }
+
     public static func handles(_ location: String) -> Bool { location.hasPrefix("iscsi://") }
 
     /// The URL as the user wrote it, without the password (`USER%PASSWORD@` becomes `USER@`).

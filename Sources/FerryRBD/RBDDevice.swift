@@ -43,6 +43,9 @@ public final class RBDDevice: NetworkDevice, CreatedStorage {
     }
 
     /// True if `location` names an RBD image.
+    /// Loads librbd and librados ahead of connecting (`LibraryPreload`).
+    public static let preloading = LibraryPreload { _ = ferry_rbd_load_error() }
+
     public static func handles(_ location: String) -> Bool { RBDLocation.handles(location) }
 
     /// Opens an existing image (or a snapshot of one, read-only).

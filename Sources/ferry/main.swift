@@ -7,6 +7,7 @@ import Darwin
 #endif
 import ArgumentParser
 import CFerryLinux
+import FerryConvert
 import FerryCore
 
 #if canImport(Glibc)
@@ -37,6 +38,8 @@ let arguments: [String] = {
     for i in args.indices where args[i] == "--checksum" { args[i] = "--checksum=sha256" }
     return args
 }()
+// libnbd and the like load on threads of their own while the arguments are parsed.
+Images.preloadLibraries(for: arguments)
 let subcommands = ["convert", "create", "info", "map", "compare"]
     + ["measure", "resize", "snapshot", "rebase", "amend", "checksum", "check"]
 

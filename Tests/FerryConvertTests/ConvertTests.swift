@@ -168,3 +168,37 @@ final class MapTests: XCTestCase {
         XCTAssertLessThanOrEqual(device.queries.withLock { $0 }, 4, "extents asked once per batch")
     }
 }
+
+/// Libraries of the endpoints a command line names start loading before anything opens.
+final class PreloadTests: XCTestCase {
+    func testTheLibrariesOfTheNamedEndpointsLoadOnceInTheBackground() async throws {
+        XCTAssertEqual(Images.preloadLibraries(for: ["convert", "-O", "qcow2", "/tmp/a.raw", "b.qcow2", "nfs://h/e/f"]), [],
+                       "files and NFS (linked, not loaded) start nothing")
+        let line = ["convert", "-f", "raw", "nbd+unix:///?socket=/tmp/s.sock", "iscsi://127.0.0.1/iqn.x:y/1", "nbd://h/e"]
+        XCTAssertEqual(Images.preloadLibraries(for: line), ["NBD", "iSCSI"], "one load each, in the order named")
+        XCTAssertEqual(Images.preloadLibraries(for: line), [], "once per process")
+        // The loading thread maps libnbd (a test before may have loaded it already).
+        let deadline = Date().addingTimeInterval(10)
+        var mapped = false
+        while !mapped && Date() < deadline {
+            mapped = Self.maps().contains("libnbd.so")
+            if !mapped { try await Task.sleep(nanoseconds: 10_000_000) }
+        }
+        XCTAssertTrue(mapped, "libnbd was not loaded")
+    }
+
+    /// /proc/self/maps (read in a loop: procfs gives its files no size).
+    private static func maps() -> String {
+        let fd = open("/proc/self/maps", O_RDONLY)
+        guard fd >= 0 else { return "" }
+        defer { close(fd) }
+        var out: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n <= 0 { break }
+            out += chunk[0 ..< n]
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+}
