@@ -27,15 +27,27 @@ enum SignalCancellation {
     /// but cleanly: the reader of stdout (or of the progress descriptor) went away. SIGPIPE
     /// itself is ignored (`main`): a server's socket closing must not stop a copy that can
     /// reconnect.
-    static func outputClosed() {
-        let cancel: (@Sendable () -> Void)? = received.withLock { r in
-            guard r == 0, let cancel = cancelRunning.withLock({ $0 }) else { return nil }
+    ///
+    /// With nothing running (`info`, `map`, `measure` printing their answer), a closed stdout
+    /// ends the process at once with SIGPIPE's status, 141, as it ended qemu-img: the reader
+    /// did not get the whole answer, so the command must not say it succeeded.
+    static func outputClosed(fd: Int32) {
+        enum Next { case cancel(@Sendable () -> Void), exit, nothing }
+        let next: Next = received.withLock { r in
+            guard r == 0 else { return .nothing }
+            guard let cancel = cancelRunning.withLock({ $0 }) else { return fd == STDOUT_FILENO ? .exit : .nothing }
             r = SIGPIPE
-            return cancel
+            return .cancel(cancel)
         }
-        guard let cancel else { return }
-        Terminal.complain("the output was closed (broken pipe); stopping")
-        cancel()
+        switch next {
+        case .cancel(let cancel):
+            Terminal.complain("the output was closed (broken pipe); stopping")
+            cancel()
+        case .exit:
+            exit(128 + SIGPIPE)
+        case .nothing:
+            break
+        }
     }
 
     /// Runs `operation` in a task that SIGINT / SIGTERM cancel; SIGUSR1 calls `onUSR1`

@@ -16,8 +16,9 @@ private func sysWrite(_ fd: Int32, _ p: UnsafeRawPointer, _ n: Int) -> Int {
 /// final result never interleave inside a line (stdio buffers would).
 enum Terminal {
     /// Writes all of `text` to `fd`, retrying on EINTR and short writes. A closed pipe stops
-    /// the command that is running (`SignalCancellation.outputClosed`); other output errors
-    /// are ignored: there is nowhere left to report them.
+    /// the command that is running, or ends a command that only prints when it is stdout
+    /// (`SignalCancellation.outputClosed`); other output errors are ignored: there is nowhere
+    /// left to report them.
     static func write(_ text: String, to fd: Int32) {
         var text = text
         text.withUTF8 { bytes in
@@ -26,7 +27,7 @@ enum Terminal {
                 let n = sysWrite(fd, bytes.baseAddress! + done, bytes.count - done)
                 if n < 0 {
                     if errno == EINTR { continue }
-                    if errno == EPIPE { SignalCancellation.outputClosed() }
+                    if errno == EPIPE { SignalCancellation.outputClosed(fd: fd) }
                     return
                 }
                 done += n

@@ -1,4 +1,5 @@
 import Foundation
+import FerryTestServers
 import XCTest
 
 /// Stopping a copy: by a signal, and by the target running out of space.
@@ -87,6 +88,26 @@ final class InterruptTests: XCTestCase {
         XCTAssertTrue(err.contains("offset"), "the error should say where the copy stopped: \(err)")
         let left = try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.hasPrefix("piped.qcow2") }
         XCTAssertEqual(left, [], "the half-written target was left behind")
+    }
+
+    /// `ferry map ... | head -n 1`: once the reader has gone, map stops with SIGPIPE's status
+    /// (141), as qemu-img does, instead of dropping the rest of its answer and saying 0.
+    func testClosedOutputEndsAPrintingCommandWithSIGPIPEStatus() throws {
+        // 8,192 data runs of 4 KiB: a map of about 400 KB, far more than a pipe holds.
+        var runs: [(Int64, Int, UInt8)] = []
+        for k in 0 ..< 8192 { runs.append((Int64(k) * 8192, 4096, 0x11)) }
+        let src = try makeSparseFile(path("runs.raw"), size: 64 << 20, data: runs)
+        let script = "\"$0\" map -f raw \"$1\" 2>err | head -n 1 >first; echo ${PIPESTATUS[0]} >status"
+        let r = try Tools.run("/bin/bash", ["-c", script, try Tools.require("ferry"), src], in: dir, timeout: 120)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        func read(_ name: String) -> String { (try? String(contentsOfFile: path(name), encoding: .utf8)) ?? "" }
+        XCTAssertFalse(read("first").isEmpty, "the reader got the first line")
+        XCTAssertEqual(read("status").trimmingCharacters(in: .whitespacesAndNewlines), "141")
+        XCTAssertEqual(read("err"), "", "nothing to say on stderr")
+        // The whole map, read to its end, still exits 0.
+        let all = try Tools.ferry(["map", "-f", "raw", src], in: dir)
+        XCTAssertEqual(all.status, 0, all.stderr)
+        XCTAssertEqual(all.stdout.split(separator: "\n").count, 8193, "a header and a line per run")
     }
 
     /// A target on a 1 MiB tmpfs: the copy fails with ENOSPC, says so in one line naming the
