@@ -63,10 +63,10 @@ public final class ISCSIDevice: NetworkDevice {
         return total
     }
 
-    /// True if `location` is an iSCSI URL.
     /// Loads libiscsi ahead of the first session (`LibraryPreload`).
     public static let preloading = LibraryPreload { _ = ferry_iscsi_load_error() }
 
+    /// True if `location` is an iSCSI URL.
     public static func handles(_ location: String) -> Bool { location.hasPrefix("iscsi://") }
 
     /// The URL as the user wrote it, without the password (`USER%PASSWORD@` becomes `USER@`).

@@ -42,10 +42,10 @@ public final class RBDDevice: NetworkDevice, CreatedStorage {
         init(_ raw: rbd_image_t) { self.raw = raw }
     }
 
-    /// True if `location` names an RBD image.
     /// Loads librbd and librados ahead of connecting (`LibraryPreload`).
     public static let preloading = LibraryPreload { _ = ferry_rbd_load_error() }
 
+    /// True if `location` names an RBD image.
     public static func handles(_ location: String) -> Bool { RBDLocation.handles(location) }
 
     /// Opens an existing image (or a snapshot of one, read-only).
