@@ -99,10 +99,14 @@ public enum CopyEngine {
         // The data to copy is counted beside the copy, not before it: only progress needs the
         // total, and it waits for it. Counted first, a 1 TiB qcow2 with 2,048 L2 tables (cold)
         // was read twice over before a byte was copied: 1.5 times this copy's time. A count
-        // that fails leaves the copy to meet the error itself, if it is real.
+        // that fails leaves the copy to meet the error itself, if it is real. When the
+        // planner's first answer maps the whole source, the count is taken from it rather
+        // than asked for again.
         let counting = Task { () -> Bool in
             do {
-                tracker.setAllocated(try await countAllocated(source, skipUnallocated: configuration.skipUnallocated))
+                var data = await planner.dataOfWholeSource()
+                if data == nil { data = try await countAllocated(source, skipUnallocated: configuration.skipUnallocated) }
+                tracker.setAllocated(data ?? source.size)
                 return true
             } catch {
                 if !Task.isCancelled { tracker.setAllocated(source.size) }

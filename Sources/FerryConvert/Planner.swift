@@ -55,6 +55,10 @@ actor Planner {
     private var known: [Extent] = []
     private var knownIndex = 0
     private var fetching: Task<Void, any Error>?
+    /// Whether the first fetch has finished (answered or failed).
+    private var firstFetched = false
+    /// The data bytes of the whole source, when the first fetch's answer covered all of it.
+    private var wholeData: Int64?
 
     init(source: any BlockDevice, alignment: Int, maxData: Int, maxZero: Int64 = 1 << 30, window: Int64 = 1 << 30,
          bridge: Int64 = 0, granule: Int = 1, bridgeUnallocated: Bool = false) {
@@ -98,6 +102,14 @@ actor Planner {
         fetching = Task { try await self.fetch(from: from) }
     }
 
+    /// The data bytes of the whole source if the first window's answer covered all of it
+    /// (an image of up to `window` whose map came in one go), else nil: then the count walks
+    /// the map itself. Waits for that answer; never asks the source anything.
+    func dataOfWholeSource() async -> Int64? {
+        if !firstFetched { _ = try? await fetching?.value }
+        return wholeData
+    }
+
     /// Waits for a fetch under way (its error is the next `next()`'s to meet): a copy that
     /// stops before its first request leaves nothing asking the source once it returns.
     func settle() async {
@@ -109,7 +121,10 @@ actor Planner {
 
     private func fetch(from: Int64) async throws {
         // Cleared here, not by the caller: waiters must never find a finished task.
-        defer { fetching = nil }
+        defer {
+            fetching = nil
+            firstFetched = true
+        }
         guard from < end, from == knownEnd else { return }
         let upTo = min(end, from + window)
         // One query, or a few until something is known: the window bounds memory and the
@@ -130,6 +145,9 @@ actor Planner {
                 pos = e.end
                 if pos >= end { break }
             }
+        }
+        if !firstFetched && from == 0 && pos >= end {
+            wholeData = got.reduce(0) { $0 + ($1.kind == .data ? $1.length : 0) }
         }
         let kept = Array(known[knownIndex...])
         known = (kept + got).coalesced()

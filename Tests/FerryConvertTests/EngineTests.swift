@@ -518,6 +518,36 @@ final class EngineTests: XCTestCase {
         XCTAssertLessThan(firstRead + 100_000_000, firstReport, "the copy waited for the count")
     }
 
+    /// When the planner's first answer maps the whole source, the count takes its total from
+    /// that answer: the copy asks the source for its extents once, and every report has the
+    /// total. A source whose first answer stops short is still counted by a walk of its own.
+    func testCountUsesThePlannersAnswerWhenItMapsTheWholeSource() async throws {
+        let memory = MemoryDevice(name: "src", size: 64 << 20)
+        for k in stride(from: Int64(0), to: 64 << 20, by: 4 << 20) {
+            try await memory.write(at: k + 65536, bytes: [UInt8](repeating: UInt8(truncatingIfNeeded: k >> 22 | 1), count: 65536))
+        }
+        let source = ExtentCountingDevice(memory)
+        let dst = MemoryDevice(name: "dst", size: 64 << 20)
+        let seen = Reports()
+        var c = CopyConfiguration()
+        c.progressInterval = 0
+        let stats = try await CopyEngine.copy(from: source, to: dst, configuration: c) { seen.add($0) }
+        XCTAssertEqual(dst.contents(), memory.contents())
+        XCTAssertEqual(source.queries.withLock { $0 }, 1, "the count asked again")
+        XCTAssertEqual(stats.allocatedBytes, 16 * 65536)
+        XCTAssertFalse(seen.all.isEmpty)
+        XCTAssertTrue(seen.all.allSatisfy { $0.allocatedBytes == 16 * 65536 }, "a report without the total")
+
+        // 12,288 extents, at most 4,096 an answer: the planner's first answer is partial.
+        let many = MemoryDevice(name: "many", size: 48 << 20)
+        for k in stride(from: Int64(0), to: 48 << 20, by: 8192) {
+            try await many.write(at: k, bytes: [UInt8](repeating: 1, count: 4096))
+        }
+        let slow = SlowExtentsDevice(many)
+        let stats2 = try await CopyEngine.copy(from: slow, to: MemoryDevice(name: "dst2", size: 48 << 20), configuration: c)
+        XCTAssertEqual(stats2.allocatedBytes, 24 << 20)
+    }
+
     /// A count that fails does not fail the copy (the planner's own questions are answered),
     /// and the final report's total is the data copied, not the image's size: 100%.
     func testCopySucceedsWhenOnlyTheCountFails() async throws {
