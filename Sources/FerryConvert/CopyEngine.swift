@@ -104,9 +104,11 @@ public enum CopyEngine {
         // than asked for again.
         let counting = Task { () -> Bool in
             do {
-                var data = await planner.dataOfWholeSource()
-                if data == nil { data = try await countAllocated(source, skipUnallocated: configuration.skipUnallocated) }
-                tracker.setAllocated(data ?? source.size)
+                if let mapped = await planner.dataOfWholeSource() {
+                    tracker.setAllocated(mapped)
+                } else {
+                    tracker.setAllocated(try await countAllocated(source, skipUnallocated: configuration.skipUnallocated))
+                }
                 return true
             } catch {
                 if !Task.isCancelled { tracker.setAllocated(source.size) }
