@@ -107,7 +107,7 @@ public enum CopyEngine {
                 if let mapped = await planner.dataOfWholeSource() {
                     tracker.setAllocated(mapped)
                 } else {
-                    tracker.setAllocated(try await countAllocated(source, skipUnallocated: configuration.skipUnallocated))
+                    tracker.setAllocated(try await countAllocated(source))
                 }
                 return true
             } catch {
@@ -220,7 +220,7 @@ public enum CopyEngine {
 
     /// Data bytes of the source (what progress counts toward), walked extent by extent
     /// without keeping them.
-    static func countAllocated(_ source: any BlockDevice, skipUnallocated: Bool) async throws -> Int64 {
+    static func countAllocated(_ source: any BlockDevice) async throws -> Int64 {
         guard source.capabilities.contains(.extents) else { return source.size }
         var total: Int64 = 0
         try await source.forEachExtent(in: 0 ..< source.size) { e in
